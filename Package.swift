@@ -1,0 +1,56 @@
+// swift-tools-version: 6.0
+//
+// Swiftlet: a minimal virtual machine monitor over Linux /dev/kvm.
+//
+// Module map (each has one job; see docs/architecture.md):
+//   CKVM       C shim: <linux/kvm.h> request numbers and fixed-arity ioctl wrappers.
+//   KVM        Typed Swift layer over the KVM ioctls (system, VM, vCPU).
+//   Memory     Guest RAM: anonymous mmap, layout around the MMIO hole, checked translation.
+//   Devices    Device models and buses (UART, exit port, ...). No KVM: unit-testable.
+//   DiskImage  Raw and qcow2 disk images over file descriptors. No KVM.
+//   Boot       Kernel formats and boot protocols (flat, Linux, PVH, Multiboot). No KVM.
+//   Machine    Puts it together: VM, vCPU threads, exit loop, console.
+//   swiftlet   The command-line tool.
+import PackageDescription
+
+let package = Package(
+    name: "Swiftlet",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "swiftlet", targets: ["swiftlet"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+    ],
+    targets: [
+        .target(name: "CKVM"),
+        .target(name: "KVM", dependencies: ["CKVM"]),
+        .target(name: "Memory"),
+        .target(name: "Devices", dependencies: ["Memory"]),
+        .target(name: "DiskImage"),
+        .target(name: "Boot", dependencies: ["Memory"]),
+        .target(
+            name: "Machine",
+            dependencies: [
+                "KVM", "Memory", "Devices", "Boot", "DiskImage",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .executableTarget(
+            name: "swiftlet",
+            dependencies: [
+                "Machine", "DiskImage",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
+        .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"]),
+        .testTarget(name: "BootTests", dependencies: ["Boot", "Memory"]),
+        .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,207 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A guest-physical address: what the guest puts in its page tables and hands to devices.
+public typealias GuestAddress = UInt64
+
+/// Errors raised while creating or accessing guest memory.
+public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
+    /// The requested size is zero, not a multiple of the page size, or too large.
+    case invalidSize(UInt64, reason: String)
+    /// `mmap` refused the allocation (errno attached).
+    case mappingFailed(size: UInt64, errno: Int32)
+    /// A guest-physical range is not entirely backed by RAM.
+    case outOfRange(address: GuestAddress, length: UInt64)
+
+    public var description: String {
+        switch self {
+        case let .invalidSize(size, reason):
+            return "invalid guest memory size \(size) bytes: \(reason)"
+        case let .mappingFailed(size, err):
+            return "cannot reserve \(MemorySize.format(size)) of guest memory: \(String(cString: strerror(err)))"
+        case let .outOfRange(address, length):
+            return "guest range 0x\(String(address, radix: 16))+0x\(String(length, radix: 16)) is outside guest RAM"
+        }
+    }
+}
+
+/// One contiguous piece of guest RAM: `size` bytes at guest-physical `guestBase`,
+/// backed by host memory at `hostAddress`. The machine registers each region with KVM
+/// as one memory slot (`KVM_SET_USER_MEMORY_REGION`).
+public struct GuestMemoryRegion: Sendable, Equatable {
+    public let guestBase: GuestAddress
+    public let size: UInt64
+    /// Host virtual address of the first byte (an integer so the value is Sendable).
+    public let hostAddress: UInt
+
+    public var guestEnd: GuestAddress { guestBase + size }
+
+    public func contains(_ address: GuestAddress) -> Bool {
+        address >= guestBase && address - guestBase < size
+    }
+}
+
+/// Guest RAM: owns one anonymous, `MAP_NORESERVE` mapping and the guest-physical layout
+/// laid over it.
+///
+/// Layout: RAM starts at guest-physical 0. When it is larger than
+/// ``GuestMemory/mmioHoleStart`` (3 GiB), the part that would overlap the 32-bit MMIO
+/// hole (3 GiB to 4 GiB, where devices, the IOAPIC and the LAPIC live) continues at 4 GiB
+/// instead.
+///
+/// Every translation from a guest-physical range to host memory goes through
+/// ``hostBuffer(at:count:)``, which checks bounds and overflow. A guest controls every
+/// address it hands us; nothing else in Swiftlet does raw pointer arithmetic on them.
+///
+/// This type issues no KVM ioctl, so devices and loaders are unit-tested with it directly.
+public final class GuestMemory: @unchecked Sendable {
+    // @unchecked Sendable: the mapping and the layout are fixed at init and freed in
+    // deinit; the bytes themselves are shared with the guest by design, like RAM.
+
+    /// Start of the 32-bit MMIO hole: RAM above this address moves to 4 GiB.
+    public static let mmioHoleStart: GuestAddress = 0xC000_0000
+    /// End of the 32-bit MMIO hole, where high RAM resumes.
+    public static let mmioHoleEnd: GuestAddress = 0x1_0000_0000
+    /// The largest guest RAM we accept (1 TiB): beyond what a small VMM needs, and far
+    /// below the 2^52 bytes x86 can address.
+    public static let maximumSize: UInt64 = 1 << 40
+    public static let pageSize: UInt64 = 4096
+
+    /// The RAM regions in ascending guest-physical order (one or two).
+    public let regions: [GuestMemoryRegion]
+    /// Total RAM in bytes (not counting the hole).
+    public let size: UInt64
+
+    private let mapping: UnsafeMutableRawPointer
+
+    /// Reserves `size` bytes of guest RAM.
+    /// - Parameters:
+    ///   - size: bytes of RAM; a positive multiple of 4 KiB, at most ``maximumSize``.
+    ///   - transparentHugePages: ask the host kernel (`madvise(MADV_HUGEPAGE)`) to back
+    ///     guest RAM with 2 MiB pages, which shortens the host's page walks.
+    public init(size: UInt64, transparentHugePages: Bool = true) throws(GuestMemoryError) {
+        guard size > 0 else { throw .invalidSize(size, reason: "must be larger than zero") }
+        guard size % Self.pageSize == 0 else {
+            throw .invalidSize(size, reason: "must be a multiple of 4 KiB")
+        }
+        guard size <= Self.maximumSize else {
+            throw .invalidSize(size, reason: "larger than the maximum of \(MemorySize.format(Self.maximumSize))")
+        }
+        guard let length = Int(exactly: size) else {
+            throw .invalidSize(size, reason: "does not fit in this host's address space")
+        }
+        let pointer = mmap(nil, length, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let pointer, pointer != MAP_FAILED else {
+            throw .mappingFailed(size: size, errno: errno)
+        }
+        if transparentHugePages {
+            // Advisory only: a kernel without THP simply ignores it.
+            _ = madvise(pointer, length, MADV_HUGEPAGE)
+        }
+        mapping = pointer
+        self.size = size
+        regions = Self.layout(size: size, host: UInt(bitPattern: pointer))
+    }
+
+    deinit {
+        munmap(mapping, Int(size))
+    }
+
+    /// Splits `size` bytes of RAM around the MMIO hole.
+    static func layout(size: UInt64, host: UInt) -> [GuestMemoryRegion] {
+        let low = min(size, mmioHoleStart)
+        var regions = [GuestMemoryRegion(guestBase: 0, size: low, hostAddress: host)]
+        if size > low {
+            regions.append(GuestMemoryRegion(guestBase: mmioHoleEnd, size: size - low,
+                                             hostAddress: host + UInt(low)))
+        }
+        return regions
+    }
+
+    /// The region holding `address`, if any.
+    public func region(containing address: GuestAddress) -> GuestMemoryRegion? {
+        regions.first { $0.contains(address) }
+    }
+
+    /// The highest guest-physical address of RAM plus one.
+    public var end: GuestAddress { regions.last!.guestEnd }
+
+    /// Translates the guest-physical range `[address, address + count)` to host memory.
+    /// Returns `nil` when any byte of it is not RAM or the range overflows; a range never
+    /// spans two regions (the hole separates them).
+    public func hostBuffer(at address: GuestAddress, count: UInt64) -> UnsafeMutableRawBufferPointer? {
+        // A region matches when the range starts inside it or exactly at its end (the
+        // latter only works out for an empty range, by the length check below).
+        guard let region = regions.first(where: { address >= $0.guestBase && address - $0.guestBase <= $0.size }) else {
+            return nil
+        }
+        let offset = address - region.guestBase
+        // offset <= region.size here, so size - offset cannot underflow.
+        guard count <= region.size - offset, let length = Int(exactly: count) else { return nil }
+        let base = UnsafeMutableRawPointer(bitPattern: region.hostAddress)! + Int(offset)
+        return UnsafeMutableRawBufferPointer(start: base, count: length)
+    }
+
+    /// Like ``hostBuffer(at:count:)`` but throws ``GuestMemoryError/outOfRange(address:length:)``.
+    public func checkedBuffer(at address: GuestAddress, count: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
+        guard let buffer = hostBuffer(at: address, count: count) else {
+            throw .outOfRange(address: address, length: count)
+        }
+        return buffer
+    }
+
+    /// Returns `true` when every byte of the range is RAM.
+    public func contains(_ address: GuestAddress, count: UInt64) -> Bool {
+        hostBuffer(at: address, count: count) != nil
+    }
+
+    // MARK: Copying
+
+    /// Copies `bytes` into guest memory at `address`.
+    public func write(_ bytes: some Collection<UInt8>, at address: GuestAddress) throws(GuestMemoryError) {
+        let target = try checkedBuffer(at: address, count: UInt64(bytes.count))
+        _ = target.initializeMemory(as: UInt8.self, from: bytes)
+    }
+
+    /// Copies raw bytes into guest memory at `address`.
+    public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        let target = try checkedBuffer(at: address, count: UInt64(bytes.count))
+        if let base = bytes.baseAddress { target.baseAddress!.copyMemory(from: base, byteCount: bytes.count) }
+    }
+
+    /// Reads `count` bytes from guest memory at `address`.
+    public func read(at address: GuestAddress, count: Int) throws(GuestMemoryError) -> [UInt8] {
+        let source = try checkedBuffer(at: address, count: UInt64(max(count, 0)))
+        return Array(source)
+    }
+
+    /// Copies guest memory at `address` into `buffer`.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        let source = try checkedBuffer(at: address, count: UInt64(buffer.count))
+        if let base = buffer.baseAddress { base.copyMemory(from: source.baseAddress!, byteCount: buffer.count) }
+    }
+
+    /// Fills `[address, address + count)` with zeros.
+    public func zero(at address: GuestAddress, count: UInt64) throws(GuestMemoryError) {
+        let target = try checkedBuffer(at: address, count: count)
+        if let base = target.baseAddress { memset(base, 0, target.count) }
+    }
+
+    // MARK: Little-endian scalars (x86 and virtio are little-endian)
+
+    /// Loads a little-endian integer from guest memory.
+    public func load<T: FixedWidthInteger>(_ type: T.Type = T.self, at address: GuestAddress) throws(GuestMemoryError) -> T {
+        let source = try checkedBuffer(at: address, count: UInt64(MemoryLayout<T>.size))
+        return T(littleEndian: source.loadUnaligned(as: T.self))
+    }
+
+    /// Stores a little-endian integer into guest memory.
+    public func store<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
+        let target = try checkedBuffer(at: address, count: UInt64(MemoryLayout<T>.size))
+        target.storeBytes(of: value.littleEndian, as: T.self)
+    }
+}
