@@ -1,1 +1,57 @@
 #include "ckvm.h"
+
+#include <sys/ioctl.h>
+#include <string.h>
+
+// The Swift side mirrors none of these structs field by field (it uses the imported C
+// types directly); these asserts pin the ABI the wrappers rely on.
+_Static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "kvm_userspace_memory_region layout");
+_Static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs layout");
+_Static_assert(sizeof(struct kvm_segment) == 24, "kvm_segment layout");
+_Static_assert(sizeof(struct kvm_sregs) == 312, "kvm_sregs layout");
+_Static_assert(sizeof(struct kvm_cpuid_entry2) == 40, "kvm_cpuid_entry2 layout");
+_Static_assert(sizeof(struct kvm_msr_entry) == 16, "kvm_msr_entry layout");
+_Static_assert(sizeof(struct kvm_irq_level) == 8, "kvm_irq_level layout");
+_Static_assert(sizeof(struct kvm_pit_config) == 64, "kvm_pit_config layout");
+_Static_assert(sizeof(struct kvm_mp_state) == 4, "kvm_mp_state layout");
+
+int ckvm_ioctl_none(int fd, unsigned long request) {
+    return ioctl(fd, request, 0);
+}
+
+int ckvm_ioctl_value(int fd, unsigned long request, unsigned long value) {
+    return ioctl(fd, request, value);
+}
+
+int ckvm_ioctl_pointer(int fd, unsigned long request, void *argument) {
+    return ioctl(fd, request, argument);
+}
+
+size_t ckvm_cpuid2_size(uint32_t count) {
+    return sizeof(struct kvm_cpuid2) + (size_t)count * sizeof(struct kvm_cpuid_entry2);
+}
+
+size_t ckvm_msrs_size(uint32_t count) {
+    return sizeof(struct kvm_msrs) + (size_t)count * sizeof(struct kvm_msr_entry);
+}
+
+size_t ckvm_msr_list_size(uint32_t count) {
+    return sizeof(struct kvm_msr_list) + (size_t)count * sizeof(uint32_t);
+}
+
+static void ckvm_kick_handler(int signal) {
+    (void)signal;
+}
+
+int ckvm_install_kick_handler(int signal) {
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = ckvm_kick_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0; // no SA_RESTART: KVM_RUN must return EINTR
+    return sigaction(signal, &action, NULL);
+}
+
+int ckvm_kick_signal(void) {
+    return SIGRTMIN + 1;
+}

@@ -1,1 +1,133 @@
+// CKVM: the one C shim between Swiftlet and <linux/kvm.h>.
+//
+// Swift cannot use the ioctl request macros (they are function-like macros built from
+// _IOW/_IOR) nor call the variadic ioctl(2). This header exports each request number
+// as a constant and funnels every call through fixed-arity wrappers, so error handling
+// and tracing live in one place on the Swift side (KVM/KVMIoctl.swift).
 #pragma once
+
+#include <stdint.h>
+#include <stddef.h>
+#include <signal.h>
+#include <linux/kvm.h>
+
+// --- Request numbers (system, VM and vCPU ioctls) ----------------------------------
+static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;
+static const unsigned long CKVM_CREATE_VM = KVM_CREATE_VM;
+static const unsigned long CKVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
+static const unsigned long CKVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
+static const unsigned long CKVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+static const unsigned long CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+
+static const unsigned long CKVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
+static const unsigned long CKVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
+static const unsigned long CKVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
+static const unsigned long CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
+static const unsigned long CKVM_IRQ_LINE = KVM_IRQ_LINE;
+static const unsigned long CKVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
+static const unsigned long CKVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING;
+static const unsigned long CKVM_IRQFD = KVM_IRQFD;
+static const unsigned long CKVM_IOEVENTFD = KVM_IOEVENTFD;
+static const unsigned long CKVM_SIGNAL_MSI = KVM_SIGNAL_MSI;
+static const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;
+
+static const unsigned long CKVM_RUN = KVM_RUN;
+static const unsigned long CKVM_GET_REGS = KVM_GET_REGS;
+static const unsigned long CKVM_SET_REGS = KVM_SET_REGS;
+static const unsigned long CKVM_GET_SREGS = KVM_GET_SREGS;
+static const unsigned long CKVM_SET_SREGS = KVM_SET_SREGS;
+static const unsigned long CKVM_SET_CPUID2 = KVM_SET_CPUID2;
+static const unsigned long CKVM_GET_MSRS = KVM_GET_MSRS;
+static const unsigned long CKVM_SET_MSRS = KVM_SET_MSRS;
+static const unsigned long CKVM_GET_FPU = KVM_GET_FPU;
+static const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
+static const unsigned long CKVM_GET_LAPIC = KVM_GET_LAPIC;
+static const unsigned long CKVM_SET_LAPIC = KVM_SET_LAPIC;
+static const unsigned long CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
+static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
+static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+static const unsigned long CKVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
+
+// --- Capabilities we ask about -------------------------------------------------------
+static const int CKVM_CAP_IRQCHIP = KVM_CAP_IRQCHIP;
+static const int CKVM_CAP_USER_MEMORY = KVM_CAP_USER_MEMORY;
+static const int CKVM_CAP_SET_TSS_ADDR = KVM_CAP_SET_TSS_ADDR;
+static const int CKVM_CAP_PIT2 = KVM_CAP_PIT2;
+static const int CKVM_CAP_IRQFD = KVM_CAP_IRQFD;
+static const int CKVM_CAP_IOEVENTFD = KVM_CAP_IOEVENTFD;
+static const int CKVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
+static const int CKVM_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS;
+static const int CKVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
+static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
+static const int CKVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
+static const int CKVM_CAP_X2APIC_API = KVM_CAP_X2APIC_API;
+static const int CKVM_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI;
+static const int CKVM_CAP_READONLY_MEM = KVM_CAP_READONLY_MEM;
+static const int CKVM_CAP_XSAVE = KVM_CAP_XSAVE;
+
+static const int CKVM_API_VERSION_EXPECTED = KVM_API_VERSION;
+
+// --- Exit reasons ----------------------------------------------------------------------
+static const uint32_t CKVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN;
+static const uint32_t CKVM_EXIT_EXCEPTION = KVM_EXIT_EXCEPTION;
+static const uint32_t CKVM_EXIT_IO = KVM_EXIT_IO;
+static const uint32_t CKVM_EXIT_HYPERCALL = KVM_EXIT_HYPERCALL;
+static const uint32_t CKVM_EXIT_DEBUG = KVM_EXIT_DEBUG;
+static const uint32_t CKVM_EXIT_HLT = KVM_EXIT_HLT;
+static const uint32_t CKVM_EXIT_MMIO = KVM_EXIT_MMIO;
+static const uint32_t CKVM_EXIT_IRQ_WINDOW_OPEN = KVM_EXIT_IRQ_WINDOW_OPEN;
+static const uint32_t CKVM_EXIT_SHUTDOWN = KVM_EXIT_SHUTDOWN;
+static const uint32_t CKVM_EXIT_FAIL_ENTRY = KVM_EXIT_FAIL_ENTRY;
+static const uint32_t CKVM_EXIT_INTR = KVM_EXIT_INTR;
+static const uint32_t CKVM_EXIT_INTERNAL_ERROR = KVM_EXIT_INTERNAL_ERROR;
+static const uint32_t CKVM_EXIT_SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT;
+static const uint8_t CKVM_EXIT_IO_IN = KVM_EXIT_IO_IN;
+static const uint8_t CKVM_EXIT_IO_OUT = KVM_EXIT_IO_OUT;
+static const uint32_t CKVM_SYSTEM_EVENT_SHUTDOWN = KVM_SYSTEM_EVENT_SHUTDOWN;
+static const uint32_t CKVM_SYSTEM_EVENT_RESET = KVM_SYSTEM_EVENT_RESET;
+static const uint32_t CKVM_SYSTEM_EVENT_CRASH = KVM_SYSTEM_EVENT_CRASH;
+
+static const uint32_t CKVM_MP_STATE_RUNNABLE = KVM_MP_STATE_RUNNABLE;
+static const uint32_t CKVM_MP_STATE_UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED;
+static const uint32_t CKVM_MP_STATE_INIT_RECEIVED = KVM_MP_STATE_INIT_RECEIVED;
+static const uint32_t CKVM_MP_STATE_HALTED = KVM_MP_STATE_HALTED;
+static const uint32_t CKVM_MP_STATE_SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED;
+
+static const uint32_t CKVM_PIT_SPEAKER_DUMMY = KVM_PIT_SPEAKER_DUMMY;
+
+// --- Fixed-arity ioctl wrappers ---------------------------------------------------------
+// Each returns ioctl's result: >= 0 on success, -1 with errno set on failure.
+
+/// ioctl with no argument (KVM_CREATE_IRQCHIP, KVM_RUN, ...).
+int ckvm_ioctl_none(int fd, unsigned long request);
+/// ioctl with an integer argument (KVM_CREATE_VCPU, KVM_CHECK_EXTENSION, KVM_SET_TSS_ADDR).
+int ckvm_ioctl_value(int fd, unsigned long request, unsigned long value);
+/// ioctl with a pointer argument (structures in and out).
+int ckvm_ioctl_pointer(int fd, unsigned long request, void *argument);
+
+// --- Variable-length structures -----------------------------------------------------------
+// kvm_cpuid2 and kvm_msrs end in flexible arrays; Swift allocates them through these helpers.
+
+/// Size in bytes of a struct kvm_cpuid2 with room for `count` entries.
+size_t ckvm_cpuid2_size(uint32_t count);
+/// Size in bytes of a struct kvm_msrs with room for `count` entries.
+size_t ckvm_msrs_size(uint32_t count);
+/// Size in bytes of a struct kvm_msr_list with room for `count` indices.
+size_t ckvm_msr_list_size(uint32_t count);
+
+// --- kvm_run accessors ---------------------------------------------------------------------
+// struct kvm_run's exit data is an anonymous union; these keep the union layout in C.
+struct kvm_run;
+/// Pointer to the data of a KVM_EXIT_IO exit: io.data_offset bytes into the run area.
+static inline uint8_t *ckvm_run_io_data(struct kvm_run *run) {
+    return (uint8_t *)run + run->io.data_offset;
+}
+
+// --- Signals ------------------------------------------------------------------------------------
+/// Installs a no-op handler (without SA_RESTART) for `signal`, so that sending it to a vCPU
+/// thread interrupts KVM_RUN with EINTR instead of killing the process.
+int ckvm_install_kick_handler(int signal);
+/// The signal Swiftlet uses to kick vCPU threads out of KVM_RUN (SIGRTMIN + 1).
+int ckvm_kick_signal(void);

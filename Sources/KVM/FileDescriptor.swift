@@ -1,0 +1,47 @@
+import CKVM
+import Glibc
+
+/// Owns one KVM file descriptor (the system, a VM or a vCPU) and closes it in `deinit`.
+///
+/// Every KVM ioctl Swiftlet issues goes through ``ioctl(_:_:)`` and its siblings, so
+/// error reporting lives in one place. `EINTR` is never retried here: for `KVM_RUN` it
+/// is how a vCPU thread is kicked out of the guest, and the caller decides.
+public final class KVMFileDescriptor: Sendable {
+    public let rawValue: Int32
+
+    init(owning rawValue: Int32) { self.rawValue = rawValue }
+
+    deinit { close(rawValue) }
+
+    /// An ioctl without argument; returns its non-negative result.
+    @discardableResult
+    func ioctl(_ name: StaticString, _ request: UInt) throws(KVMError) -> Int32 {
+        let result = ckvm_ioctl_none(rawValue, request)
+        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: errno) }
+        return result
+    }
+
+    /// An ioctl with an integer argument.
+    @discardableResult
+    func ioctl(_ name: StaticString, _ request: UInt, value: UInt) throws(KVMError) -> Int32 {
+        let result = ckvm_ioctl_value(rawValue, request, value)
+        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: errno) }
+        return result
+    }
+
+    /// An ioctl with a pointer to a structure (in, out or both).
+    @discardableResult
+    func ioctl<T>(_ name: StaticString, _ request: UInt, _ argument: inout T) throws(KVMError) -> Int32 {
+        let result = withUnsafeMutablePointer(to: &argument) { ckvm_ioctl_pointer(rawValue, request, $0) }
+        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: errno) }
+        return result
+    }
+
+    /// An ioctl with a raw buffer (variable-length structures such as `kvm_cpuid2`).
+    @discardableResult
+    func ioctl(_ name: StaticString, _ request: UInt, buffer: UnsafeMutableRawPointer) throws(KVMError) -> Int32 {
+        let result = ckvm_ioctl_pointer(rawValue, request, buffer)
+        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: errno) }
+        return result
+    }
+}

@@ -1,0 +1,224 @@
+import CKVM
+import Glibc
+
+/// Why `KVM_RUN` returned: Swift's view of `kvm_run.exit_reason` and its union.
+///
+/// Buffers point into the vCPU's shared `kvm_run` area and are valid until the next
+/// `KVM_RUN`; for a read (`in`, MMIO load) the handler fills them and KVM completes the
+/// guest instruction on the next entry.
+public enum VCPUExit {
+    /// `in`/`out` on `port`: `count` repetitions (string I/O) of `size` bytes each.
+    case io(port: UInt16, isWrite: Bool, size: Int, count: Int, data: UnsafeMutableRawBufferPointer)
+    /// A load or store to guest-physical `address` not backed by a memory slot.
+    case mmio(address: UInt64, isWrite: Bool, data: UnsafeMutableRawBufferPointer)
+    /// `hlt` (only without the in-kernel irqchip, which handles HLT itself).
+    case halt
+    /// Triple fault, or another condition that resets the CPU.
+    case shutdown
+    /// VM entry failed: the state we set is invalid for the hardware.
+    case failEntry(reason: UInt64, cpu: UInt32)
+    /// KVM could not handle something (e.g. an instruction it failed to emulate).
+    case internalError(suberror: UInt32, data: [UInt64])
+    /// The guest asked for a shutdown, reset or crash through a paravirtual interface.
+    case systemEvent(type: UInt32, flags: UInt64)
+    /// `KVM_RUN` returned early: a signal (`EINTR`) or `immediate_exit`.
+    case interrupted
+    /// The guest can take an injected interrupt now.
+    case irqWindowOpen
+    /// `KVM_EXIT_DEBUG` or any reason Swiftlet does not handle, by number.
+    case other(reason: UInt32)
+}
+
+/// One virtual CPU: owns its file descriptor and its mapped `kvm_run` area.
+///
+/// vCPU ioctls: `KVM_RUN`, `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, `KVM_SET_CPUID2`,
+/// `KVM_GET/SET_MSRS`, `KVM_SET_FPU`, `KVM_GET/SET_LAPIC`, `KVM_GET/SET_MP_STATE`,
+/// `KVM_GET_TSC_KHZ`. KVM requires these to come from the thread that runs the vCPU
+/// once it has started; Swiftlet sets the vCPU up, then hands it to its thread.
+public final class VCPU: @unchecked Sendable {
+    // @unchecked Sendable: the run area is only touched by the vCPU's own thread, except
+    // `requestImmediateExit()`, a single-byte store KVM documents for this purpose.
+
+    public let id: Int
+    let fd: KVMFileDescriptor
+    let runArea: UnsafeMutablePointer<kvm_run>
+    let runSize: Int
+
+    init(id: Int, fd: KVMFileDescriptor, runArea: UnsafeMutablePointer<kvm_run>, runSize: Int) {
+        self.id = id
+        self.fd = fd
+        self.runArea = runArea
+        self.runSize = runSize
+    }
+
+    deinit { munmap(runArea, runSize) }
+
+    /// Enters the guest until the next exit that needs user space.
+    /// The corresponding ioctl is `KVM_RUN`; `EINTR` becomes ``VCPUExit/interrupted``.
+    public func run() throws(KVMError) -> VCPUExit {
+        if ckvm_ioctl_none(fd.rawValue, CKVM_RUN) < 0 {
+            let err = errno
+            if err == EINTR || err == EAGAIN { return .interrupted }
+            throw .ioctlFailed(name: "KVM_RUN", errno: err)
+        }
+        return decodeExit()
+    }
+
+    private func decodeExit() -> VCPUExit {
+        let state = runArea.pointee
+        switch state.exit_reason {
+        case CKVM_EXIT_IO:
+            let io = state.io
+            let length = Int(io.size) * Int(io.count)
+            // data_offset is set by KVM; still, never trust an offset blindly.
+            guard Int(io.data_offset) + length <= runSize else { return .other(reason: CKVM_EXIT_IO) }
+            let data = UnsafeMutableRawBufferPointer(start: ckvm_run_io_data(runArea), count: length)
+            return .io(port: io.port, isWrite: io.direction == CKVM_EXIT_IO_OUT, size: Int(io.size), count: Int(io.count), data: data)
+        case CKVM_EXIT_MMIO:
+            let length = min(Int(state.mmio.len), 8)
+            let base = UnsafeMutableRawPointer(runArea) + MemoryLayout<kvm_run>.offset(of: \kvm_run.mmio.data)!
+            return .mmio(address: state.mmio.phys_addr, isWrite: state.mmio.is_write != 0,
+                         data: UnsafeMutableRawBufferPointer(start: base, count: length))
+        case CKVM_EXIT_HLT: return .halt
+        case CKVM_EXIT_SHUTDOWN: return .shutdown
+        case CKVM_EXIT_FAIL_ENTRY:
+            return .failEntry(reason: state.fail_entry.hardware_entry_failure_reason, cpu: state.fail_entry.cpu)
+        case CKVM_EXIT_INTERNAL_ERROR:
+            let failure = state.`internal`
+            let count = min(Int(failure.ndata), 16)
+            let data = withUnsafeBytes(of: failure.data) { Array($0.bindMemory(to: UInt64.self).prefix(count)) }
+            return .internalError(suberror: failure.suberror, data: data)
+        case CKVM_EXIT_SYSTEM_EVENT:
+            return .systemEvent(type: state.system_event.type, flags: state.system_event.flags)
+        case CKVM_EXIT_INTR: return .interrupted
+        case CKVM_EXIT_IRQ_WINDOW_OPEN: return .irqWindowOpen
+        default: return .other(reason: state.exit_reason)
+        }
+    }
+
+    /// Makes the next (or current, once kicked by a signal) `KVM_RUN` return at once.
+    /// Safe to call from any thread.
+    public func requestImmediateExit() {
+        withUnsafeMutablePointer(to: &runArea.pointee.immediate_exit) { pointer in
+            UnsafeMutableRawPointer(pointer).storeBytes(of: 1, as: UInt8.self)
+        }
+    }
+
+    // MARK: Registers
+
+    /// The corresponding ioctl is `KVM_GET_REGS`.
+    public func registers() throws(KVMError) -> kvm_regs {
+        var regs = kvm_regs()
+        try fd.ioctl("KVM_GET_REGS", CKVM_GET_REGS, &regs)
+        return regs
+    }
+
+    /// The corresponding ioctl is `KVM_SET_REGS`.
+    public func setRegisters(_ regs: kvm_regs) throws(KVMError) {
+        var regs = regs
+        try fd.ioctl("KVM_SET_REGS", CKVM_SET_REGS, &regs)
+    }
+
+    /// Segment, control and descriptor-table registers. The ioctl is `KVM_GET_SREGS`.
+    public func specialRegisters() throws(KVMError) -> kvm_sregs {
+        var sregs = kvm_sregs()
+        try fd.ioctl("KVM_GET_SREGS", CKVM_GET_SREGS, &sregs)
+        return sregs
+    }
+
+    /// The corresponding ioctl is `KVM_SET_SREGS`.
+    public func setSpecialRegisters(_ sregs: kvm_sregs) throws(KVMError) {
+        var sregs = sregs
+        try fd.ioctl("KVM_SET_SREGS", CKVM_SET_SREGS, &sregs)
+    }
+
+    /// What the guest sees when it executes CPUID. The ioctl is `KVM_SET_CPUID2`.
+    public func setCPUID(_ entries: [CPUIDEntry]) throws(KVMError) {
+        let size = ckvm_cpuid2_size(UInt32(entries.count))
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        defer { buffer.deallocate() }
+        memset(buffer, 0, size)
+        let cpuid = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
+        cpuid.pointee.nent = UInt32(entries.count)
+        let slots = UnsafeMutableRawPointer(cpuid + 1).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+        for (index, entry) in entries.enumerated() { slots[index] = entry.kvmEntry }
+        try fd.ioctl("KVM_SET_CPUID2", CKVM_SET_CPUID2, buffer: buffer)
+    }
+
+    /// Writes model-specific registers. The corresponding ioctl is `KVM_SET_MSRS`; it
+    /// returns how many were set, and we insist on all of them.
+    public func setMSRs(_ msrs: [(index: UInt32, value: UInt64)]) throws(KVMError) {
+        let size = ckvm_msrs_size(UInt32(msrs.count))
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        defer { buffer.deallocate() }
+        memset(buffer, 0, size)
+        let header = buffer.assumingMemoryBound(to: kvm_msrs.self)
+        header.pointee.nmsrs = UInt32(msrs.count)
+        let entries = UnsafeMutableRawPointer(header + 1).assumingMemoryBound(to: kvm_msr_entry.self)
+        for (index, msr) in msrs.enumerated() {
+            entries[index].index = msr.index
+            entries[index].data = msr.value
+        }
+        let written = try fd.ioctl("KVM_SET_MSRS", CKVM_SET_MSRS, buffer: buffer)
+        guard written == msrs.count else {
+            throw .ioctlFailed(name: "KVM_SET_MSRS (MSR 0x\(String(msrs[Int(written)].index, radix: 16)))", errno: EINVAL)
+        }
+    }
+
+    /// Reads model-specific registers. The corresponding ioctl is `KVM_GET_MSRS`.
+    public func msrs(_ indices: [UInt32]) throws(KVMError) -> [UInt32: UInt64] {
+        let size = ckvm_msrs_size(UInt32(indices.count))
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        defer { buffer.deallocate() }
+        memset(buffer, 0, size)
+        let header = buffer.assumingMemoryBound(to: kvm_msrs.self)
+        header.pointee.nmsrs = UInt32(indices.count)
+        let entries = UnsafeMutableRawPointer(header + 1).assumingMemoryBound(to: kvm_msr_entry.self)
+        for (position, index) in indices.enumerated() { entries[position].index = index }
+        let read = Int(try fd.ioctl("KVM_GET_MSRS", CKVM_GET_MSRS, buffer: buffer))
+        var result: [UInt32: UInt64] = [:]
+        for position in 0..<min(read, indices.count) { result[entries[position].index] = entries[position].data }
+        return result
+    }
+
+    /// Sets the x87/SSE control words to their power-on values (FCW 0x37F, MXCSR 0x1F80).
+    /// The corresponding ioctl is `KVM_SET_FPU`.
+    public func resetFPU() throws(KVMError) {
+        var fpu = kvm_fpu()
+        fpu.fcw = 0x37F
+        fpu.mxcsr = 0x1F80
+        try fd.ioctl("KVM_SET_FPU", CKVM_SET_FPU, &fpu)
+    }
+
+    /// The local APIC's 1 KiB register page. The corresponding ioctl is `KVM_GET_LAPIC`.
+    public func lapic() throws(KVMError) -> kvm_lapic_state {
+        var state = kvm_lapic_state()
+        try fd.ioctl("KVM_GET_LAPIC", CKVM_GET_LAPIC, &state)
+        return state
+    }
+
+    /// The corresponding ioctl is `KVM_SET_LAPIC`.
+    public func setLAPIC(_ state: kvm_lapic_state) throws(KVMError) {
+        var state = state
+        try fd.ioctl("KVM_SET_LAPIC", CKVM_SET_LAPIC, &state)
+    }
+
+    /// Runnable, halted, or waiting for INIT/SIPI. The ioctl is `KVM_GET_MP_STATE`.
+    public func mpState() throws(KVMError) -> UInt32 {
+        var state = kvm_mp_state()
+        try fd.ioctl("KVM_GET_MP_STATE", CKVM_GET_MP_STATE, &state)
+        return state.mp_state
+    }
+
+    /// The corresponding ioctl is `KVM_SET_MP_STATE`.
+    public func setMPState(_ value: UInt32) throws(KVMError) {
+        var state = kvm_mp_state(mp_state: value)
+        try fd.ioctl("KVM_SET_MP_STATE", CKVM_SET_MP_STATE, &state)
+    }
+
+    /// The guest TSC frequency in kHz, if KVM knows it. The ioctl is `KVM_GET_TSC_KHZ`.
+    public func tscKHz() -> UInt32? {
+        let result = ckvm_ioctl_none(fd.rawValue, CKVM_GET_TSC_KHZ)
+        return result > 0 ? UInt32(result) : nil
+    }
+}

@@ -1,0 +1,76 @@
+@_exported import CKVM
+import Glibc
+
+/// A KVM virtual machine: owns the VM file descriptor.
+///
+/// VM ioctls: `KVM_SET_USER_MEMORY_REGION`, `KVM_SET_TSS_ADDR`,
+/// `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`, `KVM_IRQ_LINE`,
+/// `KVM_SIGNAL_MSI` and `KVM_CREATE_VCPU`. Each is safe to call from any thread.
+public final class VirtualMachine: Sendable {
+    let fd: KVMFileDescriptor
+    public let system: KVMSystem
+
+    init(fd: KVMFileDescriptor, system: KVMSystem) {
+        self.fd = fd
+        self.system = system
+    }
+
+    /// Maps `size` bytes of host memory at `hostAddress` into the guest at `guestAddress`
+    /// as memory slot `slot`. The hardware (EPT/NPT) then translates guest accesses to it
+    /// without exits. The corresponding ioctl is `KVM_SET_USER_MEMORY_REGION`.
+    public func setUserMemoryRegion(slot: UInt32, guestAddress: UInt64, size: UInt64, hostAddress: UInt, readOnly: Bool = false) throws(KVMError) {
+        var region = kvm_userspace_memory_region()
+        region.slot = slot
+        region.flags = readOnly ? UInt32(KVM_MEM_READONLY) : 0
+        region.guest_phys_addr = guestAddress
+        region.memory_size = size
+        region.userspace_addr = UInt64(hostAddress)
+        try fd.ioctl("KVM_SET_USER_MEMORY_REGION", CKVM_SET_USER_MEMORY_REGION, &region)
+    }
+
+    /// Intel VMX needs three pages of guest-physical space for a real-mode TSS; they must
+    /// not overlap RAM or devices. The corresponding ioctl is `KVM_SET_TSS_ADDR`.
+    public func setTSSAddress(_ address: UInt64) throws(KVMError) {
+        try fd.ioctl("KVM_SET_TSS_ADDR", CKVM_SET_TSS_ADDR, value: UInt(address))
+    }
+
+    /// One page for the identity map VMX uses while the guest runs unpaged.
+    /// The corresponding ioctl is `KVM_SET_IDENTITY_MAP_ADDR`.
+    public func setIdentityMapAddress(_ address: UInt64) throws(KVMError) {
+        var value = address
+        try fd.ioctl("KVM_SET_IDENTITY_MAP_ADDR", CKVM_SET_IDENTITY_MAP_ADDR, &value)
+    }
+
+    /// Creates the in-kernel interrupt controllers: two 8259 PICs, an IOAPIC and a local
+    /// APIC per vCPU. The corresponding ioctl is `KVM_CREATE_IRQCHIP`.
+    public func createIRQChip() throws(KVMError) {
+        try fd.ioctl("KVM_CREATE_IRQCHIP", CKVM_CREATE_IRQCHIP)
+    }
+
+    /// Creates the in-kernel 8254 PIT (timer on IRQ 0, ports 0x40-0x43; port 0x61's
+    /// speaker bits are emulated as a dummy). The corresponding ioctl is `KVM_CREATE_PIT2`.
+    public func createPIT2() throws(KVMError) {
+        var config = kvm_pit_config()
+        config.flags = CKVM_PIT_SPEAKER_DUMMY
+        try fd.ioctl("KVM_CREATE_PIT2", CKVM_CREATE_PIT2, &config)
+    }
+
+    /// Raises or lowers interrupt input `gsi` of the in-kernel irqchip.
+    /// The corresponding ioctl is `KVM_IRQ_LINE`.
+    public func setIRQLine(_ gsi: UInt32, high: Bool) throws(KVMError) {
+        var level = kvm_irq_level()
+        level.irq = gsi
+        level.level = high ? 1 : 0
+        try fd.ioctl("KVM_IRQ_LINE", CKVM_IRQ_LINE, &level)
+    }
+
+    /// Creates vCPU `id` (its initial APIC ID). The corresponding ioctl is `KVM_CREATE_VCPU`.
+    public func createVCPU(id: Int) throws(KVMError) -> VCPU {
+        let raw = try fd.ioctl("KVM_CREATE_VCPU", CKVM_CREATE_VCPU, value: UInt(id))
+        let owner = KVMFileDescriptor(owning: raw)
+        let size = system.vcpuMmapSize
+        let mapping = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, raw, 0)
+        guard let mapping, mapping != MAP_FAILED else { throw .mmapFailed(errno: errno) }
+        return VCPU(id: id, fd: owner, runArea: mapping.assumingMemoryBound(to: kvm_run.self), runSize: size)
+    }
+}
