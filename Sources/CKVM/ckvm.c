@@ -1,7 +1,9 @@
+#define _GNU_SOURCE
 #include "ckvm.h"
 
 #include <sys/ioctl.h>
 #include <string.h>
+#include <pthread.h>
 
 // The Swift side mirrors none of these structs field by field (it uses the imported C
 // types directly); these asserts pin the ABI the wrappers rely on.
@@ -54,4 +56,8 @@ int ckvm_install_kick_handler(int signal) {
 
 int ckvm_kick_signal(void) {
     return SIGRTMIN + 1;
+}
+
+int ckvm_set_thread_name(const char *name) {
+    return pthread_setname_np(pthread_self(), name);
 }

@@ -1,4 +1,5 @@
 import Glibc
+import KVM
 
 /// Starts dedicated, named POSIX threads for blocking loops (a vCPU's `KVM_RUN`, the
 /// console's `read`). They never run on the Swift concurrency pool.
@@ -17,7 +18,7 @@ enum NamedThread {
         var thread = pthread_t()
         let result = pthread_create(&thread, nil, { argument in
             let body = Unmanaged<Body>.fromOpaque(argument!).takeRetainedValue()
-            _ = pthread_setname_np(pthread_self(), String(body.name.prefix(15)))
+            _ = ckvm_set_thread_name(String(body.name.prefix(15)))
             body.run()
             return nil
         }, body)

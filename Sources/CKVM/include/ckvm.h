@@ -131,3 +131,6 @@ static inline uint8_t *ckvm_run_io_data(struct kvm_run *run) {
 int ckvm_install_kick_handler(int signal);
 /// The signal Swiftlet uses to kick vCPU threads out of KVM_RUN (SIGRTMIN + 1).
 int ckvm_kick_signal(void);
+
+/// Names the calling thread (at most 15 characters are kept), for `top -H` and `ps -L`.
+int ckvm_set_thread_name(const char *name);
