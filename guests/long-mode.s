@@ -24,8 +24,8 @@
         .equ    PDPT_HIGH,      0x4000          # new tables for the walk (long-mode.inc
         .equ    PD_HIGH,        0x5000          #  leaves 0x4000..0x6FFF free)
         .equ    PT_HIGH,        0x6000
-        .equ    MAGIC,          0x5357494654100C47  # any recognisable value
-        .equ    MAGIC_BACK,     0x0BAC4B0BAC4B0BAC
+        .equ    MAGIC,          0x0123456789ABCDEF  # any recognisable value
+        .equ    MAGIC_BACK,     0xFEEDFACECAFEBEEF
 
         .code64
 long_mode_main:
