@@ -1,0 +1,146 @@
+import Foundation
+import Testing
+
+/// Each teaching guest runs through the real binary on real KVM and reports what it did.
+@Suite("Teaching guests under swiftlet run")
+struct GuestTests {
+    @Test("The built-in guest is the assembled hello-real.bin")
+    func embeddedGuestIsCurrent() throws {
+        let built = try Data(contentsOf: URL(fileURLWithPath: Swiftlet.guest("hello-real")))
+        let source = try String(contentsOf: Swiftlet.packageRoot.appendingPathComponent("Sources/swiftlet/DefaultGuest.swift"), encoding: .utf8)
+        let embedded = source.matches(of: /0x([0-9a-f]{2})/).map { UInt8($0.1, radix: 16)! }
+        #expect(embedded == Array(built), "run 'make embed' after changing guests/hello-real.s")
+    }
+
+    @Test("swiftlet run with no arguments boots the real-mode hello")
+    func defaultGuest() throws {
+        let result = try Swiftlet.run(["run"])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("Hello from real mode!"))
+        #expect(result.stdout.contains("PE (bit 0) is 0"))
+        #expect(result.stderr.isEmpty)
+    }
+
+    @Test("Real mode: segment arithmetic")
+    func helloReal() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("hello-real")])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("0000:7C00 holds 0xfa and 07C0:0000 holds 0xfa"))
+    }
+
+    @Test("Protected mode with the guest's own GDT")
+    func protectedMode() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("protected-mode")])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("[protected mode] running 32-bit code"))
+        #expect(result.stdout.contains("CR0 = 0x00000011"))
+        #expect(result.stdout.contains("same memory"))
+    }
+
+    @Test("Long mode: own page tables, and a second mapping proven by reading through it")
+    func longMode() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("long-mode"), "--memory", "64M"])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("EFER = 0x0000000000000500"))
+        let readBack = result.stdout.split(separator: "\n").first { $0.contains("read through the higher-half address:") }
+        #expect(readBack?.hasSuffix("(matches)") == true)
+        #expect(result.stdout.contains("the mapping works"))
+    }
+
+    @Test("CPL 3: a loop in user mode, then I/O and exit from ring 3")
+    func userMode() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("user-mode"), "--timeout", "120"])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("[CPL 3] CS = 0x0033, CPL = 3"))
+        #expect(result.stdout.contains("ran 100000000 iterations at CPL 3, sum = 5000000050000000"))
+    }
+
+    @Test("--trace-exits counts every exit by port")
+    func traceExits() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("pio-loop-1k"), "--trace-exits"])
+        #expect(result.status == 1)
+        let row = result.stderr.split(separator: "\n").first { $0.contains("IO out  port 0x0080") }
+        #expect(row?.split(separator: " ").contains("1000") == true, "expected 1000 exits on port 0x80 in:\n\(result.stderr)")
+        #expect(result.stderr.contains("IO out  port 0x00f4"))
+        #expect(result.stderr.contains("first KVM_RUN: monotonic"))
+    }
+
+    @Test("Serial output can go to a file")
+    func serialToFile() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("swiftlet-serial-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let result = try Swiftlet.run(["run", "--serial", "file:\(path)"])
+        #expect(result.status == 1)
+        #expect(result.stdout.isEmpty)
+        #expect(try String(contentsOfFile: path, encoding: .utf8).contains("Hello from real mode!"))
+    }
+
+    @Test("Guest RAM above the 3 GiB hole works (memory is reserved, not touched)")
+    func largeMemory() throws {
+        let result = try Swiftlet.run(["run", "--memory", "5G"])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("Hello from real mode!"))
+    }
+}
+
+/// How a VM ends: timeout, signals, the console escape, a crashing guest.
+@Suite("Stopping a VM")
+struct StopTests {
+    @Test("--timeout ends a guest that runs forever with status 124")
+    func timeout() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("idle"), "--timeout", "1"])
+        #expect(result.status == 124)
+        #expect(result.stdout.contains("idle"))
+        #expect(result.stderr == "swiftlet: timed out\n")
+    }
+
+    @Test("SIGTERM stops the VM cleanly with status 143")
+    func sigterm() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("idle"), "--timeout", "60"]) { process, output in
+            _ = Swiftlet.waitFor("idle", in: output)
+            kill(process.processIdentifier, SIGTERM)
+        }
+        #expect(result.status == 143)
+    }
+
+    @Test("SIGINT stops the VM cleanly with status 130")
+    func sigint() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("idle"), "--timeout", "60"]) { process, output in
+            _ = Swiftlet.waitFor("idle", in: output)
+            kill(process.processIdentifier, SIGINT)
+        }
+        #expect(result.status == 130)
+    }
+
+    @Test("Ctrl-A x on the console quits with status 0")
+    func consoleEscape() throws {
+        // The input arrives at once; the guest is still starting when Swiftlet reads it.
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("idle"), "--timeout", "60"], input: Data([0x01, UInt8(ascii: "x")]))
+        #expect(result.status == 0)
+    }
+
+    @Test("A triple fault stops the VM with status 4, the reason and a register dump")
+    func tripleFault() throws {
+        // Real mode -> protected mode with a GDT and an IDT of limit 0, then ud2: #UD
+        // cannot be delivered (-> #GP -> #DF -> triple fault). Assembled from:
+        //   7c00 cli; lgdtl 0x7c30; lidtl 0x7c36; mov %cr0,%eax; or $1,%al; mov %eax,%cr0
+        //   7c15 ljmpl $0x8,$0x7c1d;  7c1d (32-bit) ud2
+        //   7c20 GDT: null, flat 32-bit code;  7c30 GDTR (15, 0x7c20);  7c36 IDTR (0, 0)
+        let code: [UInt8] = [
+            0xfa, 0x66, 0x0f, 0x01, 0x16, 0x30, 0x7c, 0x66, 0x0f, 0x01, 0x1e, 0x36, 0x7c, 0x0f, 0x20, 0xc0,
+            0x0c, 0x01, 0x0f, 0x22, 0xc0, 0x66, 0xea, 0x1d, 0x7c, 0x00, 0x00, 0x08, 0x00, 0x0f, 0x0b, 0x90,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0x00, 0x00, 0x00, 0x9a, 0xcf, 0x00,
+            0x0f, 0x00, 0x20, 0x7c, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        ]
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("triple-\(UUID().uuidString).bin")
+        try Data(code).write(to: path)
+        defer { try? FileManager.default.removeItem(at: path) }
+        let result = try Swiftlet.run(["run", "--flat", path.path, "--timeout", "30"])
+        #expect(result.status == 4)
+        #expect(result.stderr.contains("triple-faulted (KVM_EXIT_SHUTDOWN)"))
+        #expect(result.stderr.contains("RIP=0000000000007c1d"))
+        #expect(result.stderr.contains("mode: 32-bit protected mode, CPL 0"))
+        #expect(result.stderr.contains("CS=0008"))
+        #expect(result.stderr.contains("GDT=0000000000007c20/000f IDT=0000000000000000/0000"))
+    }
+}
