@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -86,10 +87,12 @@ class Runner:
 
 
 def run_timed(argv, expect_status, expect_text, timeout, env=None):
-    """Runs argv to completion; returns (seconds, stdout, stderr, start_monotonic_ns).
+    """Runs argv to completion and checks its exit status and output; returns a Result.
 
-    The clock starts just before the spawn and stops when the process has been reaped.
+    The wall clock starts just before the spawn and stops when the process has been
+    reaped; start_mono is time.monotonic_ns() just before the spawn.
     """
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start_mono = time.monotonic_ns()
     start = time.perf_counter_ns()
     try:
@@ -100,6 +103,10 @@ def run_timed(argv, expect_status, expect_text, timeout, env=None):
     except OSError as error:
         raise BenchError(f"cannot run {argv[0]}: {error}")
     elapsed = (time.perf_counter_ns() - start) / 1e9
+    usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time (user + system, guest time included) of this child alone: children are
+    # run one at a time, so the growth of RUSAGE_CHILDREN is this one's.
+    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
     out = proc.stdout.decode("utf-8", "replace")
     err = proc.stderr.decode("utf-8", "replace")
     if expect_status is not None and proc.returncode != expect_status:
@@ -108,7 +115,14 @@ def run_timed(argv, expect_status, expect_text, timeout, env=None):
             f"  stdout: {out[-500:]!r}\n  stderr: {err[-500:]!r}")
     if expect_text and expect_text not in out:
         raise BenchError(f"{' '.join(argv)} did not print {expect_text!r}\n  stdout: {out[-500:]!r}")
-    return elapsed, out, err, start_mono
+    return Result(elapsed, cpu, out, err, start_mono)
+
+
+class Result:
+    """What run_timed measured: wall seconds, CPU seconds, output, spawn time."""
+
+    def __init__(self, wall, cpu, out, err, start_mono):
+        self.wall, self.cpu, self.out, self.err, self.start_mono = wall, cpu, out, err, start_mono
 
 
 def median(values):
@@ -184,39 +198,70 @@ def verdict(value, target):
 def bench_pio(report, runners, guests, reps):
     short = os.path.join(guests, "pio-loop-1k.bin")
     long = os.path.join(guests, "pio-loop-101k.bin")
-    per_exit = {}
-    rows = []
+    exits = PIO_LONG - PIO_SHORT
+    times = {r.name: {"short": [], "long": [], "short_cpu": [], "long_cpu": []} for r in runners}
+    broken = {}
+
+    def one(runner, size):
+        guest, n, limit = (short, PIO_SHORT, 60) if size == "short" else (long, PIO_LONG, 300)
+        result = run_timed(runner.command(guest), GUEST_OK_STATUS, f"pio-loop: {n} writes", limit,
+                           runner.environment())
+        times[runner.name][size].append(result.wall)
+        times[runner.name][size + "_cpu"].append(result.cpu)
+
+    # One warm-up run each (page cache, dynamic loading), then repetitions interleaved
+    # across VMMs and sizes, the VMM order alternating (A B, B A, ...), so that a change
+    # in the host's load hits every series alike.
     for runner in runners:
         try:
-            t_short, t_long = [], []
-            # Warm-up run (page cache, binary loading), then interleaved repetitions so
-            # that slow drift of the host affects both sizes alike.
-            run_timed(runner.command(short), GUEST_OK_STATUS, "pio-loop: 1000 writes", 60,
+            run_timed(runner.command(short), GUEST_OK_STATUS, f"pio-loop: {PIO_SHORT} writes", 60,
                       runner.environment())
-            for _ in range(reps):
-                t_short.append(run_timed(runner.command(short), GUEST_OK_STATUS,
-                                         f"pio-loop: {PIO_SHORT} writes", 60, runner.environment())[0])
-                t_long.append(run_timed(runner.command(long), GUEST_OK_STATUS,
-                                        f"pio-loop: {PIO_LONG} writes", 300, runner.environment())[0])
-            cost = (median(t_long) - median(t_short)) / (PIO_LONG - PIO_SHORT)
-            per_exit[runner.name] = cost
-            rows.append([runner.name, fmt_time(median(t_short)), fmt_time(median(t_long)),
-                         f"{fmt_time(min(t_long))} .. {fmt_time(max(t_long))}", fmt_time(cost)])
         except BenchError as error:
+            broken[runner.name] = error
+    for rep in range(reps):
+        order = runners if rep % 2 == 0 else list(reversed(runners))
+        for size in ("short", "long"):
+            for runner in order:
+                if runner.name in broken:
+                    continue
+                try:
+                    one(runner, size)
+                except BenchError as error:
+                    broken[runner.name] = error
+
+    per_exit, per_exit_min, per_exit_cpu, rows = {}, {}, {}, []
+    for runner in runners:
+        if runner.name in broken:
             report.failed = True
-            rows.append([runner.name, "error", "", "", ""])
-            print(f"\n[pio] {runner.name}: {error}", file=sys.stderr)
-    notes = []
-    sw, c = per_exit.get("swiftlet"), per_exit.get("kvm-baseline")
-    ratio = sw / c if sw and c else None
-    notes.append(f"ratio swiftlet / kvm-baseline: {fmt_ratio(ratio)} "
-                 f"(target <= {PIO_TARGET}: {verdict(ratio, PIO_TARGET)})")
+            rows.append([runner.name, "error", "", "", "", "", ""])
+            print(f"\n[pio] {runner.name}: {broken[runner.name]}", file=sys.stderr)
+            continue
+        t = times[runner.name]
+        per_exit[runner.name] = (median(t["long"]) - median(t["short"])) / exits
+        per_exit_min[runner.name] = (min(t["long"]) - min(t["short"])) / exits
+        per_exit_cpu[runner.name] = (median(t["long_cpu"]) - median(t["short_cpu"])) / exits
+        rows.append([runner.name, fmt_time(median(t["short"])), fmt_time(median(t["long"])),
+                     f"{fmt_time(min(t['long']))} .. {fmt_time(max(t['long']))}",
+                     fmt_time(per_exit[runner.name]), fmt_time(per_exit_min[runner.name]),
+                     fmt_time(per_exit_cpu[runner.name])])
+
+    def ratio_of(values):
+        sw, c = values.get("swiftlet"), values.get("kvm-baseline")
+        return sw / c if sw and c and c > 0 else None
+
+    ratio, ratio_min, ratio_cpu = ratio_of(per_exit), ratio_of(per_exit_min), ratio_of(per_exit_cpu)
+    notes = [f"ratio swiftlet / kvm-baseline (wall, medians): {fmt_ratio(ratio)} "
+             f"(target <= {PIO_TARGET}: {verdict(ratio, PIO_TARGET)}); "
+             f"wall, minimums: {fmt_ratio(ratio_min)}; CPU time, medians: {fmt_ratio(ratio_cpu)}"]
     if ratio is not None and ratio > PIO_TARGET:
         report.missed_targets.append("PIO exit ratio")
-    notes.append(f"per exit = (median 101k - median 1k) / {PIO_LONG - PIO_SHORT}; "
-                 f"{reps} runs each, interleaved, after one warm-up run")
+    notes.append(f"per exit = (time 101k - time 1k) / {exits}, from wall-clock medians, wall-clock "
+                 f"minimums, and medians of the child's CPU time (user + system; less sensitive to "
+                 f"other load on the host); {reps} runs of each, interleaved across VMMs, after one "
+                 "warm-up run")
     report.section("(a) PIO exit round trip (guest `out` to port 0x80 from CPL 3)",
-                   ["VMM", "1k run (median)", "101k run (median)", "101k run (min .. max)", "per exit"],
+                   ["VMM", "1k run (median)", "101k run (median)", "101k run (min .. max)",
+                    "per exit (medians)", "per exit (minimums)", "per exit (CPU, medians)"],
                    rows, notes)
     return ratio
 
@@ -229,25 +274,37 @@ def bench_startup(report, runners, guests, reps, qemu_reps, use_qemu, workdir):
     text = "Hello from real mode!"
     rows = []
     wall = {}
+    times = {r.name: [] for r in runners}
+    first = {r.name: [] for r in runners}
+    broken = {}
+    for rep in range(reps + 1):  # the first round is a warm-up and not counted
+        order = runners if rep % 2 == 0 else list(reversed(runners))
+        for runner in order:
+            if runner.name in broken:
+                continue
+            try:
+                seconds = run_timed(runner.command(hello), GUEST_OK_STATUS, text, 60, runner.environment()).wall
+                traced = run_timed(runner.command(hello, trace=True), GUEST_OK_STATUS, text, 60,
+                                   runner.environment(trace=True))
+            except BenchError as error:
+                broken[runner.name] = error
+                continue
+            if rep == 0:
+                continue
+            times[runner.name].append(seconds)
+            match = FIRST_RUN_RE.search(traced.err)
+            if match:
+                first[runner.name].append((int(match.group(1)) - traced.start_mono) / 1e9)
     for runner in runners:
-        try:
-            run_timed(runner.command(hello), GUEST_OK_STATUS, text, 60, runner.environment())  # warm-up
-            times = [run_timed(runner.command(hello), GUEST_OK_STATUS, text, 60, runner.environment())[0]
-                     for _ in range(reps)]
-            first = []
-            for _ in range(reps):
-                _, _, err, start = run_timed(runner.command(hello, trace=True), GUEST_OK_STATUS, text, 60,
-                                             runner.environment(trace=True))
-                match = FIRST_RUN_RE.search(err)
-                if match:
-                    first.append((int(match.group(1)) - start) / 1e9)
-            wall[runner.name] = median(times)
-            rows.append([runner.name, fmt_time(median(times)),
-                         fmt_time(median(first)) if first else "unavailable (no 'first KVM_RUN' line)"])
-        except BenchError as error:
+        if runner.name in broken:
             report.failed = True
             rows.append([runner.name, "error", ""])
-            print(f"\n[start-up] {runner.name}: {error}", file=sys.stderr)
+            print(f"\n[start-up] {runner.name}: {broken[runner.name]}", file=sys.stderr)
+            continue
+        wall[runner.name] = median(times[runner.name])
+        rows.append([runner.name, fmt_time(wall[runner.name]),
+                     fmt_time(median(first[runner.name])) if first[runner.name]
+                     else "unavailable (no 'first KVM_RUN' line)"])
 
     notes = []
     qemu = shutil.which("qemu-system-x86_64")
@@ -264,7 +321,7 @@ def bench_startup(report, runners, guests, reps, qemu_reps, use_qemu, workdir):
                 "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
                 "-drive", f"file={disk},format=raw,if=ide"]
         try:
-            times = [run_timed(argv, GUEST_OK_STATUS, text, 120)[0] for _ in range(qemu_reps)]
+            times = [run_timed(argv, GUEST_OK_STATUS, text, 120).wall for _ in range(qemu_reps)]
             wall["qemu"] = median(times)
             rows.append(["qemu + SeaBIOS", fmt_time(median(times)), "n/a"])
             notes.append("qemu: " + " ".join(argv[1:]).replace(disk, "hello-real.bin")
@@ -277,8 +334,8 @@ def bench_startup(report, runners, guests, reps, qemu_reps, use_qemu, workdir):
         notes.append(f"ratio swiftlet / qemu: {fmt_ratio(wall['swiftlet'] / wall['qemu'])}")
     if "swiftlet" in wall and "kvm-baseline" in wall:
         notes.append(f"ratio swiftlet / kvm-baseline: {fmt_ratio(wall['swiftlet'] / wall['kvm-baseline'])}")
-    notes.append(f"medians of {reps} runs after one warm-up; the first-KVM_RUN runs are separate "
-                 "runs with tracing on")
+    notes.append(f"medians of {reps} runs after one warm-up round, interleaved across VMMs; the "
+                 "first-KVM_RUN times come from separate runs with tracing on")
     report.section("(b) Start-up: hello-real, spawn to exit",
                    ["VMM", "spawn to exit (median)", "spawn to first KVM_RUN (median)"], rows, notes)
 
