@@ -1,0 +1,266 @@
+import DiskImage
+import Foundation
+import Testing
+
+/// One broken image: how to break the valid `TestImage`, and the exact error expected.
+struct BrokenCase: Sendable, CustomTestStringConvertible {
+    var name: String
+    var mutate: @Sendable (inout TestImage) -> Void
+    /// The expected error, given the image's path.
+    var expected: @Sendable (String) -> DiskImageError
+    var testDescription: String { name }
+}
+
+private let cs = UInt64(TestImage.clusterSize)
+
+/// The corpus: every case breaks one thing QEMU (or the spec) guards against.
+let brokenCorpus: [BrokenCase] = [
+    BrokenCase(name: "version 1", mutate: { $0.put32(1, at: TestImage.version) },
+               expected: { _ in .unsupportedVersion(1) }),
+    BrokenCase(name: "version 4", mutate: { $0.put32(4, at: TestImage.version) },
+               expected: { _ in .unsupportedVersion(4) }),
+    BrokenCase(name: "cluster_bits 8", mutate: { $0.put32(8, at: TestImage.clusterBits) },
+               expected: { _ in .clusterBitsOutOfRange(8) }),
+    BrokenCase(name: "cluster_bits 40", mutate: { $0.put32(40, at: TestImage.clusterBits) },
+               expected: { _ in .clusterBitsOutOfRange(40) }),
+    BrokenCase(name: "header_length below 104", mutate: { $0.put32(100, at: TestImage.headerLength) },
+               expected: { _ in .headerTooShort(100) }),
+    BrokenCase(name: "header_length not a multiple of 8", mutate: { $0.put32(108, at: TestImage.headerLength) },
+               expected: { _ in .headerLengthMisaligned(108) }),
+    BrokenCase(name: "header_length beyond the cluster", mutate: { $0.put32(8192, at: TestImage.headerLength) },
+               expected: { _ in .headerExceedsCluster(headerLength: 8192, clusterSize: cs) }),
+    BrokenCase(name: "refcount_order 7", mutate: { $0.put32(7, at: TestImage.refcountOrder) },
+               expected: { _ in .refcountOrderTooLarge(7) }),
+    BrokenCase(name: "L1 table misaligned", mutate: { $0.put64(3 * cs + 8, at: TestImage.l1Offset) },
+               expected: { _ in .tableMisaligned(table: "L1 table", offset: 3 * cs + 8) }),
+    BrokenCase(name: "L1 table beyond end of file", mutate: { $0.put64(1 << 40, at: TestImage.l1Offset) },
+               expected: { _ in .tableOutsideFile(table: "L1 table", offset: 1 << 40, length: 8, fileSize: 8 * cs) }),
+    BrokenCase(name: "L1 table offset near 2^64", mutate: { $0.put64(0xffff_ffff_ffff_f000, at: TestImage.l1Offset) },
+               expected: { _ in .tableOutsideFile(table: "L1 table", offset: 0xffff_ffff_ffff_f000, length: 8,
+                                                  fileSize: 8 * cs) }),
+    BrokenCase(name: "L1 table at offset 0", mutate: { $0.put64(0, at: TestImage.l1Offset) },
+               expected: { _ in .tableOverlapsHeader(table: "L1 table") }),
+    BrokenCase(name: "L1 table too large", mutate: { $0.put32(0x0100_0000, at: TestImage.l1Size) },
+               expected: { _ in .tableTooLarge(table: "L1 table", entries: 0x0100_0000, limit: 4 * 1024 * 1024) }),
+    BrokenCase(name: "L1 table too small for the virtual size", mutate: { $0.put64(1 << 40, at: TestImage.size) },
+               expected: { _ in .l1TooSmall(entries: 1, needed: 512 * 1024) }),
+    BrokenCase(name: "virtual size above INT64_MAX", mutate: { $0.put64(1 << 63, at: TestImage.size) },
+               expected: { _ in .virtualSizeTooLarge(1 << 63) }),
+    BrokenCase(name: "refcount table too large", mutate: { $0.put32(100_000, at: TestImage.refcountTableClusters) },
+               expected: { _ in .tableTooLarge(table: "refcount table", entries: 100_000 * cs / 8, limit: 1024 * 1024) }),
+    BrokenCase(name: "refcount table misaligned", mutate: { $0.put64(cs + 512, at: TestImage.refcountTableOffset) },
+               expected: { _ in .tableMisaligned(table: "refcount table", offset: cs + 512) }),
+    BrokenCase(name: "backing name too long", mutate: { img in
+                   img.setBacking("base.raw", format: nil)
+                   img.put32(2000, at: TestImage.backingSize)
+               }, expected: { _ in .backingNameTooLong(2000) }),
+    BrokenCase(name: "backing name offset beyond the first cluster", mutate: { img in
+                   img.setBacking("base.raw", format: nil)
+                   img.put64(2 * cs, at: TestImage.backingOffset)
+               }, expected: { _ in .backingOffsetInvalid(offset: 2 * cs, clusterSize: cs) }),
+    BrokenCase(name: "header extension longer than the header area", mutate: { img in
+                   img.put32(0x1234_5678, at: 112)
+                   img.put32(0x7fff_0000, at: 116)
+               }, expected: { _ in .extensionTooLarge(type: 0x1234_5678, length: 0x7fff_0000) }),
+    BrokenCase(name: "backing format extension too long", mutate: { img in
+                   img.setExtensions([(0xe279_2aca, Array("qcow2-but-much-too-long".utf8))])
+               }, expected: { _ in .badExtension(name: "backing format", reason: "length 23 is too long") }),
+    BrokenCase(name: "backing format extension twice", mutate: { img in
+                   img.setExtensions([(0xe279_2aca, Array("raw".utf8)), (0xe279_2aca, Array("raw".utf8))])
+               }, expected: { _ in .badExtension(name: "backing format", reason: "appears more than once") }),
+    BrokenCase(name: "bitmaps extension with a bad length", mutate: { img in
+                   img.setExtensions([(0x2385_2875, [UInt8](repeating: 0, count: 16))])
+               }, expected: { _ in .badExtension(name: "bitmaps", reason: "length 16 is not 24") }),
+    BrokenCase(name: "AES encryption", mutate: { $0.put32(1, at: TestImage.cryptMethod) },
+               expected: { _ in .unsupportedFeature("encryption (AES, crypt_method 1)") }),
+    BrokenCase(name: "LUKS encryption", mutate: { $0.put32(2, at: TestImage.cryptMethod) },
+               expected: { _ in .unsupportedFeature("encryption (LUKS, crypt_method 2)") }),
+    BrokenCase(name: "full disk encryption extension", mutate: { img in
+                   img.setExtensions([(0x0537_be77, [UInt8](repeating: 0, count: 16))])
+               }, expected: { _ in .unsupportedFeature("full disk encryption header extension (LUKS)") }),
+    BrokenCase(name: "external data file bit", mutate: { $0.put64(1 << 2, at: TestImage.incompatible) },
+               expected: { _ in .unsupportedFeature("external data file (incompatible bit 2)") }),
+    BrokenCase(name: "external data file extension", mutate: { img in
+                   img.setExtensions([(0x4441_5441, Array("data.raw".utf8))])
+               }, expected: { _ in .unsupportedFeature("external data file 'data.raw'") }),
+    BrokenCase(name: "unknown incompatible bit, named by the feature table", mutate: { img in
+                   img.put64(1 << 10, at: TestImage.incompatible)
+                   img.setExtensions([(0x6803_f857, TestImage.featureEntry(type: 0, bit: 10, name: "frobnicate"))])
+               }, expected: { _ in .unsupportedFeature("incompatible feature 'frobnicate' (bit 10)") }),
+    BrokenCase(name: "unknown incompatible bit, unnamed", mutate: { $0.put64(1 << 33, at: TestImage.incompatible) },
+               expected: { _ in .unsupportedFeature("incompatible feature 'bit 33' (bit 33)") }),
+    BrokenCase(name: "unknown compression type", mutate: { img in
+                   img.put8(2, at: TestImage.compressionType)
+                   img.put64(1 << 3, at: TestImage.incompatible)
+               }, expected: { _ in .unknownCompressionType(2) }),
+    BrokenCase(name: "zstd without the compression type bit", mutate: { $0.put8(1, at: TestImage.compressionType) },
+               expected: { _ in .compressionBitMismatch(
+                   "compression_type is 1 (zstd) but the compression type feature bit is not set") }),
+    BrokenCase(name: "compression type bit with zlib", mutate: { $0.put64(1 << 3, at: TestImage.incompatible) },
+               expected: { _ in .compressionBitMismatch("compression type bit is set but compression_type is 0 (zlib)") }),
+    BrokenCase(name: "extended L2 with 4 KiB clusters", mutate: { $0.put64(1 << 4, at: TestImage.incompatible) },
+               expected: { _ in .extendedL2NeedsLargerClusters(clusterBits: 12) }),
+    BrokenCase(name: "too many snapshots", mutate: { img in
+                   img.put32(70_000, at: TestImage.snapshotCount)
+                   img.put64(7 * cs, at: TestImage.snapshotsOffset)
+               }, expected: { _ in .tooManySnapshots(70_000) }),
+    BrokenCase(name: "snapshot table outside the file", mutate: { img in
+                   img.put32(1, at: TestImage.snapshotCount)
+                   img.put64(1 << 30, at: TestImage.snapshotsOffset)
+               }, expected: { _ in .tableOutsideFile(table: "snapshot table", offset: 1 << 30, length: 40, fileSize: 8 * cs) }),
+    BrokenCase(name: "snapshot with too much extra data", mutate: { img in
+                   img.put32(1, at: TestImage.snapshotCount)
+                   img.put64(7 * cs, at: TestImage.snapshotsOffset)
+                   img.put32(2000, at: 7 * Int(cs) + 36)
+               }, expected: { _ in .badSnapshot(index: 0, reason: "extra data size 2000 is more than 1024") }),
+    BrokenCase(name: "snapshot L1 table misaligned", mutate: { img in
+                   img.put32(1, at: TestImage.snapshotCount)
+                   img.put64(7 * cs, at: TestImage.snapshotsOffset)
+                   img.put64(3 * cs + 1, at: 7 * Int(cs))
+                   img.put32(1, at: 7 * Int(cs) + 8)
+               }, expected: { _ in .badSnapshot(index: 0, reason: "qcow2 header: snapshot L1 table offset 0x3001 is not cluster-aligned") }),
+    BrokenCase(name: "L2 table misaligned", mutate: { $0.put64(4 * cs + 512 | 1 << 63, at: 3 * Int(cs)) },
+               expected: { _ in .corruptMetadata("L2 table offset 0x4200 in L1 entry 0 is not cluster-aligned") }),
+    BrokenCase(name: "L2 table beyond end of file", mutate: { $0.put64(1 << 40 | 1 << 63, at: 3 * Int(cs)) },
+               expected: { _ in .corruptMetadata("L2 table offset 0x10000000000 in L1 entry 0 is outside the file") }),
+    BrokenCase(name: "L2 table in the header cluster", mutate: { $0.put64(0 | 1 << 9 | 1 << 63, at: 3 * Int(cs)) },
+               expected: { _ in .corruptMetadata("L2 table offset 0x200 in L1 entry 0 is not cluster-aligned") }),
+    BrokenCase(name: "L1 entry reserved bits", mutate: { $0.put64(4 * cs | 1 << 63 | 1 << 60, at: 3 * Int(cs)) },
+               expected: { _ in .corruptMetadata("L1 entry 0 (0x9000000000004000) has reserved bits set") }),
+    BrokenCase(name: "data cluster misaligned", mutate: { $0.put64(5 * cs + 512 | 1 << 63, at: TestImage.l2EntryOffset) },
+               expected: { _ in .corruptMetadata("data cluster offset 0x5200 for guest cluster 0 is not cluster-aligned") }),
+    BrokenCase(name: "data cluster beyond end of file", mutate: { $0.put64(1 << 44 | 1 << 63, at: TestImage.l2EntryOffset) },
+               expected: { _ in .corruptMetadata("data cluster offset 0x100000000000 for guest cluster 0 is outside the file") }),
+    BrokenCase(name: "L2 entry reserved bits", mutate: { $0.put64(5 * cs | 1 << 63 | 1 << 57, at: TestImage.l2EntryOffset) },
+               expected: { _ in .corruptMetadata("L2 entry 0x8200000000005000 for guest cluster 0 has reserved bits set") }),
+    BrokenCase(name: "compressed cluster beyond end of file", mutate: { img in
+                   img.put64(1 << 62 | 1 << 58 | 1 << 40, at: TestImage.l2EntryOffset + 8)
+               }, expected: { _ in .corruptMetadata("compressed data for guest cluster 1 at 0x10000000000 is outside the file") }),
+    BrokenCase(name: "compressed cluster with garbage", mutate: { img in
+                   img.put8(0x07, at: Int(TestImage.compressedOffset))  // BTYPE=11 is invalid deflate.
+               }, expected: { _ in .decompressionFailed(hostOffset: TestImage.compressedOffset,
+                                                      reason: "invalid deflate data (zlib error -3)") }),
+    BrokenCase(name: "compressed cluster that inflates short", mutate: { img in
+                   img.put8(0x00, at: Int(TestImage.compressedOffset) + 1)  // LEN low byte.
+                   img.put8(0x08, at: Int(TestImage.compressedOffset) + 2)  // LEN = 0x0800 (2048).
+                   img.put8(0xf7, at: Int(TestImage.compressedOffset) + 4)  // NLEN = ~0x0800.
+               }, expected: { _ in .decompressionFailed(hostOffset: TestImage.compressedOffset,
+                                                      reason: "deflate data ends after 2048 of 4096 bytes") }),
+    BrokenCase(name: "missing backing file", mutate: { $0.setBacking("no-such-base.raw", format: "raw") },
+               expected: { path in .backingMissing(
+                   path: DiskImage.resolveBackingPath("no-such-base.raw", relativeTo: path), errno: ENOENT) }),
+    BrokenCase(name: "backing file is the image itself", mutate: { $0.setBacking("broken.qcow2", format: "qcow2") },
+               expected: { path in .backingLoop(path: path) }),
+    BrokenCase(name: "unknown backing format", mutate: { $0.setBacking("broken.qcow2", format: "vmdk") },
+               expected: { _ in .unknownBackingFormat("vmdk") }),
+]
+
+@Suite("Broken and hostile qcow2 images")
+struct BrokenImageTests {
+    @Test("the unbroken test image is valid and reads as built")
+    func validBaseline() throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("valid.qcow2")
+        try TestImage().write(to: path)
+        let dev = try DiskImage.open(path: path)
+        #expect(try Support.readAll(dev) == TestImage.expectedContents)
+        if Support.hasQemuImg {
+            let check = try Support.qemuImg("check", path)
+            #expect(check.status == 0, "qemu-img check of the test image: \(check.stdout) \(check.stderr)")
+            #expect(try Support.qemuRaw(path, in: dir) == TestImage.expectedContents)
+        }
+    }
+
+    @Test("corpus has at least 25 images")
+    func corpusSize() {
+        #expect(brokenCorpus.count >= 25)
+    }
+
+    @Test("each broken image is refused with its specific error", arguments: brokenCorpus)
+    func refused(_ c: BrokenCase) throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("broken.qcow2")
+        var img = TestImage()
+        c.mutate(&img)
+        try img.write(to: path)
+        let expected = c.expected(path)
+        #expect(throws: expected) {
+            let dev = try DiskImage.open(path: path)
+            _ = try Support.readAll(dev)
+        }
+        #expect(!expected.description.isEmpty && !expected.description.contains("\n"))
+    }
+
+    @Test("a file shorter than a header is refused")
+    func shortFile() throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("short.qcow2")
+        try Data([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]).write(to: URL(fileURLWithPath: path))
+        #expect(throws: DiskImageError.shortFile(path: path, needed: 72, size: 8)) {
+            _ = try DiskImage.open(path: path)
+        }
+    }
+
+    @Test("the corrupt bit opens read-only, refuses read-write")
+    func corruptBit() throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("corrupt.qcow2")
+        var img = TestImage()
+        img.put64(1 << 1, at: TestImage.incompatible)
+        try img.write(to: path)
+        #expect(throws: DiskImageError.imageCorrupt(path: path)) { _ = try DiskImage.open(path: path, readOnly: false) }
+        let dev = try DiskImage.open(path: path)
+        #expect(dev.isReadOnly)
+        #expect(try Support.readAll(dev) == TestImage.expectedContents)
+    }
+
+    @Test("the dirty bit opens read-only, refuses read-write")
+    func dirtyBit() throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("dirty.qcow2")
+        var img = TestImage()
+        img.put64(1 << 0, at: TestImage.incompatible)
+        try img.write(to: path)
+        #expect(throws: DiskImageError.imageDirty(path: path)) { _ = try DiskImage.open(path: path, readOnly: false) }
+        #expect(try Support.readAll(try DiskImage.open(path: path)) == TestImage.expectedContents)
+    }
+
+    @Test("a backing chain deeper than the limit is refused")
+    func chainTooDeep() throws {
+        let dir = try Support.TempDir()
+        try Data(count: 4096).write(to: URL(fileURLWithPath: dir.file("l0.raw")))
+        var previous = "l0.raw", format = "raw"
+        for i in 1...(DiskImage.maxBackingDepth + 1) {
+            var img = TestImage()
+            img.setBacking(previous, format: format)
+            previous = "l\(i).qcow2"
+            format = "qcow2"
+            try img.write(to: dir.file(previous))
+        }
+        #expect(throws: DiskImageError.backingChainTooDeep(limit: DiskImage.maxBackingDepth)) {
+            _ = try DiskImage.open(path: dir.file(previous))
+        }
+        // One image fewer is fine.
+        _ = try DiskImage.open(path: dir.file("l\(DiskImage.maxBackingDepth).qcow2"))
+    }
+
+    @Test("a two-image backing loop is detected")
+    func twoImageLoop() throws {
+        let dir = try Support.TempDir()
+        var a = TestImage(), b = TestImage()
+        a.setBacking("b.qcow2", format: "qcow2")
+        b.setBacking("a.qcow2", format: "qcow2")
+        try a.write(to: dir.file("a.qcow2"))
+        try b.write(to: dir.file("b.qcow2"))
+        #expect(throws: DiskImageError.backingLoop(path: dir.file("a.qcow2"))) {
+            _ = try DiskImage.open(path: dir.file("a.qcow2"))
+        }
+    }
+
+    @Test("an unknown snapshot name is refused")
+    func unknownSnapshot() throws {
+        #expect(throws: DiskImageError.snapshotNotFound("nope")) {
+            _ = try DiskImage.open(path: Support.fixture("snapshots.qcow2"), snapshot: "nope")
+        }
+    }
+}
