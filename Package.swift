@@ -32,7 +32,9 @@ let package = Package(
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
-        .target(name: "Boot", dependencies: ["Memory"]),
+        .systemLibrary(name: "CLzma", path: "Sources/CLzma"),
+        .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
+        .target(name: "Boot", dependencies: ["Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(
             name: "Machine",
             dependencies: [
@@ -51,7 +53,7 @@ let package = Package(
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
-        .testTarget(name: "BootTests", dependencies: ["Boot", "Memory"]),
+        .testTarget(name: "BootTests", dependencies: ["Boot", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
     ],
     swiftLanguageModes: [.v6]

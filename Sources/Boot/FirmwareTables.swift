@@ -1,0 +1,196 @@
+import Memory
+
+/// The tables a PC BIOS leaves for the operating system to find the vCPUs, the IOAPIC
+/// and the interrupt wiring, built without a BIOS: an Intel MP table (floating pointer
+/// and configuration table at ``BootLayout/mpTable``) and ACPI tables (RSDP at
+/// ``BootLayout/acpiTables``, then XSDT, RSDT, MADT, FADT and an empty DSDT). Both lie in
+/// the e820-reserved area below 1 MiB, where kernels scan for them.
+///
+/// Platform described: vCPUs with local APIC IDs 0..N-1 at 0xFEE00000, one IOAPIC with
+/// ID N at 0xFEC00000 and 24 pins (GSI 0-23), ISA IRQs 0-15 wired to the IOAPIC pins of
+/// the same number, which is KVM's default in-kernel irqchip routing.
+public enum FirmwareTables {
+    public static let localAPICAddress: UInt32 = 0xFEE0_0000
+    public static let ioAPICAddress: UInt32 = 0xFEC0_0000
+    /// APIC IDs are 8 bits and the IOAPIC takes ID N; 0xFF is the broadcast ID.
+    public static let maximumCPUs = 254
+
+    /// Layout inside the ACPI area.
+    static let rsdpOffset: UInt64 = 0x0
+    static let xsdtOffset: UInt64 = 0x40
+    static let rsdtOffset: UInt64 = 0x80
+    static let madtOffset: UInt64 = 0x100
+    static let fadtOffset: UInt64 = 0x1000
+    static let dsdtOffset: UInt64 = 0x1200
+
+    static let oemID = Array("SWIFTL".utf8)
+    static let oemTableID = Array("SWIFTLET".utf8)
+
+    /// Writes the MP table and the ACPI tables for `cpuCount` vCPUs. Returns the RSDP's
+    /// address (for boot_params.acpi_rsdp_addr and hvm_start_info.rsdp_paddr).
+    ///
+    /// - Parameter irq0ToGSI2: add the ACPI interrupt source override ISA IRQ 0 -> GSI 2
+    ///   (and the same wiring in the MP table), as QEMU does. Only correct when the machine
+    ///   routes GSI 0 (the in-kernel PIT) to IOAPIC pin 2 with KVM_SET_GSI_ROUTING; with
+    ///   KVM's default routing leave it off.
+    @discardableResult
+    public static func write(into memory: GuestMemory, cpuCount: Int, irq0ToGSI2: Bool = false) throws(BootError) -> GuestAddress {
+        guard cpuCount >= 1, cpuCount <= maximumCPUs else { throw .tooManyCPUs(cpuCount, maximum: maximumCPUs) }
+        try memory.put(mpTable(cpuCount: cpuCount, irq0ToGSI2: irq0ToGSI2), at: BootLayout.mpTable, what: "the MP table")
+        let base = BootLayout.acpiTables
+        try memory.put(madt(cpuCount: cpuCount, irq0ToGSI2: irq0ToGSI2), at: base + madtOffset, what: "the ACPI MADT")
+        try memory.put(dsdt(), at: base + dsdtOffset, what: "the ACPI DSDT")
+        try memory.put(fadt(dsdt: base + dsdtOffset), at: base + fadtOffset, what: "the ACPI FADT")
+        let tables = [base + madtOffset, base + fadtOffset]
+        try memory.put(xsdt(tables), at: base + xsdtOffset, what: "the ACPI XSDT")
+        try memory.put(rsdt(tables), at: base + rsdtOffset, what: "the ACPI RSDT")
+        try memory.put(rsdp(rsdt: base + rsdtOffset, xsdt: base + xsdtOffset), at: base + rsdpOffset, what: "the ACPI RSDP")
+        return base + rsdpOffset
+    }
+
+    /// The byte that makes `bytes[range]` sum to zero modulo 256.
+    static func checksum(_ bytes: ArraySlice<UInt8>) -> UInt8 {
+        0 &- bytes.reduce(0, &+)
+    }
+
+    // MARK: MP table (Intel MultiProcessor Specification 1.4, chapter 4)
+
+    static func mpTable(cpuCount: Int, irq0ToGSI2: Bool) -> [UInt8] {
+        let ioapicID = UInt8(cpuCount)
+        var entries: [[UInt8]] = []
+        for cpu in 0..<cpuCount {
+            var entry = [UInt8](repeating: 0, count: 20)
+            entry[0] = 0                         // processor
+            entry[1] = UInt8(cpu)                // local APIC ID
+            entry[2] = 0x14                      // local APIC version
+            entry[3] = cpu == 0 ? 0x3 : 0x1      // enabled, bootstrap processor
+            entry.put(UInt32(0x600), at: 4)      // CPU signature: family 6
+            entry.put(UInt32(0x201), at: 8)      // feature flags: FPU, APIC
+            entries.append(entry)
+        }
+        entries.append([1, 0] + Array("ISA   ".utf8))                              // bus 0: ISA
+        var ioapic: [UInt8] = [2, ioapicID, 0x11, 0x1, 0, 0, 0, 0]                  // IOAPIC, enabled
+        ioapic.put(ioAPICAddress, at: 4)
+        entries.append(ioapic)
+        for irq in 0..<16 {
+            // I/O interrupt: INT, polarity/trigger conforming to the bus, ISA bus, IRQ -> pin.
+            let pin = irq == 0 && irq0ToGSI2 ? 2 : irq
+            if irq == 2 && irq0ToGSI2 { continue }
+            entries.append([3, 0, 0, 0, 0, UInt8(irq), ioapicID, UInt8(pin)])
+        }
+        // Local interrupts: ExtINT on LINT0, NMI on LINT1, all local APICs.
+        entries.append([4, 3, 0, 0, 0, 0, 0xFF, 0])
+        entries.append([4, 1, 0, 0, 0, 0, 0xFF, 1])
+
+        let body = entries.flatMap { $0 }
+        var config = [UInt8](repeating: 0, count: 44)
+        config.put(bytes: "PCMP".utf8, at: 0)
+        config.put(UInt16(44 + body.count), at: 4)
+        config[6] = 4                                  // spec revision 1.4
+        config.put(bytes: oemID + [0x20, 0x20], at: 8)
+        config.put(bytes: Array("SWIFTLET    ".utf8), at: 16)
+        config.put(UInt16(entries.count), at: 34)
+        config.put(localAPICAddress, at: 36)
+        config += body
+        config[7] = checksum(config[...])
+
+        var pointer = [UInt8](repeating: 0, count: 16)
+        pointer.put(bytes: "_MP_".utf8, at: 0)
+        pointer.put(UInt32(BootLayout.mpTable + 16), at: 4)
+        pointer[8] = 1                                 // length in 16-byte units
+        pointer[9] = 4                                 // spec revision 1.4
+        pointer[10] = checksum(pointer[...])
+        return pointer + config
+    }
+
+    // MARK: ACPI (ACPI Specification 6.x, chapter 5)
+
+    /// A system description table header (36 bytes) followed by `body`, checksummed.
+    static func sdt(_ signature: String, revision: UInt8, body: [UInt8]) -> [UInt8] {
+        var table = [UInt8](repeating: 0, count: 36)
+        table.put(bytes: signature.utf8, at: 0)
+        table.put(UInt32(36 + body.count), at: 4)
+        table[8] = revision
+        table.put(bytes: oemID, at: 10)
+        table.put(bytes: oemTableID, at: 16)
+        table.put(UInt32(1), at: 24)                  // OEM revision
+        table.put(bytes: "SWFT".utf8, at: 28)         // creator ID
+        table.put(UInt32(1), at: 32)                  // creator revision
+        table += body
+        table[9] = checksum(table[...])
+        return table
+    }
+
+    static func rsdp(rsdt: GuestAddress, xsdt: GuestAddress) -> [UInt8] {
+        var table = [UInt8](repeating: 0, count: 36)
+        table.put(bytes: "RSD PTR ".utf8, at: 0)
+        table.put(bytes: oemID, at: 9)
+        table[15] = 2                                  // revision: ACPI 2.0+, has the XSDT
+        table.put(UInt32(rsdt), at: 16)
+        table.put(UInt32(36), at: 20)
+        table.put(xsdt, at: 24)
+        table[8] = checksum(table[0..<20])
+        table[32] = checksum(table[...])
+        return table
+    }
+
+    static func xsdt(_ tables: [GuestAddress]) -> [UInt8] {
+        var body = [UInt8](repeating: 0, count: tables.count * 8)
+        for (index, address) in tables.enumerated() { body.put(address, at: index * 8) }
+        return sdt("XSDT", revision: 1, body: body)
+    }
+
+    static func rsdt(_ tables: [GuestAddress]) -> [UInt8] {
+        var body = [UInt8](repeating: 0, count: tables.count * 4)
+        for (index, address) in tables.enumerated() { body.put(UInt32(address), at: index * 4) }
+        return sdt("RSDT", revision: 1, body: body)
+    }
+
+    static func madt(cpuCount: Int, irq0ToGSI2: Bool) -> [UInt8] {
+        var body = [UInt8](repeating: 0, count: 8)
+        body.put(localAPICAddress, at: 0)
+        body.put(UInt32(1), at: 4)                     // PCAT_COMPAT: dual 8259s present
+        for cpu in 0..<cpuCount {
+            // Processor local APIC: UID, APIC ID, enabled.
+            body += [0, 8, UInt8(cpu), UInt8(cpu), 1, 0, 0, 0]
+        }
+        var ioapic: [UInt8] = [1, 12, UInt8(cpuCount), 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        ioapic.put(ioAPICAddress, at: 4)               // GSI base 0 stays zero
+        body += ioapic
+        if irq0ToGSI2 {
+            body += interruptSourceOverride(irq: 0, gsi: 2, flags: 0)
+        }
+        // SCI: level-triggered, active high (flags 0b1101), as the FADT names IRQ 9.
+        body += interruptSourceOverride(irq: 9, gsi: 9, flags: 0xD)
+        // Local APIC NMI on LINT1 for all processors.
+        body += [4, 6, 0xFF, 0, 0, 1]
+        return sdt("APIC", revision: 5, body: body)
+    }
+
+    static func interruptSourceOverride(irq: UInt8, gsi: UInt32, flags: UInt16) -> [UInt8] {
+        var entry: [UInt8] = [2, 10, 0, irq, 0, 0, 0, 0, 0, 0]
+        entry.put(gsi, at: 4)
+        entry.put(flags, at: 8)
+        return entry
+    }
+
+    /// FADT revision 6 for a hardware-reduced ACPI platform (no PM timer or PM1 blocks,
+    /// as in other minimal VMMs), with the 8042 and legacy devices declared present so
+    /// `reboot=k` and the i8042 keep working.
+    static func fadt(dsdt: GuestAddress) -> [UInt8] {
+        var table = sdt("FACP", revision: 6, body: [UInt8](repeating: 0, count: 276 - 36))
+        table.put(UInt32(dsdt), at: 40)
+        table.put(UInt16(9), at: 46)                   // SCI_INT
+        table.put(UInt16(0x3), at: 109)                // IAPC_BOOT_ARCH: legacy devices, 8042
+        table.put(UInt32(1 << 20), at: 112)            // flags: HW_REDUCED_ACPI
+        table[131] = 0                                 // FADT minor version
+        table.put(dsdt, at: 140)                       // X_DSDT
+        table.put(bytes: "SWIFTLET".utf8, at: 268)     // hypervisor vendor identity
+        table[9] = 0
+        table[9] = checksum(table[...])
+        return table
+    }
+
+    /// A DSDT with no AML: the platform has no ACPI-described devices.
+    static func dsdt() -> [UInt8] { sdt("DSDT", revision: 2, body: []) }
+}

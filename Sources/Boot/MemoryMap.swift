@@ -1,0 +1,157 @@
+import Memory
+
+/// One entry of the firmware memory map (`struct boot_e820_entry`: 20 bytes, packed).
+public struct E820Entry: Sendable, Equatable {
+    public enum Kind: UInt32, Sendable {
+        case ram = 1
+        case reserved = 2
+        case acpi = 3
+        case nvs = 4
+    }
+    public var address: UInt64
+    public var size: UInt64
+    public var kind: Kind
+    public var end: UInt64 { address + size }
+
+    public init(address: UInt64, size: UInt64, kind: Kind) {
+        self.address = address; self.size = size; self.kind = kind
+    }
+}
+
+/// Fixed guest-physical addresses of everything a loader writes besides the kernel,
+/// initrd and command line. All of them lie in the first megabyte.
+///
+/// ```
+/// 0x0500  GDT (null, null, code 0x10, data 0x18)
+/// 0x6000  PVH hvm_start_info, module list at 0x6040, memory map at 0x6100
+/// 0x7000  Linux zero page (boot_params)
+/// 0x8FF0  initial stack pointer (stack in 0x8000-0x8FF0)
+/// 0x9000  PML4, 0xA000 PDPT, 0xB000-0xEFFF four page directories (2 MiB pages, 4 GiB)
+/// 0x10000 Multiboot info, module list 0x10080, memory map 0x10100, loader name 0x10800
+/// 0x20000 command line (up to 0x9F000)
+/// 0x9FC00-0x100000 reserved in the e820 map: EBDA, VGA hole, BIOS area;
+///         ACPI tables at 0xE0000, MP table at 0xF0000
+/// ```
+public enum BootLayout {
+    public static let gdt: GuestAddress = 0x500
+    public static let pvhStartInfo: GuestAddress = 0x6000
+    public static let pvhModules: GuestAddress = 0x6040
+    public static let pvhMemoryMap: GuestAddress = 0x6100
+    public static let zeroPage: GuestAddress = 0x7000
+    public static let stackTop: GuestAddress = 0x8FF0
+    public static let pml4: GuestAddress = 0x9000
+    public static let pdpt: GuestAddress = 0xA000
+    public static let pageDirectories: GuestAddress = 0xB000
+    public static let multibootInfo: GuestAddress = 0x10000
+    public static let multibootModules: GuestAddress = 0x10080
+    public static let multibootMemoryMap: GuestAddress = 0x10100
+    public static let multibootLoaderName: GuestAddress = 0x10800
+    public static let cmdline: GuestAddress = 0x20000
+    /// Longest command line the layout has room for (below the EBDA).
+    public static let cmdlineCapacity: UInt64 = 0x9F000 - 0x20000
+    public static let ebda: GuestAddress = 0x9FC00
+    public static let acpiTables: GuestAddress = 0xE0000
+    public static let mpTable: GuestAddress = 0xF0000
+    public static let highMemory: GuestAddress = 0x100000
+    /// The loaders need the first megabyte plus something to load a kernel into.
+    public static let minimumMemory: UInt64 = 2 << 20
+}
+
+/// Builds the e820 map the kernel sees, from the RAM layout of `GuestMemory`.
+public enum E820Map {
+    /// RAM below the EBDA, the EBDA/VGA/BIOS area reserved, RAM from 1 MiB to the end of
+    /// the low region, and RAM from 4 GiB when the layout has a high region. The MMIO hole
+    /// (3-4 GiB) is simply not listed.
+    public static func build(for memory: GuestMemory) -> [E820Entry] {
+        build(regions: memory.regions.map { ($0.guestBase, $0.size) })
+    }
+
+    static func build(regions: [(base: UInt64, size: UInt64)]) -> [E820Entry] {
+        var map: [E820Entry] = []
+        for (base, size) in regions where size > 0 {
+            let end = base + size
+            if base < BootLayout.highMemory {
+                let lowEnd = min(end, BootLayout.ebda)
+                if lowEnd > base { map.append(E820Entry(address: base, size: lowEnd - base, kind: .ram)) }
+                if end > BootLayout.ebda {
+                    map.append(E820Entry(address: BootLayout.ebda, size: BootLayout.highMemory - BootLayout.ebda,
+                                         kind: .reserved))
+                }
+                if end > BootLayout.highMemory {
+                    map.append(E820Entry(address: BootLayout.highMemory, size: end - BootLayout.highMemory, kind: .ram))
+                }
+            } else {
+                map.append(E820Entry(address: base, size: size, kind: .ram))
+            }
+        }
+        return map
+    }
+}
+
+/// Writers for the x86 structures every protected-mode or long-mode entry needs: the
+/// GDT and identity page tables at their ``BootLayout`` addresses.
+enum X86Tables {
+    static let codeSelector: UInt16 = 0x10
+    static let dataSelector: UInt16 = 0x18
+
+    /// Writes a 4-entry GDT: null, null, code at 0x10 (64-bit when `longMode`, else flat
+    /// 32-bit), flat 32-bit data at 0x18. Returns the GDTR value.
+    static func writeGDT(_ memory: GuestMemory, longMode: Bool) throws(BootError) -> DescriptorTable {
+        let code: UInt64 = longMode ? 0x00AF_9B00_0000_FFFF : 0x00CF_9B00_0000_FFFF
+        let data: UInt64 = 0x00CF_9300_0000_FFFF
+        var table = [UInt8](repeating: 0, count: 32)
+        table.put(code, at: 16)
+        table.put(data, at: 24)
+        try memory.put(table, at: BootLayout.gdt, what: "the GDT")
+        return DescriptorTable(base: BootLayout.gdt, limit: UInt16(table.count - 1))
+    }
+
+    /// Identity-maps the first 4 GiB with 2 MiB pages (PML4 -> one PDPT -> four page
+    /// directories). Returns CR3.
+    static func writeIdentityPageTables(_ memory: GuestMemory) throws(BootError) -> UInt64 {
+        var pml4 = [UInt8](repeating: 0, count: 4096)
+        pml4.put(BootLayout.pdpt | 0x3, at: 0)
+        var pdpt = [UInt8](repeating: 0, count: 4096)
+        var directories = [UInt8](repeating: 0, count: 4 * 4096)
+        for gib in 0..<4 {
+            pdpt.put((BootLayout.pageDirectories + UInt64(gib) * 4096) | 0x3, at: gib * 8)
+            for entry in 0..<512 {
+                let address = (UInt64(gib) << 30) | (UInt64(entry) << 21)
+                // Present, writable, page size (2 MiB).
+                directories.put(address | 0x83, at: (gib * 512 + entry) * 8)
+            }
+        }
+        try memory.put(pml4, at: BootLayout.pml4, what: "the page tables")
+        try memory.put(pdpt, at: BootLayout.pdpt, what: "the page tables")
+        try memory.put(directories, at: BootLayout.pageDirectories, what: "the page tables")
+        return BootLayout.pml4
+    }
+
+    /// 64-bit long mode, paging on with the identity map, flat segments, interrupts off.
+    static func longModeEntry(_ memory: GuestMemory, rip: UInt64) throws(BootError) -> EntryState {
+        var state = EntryState()
+        state.gdt = try writeGDT(memory, longMode: true)
+        state.idt = DescriptorTable(base: 0, limit: 0)
+        state.cr3 = try writeIdentityPageTables(memory)
+        state.cr0 = X86.cr0PE | X86.cr0ET | X86.cr0PG
+        state.cr4 = X86.cr4PAE
+        state.efer = X86.eferLME | X86.eferLMA
+        state.cs = .flat64(selector: codeSelector, code: true)
+        state.setDataSegments(.flat64(selector: dataSelector, code: false))
+        state.rip = rip
+        state.rsp = BootLayout.stackTop
+        return state
+    }
+
+    /// 32-bit protected mode, paging off, flat 4 GiB segments, interrupts off.
+    static func protectedModeEntry(_ memory: GuestMemory, rip: UInt64) throws(BootError) -> EntryState {
+        var state = EntryState()
+        state.gdt = try writeGDT(memory, longMode: false)
+        state.idt = DescriptorTable(base: 0, limit: 0)
+        state.cr0 = X86.cr0PE | X86.cr0ET
+        state.cs = .flat32(selector: codeSelector, code: true)
+        state.setDataSegments(.flat32(selector: dataSelector, code: false))
+        state.rip = rip
+        return state
+    }
+}
