@@ -1,0 +1,169 @@
+import Synchronization
+
+/// The PC keyboard controller (Intel 8042) at ports 0x60-0x64, reduced to what a kernel
+/// probes and the one thing a VMM needs from it: the CPU reset line.
+///
+/// Owns the controller's output buffer queue, its command byte and the pending
+/// two-byte command. Register it at ``basePort`` with length ``portCount``: offset 0 is
+/// the data port (0x60), offset 4 the status (read) and command (write) port (0x64).
+/// Offsets 1-3 (port 0x61 is the PC speaker/NMI port that KVM's in-kernel PIT claims)
+/// read all ones and ignore writes.
+///
+/// Command 0xFE ("pulse output line 0", the reset line) and any other pulse command
+/// with bit 0 clear, or writing an output port value with bit 0 clear (0xD1), call
+/// `onReset`: Linux's `reboot=k` ends there, and the machine treats it as a clean
+/// shutdown (exit status 0). There is no keyboard and no mouse: keyboard commands are
+/// acknowledged, the auxiliary port does not answer, so Linux registers no AUX device.
+public final class I8042: IODevice {
+    public static let basePort: UInt64 = 0x60
+    public static let portCount: UInt64 = 5
+    static let dataOffset: UInt64 = 0
+    static let commandOffset: UInt64 = 4
+
+    // Status register bits.
+    static let statusOutputFull: UInt8 = 0x01
+    static let statusSystem: UInt8 = 0x04
+    static let statusCommand: UInt8 = 0x08
+    static let statusUnlocked: UInt8 = 0x10
+    // Command byte bits.
+    static let configKeyboardInterrupt: UInt8 = 0x01
+
+    /// Controller commands that take a parameter byte on the data port.
+    enum PendingWrite { case commandByte, outputPort, keyboardOutput, auxOutput, auxDevice }
+
+    struct State {
+        var output: [UInt8] = []
+        var commandByte: UInt8 = 0x45    // keyboard interrupt, system flag, scancode translation
+        var pending: PendingWrite?
+        var lastWasCommand = false
+        var keyboardPending: UInt8?       // a keyboard command waiting for its argument (0xED, 0xF3)
+    }
+
+    /// Longest output queue kept; further bytes are dropped, like a full buffer.
+    static let outputLimit = 16
+
+    private let state = Mutex(State())
+    private let onReset: @Sendable () -> Void
+    private let irq: (any InterruptLine)?
+
+    /// - Parameters:
+    ///   - onReset: called (from a vCPU thread) when the guest pulses the reset line.
+    ///   - irq: the keyboard interrupt (ISA IRQ 1), raised while output is waiting and
+    ///     the command byte enables it.
+    public init(irq: (any InterruptLine)? = nil, onReset: @escaping @Sendable () -> Void) {
+        self.irq = irq
+        self.onReset = onReset
+    }
+
+    public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
+        var value: UInt8 = 0xFF
+        var lower = false
+        switch offset {
+        case Self.dataOffset:
+            (value, lower) = state.withLock { state in
+                let byte = state.output.isEmpty ? 0 : state.output.removeFirst()
+                return (byte, state.output.isEmpty)
+            }
+        case Self.commandOffset:
+            value = state.withLock { state in
+                var status = Self.statusSystem | Self.statusUnlocked
+                if !state.output.isEmpty { status |= Self.statusOutputFull }
+                if state.lastWasCommand { status |= Self.statusCommand }
+                return status
+            }
+        default:
+            break
+        }
+        if lower { irq?.setLevel(false) }
+        for index in data.indices { data[index] = index == 0 ? value : 0xFF }
+    }
+
+    public func write(offset: UInt64, from data: UnsafeRawBufferPointer) {
+        guard let value = data.first else { return }
+        switch offset {
+        case Self.commandOffset: command(value)
+        case Self.dataOffset: dataWrite(value)
+        default: break
+        }
+    }
+
+    private func command(_ command: UInt8) {
+        var reset = false
+        let raise: Bool = state.withLock { state in
+            state.lastWasCommand = true
+            state.pending = nil
+            switch command {
+            case 0x20: return state.enqueue([state.commandByte])      // read command byte
+            case 0x60: state.pending = .commandByte                    // write command byte
+            case 0xA7: state.commandByte |= 0x20                       // disable aux
+            case 0xA8: state.commandByte &= ~0x20                      // enable aux
+            case 0xA9: return state.enqueue([0xFF])                    // test aux port: no aux clock line
+            case 0xAA: return state.enqueue([0x55])                    // self test passed
+            case 0xAB: return state.enqueue([0x00])                    // keyboard interface test passed
+            case 0xAD: state.commandByte |= 0x10                       // disable keyboard
+            case 0xAE: state.commandByte &= ~0x10                      // enable keyboard
+            case 0xC0: return state.enqueue([0x00])                    // read input port
+            case 0xD0: return state.enqueue([0x01])                    // read output port: reset line high
+            case 0xD1: state.pending = .outputPort
+            case 0xD2: state.pending = .keyboardOutput
+            case 0xD3: state.pending = .auxOutput
+            case 0xD4: state.pending = .auxDevice
+            case 0xF0...0xFF:
+                // Pulse output lines for the bits that are 0; bit 0 is the CPU reset.
+                if command & 0x01 == 0 { reset = true }
+            default: break
+            }
+            return false
+        }
+        if raise { irq?.setLevel(true) }
+        if reset { onReset() }
+    }
+
+    private func dataWrite(_ value: UInt8) {
+        var reset = false
+        let raise: Bool = state.withLock { state in
+            state.lastWasCommand = false
+            let pending = state.pending
+            state.pending = nil
+            switch pending {
+            case .commandByte:
+                state.commandByte = value
+                return false
+            case .outputPort:
+                if value & 0x01 == 0 { reset = true }
+                return false
+            case .keyboardOutput:
+                return state.enqueue([value])
+            case .auxOutput, .auxDevice:
+                return false    // no auxiliary device
+            case nil:
+                return state.keyboardCommand(value)
+            }
+        }
+        if raise { irq?.setLevel(true) }
+        if reset { onReset() }
+    }
+}
+
+extension I8042.State {
+    /// Queues bytes; returns whether the keyboard interrupt should be raised.
+    mutating func enqueue(_ bytes: [UInt8]) -> Bool {
+        for byte in bytes where output.count < I8042.outputLimit { output.append(byte) }
+        return commandByte & I8042.configKeyboardInterrupt != 0 && !output.isEmpty
+    }
+
+    /// A byte for the keyboard itself: acknowledge, answering reset and identify.
+    mutating func keyboardCommand(_ value: UInt8) -> Bool {
+        if keyboardPending != nil {
+            keyboardPending = nil
+            return enqueue([0xFA])
+        }
+        switch value {
+        case 0xED, 0xF3: keyboardPending = value; return enqueue([0xFA])   // LEDs, typematic: argument follows
+        case 0xEE: return enqueue([0xEE])                                  // echo
+        case 0xF2: return enqueue([0xFA, 0xAB, 0x83])                      // identify: MF2 keyboard
+        case 0xFF: return enqueue([0xFA, 0xAA])                            // reset, self test passed
+        default: return enqueue([0xFA])
+        }
+    }
+}

@@ -1,0 +1,31 @@
+import Devices
+import Synchronization
+
+/// Port-access helpers and recorders for the platform device tests.
+enum Port {
+    static func write8(_ device: some IODevice, _ offset: UInt64, _ value: UInt8) {
+        withUnsafeBytes(of: value) { device.write(offset: offset, from: $0) }
+    }
+
+    static func write16(_ device: some IODevice, _ offset: UInt64, _ value: UInt16) {
+        withUnsafeBytes(of: value.littleEndian) { device.write(offset: offset, from: $0) }
+    }
+
+    static func read8(_ device: some IODevice, _ offset: UInt64) -> UInt8 {
+        var value: UInt8 = 0
+        withUnsafeMutableBytes(of: &value) { device.read(offset: offset, into: $0) }
+        return value
+    }
+}
+
+final class Counter: Sendable {
+    let value = Mutex(0)
+    func increment() { value.withLock { $0 += 1 } }
+    var count: Int { value.withLock { $0 } }
+}
+
+final class LevelRecorder: InterruptLine {
+    let levels = Mutex<[Bool]>([])
+    func setLevel(_ high: Bool) { levels.withLock { $0.append(high) } }
+    var history: [Bool] { levels.withLock { $0 } }
+}
