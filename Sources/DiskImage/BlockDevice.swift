@@ -17,6 +17,9 @@ public protocol BlockDevice: Sendable {
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
     /// Makes all completed writes durable.
     func flush() throws
+    /// True if the range is known to read as zeros without reading data (holes, zero clusters).
+    /// May return false when unsure; the default does.
+    func isKnownZero(at offset: UInt64, length: UInt64) throws -> Bool
 }
 
 /// On-disk formats Swiftlet understands.

@@ -1,3 +1,5 @@
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -12,6 +14,9 @@ public final class ImageFile: Sendable {
     public let path: String
     public let fd: Int32
     public let writable: Bool
+    /// Writes allowed before every further write fails, as if the machine had stopped there.
+    /// Only tests lower it, to check that a crash at any point leaves a consistent image.
+    let writeBudget = Atomic<Int>(Int.max)
 
     public init(path: String, writable: Bool, create: Bool = false) throws {
         var flags = writable ? O_RDWR : O_RDONLY
@@ -76,6 +81,11 @@ public final class ImageFile: Sendable {
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        if writeBudget.load(ordering: .relaxed) != Int.max {
+            guard writeBudget.wrappingSubtract(1, ordering: .relaxed).newValue >= 0 else {
+                throw DiskImageError.io(operation: "write (simulated crash)", path: path, errno: EIO)
+            }
+        }
         var done = 0
         while done < buffer.count {
             guard let base = buffer.baseAddress else { return }
@@ -100,6 +110,9 @@ public final class ImageFile: Sendable {
 
     /// Makes written data durable (`fdatasync`).
     public func sync() throws {
+        guard writeBudget.load(ordering: .relaxed) >= 0 else {
+            throw DiskImageError.io(operation: "fdatasync (simulated crash)", path: path, errno: EIO)
+        }
         guard fdatasync(fd) == 0 else { throw DiskImageError.io(operation: "fdatasync", path: path, errno: errno) }
     }
 }

@@ -212,7 +212,9 @@ extension QCOW2Image {
 
     /// Finds a free cluster at or after the end of the file and sets its refcount to 1.
     func allocateCluster(w: inout WriterState) throws -> UInt64 {
-        while true {
+        // Past the end of the file every cluster should be free; a refcount structure that says
+        // otherwise for this many clusters is broken, and scanning further would only waste time.
+        for _ in 0..<65536 {
             let offset = w.nextFree
             w.nextFree += clusterSize
             if try refcount(cluster: offset >> clusterBits, w: &w) == 0 {
@@ -220,6 +222,7 @@ extension QCOW2Image {
                 return offset
             }
         }
+        throw DiskImageError.corruptMetadata("no free cluster in the 65536 clusters after the end of the file")
     }
 
     /// Offset of the refcount block covering table index `t`, or 0 if none; checked before use.

@@ -1,0 +1,148 @@
+import Dispatch
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+extension BlockDevice {
+    /// Default: nothing is known to be zero without reading it.
+    public func isKnownZero(at offset: UInt64, length: UInt64) throws -> Bool { false }
+}
+
+extension RawImage {
+    /// True when the range is a hole in the file (`SEEK_DATA` finds no data in it).
+    public func isKnownZero(at offset: UInt64, length: UInt64) throws -> Bool {
+        let data = lseek(file.fd, off_t(offset), 3)  // SEEK_DATA (Linux), not exported by Glibc's module.
+        if data < 0 { return errno == ENXIO }  // No data after offset at all.
+        return UInt64(data) >= offset + length
+    }
+}
+
+extension QCOW2Image {
+    /// True when every guest byte in the range reads as zero without touching data clusters:
+    /// zero clusters, and unallocated clusters over a backing image that is zero (or absent) there.
+    public func isKnownZero(at offset: UInt64, length: UInt64) throws -> Bool {
+        guard length > 0 else { return true }
+        var pos = offset
+        let end = offset + length
+        while pos < end {
+            let index = pos >> clusterBits
+            let clusterEnd = min(end, (index + 1) << clusterBits)
+            let (entry, bitmap) = try l2Entry(guestCluster: index)
+            switch try mapping(entry: entry, bitmap: bitmap, guestCluster: index) {
+            case .zero: break
+            case .unallocated:
+                if let backing, pos < backing.virtualSize {
+                    let n = min(clusterEnd, backing.virtualSize) - pos
+                    guard try backing.isKnownZero(at: pos, length: n) else { return false }
+                }
+            case let .subclusters(_, allocated, zero):
+                let scSize = clusterSize / 32
+                var p = pos
+                while p < clusterEnd {
+                    let sc = Int((p & (clusterSize - 1)) / scSize)
+                    let scEnd = min(clusterEnd, (p / scSize + 1) * scSize)
+                    if allocated & (1 << sc) != 0 { return false }
+                    if zero & (1 << sc) == 0, let backing, p < backing.virtualSize {
+                        guard try backing.isKnownZero(at: p, length: min(scEnd, backing.virtualSize) - p) else { return false }
+                    }
+                    p = scEnd
+                }
+            case .data, .compressed:
+                return false
+            }
+            pos = clusterEnd
+        }
+        return true
+    }
+}
+
+/// Copies a block device's guest contents into a raw file, in parallel.
+///
+/// Owns nothing beyond one call: workers take 2 MiB chunks in order from a shared counter,
+/// read them through the device (which decompresses clusters independently on each worker's
+/// thread), and write only the chunks that are not all zero, leaving holes like `qemu-img`.
+public enum RawConverter {
+    public static let chunkSize = 2 * 1024 * 1024
+
+    /// Writes `source` to a new raw file at `path` (replacing it) whose size is the virtual size.
+    /// `progress` is called (from any worker) with bytes done and total.
+    public static func convert(_ source: any BlockDevice, to path: String, threads: Int = 0,
+                               progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw DiskImageError.io(operation: "open", path: path, errno: errno) }
+        defer { close(fd) }
+        let total = source.virtualSize
+        guard ftruncate(fd, off_t(total)) == 0 else {
+            throw DiskImageError.io(operation: "ftruncate", path: path, errno: errno)
+        }
+        let chunks = Int((total + UInt64(chunkSize) - 1) / UInt64(chunkSize))
+        let workers = max(1, min(threads > 0 ? threads : System.activeProcessorCount, max(chunks, 1)))
+        let next = Atomic<Int>(0)
+        let done = Atomic<UInt64>(0)
+        let failure = Mutex<DiskImageError?>(nil)
+
+        DispatchQueue.concurrentPerform(iterations: workers) { _ in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+            defer { buffer.deallocate() }
+            while true {
+                let chunk = next.wrappingAdd(1, ordering: .relaxed).oldValue
+                guard chunk < chunks, failure.withLock({ $0 == nil }) else { return }
+                let offset = UInt64(chunk) * UInt64(chunkSize)
+                let n = Int(min(UInt64(chunkSize), total - offset))
+                do {
+                    if try !source.isKnownZero(at: offset, length: UInt64(n)) {
+                        let part = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+                        try source.read(into: part, at: offset)
+                        if !isAllZero(UnsafeRawBufferPointer(part)) {
+                            try writeAll(fd: fd, UnsafeRawBufferPointer(part), at: offset, path: path)
+                        }
+                    }
+                } catch let e as DiskImageError {
+                    failure.withLock { if $0 == nil { $0 = e } }
+                    return
+                } catch {
+                    failure.withLock { if $0 == nil { $0 = .invalidArgument("\(error)") } }
+                    return
+                }
+                let d = done.wrappingAdd(UInt64(n), ordering: .relaxed).newValue
+                progress?(d, total)
+            }
+        }
+        if let e = failure.withLock({ $0 }) { throw e }
+    }
+
+    static func writeAll(fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: UInt64, path: String) throws {
+        var written = 0
+        while written < buffer.count {
+            let r = pwrite(fd, buffer.baseAddress! + written, buffer.count - written, off_t(offset) + off_t(written))
+            if r < 0 {
+                if errno == EINTR { continue }
+                throw DiskImageError.io(operation: "write", path: path, errno: errno)
+            }
+            written += r
+        }
+    }
+
+    /// True if every byte is zero (checked a word at a time).
+    public static func isAllZero(_ buffer: UnsafeRawBufferPointer) -> Bool {
+        let words = buffer.count / 8
+        var acc: UInt64 = 0
+        var i = 0
+        while i < words {
+            acc |= buffer.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)
+            if i & 511 == 511 && acc != 0 { return false }
+            i += 1
+        }
+        for j in (words * 8)..<buffer.count { acc |= UInt64(buffer[j]) }
+        return acc == 0
+    }
+}
+
+/// The machine's processor count, without Foundation.
+enum System {
+    static var activeProcessorCount: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
+}

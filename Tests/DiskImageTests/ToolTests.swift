@@ -1,0 +1,76 @@
+@testable import DiskImage
+import Foundation
+import Testing
+
+/// The library side of `swiftlet image convert/check/info`.
+@Suite("Convert, check and info")
+struct ToolTests {
+    @Test("convert to raw is byte-identical to qemu-img convert -O raw",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)),
+          arguments: ["v3-c64k.qcow2", "comp-zlib-c64k.qcow2", "comp-zstd-c16k.qcow2", "top.qcow2", "ext-l2-overlay.qcow2",
+                      "c512.qcow2", "base.raw"])
+    func convert(_ name: String) throws {
+        let dir = try Support.TempDir()
+        let ours = dir.file("ours.raw"), theirs = dir.file("theirs.raw")
+        try Support.qemuImg("convert", "-O", "raw", Support.fixture(name), theirs)
+        for threads in [1, 3] {
+            try RawConverter.convert(try DiskImage.open(path: Support.fixture(name)), to: ours, threads: threads)
+            #expect(try Support.readFile(ours) == (try Support.readFile(theirs)))
+        }
+    }
+
+    @Test("our check agrees with qemu-img check on every fixture",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)), arguments: Support.qcow2Fixtures)
+    func checkFixtures(_ name: String) throws {
+        let q = try #require(try DiskImage.open(path: Support.fixture(name)) as? QCOW2Image)
+        let result = try q.check()
+        #expect(result.exitStatus == 0, "\(result.messages)")
+        #expect(try Support.qemuImg("check", Support.fixture(name)).status == result.exitStatus)
+    }
+
+    /// Builds TestImage variants with a leak or a corruption and compares our verdict with QEMU's.
+    @Test("check finds leaks and corruptions like qemu-img", .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)),
+          arguments: [("clean", 0), ("leak", 3), ("refcount too low", 2), ("COPIED flag wrong", 2), ("L2 overlaps L1", 2)])
+    func checkProblems(_ kind: String, _ status: Int32) throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("img.qcow2")
+        var img = TestImage()
+        let cs = TestImage.clusterSize
+        switch kind {
+        case "leak":
+            img.bytes += [UInt8](repeating: 0, count: cs)        // Cluster 8, referenced by nothing...
+            img.put16(1, at: 2 * cs + 16)                          // ...but with refcount 1.
+        case "refcount too low":
+            img.put16(0, at: 2 * cs + 10)                          // Data cluster 5 has refcount 0.
+        case "COPIED flag wrong":
+            img.put64(UInt64(5 * cs), at: TestImage.l2EntryOffset)  // Refcount 1 without COPIED.
+        case "L2 overlaps L1":
+            img.put64(UInt64(3 * cs) | 1 << 63, at: 3 * cs)          // L1[0] points at the L1 table itself.
+        default: break
+        }
+        try img.write(to: path)
+        let ours = try #require(try DiskImage.open(path: path) as? QCOW2Image).check()
+        let qemu = try Support.qemuImg("check", path)
+        #expect(ours.exitStatus == status, "\(ours.messages)")
+        #expect(qemu.status == status, "\(qemu.stdout)")
+        #expect(ours.corruptions > 0 || status != 2)
+        #expect(ours.leaks > 0 || status != 3)
+    }
+
+    @Test("info describes the chain, snapshots and features")
+    func info() throws {
+        let top = try DiskImage.info(path: Support.fixture("top.qcow2"))
+        #expect(top.format == "qcow2")
+        #expect(top.clusterSize == 4096)
+        #expect(top.backingFile == "mid.qcow2")
+        #expect(top.backing?.map(\.format) == ["qcow2", "raw"])
+        let snaps = try DiskImage.info(path: Support.fixture("snapshots.qcow2"))
+        #expect(snaps.snapshots?.map(\.name) == ["first", "second"])
+        let zstd = try DiskImage.info(path: Support.fixture("comp-zstd-c16k.qcow2"))
+        #expect(zstd.compressionType == "zstd")
+        #expect(zstd.incompatibleFeatures == ["compression type"])
+        #expect(try DiskImage.info(path: Support.fixture("lazy.qcow2")).compatibleFeatures == ["lazy refcounts"])
+        #expect(try DiskImage.info(path: Support.fixture("ext-l2.qcow2")).extendedL2 == true)
+        #expect(try DiskImage.info(path: Support.fixture("v2-c4k.qcow2")).version == 2)
+    }
+}
