@@ -12,7 +12,7 @@ struct Swiftlet: ParsableCommand {
 
             Run 'swiftlet run' with no arguments to boot the built-in hello guest.
             """,
-        subcommands: [RunCommand.self],
+        subcommands: [RunCommand.self, ImageCommand.self],
         defaultSubcommand: RunCommand.self
     )
 }

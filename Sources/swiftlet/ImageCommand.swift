@@ -1,0 +1,311 @@
+import ArgumentParser
+import DiskImage
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `swiftlet image`: inspect, convert, check and create disk images with the DiskImage module.
+struct ImageCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "image",
+        abstract: "Inspect, convert, check and create disk images (raw and qcow2).",
+        discussion: """
+            A raw image is the simplest disk: byte N of the file is byte N of the disk. \
+            qcow2 ("QEMU copy-on-write, version 2") stores only the parts of a disk that \
+            were written. The disk is cut into clusters (64 KiB by default); a two-level \
+            table (L1 -> L2) maps each guest cluster to a place in the file, or marks it \
+            as unallocated, all-zero or compressed. Every cluster of the file has a \
+            reference count, so clusters can be shared by internal snapshots.
+
+            An unallocated cluster reads from the image's backing file, if it has one. \
+            That is how overlays work: a small qcow2 file records your changes on top of \
+            a read-only base image, which can itself be raw or qcow2.
+
+            Formats are recognised by content (qcow2 files start with "QFI\\xfb"), never \
+            by file name; --format overrides this. Damaged or hostile qcow2 files are \
+            refused with a message naming the broken field.
+            """,
+        subcommands: [Info.self, Convert.self, Check.self, Create.self]
+    )
+}
+
+extension ImageFormat: ExpressibleByArgument {}
+
+extension ImageCommand {
+    struct Info: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show an image's format, sizes, backing chain, snapshots and features.",
+            discussion: """
+                For qcow2 images this prints the header's version ("compat 0.10" is version 2, \
+                "compat 1.1" version 3), cluster size, refcount width, compression type, feature \
+                bits by name, internal snapshots, and each image of the backing chain.
+                """)
+
+        @Argument(help: "The image file.") var path: String
+        @Option(help: "Image format (raw or qcow2); detected from the content when omitted.")
+        var format: ImageFormat?
+        @Flag(help: "Print JSON instead of text.") var json = false
+
+        func run() throws {
+            let info = try imageCommand { try DiskImage.info(path: path, format: format) }
+            if json {
+                print(jsonText(info))
+            } else {
+                printInfo(info)
+                for b in info.backing ?? [] {
+                    print("")
+                    printInfo(b)
+                }
+            }
+        }
+    }
+
+    struct Convert: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Convert an image (and its backing chain) to a raw image.",
+            discussion: """
+                The result has the disk's virtual size and is byte-identical to \
+                'qemu-img convert -O raw'. Zero ranges are left as holes (sparse file). \
+                Chunks are read and decompressed in parallel, one thread per core.
+                """)
+
+        @Argument(help: "The source image.") var source: String
+        @Argument(help: "The raw file to write (replaced if it exists).") var destination: String
+        @Option(help: "Source format (raw or qcow2); detected from the content when omitted.")
+        var format: ImageFormat?
+        @Option(help: "Read this internal snapshot of the source instead of its current state.")
+        var snapshot: String?
+        @Option(help: "Worker threads (default: one per core).") var threads: Int = 0
+        @Flag(inversion: .prefixedNo, help: "Show a progress bar (default: when stderr is a terminal).")
+        var progress: Bool = isatty(STDERR_FILENO) != 0
+
+        func run() throws {
+            let bar = progress ? ProgressBar() : nil
+            var callback: (@Sendable (UInt64, UInt64) -> Void)?
+            if let bar { callback = { done, total in bar.update(done, total) } }
+            try imageCommand {
+                let dev = try DiskImage.open(path: source, format: format, readOnly: true, snapshot: snapshot)
+                try RawConverter.convert(dev, to: destination, threads: threads, progress: callback)
+            }
+            bar?.finish()
+        }
+    }
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check a qcow2 image's metadata for consistency.",
+            discussion: """
+                Walks the L1/L2 tables of the image and its snapshots, counts the references \
+                to every cluster of the file and compares them with the stored reference \
+                counts. A reference count that is too low, or a reference outside the file, \
+                is a corruption (data can be lost); one that is too high is a leak (wasted \
+                space only).
+
+                Exit status, as for 'qemu-img check': 0 no problems, 1 the check could not \
+                run, 2 corruptions found, 3 only leaks found.
+                """)
+
+        @Argument(help: "The image file.") var path: String
+        @Option(help: "Image format (raw or qcow2); detected from the content when omitted.")
+        var format: ImageFormat?
+
+        func run() throws {
+            let dev = try imageCommand { try DiskImage.open(path: path, format: format, readOnly: true) }
+            guard let q = dev as? QCOW2Image else {
+                print("\(path): raw images have no metadata to check.")
+                return
+            }
+            let result = try imageCommand { try q.check() }
+            for m in result.messages { print(m) }
+            if result.corruptions > 0 {
+                print("\n\(result.corruptions) errors were found on the image.")
+                print("Data may be corrupted, or further writes to the image may corrupt it.")
+            }
+            if result.leaks > 0 {
+                print("\n\(result.leaks) leaked clusters were found on the image.")
+                print("This means waste of disk space, but no harm to data.")
+            }
+            if result.corruptions == 0 && result.leaks == 0 { print("No errors were found on the image.") }
+            print("\(result.allocatedClusters) host clusters in use; the disk is \(result.totalClusters) clusters.")
+            if result.exitStatus != 0 { throw ExitCode(result.exitStatus) }
+        }
+    }
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create an empty qcow2 image, usually an overlay over a backing image.",
+            discussion: """
+                With --backing, the new image starts out reading exactly like the backing image \
+                and records only what is written to it; the backing file is never modified. A \
+                relative backing path is stored as given and resolved against the new image's \
+                folder. The backing format is detected and recorded in the image.
+
+                Example: swiftlet image create --backing base.qcow2 overlay.qcow2
+                """)
+
+        @Argument(help: "The image to create (must not exist).") var path: String
+        @Option(help: "Virtual size, e.g. 10G or 512M (default: the backing image's size).") var size: String?
+        @Option(help: "Backing image (raw or qcow2).") var backing: String?
+        @Option(help: "Cluster size in bytes, a power of two from 512 to 2M.") var clusterSize: String = "64K"
+
+        func run() throws {
+            try imageCommand {
+                let bytes = try size.map(parseSize)
+                let cs = try parseSize(clusterSize)
+                guard cs.nonzeroBitCount == 1 else {
+                    throw DiskImageError.invalidArgument("cluster size \(cs) is not a power of two")
+                }
+                try QCOW2Image.create(path: path, size: bytes, backing: backing,
+                                      clusterBits: UInt32(cs.trailingZeroBitCount))
+            }
+        }
+    }
+}
+
+/// Runs `body`; a DiskImage error becomes one line on stderr and exit status 1.
+private func imageCommand<T>(_ body: () throws -> T) throws -> T {
+    do {
+        return try body()
+    } catch let e as DiskImageError {
+        writeStderr("swiftlet image: \(e)\n")
+        throw ExitCode(1)
+    }
+}
+
+private func writeStderr(_ text: String) {
+    var t = text
+    t.withUTF8 { b in
+        var off = 0
+        while off < b.count {
+            let n = write(STDERR_FILENO, b.baseAddress! + off, b.count - off)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return }
+            off += n
+        }
+    }
+}
+
+/// Parses "4096", "512K", "10G", "1.5GiB"-free integers with binary suffixes.
+private func parseSize(_ text: String) throws -> UInt64 {
+    var digits = Substring(text)
+    var multiplier: UInt64 = 1
+    for suffix in ["iB", "B"] where digits.hasSuffix(suffix) { digits = digits.dropLast(suffix.count); break }
+    if let last = digits.last, let shift = ["K": 10, "M": 20, "G": 30, "T": 40, "k": 10, "m": 20, "g": 30, "t": 40][String(last)] {
+        multiplier = 1 << UInt64(shift)
+        digits = digits.dropLast()
+    }
+    guard let n = UInt64(digits) else { throw DiskImageError.invalidArgument("'\(text)' is not a size (try 10G, 512M or 4096)") }
+    let (v, overflow) = n.multipliedReportingOverflow(by: multiplier)
+    guard !overflow else { throw DiskImageError.invalidArgument("size '\(text)' is too large") }
+    return v
+}
+
+private func human(_ bytes: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    var v = Double(bytes), i = 0
+    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
+    if i == 0 { return "\(bytes) B" }
+    return "\(Double(Int(v * 100)) / 100) \(units[i])"
+}
+
+private func printInfo(_ info: ImageInfo) {
+    print("image: \(info.path)")
+    print("file format: \(info.format)")
+    print("virtual size: \(human(info.virtualSize)) (\(info.virtualSize) bytes)")
+    print("file size: \(human(info.fileSize))")
+    guard info.format == "qcow2" else { return }
+    if let cs = info.clusterSize { print("cluster_size: \(cs)") }
+    if let b = info.backingFile { print("backing file: \(b)") }
+    if let f = info.backingFormat { print("backing file format: \(f)") }
+    if let v = info.version { print("compat: \(v == 2 ? "0.10" : "1.1") (version \(v))") }
+    if let c = info.compressionType { print("compression type: \(c)") }
+    if let r = info.refcountBits { print("refcount bits: \(r)") }
+    if let e = info.extendedL2 { print("extended l2: \(e)") }
+    if let c = info.corrupt { print("corrupt: \(c)") }
+    func list(_ l: [String]?) -> String { (l ?? []).isEmpty ? "none" : l!.joined(separator: ", ") }
+    print("incompatible features: \(list(info.incompatibleFeatures))")
+    print("compatible features: \(list(info.compatibleFeatures))")
+    print("autoclear features: \(list(info.autoclearFeatures))")
+    if let u = info.unknownExtensions, !u.isEmpty { print("unknown header extensions: \(u.joined(separator: ", "))") }
+    if let snaps = info.snapshots, !snaps.isEmpty {
+        print("Snapshot list:")
+        print("ID        TAG                  DISK SIZE      VM STATE")
+        for s in snaps {
+            let id = s.id.padding(9), tag = s.name.padding(20)
+            print("\(id) \(tag) \(human(s.diskSize ?? info.virtualSize).padding(14)) \(human(s.vmStateSize))")
+        }
+    }
+}
+
+private extension String {
+    func padding(_ n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
+}
+
+/// Renders ImageInfo as JSON without Foundation.
+private func jsonText(_ info: ImageInfo, indent: String = "") -> String {
+    func str(_ s: String) -> String {
+        var out = "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            default:
+                if u.value < 0x20 { out += "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count) + String(u.value, radix: 16) }
+                else { out.unicodeScalars.append(u) }
+            }
+        }
+        return out + "\""
+    }
+    func arr(_ l: [String]) -> String { "[" + l.map(str).joined(separator: ", ") + "]" }
+    let inner = indent + "  "
+    var fields: [(String, String)] = [
+        ("path", str(info.path)), ("format", str(info.format)), ("virtual-size", "\(info.virtualSize)"),
+        ("file-size", "\(info.fileSize)"), ("read-only", "\(info.readOnly)"),
+    ]
+    if let v = info.version { fields.append(("version", "\(v)")) }
+    if let v = info.clusterSize { fields.append(("cluster-size", "\(v)")) }
+    if let v = info.refcountBits { fields.append(("refcount-bits", "\(v)")) }
+    if let v = info.compressionType { fields.append(("compression-type", str(v))) }
+    if let v = info.extendedL2 { fields.append(("extended-l2", "\(v)")) }
+    if let v = info.backingFile { fields.append(("backing-filename", str(v))) }
+    if let v = info.backingFormat { fields.append(("backing-filename-format", str(v))) }
+    if let v = info.incompatibleFeatures { fields.append(("incompatible-features", arr(v))) }
+    if let v = info.compatibleFeatures { fields.append(("compatible-features", arr(v))) }
+    if let v = info.autoclearFeatures { fields.append(("autoclear-features", arr(v))) }
+    if let v = info.corrupt { fields.append(("corrupt", "\(v)")) }
+    if let v = info.unknownExtensions { fields.append(("unknown-extensions", arr(v))) }
+    if let snaps = info.snapshots {
+        let items = snaps.map { s in
+            "{\"id\": \(str(s.id)), \"name\": \(str(s.name)), \"disk-size\": \(s.diskSize.map { "\($0)" } ?? "null"), "
+                + "\"vm-state-size\": \(s.vmStateSize), \"date-sec\": \(s.date)}"
+        }
+        fields.append(("snapshots", "[" + items.joined(separator: ", ") + "]"))
+    }
+    if let chain = info.backing {
+        let items = chain.map { jsonText($0, indent: inner + "  ") }
+        fields.append(("backing-chain", "[\n" + items.map { inner + "  " + $0 }.joined(separator: ",\n") + "\n" + inner + "]"))
+    }
+    return "{\n" + fields.map { "\(inner)\(str($0.0)): \($0.1)" }.joined(separator: ",\n") + "\n\(indent)}"
+}
+
+/// A one-line progress bar on stderr, safe to update from any thread.
+private final class ProgressBar: Sendable {
+    private let lastPercent = Atomic<Int>(-1)
+
+    func update(_ done: UInt64, _ total: UInt64) {
+        let pct = total == 0 ? 100 : Int(done * 100 / total)
+        let previous = lastPercent.load(ordering: .relaxed)
+        guard pct > previous, lastPercent.compareExchange(expected: previous, desired: pct, ordering: .relaxed).exchanged
+        else { return }
+        let width = 40, filled = pct * width / 100
+        writeStderr("\r[" + String(repeating: "#", count: filled) + String(repeating: " ", count: width - filled)
+                    + "] \(pct)% of \(human(total))")
+    }
+
+    func finish() {
+        if lastPercent.load(ordering: .relaxed) >= 0 { writeStderr("\n") }
+    }
+}
