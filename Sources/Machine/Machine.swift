@@ -8,6 +8,9 @@ import Memory
 public enum Payload: Sendable {
     /// A flat binary, loaded at 0x7C00 and entered in real mode (see ``FlatBinary``).
     case flat([UInt8])
+    /// A kernel file whose format is detected from its content: a Linux bzImage or
+    /// vmlinux (64-bit or PVH entry), or a Multiboot kernel (see ``KernelImage``).
+    case kernel([UInt8], BootOptions)
 }
 
 /// Everything `swiftlet run` decided from its command line.
@@ -77,20 +80,25 @@ public final class Machine: Sendable {
             try vm.createIRQChip()
             try vm.createPIT2()
 
-            serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: Self.com1IRQ))
-            try Self.registerPlatformDevices(portBus: portBus, serial: serial, stop: stop)
+            // Load first: a bad kernel is reported before any vCPU exists.
+            let entry = try Self.load(configuration.payload, into: memory)
 
-            let cpuid = CPUModel(supported: try system.supportedCPUID(), cpuCount: configuration.cpuCount)
+            serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: Self.com1IRQ))
+            try Self.registerPlatformDevices(portBus: portBus, serial: serial, stop: stop, memory: memory, cpuCount: configuration.cpuCount)
+
             var runners: [VCPURunner] = []
+            var cpuModel: CPUModel?
             for id in 0..<configuration.cpuCount {
                 let vcpu = try vm.createVCPU(id: id)
-                try vcpu.setCPUID(cpuid.entries(forAPICID: UInt32(id)))
-                try vcpu.resetFPU()
+                if cpuModel == nil {
+                    cpuModel = CPUModel(supported: try system.supportedCPUID(), cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
+                }
+                try VCPUSetup.configure(vcpu, cpuid: cpuModel!.entries(forAPICID: UInt32(id)))
                 runners.append(VCPURunner(vcpu: vcpu, portBus: portBus, mmioBus: mmioBus, stop: stop, traceExits: configuration.traceExits))
             }
             self.runners = runners
-
-            let entry = try Self.load(configuration.payload, into: memory)
+            // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local
+            // APIC for INIT and Startup IPIs from it, as on a PC.
             try EntryStateApplier.apply(entry, to: runners[0].vcpu)
         } catch let error as MachineError {
             throw error
@@ -101,17 +109,30 @@ public final class Machine: Sendable {
         }
     }
 
-    private static func registerPlatformDevices(portBus: IOBus, serial: Serial16550, stop: StopController) throws {
+    /// The PC devices that live in user space. (The PICs, IOAPIC, local APICs and the
+    /// PIT, with port 0x61, are in the kernel.)
+    private static func registerPlatformDevices(portBus: IOBus, serial: Serial16550, stop: StopController,
+                                                memory: GuestMemory, cpuCount: Int) throws {
         try portBus.register(serial, name: "serial (COM1)", base: com1Port, length: 8)
         try portBus.register(DebugExit { status in stop.stop(.guestExit(status: status)) },
                              name: "debug exit", base: DebugExit.defaultPort, length: DebugExit.width)
         try portBus.register(IgnoredPorts(), name: "POST diagnostic port", base: 0x80, length: 1)
+        try portBus.register(I8042 { stop.stop(.guestReset) }, name: "i8042 keyboard controller (reset)",
+                             base: I8042.basePort, length: I8042.portCount)
+        let below4G = memory.regions[0].size
+        try portBus.register(CMOS(ramBelow4G: below4G, ramAbove4G: memory.size - below4G, cpuCount: cpuCount,
+                                  now: { Int64(time(nil)) }),
+                             name: "CMOS RTC", base: CMOS.basePort, length: CMOS.portCount)
+        try portBus.register(FwCfg(cpuCount: cpuCount, ramSize: memory.size), name: "fw_cfg (legacy)",
+                             base: FwCfg.basePort, length: FwCfg.portCount)
     }
 
     private static func load(_ payload: Payload, into memory: GuestMemory) throws(MachineError) -> EntryState {
         switch payload {
         case let .flat(bytes):
             do { return try FlatBinary.load(bytes, into: memory) } catch { throw .load(error.description) }
+        case let .kernel(bytes, options):
+            do { return try KernelImage.load(bytes, into: memory, options: options).entry } catch { throw .load(error.description) }
         }
     }
 

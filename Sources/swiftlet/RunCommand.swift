@@ -1,4 +1,5 @@
 import ArgumentParser
+import Boot
 import Devices
 import Glibc
 import Machine
@@ -11,8 +12,14 @@ struct RunCommand: ParsableCommand {
         abstract: "Boot a guest in a new virtual machine.",
         discussion: """
             WHAT TO BOOT
-              With no --flat, Swiftlet boots its built-in guest: the real-mode hello \
-            program from guests/hello-real.s.
+              With neither --kernel nor --flat, Swiftlet boots its built-in guest: the \
+            real-mode hello program from guests/hello-real.s.
+              --kernel FILE boots a kernel; its format is read from the file, not its \
+            name: a Linux bzImage (64-bit boot protocol; its compressed payload is \
+            unpacked on the host unless --no-decompress-on-host), a Linux vmlinux ELF \
+            (through its PVH entry note when it has one, else the 64-bit entry), or a \
+            Multiboot kernel such as a kvm-unit-tests x86/*.flat test. --initrd becomes \
+            the Linux initrd or Multiboot module 0. See docs/booting.md.
               --flat FILE loads raw machine code at guest-physical address 0x7C00 and \
             starts the CPU there in 16-bit real mode, like a PC BIOS starts a boot \
             sector (CS:IP = 0000:7C00, SP = 0x7C00, other registers zero, no BIOS \
@@ -47,6 +54,21 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("A flat binary to load at 0x7C00 and start in real mode.", valueName: "file"))
     var flat: String?
 
+    @Option(name: .long, help: ArgumentHelp("A kernel to boot: bzImage, vmlinux or Multiboot ELF (detected from the content).", valueName: "file"))
+    var kernel: String?
+
+    @Option(name: .long, help: ArgumentHelp("An initrd (Linux) or module 0 (Multiboot) to load with --kernel.", valueName: "file"))
+    var initrd: String?
+
+    @Option(name: .long, help: ArgumentHelp("The kernel command line. For Linux the default is '\(RunCommand.defaultLinuxCmdline)'.", valueName: "text"))
+    var cmdline: String?
+
+    @Flag(name: .long, inversion: .prefixedNo, help: "Unpack a compressed bzImage on the host and enter the vmlinux inside, skipping the kernel's own decompressor.")
+    var decompressOnHost = true
+
+    @Option(name: .customLong("linux-entry"), help: ArgumentHelp("How to enter a Linux ELF: auto (PVH when the kernel has the note), linux64 or pvh.", valueName: "entry"))
+    var linuxEntry: LinuxEntryArgument = .automatic
+
     @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, like 64M, 1G or 1536M (a bare number means MiB).", valueName: "size"))
     var memory: MemorySizeArgument = MemorySizeArgument(bytes: 256 << 20)
 
@@ -68,8 +90,15 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("kvm-device"), help: ArgumentHelp("The KVM device to open.", valueName: "path"))
     var kvmDevice: String = "/dev/kvm"
 
+    /// Serial console on COM1, early messages too, reboot through the keyboard
+    /// controller, and no waiting after a panic.
+    static let defaultLinuxCmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1"
+
     func validate() throws {
         guard cpus >= 1 else { throw ValidationError("--cpus must be at least 1") }
+        if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
+        if initrd != nil && kernel == nil { throw ValidationError("--initrd needs --kernel") }
+        if cmdline != nil && kernel == nil { throw ValidationError("--cmdline needs --kernel") }
         if let timeout, !(timeout > 0) || !timeout.isFinite {
             throw ValidationError("--timeout must be a positive number of seconds")
         }
@@ -77,7 +106,16 @@ struct RunCommand: ParsableCommand {
 
     func run() throws {
         let payload: Payload
-        if let flat {
+        if let kernel {
+            let bytes = try readFile(kernel, what: "kernel")
+            let initrdBytes = try initrd.map { try readFile($0, what: "initrd") }
+            let format = KernelImage.detect(bytes)
+            let isLinux = format == .bzImage || format == .elf64 || format == .elf32
+            let options = BootOptions(cmdline: cmdline ?? (isLinux ? Self.defaultLinuxCmdline : ""),
+                                      initrd: initrdBytes, cpuCount: cpus, decompressOnHost: decompressOnHost,
+                                      linuxEntry: linuxEntry.entry)
+            payload = .kernel(bytes, options)
+        } else if let flat {
             payload = .flat(try readFile(flat, what: "flat binary"))
         } else {
             payload = .flat(DefaultGuest.helloReal)
@@ -145,6 +183,21 @@ struct MemorySizeArgument: ExpressibleByArgument {
     }
 
     var defaultValueDescription: String { MemorySize.format(bytes) }
+}
+
+/// `--linux-entry`: which entry point of a Linux ELF to use.
+enum LinuxEntryArgument: String, ExpressibleByArgument, CaseIterable {
+    case automatic = "auto"
+    case linux64
+    case pvh
+
+    var entry: LinuxEntry {
+        switch self {
+        case .automatic: return .automatic
+        case .linux64: return .linux64
+        case .pvh: return .pvh
+        }
+    }
 }
 
 /// `--serial`: where COM1's output goes.
