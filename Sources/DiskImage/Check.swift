@@ -51,6 +51,7 @@ extension QCOW2Image {
         let refTable = try readTable(h.refcountTableOffset, Int(refTableBytes / 8))
         for (i, e) in refTable.enumerated() where e != 0 {
             if e & (clusterSize - 1) != 0 { problem("refcount block \(i) offset 0x\(hex(e)) is not cluster-aligned"); continue }
+            if e >= fileSize { problem("refcount block \(i) at 0x\(hex(e)) is outside the file"); continue }
             reference(e, clusterSize, "refcount block \(i)")
         }
 
@@ -102,7 +103,7 @@ extension QCOW2Image {
         var stored = [UInt64](repeating: 0, count: Int(clusters))
         let perBlock = refcountEntriesPerBlock
         let bits = h.refcountBits
-        for (t, e) in refTable.enumerated() where e != 0 && e & (clusterSize - 1) == 0 {
+        for (t, e) in refTable.enumerated() where e != 0 && e & (clusterSize - 1) == 0 && e < fileSize {
             let first = UInt64(t) * perBlock
             guard first < clusters else { break }
             let block = try readBlock(e)

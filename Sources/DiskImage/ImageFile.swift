@@ -48,6 +48,8 @@ public final class ImageFile: Sendable {
     /// Reads up to `buffer.count` bytes at `offset`; returns how many were read (short only at end of file).
     @discardableResult
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        // Offsets come from the image; one past what off_t can hold is simply past the end of the file.
+        guard offset <= UInt64(Int64.max) - UInt64(buffer.count) else { return 0 }
         var done = 0
         while done < buffer.count {
             guard let base = buffer.baseAddress else { return 0 }
@@ -85,6 +87,9 @@ public final class ImageFile: Sendable {
             guard writeBudget.wrappingSubtract(1, ordering: .relaxed).newValue >= 0 else {
                 throw DiskImageError.io(operation: "write (simulated crash)", path: path, errno: EIO)
             }
+        }
+        guard offset <= UInt64(Int64.max) - UInt64(buffer.count) else {
+            throw DiskImageError.io(operation: "write", path: path, errno: EFBIG)
         }
         var done = 0
         while done < buffer.count {

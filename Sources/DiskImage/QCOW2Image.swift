@@ -119,12 +119,42 @@ public final class QCOW2Image: BlockDevice {
         var done = 0
         while done < buffer.count {
             let guest = offset + UInt64(done)
+            let index = guest >> clusterBits
             let inCluster = guest & (clusterSize - 1)
-            let n = min(buffer.count - done, Int(clusterSize - inCluster))
+            var n = min(buffer.count - done, Int(clusterSize - inCluster))
+            let first = try resolve(index)
+            // Runs of clusters that are contiguous in the file, zero, or unallocated are read with one call.
+            var next = index + 1
+            while done + n < buffer.count {
+                let m = try resolve(next)
+                guard Self.continues(first, m, distance: next - index, clusterSize: clusterSize) else { break }
+                n += min(buffer.count - done - n, Int(clusterSize))
+                next += 1
+            }
             let dest = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
-            try readInCluster(dest, guestOffset: guest)
+            switch first {
+            case .unallocated: try readBacking(dest, guestOffset: guest)
+            case .zero: dest.initializeMemory(as: UInt8.self, repeating: 0)
+            case let .data(host): try file.readZeroFilled(into: dest, at: host + inCluster)
+            default: try readMapped(dest, mapping: first, guestOffset: guest)
+            }
             done += n
         }
+    }
+
+    /// True if cluster `distance` places after one mapped as `first` can be read in the same call.
+    static func continues(_ first: ClusterMapping, _ m: ClusterMapping, distance: UInt64, clusterSize: UInt64) -> Bool {
+        switch (first, m) {
+        case let (.data(a), .data(b)): return b == a + distance * clusterSize
+        case (.zero, .zero), (.unallocated, .unallocated): return true
+        default: return false
+        }
+    }
+
+    /// The checked mapping of guest cluster `index`.
+    func resolve(_ index: UInt64) throws -> ClusterMapping {
+        let (entry, bitmap) = try l2Entry(guestCluster: index)
+        return try mapping(entry: entry, bitmap: bitmap, guestCluster: index)
     }
 
     /// How one guest cluster is stored, decoded from its L2 entry.
@@ -243,10 +273,13 @@ public final class QCOW2Image: BlockDevice {
 
     /// Reads bytes that all lie within one guest cluster.
     func readInCluster(_ dest: UnsafeMutableRawBufferPointer, guestOffset: UInt64) throws {
-        let index = guestOffset >> clusterBits
+        try readMapped(dest, mapping: try resolve(guestOffset >> clusterBits), guestOffset: guestOffset)
+    }
+
+    /// Reads bytes within one guest cluster whose mapping is known.
+    func readMapped(_ dest: UnsafeMutableRawBufferPointer, mapping: ClusterMapping, guestOffset: UInt64) throws {
         let inCluster = guestOffset & (clusterSize - 1)
-        let (entry, bitmap) = try l2Entry(guestCluster: index)
-        switch try mapping(entry: entry, bitmap: bitmap, guestCluster: index) {
+        switch mapping {
         case .unallocated:
             try readBacking(dest, guestOffset: guestOffset)
         case .zero:

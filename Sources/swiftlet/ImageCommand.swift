@@ -27,7 +27,7 @@ struct ImageCommand: ParsableCommand {
             by file name; --format overrides this. Damaged or hostile qcow2 files are \
             refused with a message naming the broken field.
             """,
-        subcommands: [Info.self, Convert.self, Check.self, Create.self]
+        subcommands: [Info.self, Convert.self, Check.self, Create.self, ReadBench.self]
     )
 }
 
@@ -162,6 +162,50 @@ extension ImageCommand {
             }
         }
     }
+}
+
+extension ImageCommand {
+    /// Hidden: the in-process cost of small random reads, used by bench/disk-image.sh.
+    struct ReadBench: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "read-bench",
+            abstract: "Time random reads through the image's L2 cache (for benchmarks).",
+            shouldDisplay: false)
+
+        @Argument(help: "The image file.") var path: String
+        @Option(help: "Number of reads.") var reads: Int = 200_000
+        @Option(help: "Bytes per read.") var size: Int = 4096
+
+        func run() throws {
+            let dev = try imageCommand { try DiskImage.open(path: path) }
+            guard dev.virtualSize >= UInt64(size), size > 0, reads > 0 else {
+                writeStderr("swiftlet image: the disk is smaller than one read\n")
+                throw ExitCode(1)
+            }
+            let slots = (dev.virtualSize - UInt64(size)) / UInt64(size) + 1
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+            defer { buffer.deallocate() }
+            var state: UInt64 = 0x2545_f491_4f6c_dd1d
+            func nextOffset() -> UInt64 {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17
+                return (state % slots) * UInt64(size)
+            }
+            try imageCommand {
+                for _ in 0..<reads { try dev.read(into: buffer, at: nextOffset()) }  // Warm the caches.
+                let start = monotonicNanoseconds()
+                for _ in 0..<reads { try dev.read(into: buffer, at: nextOffset()) }
+                let ns = Double(monotonicNanoseconds() - start) / Double(reads)
+                let cache = (dev as? QCOW2Image).map { " (L2 cache: \($0.cachedL2Tables) of \($0.l2CacheLimit) tables)" } ?? ""
+                print("\(reads) random \(size)-byte reads: \(Int(ns)) ns per read\(cache)")
+            }
+        }
+    }
+}
+
+private func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
 /// Runs `body`; a DiskImage error becomes one line on stderr and exit status 1.

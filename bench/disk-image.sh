@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# bench/disk-image.sh: `swiftlet image convert` against `qemu-img convert -O raw`, side by side
+# in one run, on the same 1 GiB images: fully allocated, sparse, compressed, and the top of a
+# backing chain of depth 3. Also the in-process cost of a 4 KiB random read through the L2 cache.
+#
+# Self-contained: builds a release swiftlet with its own scratch path, makes the images in a
+# temporary folder with qemu-img/qemu-io (Debian: qemu-utils), and removes them afterwards.
+#
+#   bash bench/disk-image.sh            # 3 repetitions, best time of each reported
+#   REPS=5 SIZE=2G bash bench/disk-image.sh
+#
+# Timings are warm-cache (the images are read from the page cache), best of REPS; the two
+# tools alternate repetition by repetition so background load hits both alike.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+REPS=${REPS:-3}
+SIZE=${SIZE:-1G}
+SCRATCH=${SWIFTLET_BENCH_SCRATCH:-$ROOT/.build-bench-disk}
+
+for tool in qemu-img qemu-io; do
+    command -v "$tool" >/dev/null || { echo "disk-image.sh: $tool not found (apt-get install qemu-utils)" >&2; exit 1; }
+done
+
+echo "== building swiftlet (release, scratch $SCRATCH)"
+swift build -c release --scratch-path "$SCRATCH" --product swiftlet >/dev/null
+SWIFTLET="$SCRATCH/release/swiftlet"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/swiftlet-disk-bench.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK"
+
+echo "== making $SIZE images in $WORK"
+bytes=$(numfmt --from=iec "$SIZE")
+# Incompressible data for the allocated image and the chain's base.
+head -c "$bytes" /dev/urandom > random.raw
+# Text-like data that deflate shrinks about 3x, for the compressed image.
+seq 1 1000000000 | head -c "$bytes" > text.raw
+
+qemu-img convert -O qcow2 random.raw full.qcow2
+qemu-img convert -c -O qcow2 -m 16 text.raw compressed.qcow2
+qemu-img create -q -f qcow2 sparse.qcow2 "$SIZE"
+args=()
+for ((i = 0; i < 64; i++)); do args+=(-c "write -P $((i + 1)) $((i * bytes / 64)) 64k"); done
+qemu-io -f qcow2 "${args[@]}" sparse.qcow2 >/dev/null
+# Chain: base (all data) <- mid (an eighth rewritten) <- top (another eighth rewritten).
+qemu-img convert -O qcow2 random.raw base.qcow2
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
+qemu-io -f qcow2 -c "write -P 0x11 $((bytes / 4)) $((bytes / 8))" mid.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 chain.qcow2
+qemu-io -f qcow2 -c "write -P 0x22 $((bytes * 5 / 8)) $((bytes / 8))" chain.qcow2 >/dev/null
+rm -f random.raw text.raw
+
+now() { date +%s.%N; }
+best_qemu=() best_ours=()
+images=(full sparse compressed chain)
+for name in "${images[@]}"; do
+    # Byte-identical check first.
+    qemu-img convert -O raw "$name.qcow2" q.raw
+    "$SWIFTLET" image convert --no-progress "$name.qcow2" s.raw
+    cmp -s q.raw s.raw || { echo "disk-image.sh: $name: outputs differ" >&2; exit 1; }
+    rm -f q.raw s.raw
+    bq=999999 bs=999999
+    for ((r = 0; r < REPS; r++)); do
+        t0=$(now); qemu-img convert -O raw "$name.qcow2" q.raw; t1=$(now); rm -f q.raw
+        t2=$(now); "$SWIFTLET" image convert --no-progress "$name.qcow2" s.raw; t3=$(now); rm -f s.raw
+        bq=$(echo "$t1 - $t0" | bc -l | awk -v b="$bq" '{print ($1 < b) ? $1 : b}')
+        bs=$(echo "$t3 - $t2" | bc -l | awk -v b="$bs" '{print ($1 < b) ? $1 : b}')
+    done
+    best_qemu+=("$bq") best_ours+=("$bs")
+done
+
+echo
+echo "== convert to raw, $SIZE virtual, best of $REPS (seconds; ratio > 1 means swiftlet is faster)"
+printf '%-12s %12s %12s %8s\n' image qemu-img swiftlet ratio
+for i in "${!images[@]}"; do
+    printf '%-12s %12.3f %12.3f %8.2f\n' "${images[$i]}" "${best_qemu[$i]}" "${best_ours[$i]}" \
+        "$(echo "${best_qemu[$i]} / ${best_ours[$i]}" | bc -l)"
+done
+
+echo
+echo "== 4 KiB random reads through the L2 cache (in process, warm)"
+for name in full compressed chain; do
+    printf '%-12s ' "$name"
+    "$SWIFTLET" image read-bench --reads 200000 "$name.qcow2"
+done
+echo
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
+echo "qemu-img: $(qemu-img --version | head -1)"
