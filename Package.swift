@@ -21,8 +21,6 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
-        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
-        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
     ],
     targets: [
         .target(name: "CKVM"),
@@ -35,14 +33,7 @@ let package = Package(
         .systemLibrary(name: "CLzma", path: "Sources/CLzma"),
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
         .target(name: "Boot", dependencies: ["Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
-        .target(
-            name: "Machine",
-            dependencies: [
-                "KVM", "Memory", "Devices", "Boot", "DiskImage",
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "SystemPackage", package: "swift-system"),
-            ]
-        ),
+        .target(name: "Machine", dependencies: ["KVM", "Memory", "Devices", "Boot"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
