@@ -37,12 +37,16 @@ public enum PayloadDecompressor {
             throw .decompressionFailed(format: "unknown", reason: "the payload starts with no known compression magic")
         }
         let input = Array(payload)
+        // The kernel build appends the uncompressed size (gzip's own trailer holds it
+        // too): a hint for the output's capacity, never trusted beyond `limit`.
+        let hint = input.count >= 4 ? Int(input.le(UInt32.self, at: input.count - 4) ?? 0) : 0
+        let capacity = hint > 0 && hint <= limit ? hint : 0
         let output: [UInt8]
         switch format {
-        case .gzip: output = try gunzip(input, limit: limit)
-        case .xz: output = try unxz(input, limit: limit)
-        case .lz4: output = try unlz4Legacy(input, limit: limit)
-        case .zstd: output = try unzstd(input, limit: limit)
+        case .gzip: output = try gunzip(input, limit: limit, capacity: capacity)
+        case .xz: output = try unxz(input, limit: limit, capacity: capacity)
+        case .lz4: output = try unlz4Legacy(input, limit: limit, capacity: capacity)
+        case .zstd: output = try unzstd(input, limit: limit, capacity: capacity)
         case .bzip2, .lzma, .lzo:
             throw .decompressionFailed(format: format.rawValue, reason: "only gzip, xz, lz4 and zstd are supported on the host")
         }
@@ -53,7 +57,7 @@ public enum PayloadDecompressor {
         .decompressionFailed(format: format.rawValue, reason: "output exceeds the limit of \(limit) bytes")
     }
 
-    static func gunzip(_ input: [UInt8], limit: Int) throws(BootError) -> [UInt8] {
+    static func gunzip(_ input: [UInt8], limit: Int, capacity: Int = 0) throws(BootError) -> [UInt8] {
         var stream = z_stream()
         // 15 + 16: a gzip wrapper with the largest window.
         guard inflateInit2_(&stream, 15 + 16, zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
@@ -61,6 +65,7 @@ public enum PayloadDecompressor {
         }
         defer { inflateEnd(&stream) }
         var output: [UInt8] = []
+        output.reserveCapacity(capacity)
         var chunk = [UInt8](repeating: 0, count: chunkSize)
         var input = input
         let status: Int32 = input.withUnsafeMutableBufferPointer { inBuffer in
@@ -87,13 +92,14 @@ public enum PayloadDecompressor {
         return output
     }
 
-    static func unxz(_ input: [UInt8], limit: Int) throws(BootError) -> [UInt8] {
+    static func unxz(_ input: [UInt8], limit: Int, capacity: Int = 0) throws(BootError) -> [UInt8] {
         var stream = lzma_stream()
         guard lzma_stream_decoder(&stream, UInt64.max, 0) == LZMA_OK else {
             throw .decompressionFailed(format: "xz", reason: "lzma_stream_decoder failed")
         }
         defer { lzma_end(&stream) }
         var output: [UInt8] = []
+        output.reserveCapacity(capacity)
         var chunk = [UInt8](repeating: 0, count: chunkSize)
         var exceeded = false
         let status: lzma_ret = input.withUnsafeBufferPointer { inBuffer in
@@ -121,9 +127,10 @@ public enum PayloadDecompressor {
     /// The legacy LZ4 frame the kernel build uses (`lz4 -l`): the magic, then blocks of
     /// (little-endian 32-bit compressed size, data), each at most 8 MiB decompressed. The
     /// kernel appends the decompressed size as 4 more bytes, which ends the stream.
-    static func unlz4Legacy(_ input: [UInt8], limit: Int) throws(BootError) -> [UInt8] {
+    static func unlz4Legacy(_ input: [UInt8], limit: Int, capacity: Int = 0) throws(BootError) -> [UInt8] {
         var position = 4
         var output: [UInt8] = []
+        output.reserveCapacity(capacity)
         var block = [UInt8](repeating: 0, count: lz4LegacyBlockSize)
         while position + 4 <= input.count {
             guard let size = input.le(UInt32.self, at: position) else { break }
@@ -157,7 +164,7 @@ public enum PayloadDecompressor {
     }
 
     /// Decodes the first zstd frame (the kernel appends a 4-byte size after it).
-    static func unzstd(_ input: [UInt8], limit: Int) throws(BootError) -> [UInt8] {
+    static func unzstd(_ input: [UInt8], limit: Int, capacity: Int = 0) throws(BootError) -> [UInt8] {
         guard let context = ZSTD_createDStream() else {
             throw .decompressionFailed(format: "zstd", reason: "ZSTD_createDStream failed")
         }
@@ -166,6 +173,7 @@ public enum PayloadDecompressor {
         // The kernel compresses with --ultra -22: allow the largest window.
         ZSTD_DCtx_setParameter(context, ZSTD_d_windowLogMax, 31)
         var output: [UInt8] = []
+        output.reserveCapacity(capacity)
         var chunk = [UInt8](repeating: 0, count: chunkSize)
         var failure: BootError?
         input.withUnsafeBytes { inRaw in
