@@ -85,8 +85,9 @@ public enum LinuxLoader {
             throw .kernelTooLarge(needed: needed, available: lowEnd > load ? lowEnd - load : 0)
         }
         // The decompressor works in [max(align_up(load), pref_address), + init_size).
-        let workStart = header.relocatable ? max(alignUp(load, alignment) ?? load, header.prefAddress) : load
-        let kernelEnd = max(load + size, workStart &+ UInt64(header.initSize))
+        let workStart = header.relocatable ? max(alignUp(load, alignment) ?? UInt64.max, header.prefAddress) : load
+        let (workEnd, overflow) = workStart.addingReportingOverflow(UInt64(header.initSize))
+        let kernelEnd = max(load + size, overflow ? UInt64.max : workEnd)
         guard kernelEnd <= lowEnd else {
             throw .kernelTooLarge(needed: kernelEnd - load, available: lowEnd - load)
         }
