@@ -119,6 +119,16 @@ struct StopTests {
         #expect(result.status == 0)
     }
 
+    @Test("A reset through the keyboard controller (0xFE to port 0x64) ends the VM with status 0")
+    func keyboardControllerReset() throws {
+        // mov $0xfe, %al; out %al, $0x64; 1: jmp 1b
+        let path = try temporaryFile([0xB0, 0xFE, 0xE6, 0x64, 0xEB, 0xFE], name: "reset.bin")
+        defer { try? FileManager.default.removeItem(at: path) }
+        let result = try Swiftlet.run(["run", "--flat", path.path, "--timeout", "30"])
+        #expect(result.status == 0)
+        #expect(result.stderr.isEmpty)
+    }
+
     @Test("A triple fault stops the VM with status 4, the reason and a register dump")
     func tripleFault() throws {
         // Real mode -> protected mode with a GDT and an IDT of limit 0, then ud2: #UD
