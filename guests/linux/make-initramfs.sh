@@ -8,10 +8,10 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 output="${1:-$here/build/initramfs.cpio.gz}"
-busybox=$(command -v busybox || true)
-[ -x /bin/busybox ] && busybox=/bin/busybox
-if [ -z "$busybox" ] || ! file -L "$busybox" 2>/dev/null | grep -q static; then
-    [ -x /bin/busybox ] || { echo "make-initramfs: install busybox-static" >&2; exit 1; }
+busybox="${BUSYBOX:-/bin/busybox}"
+if [ ! -x "$busybox" ]; then
+    echo "make-initramfs: $busybox not found; install it with: apt-get install busybox-static cpio" >&2
+    exit 1
 fi
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT INT TERM
