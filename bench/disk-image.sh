@@ -35,7 +35,7 @@ bytes=$(numfmt --from=iec "$SIZE")
 # Incompressible data for the allocated image and the chain's base.
 head -c "$bytes" /dev/urandom > random.raw
 # Text-like data that deflate shrinks about 3x, for the compressed image.
-seq 1 1000000000 | head -c "$bytes" > text.raw
+(seq 1 1000000000 || true) | head -c "$bytes" > text.raw
 
 qemu-img convert -O qcow2 random.raw full.qcow2
 qemu-img convert -c -O qcow2 -m 16 text.raw compressed.qcow2

@@ -94,13 +94,7 @@ public enum RawConverter {
                 let offset = UInt64(chunk) * UInt64(chunkSize)
                 let n = Int(min(UInt64(chunkSize), total - offset))
                 do {
-                    if try !source.isKnownZero(at: offset, length: UInt64(n)) {
-                        let part = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
-                        try source.read(into: part, at: offset)
-                        if !isAllZero(UnsafeRawBufferPointer(part)) {
-                            try writeAll(fd: fd, UnsafeRawBufferPointer(part), at: offset, path: path)
-                        }
-                    }
+                    try copyChunk(source, offset: offset, count: n, buffer: buffer, fd: fd, path: path)
                 } catch let e as DiskImageError {
                     failure.withLock { if $0 == nil { $0 = e } }
                     return
@@ -113,6 +107,44 @@ public enum RawConverter {
             }
         }
         if let e = failure.withLock({ $0 }) { throw e }
+    }
+
+    /// Bytes per `isKnownZero` question, and the granularity of holes in the output (like `qemu-img -S 4k`).
+    static let pieceSize = 64 * 1024
+    static let holeSize = 4096
+
+    /// Copies guest bytes `[offset, offset+count)`: spans not known to be zero are read in one call each,
+    /// and only their non-zero 4 KiB blocks are written.
+    static func copyChunk(_ source: any BlockDevice, offset: UInt64, count: Int, buffer: UnsafeMutableRawBufferPointer,
+                          fd: Int32, path: String) throws {
+        func knownZero(_ p: Int) throws -> Bool {
+            try source.isKnownZero(at: offset + UInt64(p), length: UInt64(min(pieceSize, count - p)))
+        }
+        var p = 0
+        while p < count {
+            if try knownZero(p) { p += pieceSize; continue }
+            var q = p + pieceSize
+            while q < count, try !knownZero(q) { q += pieceSize }
+            q = min(q, count)
+            let span = UnsafeMutableRawBufferPointer(rebasing: buffer[p..<q])
+            try source.read(into: span, at: offset + UInt64(p))
+            var runStart = -1
+            var b = p
+            while b < q {
+                let e = min(b + holeSize, q)
+                let zero = isAllZero(UnsafeRawBufferPointer(rebasing: buffer[b..<e]))
+                if !zero && runStart < 0 { runStart = b }
+                if zero && runStart >= 0 {
+                    try writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[runStart..<b]), at: offset + UInt64(runStart), path: path)
+                    runStart = -1
+                }
+                b = e
+            }
+            if runStart >= 0 {
+                try writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[runStart..<q]), at: offset + UInt64(runStart), path: path)
+            }
+            p = q
+        }
     }
 
     static func writeAll(fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: UInt64, path: String) throws {

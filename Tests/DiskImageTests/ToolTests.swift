@@ -74,3 +74,31 @@ struct ToolTests {
         #expect(try DiskImage.info(path: Support.fixture("v2-c4k.qcow2")).version == 2)
     }
 }
+
+@Suite("Decompression back ends")
+struct DecompressionTests {
+    @Test("zlib and libdeflate (when present) inflate every cluster identically",
+          arguments: ["comp-zlib-c16k.qcow2", "comp-zlib-c64k.qcow2", "comp-rewritten.qcow2"])
+    func backendsAgree(_ name: String) throws {
+        let q = try #require(try DiskImage.open(path: Support.fixture(name)) as? QCOW2Image)
+        var compressed = 0
+        for index in 0..<(q.virtualSize / q.clusterSize) {
+            guard case let .compressed(host, size) = try q.resolve(index) else { continue }
+            compressed += 1
+            let input = try q.file.readBytes(Int(size), at: host, what: "test")
+            var viaZlib = [UInt8](repeating: 0, count: Int(q.clusterSize))
+            var viaDefault = [UInt8](repeating: 1, count: Int(q.clusterSize))
+            try input.withUnsafeBytes { src in
+                try viaZlib.withUnsafeMutableBytes {
+                    try ClusterDecompressor.inflate(src, into: $0, hostOffset: host, allowLibDeflate: false)
+                }
+                try viaDefault.withUnsafeMutableBytes {
+                    try ClusterDecompressor.inflate(src, into: $0, hostOffset: host)
+                }
+            }
+            #expect(viaZlib == viaDefault, "cluster \(index)")
+        }
+        #expect(compressed > 0)
+        if LibDeflate.shared == nil { print("note: libdeflate.so.0 not found; only zlib was exercised") }
+    }
+}
