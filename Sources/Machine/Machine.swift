@@ -43,6 +43,10 @@ public final class Machine: Sendable {
     static let tssAddress: UInt64 = 0xFFFB_D000
     static let identityMapAddress: UInt64 = 0xFFFB_C000
 
+    /// The most vCPUs a machine may have: xAPIC IDs are 8 bits, 0xFF is the broadcast ID
+    /// and the IOAPIC takes the ID after the last vCPU (see ``FirmwareTables``).
+    static let maximumCPUs = FirmwareTables.maximumCPUs
+
     /// COM1: eight registers at 0x3F8, IRQ 4.
     static let com1Port: UInt64 = 0x3F8
     static let com1IRQ: UInt32 = 4
@@ -63,8 +67,10 @@ public final class Machine: Sendable {
         guard configuration.cpuCount >= 1 else { throw .invalidConfiguration("--cpus must be at least 1") }
         do {
             let system = try KVMSystem(path: configuration.kvmPath)
-            guard configuration.cpuCount <= system.maximumVCPUs else {
-                throw MachineError.invalidConfiguration("--cpus \(configuration.cpuCount) is more than this KVM allows (\(system.maximumVCPUs))")
+            let maximum = min(system.maximumVCPUs, Self.maximumCPUs)
+            guard configuration.cpuCount <= maximum else {
+                throw MachineError.invalidConfiguration("--cpus \(configuration.cpuCount) is more than Swiftlet supports (\(maximum): "
+                    + (maximum == Self.maximumCPUs ? "APIC IDs are 8 bits, 255 is the broadcast ID and the IOAPIC takes one" : "this KVM's limit") + ")")
             }
             vm = try system.createVM()
             do {

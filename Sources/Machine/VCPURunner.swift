@@ -38,13 +38,16 @@ final class VCPURunner: @unchecked Sendable {
     /// Starts the thread `vcpu<N>` and arranges for it to be kicked on stop.
     func start() {
         stop.onStop { [self] in kick() }
-        let handle = NamedThread.spawn(name: "vcpu\(vcpu.id)") { [self] in
+        NamedThread.spawn(name: "vcpu\(vcpu.id)") { [self] in
+            // The thread publishes its own handle, and withdraws it before it ends, both
+            // under the lock `kick()` signals under: a detached thread's handle must
+            // never be signalled once the thread is gone.
+            thread.withLock { $0 = pthread_self() }
             SignalSetup.unblockKickSignal()
             runLoop()
+            thread.withLock { $0 = nil }
             finished.signal()
         }
-        thread.withLock { $0 = handle }
-        if stop.isStopping { kick() } // a stop that raced with the start
     }
 
     /// Waits up to `seconds` for the thread to leave its loop.
@@ -53,9 +56,13 @@ final class VCPURunner: @unchecked Sendable {
         finished.wait(timeout: .now() + seconds) == .success
     }
 
+    /// Makes `KVM_RUN` return now or at its next entry. `immediate_exit` covers a thread
+    /// that has not entered the guest yet (or not even published its handle).
     private func kick() {
         vcpu.requestImmediateExit()
-        if let handle = thread.withLock({ $0 }) { pthread_kill(handle, SignalSetup.kickSignal) }
+        thread.withLock { handle in
+            if let handle { pthread_kill(handle, SignalSetup.kickSignal) }
+        }
     }
 
     private func runLoop() {
