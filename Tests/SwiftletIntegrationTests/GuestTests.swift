@@ -55,6 +55,16 @@ struct GuestTests {
         #expect(result.stdout.contains("ran 100000000 iterations at CPL 3, sum = 5000000050000000"))
     }
 
+    @Test("Standard input reaches the guest through the UART's receive FIFO")
+    func consoleInput() throws {
+        // More than the 16-byte FIFO holds: the rest waits on the host side.
+        let text = "the quick brown fox jumps over the lazy dog."
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("echo"), "--timeout", "60"], input: Data(text.utf8))
+        #expect(result.status == 1)
+        #expect(result.stdout.contains(text.uppercased()))
+        #expect(result.stdout.contains("echo: done"))
+    }
+
     @Test("--trace-exits counts every exit by port")
     func traceExits() throws {
         let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("pio-loop-1k"), "--trace-exits"])
