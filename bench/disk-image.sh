@@ -6,7 +6,7 @@
 # Self-contained: builds a release swiftlet with its own scratch path, makes the images in a
 # temporary folder with qemu-img/qemu-io (Debian: qemu-utils), and removes them afterwards.
 #
-#   bash bench/disk-image.sh            # 3 repetitions, best time of each reported
+#   bash bench/disk-image.sh            # 5 repetitions, best time of each reported
 #   REPS=5 SIZE=2G bash bench/disk-image.sh
 #
 # Timings are warm-cache (the images are read from the page cache), best of REPS; the two
@@ -14,16 +14,18 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-REPS=${REPS:-3}
+REPS=${REPS:-5}
 SIZE=${SIZE:-1G}
-SCRATCH=${SWIFTLET_BENCH_SCRATCH:-$ROOT/.build-bench-disk}
+SCRATCH=${SWIFTLET_BENCH_SCRATCH:-$ROOT/.build-bench-disk-static}
 
 for tool in qemu-img qemu-io; do
     command -v "$tool" >/dev/null || { echo "disk-image.sh: $tool not found (apt-get install qemu-utils)" >&2; exit 1; }
 done
 
-echo "== building swiftlet (release, scratch $SCRATCH)"
-swift build -c release --scratch-path "$SCRATCH" --product swiftlet >/dev/null
+# The Swift standard library is linked statically: it saves ~10 ms of dynamic loading per run,
+# which is most of the time on the sparse image (qemu-img is C and starts in a few ms).
+echo "== building swiftlet (release, static Swift stdlib, scratch $SCRATCH)"
+swift build -c release --static-swift-stdlib --scratch-path "$SCRATCH" --product swiftlet >/dev/null
 SWIFTLET="$SCRATCH/release/swiftlet"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/swiftlet-disk-bench.XXXXXX")
@@ -80,9 +82,11 @@ done
 
 echo
 echo "== 4 KiB random reads through the L2 cache (in process, warm)"
-for name in full compressed chain; do
+for name in full chain compressed; do
     printf '%-12s ' "$name"
-    "$SWIFTLET" image read-bench --reads 200000 "$name.qcow2"
+    # A compressed cluster is inflated whole for each 4 KiB read, so fewer reads there.
+    reads=200000; [ "$name" = compressed ] && reads=5000
+    "$SWIFTLET" image read-bench --reads "$reads" "$name.qcow2"
 done
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"

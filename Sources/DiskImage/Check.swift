@@ -23,7 +23,8 @@ extension QCOW2Image {
         let fileSize = try file.size()
         let clusters = (fileSize + clusterSize - 1) >> clusterBits
         var refs = [UInt32](repeating: 0, count: Int(clusters))
-        let h = header
+        // Re-read the header: writes may have moved the refcount table since this image was opened.
+        let h = try QCOW2Header.parse(file: file)
 
         func problem(_ s: String) { result.corruptions += 1; result.messages.append("ERROR " + s) }
         func reference(_ offset: UInt64, _ length: UInt64, _ what: String) {

@@ -4,6 +4,8 @@
 /// when allocating a cluster (new clusters are appended after the end of the file).
 struct WriterState: Sendable {
     var refcountTable: [UInt64] = []
+    /// Where the refcount table is now (it moves when it grows).
+    var refcountTableOffset: UInt64 = 0
     var nextFree: UInt64 = 0
 }
 
@@ -33,6 +35,7 @@ extension QCOW2Image {
         let fileSize = state.withLock { $0.fileSize }
         writer.withLock { w in
             w.refcountTable = table
+            w.refcountTableOffset = h.refcountTableOffset
             w.nextFree = (fileSize + clusterSize - 1) & ~(clusterSize - 1)
         }
         // The spec: a writer that does not maintain an autoclear feature must clear its bit first.
@@ -272,7 +275,7 @@ extension QCOW2Image {
         guard bits == 64 || value < (UInt64(1) << bits) else { throw DiskImageError.refcountOverflow(cluster: cluster) }
         let perBlock = refcountEntriesPerBlock
         let t = cluster / perBlock
-        guard t < UInt64(w.refcountTable.count) else { throw DiskImageError.refcountTableFull }
+        if t >= UInt64(w.refcountTable.count) { try growRefcountTable(covering: t, w: &w) }
         var block = try refcountBlock(Int(t), w: &w)
         if block == 0 {
             // New refcount block, placed after the end of the file. It describes itself if it can.
@@ -291,7 +294,7 @@ extension QCOW2Image {
             try file.sync()
             var entry = [UInt8](repeating: 0, count: 8)
             entry.setBE(block, at: 0)
-            try file.write(bytes: entry, at: header.refcountTableOffset + t * 8)
+            try file.write(bytes: entry, at: w.refcountTableOffset + t * 8)
             try file.sync()
             w.refcountTable[Int(t)] = block
         }
@@ -300,6 +303,76 @@ extension QCOW2Image {
         var bytes = try file.readBytes(width, at: block + byteOffset, what: "refcount block")
         encodeRefcount(&bytes, index: index, value: value, base: Int(byteOffset))
         try file.write(bytes: bytes, at: block + byteOffset)
+    }
+
+    /// Replaces the refcount table with a larger copy placed after the end of the file.
+    ///
+    /// Order: new refcount blocks and the new table are written (describing themselves and
+    /// everything the old table described), synced; then the header's two table fields are
+    /// switched in one write, synced; then the old table's clusters are released. A crash
+    /// before the switch leaves unreferenced clusters past the old table's reach; after it, a leak.
+    func growRefcountTable(covering needed: UInt64, w: inout WriterState) throws {
+        let perBlock = refcountEntriesPerBlock
+        let perTableCluster = clusterSize / 8
+        let oldCount = UInt64(w.refcountTable.count)
+        // Enough entries for `needed`, for everything up to the end of the file, and for the new
+        // table and its blocks themselves, with room to spare.
+        let endCluster = w.nextFree >> clusterBits
+        var entries = max(needed + 1, oldCount * 2, (endCluster + 2 * perTableCluster) / perBlock + 2)
+        entries = (entries + perTableCluster - 1) / perTableCluster * perTableCluster
+        let tableClusters = entries / perTableCluster
+        guard tableClusters * clusterSize <= QCOW2Header.maxRefcountTableBytes else {
+            throw DiskImageError.refcountTableFull
+        }
+        var table = w.refcountTable + [UInt64](repeating: 0, count: Int(entries - oldCount))
+        let tableOffset = w.nextFree
+        w.nextFree += tableClusters * clusterSize
+
+        // Refcounts for the new table's clusters and for any new blocks, kept in memory until written.
+        var newBlocks: [Int: [UInt8]] = [:]
+        var pending = (0..<tableClusters).map { (tableOffset >> clusterBits) + $0 }
+        while let cluster = pending.popLast() {
+            let t = Int(cluster / perBlock)
+            guard t < table.count else { throw DiskImageError.refcountTableFull }
+            if table[t] == 0 {
+                let block = w.nextFree
+                w.nextFree += clusterSize
+                table[t] = block
+                newBlocks[t] = [UInt8](repeating: 0, count: Int(clusterSize))
+                pending.append(block >> clusterBits)
+            }
+            let index = cluster % perBlock
+            if newBlocks[t] != nil {
+                encodeRefcount(&newBlocks[t]!, index: index, value: 1)
+            } else {
+                // An existing block: raising a refcount early can only leak.
+                let (byteOffset, width) = refcountLocation(index)
+                var bytes = try file.readBytes(width, at: table[t] + byteOffset, what: "refcount block")
+                encodeRefcount(&bytes, index: index, value: 1, base: Int(byteOffset))
+                try file.write(bytes: bytes, at: table[t] + byteOffset)
+            }
+        }
+        for (t, bytes) in newBlocks {
+            try file.write(bytes: bytes, at: table[t])
+            noteFileEnd(table[t] + clusterSize)
+        }
+        var tableBytes = [UInt8](repeating: 0, count: Int(tableClusters * clusterSize))
+        for (i, e) in table.enumerated() where e != 0 { tableBytes.setBE(e, at: i * 8) }
+        try file.write(bytes: tableBytes, at: tableOffset)
+        noteFileEnd(tableOffset + tableClusters * clusterSize)
+        try file.sync()
+
+        // Switch: refcount_table_offset (48) and refcount_table_clusters (56) in one 12-byte write.
+        var fields = [UInt8](repeating: 0, count: 12)
+        fields.setBE(tableOffset, at: 0)
+        fields.setBE(UInt32(tableClusters), at: 8)
+        try file.write(bytes: fields, at: 48)
+        try file.sync()
+        let oldOffset = w.refcountTableOffset
+        let oldBytes = oldCount * 8
+        w.refcountTable = table
+        w.refcountTableOffset = tableOffset
+        if oldBytes > 0 { try releaseRange(start: oldOffset, length: oldBytes, w: &w) }
     }
 
     /// Stores `value` for entry `index` into `bytes`, which start at byte `base` of the block.

@@ -156,6 +156,73 @@ struct WriteTests {
         }
     }
 
+    @Test("the refcount table grows when the file outgrows it", .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)),
+          arguments: [(64, 4 << 20), (32, 6 << 20)])
+    func refcountTableGrows(_ refcountBits: Int, _ size: Int) throws {
+        // 512-byte clusters: one table cluster (64 blocks) of 64-bit refcounts describes 2 MiB of file,
+        // of 32-bit refcounts 4 MiB.
+        let dir = try Support.TempDir()
+        let path = dir.file("grow.qcow2")
+        try Support.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=\(refcountBits)", path, "\(size)")
+        var model = [UInt8](repeating: 0, count: size)
+        do {
+            let dev = try #require(try DiskImage.open(path: path, readOnly: false) as? QCOW2Image)
+            let tableBefore = dev.header.refcountTableOffset
+            // Sequential 64 KiB writes fill the disk, so the file must grow past what the table covers.
+            for off in stride(from: 0, to: size, by: 65536) {
+                let data = [UInt8](repeating: UInt8(truncatingIfNeeded: off >> 16 | 1), count: 65536)
+                try data.withUnsafeBytes { try dev.write($0, at: UInt64(off)) }
+                model.replaceSubrange(off..<(off + 65536), with: data)
+            }
+            try dev.flush()
+            let header = try QCOW2Header.parse(file: try ImageFile(path: path, writable: false))
+            #expect(header.refcountTableOffset != tableBefore)
+            #expect(try dev.check().exitStatus == 0)
+        }
+        try Self.expectQemuHappy(path, model: model, in: dir)
+    }
+
+    @Test("a crash while the refcount table grows leaves at worst leaks",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)))
+    func crashWhileGrowing() throws {
+        let dir = try Support.TempDir()
+        let seed = dir.file("seed.qcow2")
+        try Support.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", seed, "4M")
+        // Fill until the next allocation needs a larger table: 2 MiB of file is the limit here.
+        var filled = 0
+        do {
+            let dev = try #require(try DiskImage.open(path: seed, readOnly: false) as? QCOW2Image)
+            let data = [UInt8](repeating: 0x5a, count: 512)
+            while try dev.file.size() < (2 << 20) - 2048 {
+                try data.withUnsafeBytes { try dev.write($0, at: UInt64(filled)) }
+                filled += 512
+            }
+        }
+        #expect(try Support.qemuImg("check", seed).status == 0)
+        var budget = 0, completed = false, sawGrowth = false
+        while !completed && budget < 400 {
+            let path = dir.file("crash-\(budget).qcow2")
+            try Support.copy(seed, to: path)
+            do {
+                let dev = try #require(try DiskImage.open(path: path, readOnly: false) as? QCOW2Image)
+                let before = dev.header.refcountTableOffset
+                dev.file.writeBudget.store(budget, ordering: .relaxed)
+                do {
+                    let data = [UInt8](repeating: 0xc3, count: 8192)
+                    try data.withUnsafeBytes { try dev.write($0, at: UInt64(filled)) }
+                    try dev.flush()
+                    completed = true
+                    sawGrowth = try QCOW2Header.parse(file: dev.file).refcountTableOffset != before
+                } catch DiskImageError.io(let op, _, _) where op.contains("simulated crash") {}
+            }
+            let check = try Support.qemuImg("check", path)
+            #expect(check.status == 0 || check.status == 3, "crash after \(budget) writes: \(check.stdout)")
+            try? FileManager.default.removeItem(atPath: path)
+            budget += 1
+        }
+        #expect(completed && sawGrowth)
+    }
+
     @Test("autoclear bits are cleared when opening for writing")
     func autoclearCleared() throws {
         let dir = try Support.TempDir()
