@@ -9,8 +9,9 @@
 #   bash bench/disk-image.sh            # 5 repetitions, best time of each reported
 #   REPS=5 SIZE=2G bash bench/disk-image.sh
 #
-# Timings are warm-cache (the images are read from the page cache), best of REPS; the two
-# tools alternate repetition by repetition so background load hits both alike.
+# Timings are warm-cache (the images are read from the page cache), best of REPS, both wall-clock
+# and CPU (user + system over all threads, which background load disturbs less); the two tools
+# alternate repetition by repetition so background load hits both alike.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,52 +33,67 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/swiftlet-disk-bench.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 
-echo "== making $SIZE images in $WORK"
-bytes=$(numfmt --from=iec "$SIZE")
-# Incompressible data for the allocated image and the chain's base.
-head -c "$bytes" /dev/urandom > random.raw
-# Text-like data that deflate shrinks about 3x, for the compressed image.
-(seq 1 1000000000 || true) | head -c "$bytes" > text.raw
+if [ -n "${BENCH_IMAGES:-}" ]; then
+    # Reuse images made by an earlier run (kept in that folder): BENCH_IMAGES=/path bash bench/disk-image.sh
+    for name in full sparse compressed chain; do ln -s "$BENCH_IMAGES/$name.qcow2" .; done
+    ln -s "$BENCH_IMAGES/base.qcow2" "$BENCH_IMAGES/mid.qcow2" .
+else
+    echo "== making $SIZE images in $WORK"
+    bytes=$(numfmt --from=iec "$SIZE")
+    # Incompressible data for the allocated image and the chain's base.
+    head -c "$bytes" /dev/urandom > random.raw
+    # Text-like data that deflate shrinks about 3x, for the compressed image.
+    (seq 1 1000000000 || true) | head -c "$bytes" > text.raw
 
-qemu-img convert -O qcow2 random.raw full.qcow2
-qemu-img convert -c -O qcow2 -m 16 text.raw compressed.qcow2
-qemu-img create -q -f qcow2 sparse.qcow2 "$SIZE"
-args=()
-for ((i = 0; i < 64; i++)); do args+=(-c "write -P $((i + 1)) $((i * bytes / 64)) 64k"); done
-qemu-io -f qcow2 "${args[@]}" sparse.qcow2 >/dev/null
-# Chain: base (all data) <- mid (an eighth rewritten) <- top (another eighth rewritten).
-qemu-img convert -O qcow2 random.raw base.qcow2
-qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
-qemu-io -f qcow2 -c "write -P 0x11 $((bytes / 4)) $((bytes / 8))" mid.qcow2 >/dev/null
-qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 chain.qcow2
-qemu-io -f qcow2 -c "write -P 0x22 $((bytes * 5 / 8)) $((bytes / 8))" chain.qcow2 >/dev/null
-rm -f random.raw text.raw
+    qemu-img convert -O qcow2 random.raw full.qcow2
+    qemu-img convert -c -O qcow2 -m 16 text.raw compressed.qcow2
+    qemu-img create -q -f qcow2 sparse.qcow2 "$SIZE"
+    args=()
+    for ((i = 0; i < 64; i++)); do args+=(-c "write -P $((i + 1)) $((i * bytes / 64)) 64k"); done
+    qemu-io -f qcow2 "${args[@]}" sparse.qcow2 >/dev/null
+    # Chain: base (all data) <- mid (an eighth rewritten) <- top (another eighth rewritten).
+    qemu-img convert -O qcow2 random.raw base.qcow2
+    qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
+    qemu-io -f qcow2 -c "write -P 0x11 $((bytes / 4)) $((bytes / 8))" mid.qcow2 >/dev/null
+    qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 chain.qcow2
+    qemu-io -f qcow2 -c "write -P 0x22 $((bytes * 5 / 8)) $((bytes / 8))" chain.qcow2 >/dev/null
+    rm -f random.raw text.raw
+fi
 
-now() { date +%s.%N; }
-best_qemu=() best_ours=()
+# One timed run: prints "real cpu" (cpu = user + system, summed over all threads).
+timed() {
+    /usr/bin/time -f '%e %U %S' -o time.out "$@" >/dev/null
+    awk '{printf "%.3f %.3f\n", $1, $2 + $3}' time.out
+}
+min() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b) ? a : b }'; }
+
+load_before=$(cut -d' ' -f1 /proc/loadavg)
 images=(full sparse compressed chain)
+declare -A qr qc sr sc
 for name in "${images[@]}"; do
     # Byte-identical check first.
     qemu-img convert -O raw "$name.qcow2" q.raw
     "$SWIFTLET" image convert --no-progress "$name.qcow2" s.raw
     cmp -s q.raw s.raw || { echo "disk-image.sh: $name: outputs differ" >&2; exit 1; }
     rm -f q.raw s.raw
-    bq=999999 bs=999999
+    qr[$name]=999 qc[$name]=999 sr[$name]=999 sc[$name]=999
     for ((r = 0; r < REPS; r++)); do
-        t0=$(now); qemu-img convert -O raw "$name.qcow2" q.raw; t1=$(now); rm -f q.raw
-        t2=$(now); "$SWIFTLET" image convert --no-progress "$name.qcow2" s.raw; t3=$(now); rm -f s.raw
-        bq=$(echo "$t1 - $t0" | bc -l | awk -v b="$bq" '{print ($1 < b) ? $1 : b}')
-        bs=$(echo "$t3 - $t2" | bc -l | awk -v b="$bs" '{print ($1 < b) ? $1 : b}')
+        read -r real cpu < <(timed qemu-img convert -O raw "$name.qcow2" q.raw); rm -f q.raw
+        qr[$name]=$(min "${qr[$name]}" "$real"); qc[$name]=$(min "${qc[$name]}" "$cpu")
+        read -r real cpu < <(timed "$SWIFTLET" image convert --no-progress "$name.qcow2" s.raw); rm -f s.raw
+        sr[$name]=$(min "${sr[$name]}" "$real"); sc[$name]=$(min "${sc[$name]}" "$cpu")
     done
-    best_qemu+=("$bq") best_ours+=("$bs")
 done
+load_after=$(cut -d' ' -f1 /proc/loadavg)
 
 echo
-echo "== convert to raw, $SIZE virtual, best of $REPS (seconds; ratio > 1 means swiftlet is faster)"
-printf '%-12s %12s %12s %8s\n' image qemu-img swiftlet ratio
-for i in "${!images[@]}"; do
-    printf '%-12s %12.3f %12.3f %8.2f\n' "${images[$i]}" "${best_qemu[$i]}" "${best_ours[$i]}" \
-        "$(echo "${best_qemu[$i]} / ${best_ours[$i]}" | bc -l)"
+echo "== convert to raw, $SIZE virtual, best of $REPS; seconds (ratio > 1: swiftlet is faster)"
+echo "   load average before/after: $load_before / $load_after on $(nproc) cores"
+printf '%-12s %10s %10s %7s   %10s %10s %7s\n' image "qemu real" "ours real" ratio "qemu cpu" "ours cpu" ratio
+for name in "${images[@]}"; do
+    printf '%-12s %10.3f %10.3f %7.2f   %10.3f %10.3f %7.2f\n' "$name" \
+        "${qr[$name]}" "${sr[$name]}" "$(awk -v a="${qr[$name]}" -v b="${sr[$name]}" 'BEGIN { print a / b }')" \
+        "${qc[$name]}" "${sc[$name]}" "$(awk -v a="${qc[$name]}" -v b="${sc[$name]}" 'BEGIN { print (b > 0) ? a / b : 0 }')"
 done
 
 echo

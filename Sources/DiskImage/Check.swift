@@ -10,6 +10,9 @@ public struct CheckResult: Sendable {
     public var messages: [String] = []
     public var allocatedClusters: UInt64 = 0
     public var totalClusters: UInt64 = 0
+    /// Per host cluster: references found, and refcount stored (used to repair a dirty image).
+    var references: [UInt32] = []
+    var storedRefcounts: [UInt64] = []
 
     /// The exit status `qemu-img check` would use: 0 clean, 2 corruptions, 3 leaks only.
     public var exitStatus: Int32 { corruptions > 0 ? 2 : (leaks > 0 ? 3 : 0) }
@@ -135,6 +138,8 @@ extension QCOW2Image {
             }
         }
         result.totalClusters = h.size / clusterSize + (h.size % clusterSize == 0 ? 0 : 1)
+        result.references = refs
+        result.storedRefcounts = stored
         return result
     }
 
@@ -154,5 +159,27 @@ extension QCOW2Image {
             offset += (len + 7) & ~7
         }
         return offset - header.snapshotsOffset
+    }
+
+    /// Makes the refcounts of an image with the dirty bit (lazy refcounts) match its references,
+    /// then clears the bit, as the spec asks before an image with the dirty bit is written.
+    /// A crash before the bit is cleared just means the repair runs again next time.
+    func repairDirtyImage() throws {
+        let before = try check()
+        try writer.withLock { w in
+            for (c, r) in before.references.enumerated() where UInt64(r) != before.storedRefcounts[c] {
+                try setRefcount(cluster: UInt64(c), UInt64(r), w: &w)
+            }
+        }
+        try file.sync()
+        let after = try check()
+        guard after.exitStatus == 0 else {
+            throw DiskImageError.corruptMetadata(
+                "the dirty image cannot be repaired: \(after.messages.first ?? "check failed")")
+        }
+        var bits = [UInt8](repeating: 0, count: 8)
+        bits.setBE(header.incompatibleFeatures & ~QCOW2Header.incompatDirty, at: 0)
+        try file.write(bytes: bits, at: 72)
+        try file.sync()
     }
 }

@@ -39,7 +39,6 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
 
     // State bits that forbid writing.
     case imageCorrupt(path: String)
-    case imageDirty(path: String)
 
     // Metadata read at run time.
     case corruptMetadata(String)
@@ -117,8 +116,6 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
             return "qcow2: no snapshot named '\(name)'"
         case let .imageCorrupt(path):
             return "\(path): image is marked corrupt; it can only be opened read-only (repair: qemu-img check -r all)"
-        case let .imageDirty(path):
-            return "\(path): image has the dirty bit set (lazy refcounts); repair with qemu-img check -r all before writing"
         case let .corruptMetadata(what):
             return "qcow2 metadata is corrupt: \(what)"
         case let .decompressionFailed(offset, reason):

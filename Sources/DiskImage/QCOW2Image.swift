@@ -64,7 +64,6 @@ public final class QCOW2Image: BlockDevice {
 
         if file.writable {
             guard !h.isCorrupt else { throw DiskImageError.imageCorrupt(path: file.path) }
-            guard !h.isDirty else { throw DiskImageError.imageDirty(path: file.path) }
         }
         self.isReadOnly = !file.writable
 
@@ -104,7 +103,10 @@ public final class QCOW2Image: BlockDevice {
         } else {
             self.backing = nil
         }
-        if file.writable { try prepareForWriting() }
+        if file.writable {
+            try prepareForWriting()
+            if h.isDirty { try repairDirtyImage() }
+        }
     }
 
     /// Most L2 tables kept in memory at once (at most 4 MiB, or 16 tables).

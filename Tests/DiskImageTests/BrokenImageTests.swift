@@ -214,15 +214,20 @@ struct BrokenImageTests {
         #expect(try Support.readAll(dev) == TestImage.expectedContents)
     }
 
-    @Test("the dirty bit opens read-only, refuses read-write")
+    @Test("a dirty image reads as is, and is repaired when opened for writing")
     func dirtyBit() throws {
         let dir = try Support.TempDir()
         let path = dir.file("dirty.qcow2")
         var img = TestImage()
         img.put64(1 << 0, at: TestImage.incompatible)
+        img.put16(0, at: 2 * TestImage.clusterSize + 10)  // Data cluster 5: refcount 0 (a lazy refcount).
         try img.write(to: path)
-        #expect(throws: DiskImageError.imageDirty(path: path)) { _ = try DiskImage.open(path: path, readOnly: false) }
         #expect(try Support.readAll(try DiskImage.open(path: path)) == TestImage.expectedContents)
+        let dev = try #require(try DiskImage.open(path: path, readOnly: false) as? QCOW2Image)
+        #expect(try dev.check().exitStatus == 0)
+        #expect(try QCOW2Header.parse(file: try ImageFile(path: path, writable: false)).isDirty == false)
+        #expect(try Support.readAll(dev) == TestImage.expectedContents)
+        if Support.hasQemuImg { #expect(try Support.qemuImg("check", path).status == 0) }
     }
 
     @Test("a backing chain deeper than the limit is refused")

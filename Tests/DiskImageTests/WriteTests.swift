@@ -223,6 +223,28 @@ struct WriteTests {
         #expect(completed && sawGrowth)
     }
 
+    @Test("an image QEMU left dirty (lazy refcounts, killed) is repaired, then written",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)))
+    func qemuDirtyImage() throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("lazy.qcow2")
+        try Support.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k,lazy_refcounts=on", path, "1M")
+        // qemu-io dies before it can write the refcounts back: the image is dirty and its refcounts too low.
+        _ = try Support.qemuIO("-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "write -P 0x6b 512k 8k",
+                               "-c", "sigraise 9", path)
+        let dirty = try QCOW2Header.parse(file: try ImageFile(path: path, writable: false))
+        try #require(dirty.isDirty, "qemu-io did not leave the image dirty")
+        #expect(try Support.qemuImg("check", path).status != 0)
+        var model = try Support.readAll(try DiskImage.open(path: path))
+        #expect(model[0] == 0x5a && model[512 * 1024] == 0x6b)
+        do {
+            let dev = try DiskImage.open(path: path, readOnly: false)
+            try Self.randomWrites(dev, model: &model, count: 10, maxLength: 10000, seed: 11)
+        }
+        #expect(try QCOW2Header.parse(file: try ImageFile(path: path, writable: false)).isDirty == false)
+        try Self.expectQemuHappy(path, model: model, in: dir)
+    }
+
     @Test("autoclear bits are cleared when opening for writing")
     func autoclearCleared() throws {
         let dir = try Support.TempDir()
