@@ -30,7 +30,7 @@ extension QCOW2Image {
         let h = try QCOW2Header.parse(file: file)
 
         func problem(_ s: String) { result.corruptions += 1; result.messages.append("ERROR " + s) }
-        func reference(_ offset: UInt64, _ length: UInt64, _ what: String) {
+        func reference(_ offset: UInt64, _ length: UInt64, _ what: String, times: UInt32 = 1) {
             guard length > 0 else { return }
             let (end, overflow) = offset.addingReportingOverflow(length)
             guard !overflow, end <= clusters << clusterBits else {
@@ -39,7 +39,7 @@ extension QCOW2Image {
             }
             var c = offset >> clusterBits
             while c <= (end - 1) >> clusterBits {
-                refs[Int(c)] &+= 1
+                refs[Int(c)] &+= times
                 c += 1
             }
         }
@@ -62,6 +62,11 @@ extension QCOW2Image {
         // Data clusters of the active L1 table whose COPIED flag must match refcount == 1.
         var copiedChecks: [(cluster: UInt64, copied: Bool, what: String)] = []
         let shift = 62 - (clusterBits - 8)
+        // Each L2 table is read once however many L1 tables share it; its data clusters get one
+        // reference per sharing L1 entry. This keeps the walk bounded by the file's size even when a
+        // hostile snapshot table makes thousands of L1 tables point at the same L2 tables.
+        var l2Users: [UInt64: UInt32] = [:]
+        var activeL2 = Set<UInt64>()
         func walkL1(offset: UInt64, size: UInt32, active: Bool, name: String) throws {
             reference(offset, UInt64(size) * 8, "\(name) L1 table")
             let l1 = try readTable(offset, Int(size))
@@ -71,25 +76,31 @@ extension QCOW2Image {
                 guard l2 & (clusterSize - 1) == 0 else { problem("\(name) L2 table 0x\(hex(l2)) is not cluster-aligned"); continue }
                 guard l2 < fileSize else { problem("\(name) L2 table 0x\(hex(l2)) is outside the file"); continue }
                 reference(l2, clusterSize, "\(name) L2 table")
-                if active { copiedChecks.append((l2 >> clusterBits, e & Self.copiedFlag != 0, "L2 table 0x\(hex(l2))")) }
-                let table = try readTable(l2, Int(clusterSize / 8))
-                let step = extended ? 2 : 1
-                for j in stride(from: 0, to: table.count, by: step) {
-                    let entry = table[j]
-                    if entry & Self.compressedFlag != 0 {
-                        if entry & Self.copiedFlag != 0 { problem("compressed cluster entry 0x\(hex(entry)) has the COPIED flag") }
-                        let coffset = entry & ((1 << shift) - 1)
-                        let sectors = ((entry >> shift) & ((1 << (clusterBits - 8)) - 1)) + 1
-                        reference(coffset & ~511, sectors * 512, "compressed cluster")
-                        continue
-                    }
-                    let host = entry & Self.offsetMask
-                    guard host != 0 else { continue }
-                    if entry & Self.l2ReservedMask != 0 { problem("L2 entry 0x\(hex(entry)) has reserved bits set") }
-                    guard host & (clusterSize - 1) == 0 else { problem("data cluster 0x\(hex(host)) is not cluster-aligned"); continue }
-                    reference(host, clusterSize, "data cluster")
-                    if active { copiedChecks.append((host >> clusterBits, entry & Self.copiedFlag != 0, "data cluster 0x\(hex(host))")) }
+                l2Users[l2, default: 0] &+= 1
+                if active {
+                    activeL2.insert(l2)
+                    copiedChecks.append((l2 >> clusterBits, e & Self.copiedFlag != 0, "L2 table 0x\(hex(l2))"))
                 }
+            }
+        }
+        func walkL2(_ l2: UInt64, users: UInt32, active: Bool) throws {
+            let table = try readTable(l2, Int(clusterSize / 8))
+            let step = extended ? 2 : 1
+            for j in stride(from: 0, to: table.count, by: step) {
+                let entry = table[j]
+                if entry & Self.compressedFlag != 0 {
+                    if entry & Self.copiedFlag != 0 { problem("compressed cluster entry 0x\(hex(entry)) has the COPIED flag") }
+                    let coffset = entry & ((1 << shift) - 1)
+                    let sectors = ((entry >> shift) & ((1 << (clusterBits - 8)) - 1)) + 1
+                    reference(coffset & ~511, sectors * 512, "compressed cluster", times: users)
+                    continue
+                }
+                let host = entry & Self.offsetMask
+                guard host != 0 else { continue }
+                if entry & Self.l2ReservedMask != 0 { problem("L2 entry 0x\(hex(entry)) has reserved bits set") }
+                guard host & (clusterSize - 1) == 0 else { problem("data cluster 0x\(hex(host)) is not cluster-aligned"); continue }
+                reference(host, clusterSize, "data cluster", times: users)
+                if active { copiedChecks.append((host >> clusterBits, entry & Self.copiedFlag != 0, "data cluster 0x\(hex(host))")) }
             }
         }
         try walkL1(offset: h.l1TableOffset, size: h.l1Size, active: true, name: "active")
@@ -98,6 +109,9 @@ extension QCOW2Image {
                 try walkL1(offset: s.l1TableOffset, size: s.l1Size, active: false, name: "snapshot '\(s.name)'")
             }
             reference(h.snapshotsOffset, try snapshotTableLength(), "snapshot table")
+        }
+        for (l2, users) in l2Users.sorted(by: { $0.key < $1.key }) {
+            try walkL2(l2, users: users, active: activeL2.contains(l2))
         }
         if h.bitmapCount > 0 {
             result.messages.append("note: \(h.bitmapCount) persistent bitmaps are not checked")

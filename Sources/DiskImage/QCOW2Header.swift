@@ -11,6 +11,7 @@ public struct QCOW2Header: Sendable {
     public static let maxSnapshots: UInt32 = 65536
     public static let maxSnapshotExtraData: UInt32 = 1024
     public static let maxBackingNameLength: UInt32 = 1023
+    public static let maxTotalSnapshotL1Entries: UInt64 = 1 << 27
 
     // Header extension types.
     public static let extEnd: UInt32 = 0
@@ -209,6 +210,12 @@ public struct QCOW2Header: Sendable {
             try validateTable("snapshot table", offset: h.snapshotsOffset, bytes: UInt64(h.snapshotCount) * 40,
                               clusterSize: clusterSize, fileSize: fileSize)
             h.snapshots = try QCOW2Snapshot.readTable(file: file, header: h, fileSize: fileSize)
+            // Each snapshot's L1 table is bounded; so is their sum (1 GiB of entries), so walking them all stays cheap.
+            let total = h.snapshots.reduce(UInt64(0)) { $0 + UInt64($1.l1Size) }
+            guard total <= maxTotalSnapshotL1Entries else {
+                throw DiskImageError.tableTooLarge(table: "snapshot L1 tables (all together)", entries: total,
+                                                   limit: maxTotalSnapshotL1Entries)
+            }
         }
         return h
     }

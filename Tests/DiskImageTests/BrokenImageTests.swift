@@ -119,6 +119,21 @@ let brokenCorpus: [BrokenCase] = [
                    img.put64(3 * cs + 1, at: 7 * Int(cs))
                    img.put32(1, at: 7 * Int(cs) + 8)
                }, expected: { _ in .badSnapshot(index: 0, reason: "qcow2 header: snapshot L1 table offset 0x3001 is not cluster-aligned") }),
+    BrokenCase(name: "snapshot L1 tables too large all together", mutate: { img in
+                   // 33 snapshots, each with the largest L1 table allowed (4 Mi entries), all at one offset.
+                   img.bytes += [UInt8](repeating: 0, count: 33 << 20)
+                   img.put32(33, at: TestImage.snapshotCount)
+                   img.put64(7 * cs, at: TestImage.snapshotsOffset)
+                   for k in 0..<33 {
+                       let e = 7 * Int(cs) + k * 48
+                       img.put64(8 * cs, at: e)
+                       img.put32(4 << 20, at: e + 8)
+                       img.put16(1, at: e + 12)
+                       img.put16(1, at: e + 14)
+                       img.put8(0x31, at: e + 40)
+                       img.put8(0x73, at: e + 41)
+                   }
+               }, expected: { _ in .tableTooLarge(table: "snapshot L1 tables (all together)", entries: 33 << 22, limit: 1 << 27) }),
     BrokenCase(name: "L2 table misaligned", mutate: { $0.put64(4 * cs + 512 | 1 << 63, at: 3 * Int(cs)) },
                expected: { _ in .corruptMetadata("L2 table offset 0x4200 in L1 entry 0 is not cluster-aligned") }),
     BrokenCase(name: "L2 table beyond end of file", mutate: { $0.put64(1 << 40 | 1 << 63, at: 3 * Int(cs)) },
