@@ -1,4 +1,3 @@
-import Dispatch
 import Synchronization
 
 #if canImport(Glibc)
@@ -62,7 +61,7 @@ extension QCOW2Image {
 
 /// Copies a block device's guest contents into a raw file, in parallel.
 ///
-/// Owns nothing beyond one call: workers take 2 MiB chunks in order from a shared counter,
+/// Owns nothing beyond one call: worker threads take 2 MiB chunks in order from a shared counter,
 /// read them through the device (which decompresses clusters independently on each worker's
 /// thread), and write only the chunks that are not all zero, leaving holes like `qemu-img`.
 public enum RawConverter {
@@ -80,12 +79,15 @@ public enum RawConverter {
             throw DiskImageError.io(operation: "ftruncate", path: path, errno: errno)
         }
         let chunks = Int((total + UInt64(chunkSize) - 1) / UInt64(chunkSize))
-        let workers = max(1, min(threads > 0 ? threads : System.activeProcessorCount, max(chunks, 1)))
+        // By default twice as many workers as cores, at least 4: a worker waiting for the disk
+        // leaves its core to another that is decompressing (qemu-img keeps 8 requests in flight).
+        let wanted = threads > 0 ? threads : max(4, 2 * System.activeProcessorCount)
+        let workers = max(1, min(wanted, max(chunks, 1)))
         let next = Atomic<Int>(0)
         let done = Atomic<UInt64>(0)
         let failure = Mutex<DiskImageError?>(nil)
 
-        DispatchQueue.concurrentPerform(iterations: workers) { _ in
+        runThreads(workers) { _ in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             defer { buffer.deallocate() }
             while true {
@@ -172,6 +174,33 @@ public enum RawConverter {
         for j in (words * 8)..<buffer.count { acc |= UInt64(buffer[j]) }
         return acc == 0
     }
+}
+
+/// Runs `body(0..<count)` on `count` dedicated threads and waits for all of them.
+/// (Dispatch's concurrentPerform would cap the parallelism at the core count.)
+func runThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
+    /// What one thread runs; owned by that thread once started.
+    final class Work: Sendable {
+        let run: @Sendable () -> Void
+        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+    }
+    var threads: [pthread_t] = []
+    for i in 0..<count {
+        let work = Unmanaged.passRetained(Work { body(i) })
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { arg in
+            guard let arg else { return nil }
+            Unmanaged<Work>.fromOpaque(arg).takeRetainedValue().run()
+            return nil
+        }, work.toOpaque())
+        if rc == 0 {
+            threads.append(thread)
+        } else {
+            work.release()
+            body(i)  // No thread to be had: do this share here.
+        }
+    }
+    for t in threads { pthread_join(t, nil) }
 }
 
 /// The machine's processor count, without Foundation.
