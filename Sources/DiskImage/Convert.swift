@@ -86,6 +86,7 @@ public enum RawConverter {
         let next = Atomic<Int>(0)
         let done = Atomic<UInt64>(0)
         let failure = Mutex<DiskImageError?>(nil)
+        let writeLock = Mutex<Void>(())
 
         runThreads(workers) { _ in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
@@ -96,7 +97,7 @@ public enum RawConverter {
                 let offset = UInt64(chunk) * UInt64(chunkSize)
                 let n = Int(min(UInt64(chunkSize), total - offset))
                 do {
-                    try copyChunk(source, offset: offset, count: n, buffer: buffer, fd: fd, path: path)
+                    try copyChunk(source, offset: offset, count: n, buffer: buffer, fd: fd, path: path, writeLock: writeLock)
                 } catch let e as DiskImageError {
                     failure.withLock { if $0 == nil { $0 = e } }
                     return
@@ -118,7 +119,14 @@ public enum RawConverter {
     /// Copies guest bytes `[offset, offset+count)`: spans not known to be zero are read in one call each,
     /// and only their non-zero 4 KiB blocks are written.
     static func copyChunk(_ source: any BlockDevice, offset: UInt64, count: Int, buffer: UnsafeMutableRawBufferPointer,
-                          fd: Int32, path: String) throws {
+                          fd: Int32, path: String, writeLock: borrowing Mutex<Void>) throws {
+        func write(_ range: Range<Int>) throws {
+            // One writer at a time: concurrent pwrites to one file contend on its inode lock in the
+            // kernel, which spins and burns the cores the other workers need for reading and inflating.
+            try writeLock.withLock { _ in
+                try writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[range]), at: offset + UInt64(range.lowerBound), path: path)
+            }
+        }
         func knownZero(_ p: Int) throws -> Bool {
             try source.isKnownZero(at: offset + UInt64(p), length: UInt64(min(pieceSize, count - p)))
         }
@@ -137,13 +145,13 @@ public enum RawConverter {
                 let zero = isAllZero(UnsafeRawBufferPointer(rebasing: buffer[b..<e]))
                 if !zero && runStart < 0 { runStart = b }
                 if zero && runStart >= 0 {
-                    try writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[runStart..<b]), at: offset + UInt64(runStart), path: path)
+                    try write(runStart..<b)
                     runStart = -1
                 }
                 b = e
             }
             if runStart >= 0 {
-                try writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[runStart..<q]), at: offset + UInt64(runStart), path: path)
+                try write(runStart..<q)
             }
             p = q
         }
