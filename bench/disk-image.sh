@@ -62,8 +62,10 @@ fi
 
 # One timed run: prints "real cpu" (cpu = user + system, summed over all threads).
 timed() {
-    /usr/bin/time -f '%e %U %S' -o time.out "$@" >/dev/null
-    awk '{printf "%.3f %.3f\n", $1, $2 + $3}' time.out
+    local t0=$EPOCHREALTIME
+    /usr/bin/time -f '%U %S' -o time.out "$@" >/dev/null
+    local t1=$EPOCHREALTIME
+    awk -v a="$t0" -v b="$t1" '{printf "%.4f %.2f\n", b - a, $1 + $2}' time.out
 }
 min() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b) ? a : b }'; }
 
@@ -87,13 +89,13 @@ done
 load_after=$(cut -d' ' -f1 /proc/loadavg)
 
 echo
-echo "== convert to raw, $SIZE virtual, best of $REPS; seconds (ratio > 1: swiftlet is faster)"
+echo "== convert to raw, $SIZE virtual, best of $REPS; seconds (ratio = qemu-img / swiftlet, > 1: swiftlet is faster)"
 echo "   load average before/after: $load_before / $load_after on $(nproc) cores"
 printf '%-12s %10s %10s %7s   %10s %10s %7s\n' image "qemu real" "ours real" ratio "qemu cpu" "ours cpu" ratio
 for name in "${images[@]}"; do
-    printf '%-12s %10.3f %10.3f %7.2f   %10.3f %10.3f %7.2f\n' "$name" \
+    printf '%-12s %10.4f %10.4f %7.2f   %10.2f %10.2f %7s\n' "$name" \
         "${qr[$name]}" "${sr[$name]}" "$(awk -v a="${qr[$name]}" -v b="${sr[$name]}" 'BEGIN { print a / b }')" \
-        "${qc[$name]}" "${sc[$name]}" "$(awk -v a="${qc[$name]}" -v b="${sc[$name]}" 'BEGIN { print (b > 0) ? a / b : 0 }')"
+        "${qc[$name]}" "${sc[$name]}" "$(awk -v a="${qc[$name]}" -v b="${sc[$name]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
 done
 
 echo
