@@ -76,9 +76,8 @@ public final class VCPU: @unchecked Sendable {
             return .io(port: io.port, isWrite: io.direction == CKVM_EXIT_IO_OUT, size: Int(io.size), count: Int(io.count), data: data)
         case CKVM_EXIT_MMIO:
             let length = min(Int(state.mmio.len), 8)
-            let base = UnsafeMutableRawPointer(runArea) + MemoryLayout<kvm_run>.offset(of: \kvm_run.mmio.data)!
             return .mmio(address: state.mmio.phys_addr, isWrite: state.mmio.is_write != 0,
-                         data: UnsafeMutableRawBufferPointer(start: base, count: length))
+                         data: UnsafeMutableRawBufferPointer(start: ckvm_run_mmio_data(runArea), count: length))
         case CKVM_EXIT_HLT: return .halt
         case CKVM_EXIT_SHUTDOWN: return .shutdown
         case CKVM_EXIT_FAIL_ENTRY:

@@ -60,7 +60,8 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("An initrd (Linux) or module 0 (Multiboot) to load with --kernel.", valueName: "file"))
     var initrd: String?
 
-    @Option(name: .long, help: ArgumentHelp("The kernel command line. For Linux the default is '\(RunCommand.defaultLinuxCmdline)'.", valueName: "text"))
+    @Option(name: .long, parsing: .unconditional,
+            help: ArgumentHelp("The kernel command line (may start with '-'). For Linux the default is '\(RunCommand.defaultLinuxCmdline)'; a Multiboot kernel gets its file name, then this text.", valueName: "text"))
     var cmdline: String?
 
     @Flag(name: .long, inversion: .prefixedNo, help: "Unpack a compressed bzImage on the host and enter the vmlinux inside, skipping the kernel's own decompressor.")
@@ -111,7 +112,12 @@ struct RunCommand: ParsableCommand {
             let initrdBytes = try initrd.map { try readFile($0, what: "initrd") }
             let format = KernelImage.detect(bytes)
             let isLinux = format == .bzImage || format == .elf64 || format == .elf32
-            let options = BootOptions(cmdline: cmdline ?? (isLinux ? Self.defaultLinuxCmdline : ""),
+            // A Multiboot loader passes the kernel's file name first, then the arguments,
+            // as GRUB and QEMU do; kvm-unit-tests reads its argv that way.
+            let commandLine = format == .multiboot
+                ? ([kernel] + (cmdline.map { [$0] } ?? [])).joined(separator: " ")
+                : cmdline ?? (isLinux ? Self.defaultLinuxCmdline : "")
+            let options = BootOptions(cmdline: commandLine,
                                       initrd: initrdBytes, cpuCount: cpus, decompressOnHost: decompressOnHost,
                                       linuxEntry: linuxEntry.entry)
             payload = .kernel(bytes, options)

@@ -125,6 +125,11 @@ static inline uint8_t *ckvm_run_io_data(struct kvm_run *run) {
     return (uint8_t *)run + run->io.data_offset;
 }
 
+/// The data bytes of a KVM_EXIT_MMIO exit (mmio.data, 8 bytes, in the run area's union).
+static inline uint8_t *ckvm_run_mmio_data(struct kvm_run *run) {
+    return run->mmio.data;
+}
+
 // --- Signals ------------------------------------------------------------------------------------
 /// Installs a no-op handler (without SA_RESTART) for `signal`, so that sending it to a vCPU
 /// thread interrupts KVM_RUN with EINTR instead of killing the process.
