@@ -113,8 +113,17 @@ extension QCOW2Image {
         for (l2, users) in l2Users.sorted(by: { $0.key < $1.key }) {
             try walkL2(l2, users: users, active: activeL2.contains(l2))
         }
+        // Persistent bitmaps: the directory, each bitmap's table, and the table's data clusters.
         if h.bitmapCount > 0 {
-            result.messages.append("note: \(h.bitmapCount) persistent bitmaps are not checked")
+            reference(h.bitmapDirectoryOffset, h.bitmapDirectorySize, "bitmap directory")
+            for b in try BitmapDirectoryEntry.read(file: file, header: h) {
+                reference(b.tableOffset, UInt64(b.tableEntries) * 8, "bitmap table")
+                for e in try readTable(b.tableOffset, Int(b.tableEntries)) where e & Self.offsetMask != 0 {
+                    let data = e & Self.offsetMask
+                    guard data & (clusterSize - 1) == 0 else { problem("bitmap data cluster 0x\(hex(data)) is not cluster-aligned"); continue }
+                    reference(data, clusterSize, "bitmap data cluster")
+                }
+            }
         }
 
         // Compare with the stored refcounts, reading each refcount block once.

@@ -54,6 +54,9 @@ public struct QCOW2Header: Sendable {
     public var backingFormat: String?
     public var featureNames: [FeatureName] = []
     public var bitmapCount: UInt32 = 0
+    /// The bitmap directory, when the bitmaps extension is present and valid (autoclear bit 0 set).
+    public var bitmapDirectoryOffset: UInt64 = 0
+    public var bitmapDirectorySize: UInt64 = 0
     public var unknownExtensions: [UInt32] = []
     public var snapshots: [QCOW2Snapshot] = []
 
@@ -284,6 +287,8 @@ public struct QCOW2Header: Sendable {
                             name: "bitmaps", reason: "directory at 0x\(hex(dirOffset)) is misaligned or outside the file")
                     }
                     bitmapCount = count
+                    bitmapDirectoryOffset = dirOffset
+                    bitmapDirectorySize = dirSize
                 }
             case Self.extEncryption:
                 throw DiskImageError.unsupportedFeature("full disk encryption header extension (LUKS)")
@@ -364,6 +369,45 @@ public struct QCOW2Snapshot: Sendable, Equatable {
             }
             result.append(snap)
             offset += (40 + varLen + 7) & ~7
+        }
+        return result
+    }
+}
+
+/// One entry of the persistent-bitmap directory: where its table is and its flags.
+struct BitmapDirectoryEntry {
+    var entryOffset: UInt64   // Host offset of this directory entry (flags are at +12).
+    var tableOffset: UInt64
+    var tableEntries: UInt32
+    var flags: UInt32
+
+    /// Flag bit 0: the bitmap may be out of date (it was not saved after the disk changed).
+    static let inUse: UInt32 = 1
+
+    /// Parses the directory (already bounded to 64 MiB and the file by the header parser).
+    static func read(file: ImageFile, header h: QCOW2Header) throws -> [BitmapDirectoryEntry] {
+        guard h.bitmapCount > 0, h.bitmapDirectorySize > 0 else { return [] }
+        let dir = try file.readBytes(Int(h.bitmapDirectorySize), at: h.bitmapDirectoryOffset, what: "bitmap directory")
+        let fileSize = try file.size()
+        var result: [BitmapDirectoryEntry] = []
+        var pos = 0
+        for i in 0..<Int(h.bitmapCount) {
+            guard pos + 24 <= dir.count else {
+                throw DiskImageError.badExtension(name: "bitmaps", reason: "directory entry \(i) runs past the directory")
+            }
+            let e = BitmapDirectoryEntry(entryOffset: h.bitmapDirectoryOffset + UInt64(pos), tableOffset: dir.be(pos),
+                                         tableEntries: dir.be(pos + 8), flags: dir.be(pos + 12))
+            let length = 24 + Int(dir.be(pos + 20, as: UInt32.self) & 0xffff) + Int(dir.be(pos + 18, as: UInt16.self))
+            guard dir.be(pos + 20, as: UInt32.self) <= 0xffff, pos + length <= dir.count else {
+                throw DiskImageError.badExtension(name: "bitmaps", reason: "directory entry \(i) runs past the directory")
+            }
+            let bytes = UInt64(e.tableEntries) * 8
+            guard e.tableOffset & (h.clusterSize - 1) == 0, e.tableOffset <= fileSize, bytes <= fileSize - e.tableOffset else {
+                throw DiskImageError.badExtension(
+                    name: "bitmaps", reason: "bitmap table at 0x\(hex(e.tableOffset)) is misaligned or outside the file")
+            }
+            result.append(e)
+            pos += (length + 7) & ~7
         }
         return result
     }

@@ -39,12 +39,23 @@ extension QCOW2Image {
             w.nextFree = (fileSize + clusterSize - 1) & ~(clusterSize - 1)
         }
         // The spec: a writer that does not maintain an autoclear feature must clear its bit first.
-        if h.version == 3 && h.autoclearFeatures != 0 {
-            var zero = [UInt8](repeating: 0, count: 8)
-            zero.setBE(UInt64(0), at: 0)
-            try file.write(bytes: zero, at: 88)
-            try file.sync()
+        // Persistent bitmaps are kept instead, marked in use (possibly stale, as QEMU marks them
+        // while it has an image open), so their clusters stay referenced and QEMU knows not to trust them.
+        var keep: UInt64 = 0
+        if h.autoclearFeatures & QCOW2Header.autoclearBitmaps != 0 && h.bitmapCount > 0 {
+            for e in try BitmapDirectoryEntry.read(file: file, header: h) where e.flags & BitmapDirectoryEntry.inUse == 0 {
+                var flags = [UInt8](repeating: 0, count: 4)
+                flags.setBE(e.flags | BitmapDirectoryEntry.inUse, at: 0)
+                try file.write(bytes: flags, at: e.entryOffset + 12)
+            }
+            keep = QCOW2Header.autoclearBitmaps
         }
+        if h.version == 3 && h.autoclearFeatures & ~keep != 0 {
+            var bits = [UInt8](repeating: 0, count: 8)
+            bits.setBE(h.autoclearFeatures & keep, at: 0)
+            try file.write(bytes: bits, at: 88)
+        }
+        try file.sync()
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {

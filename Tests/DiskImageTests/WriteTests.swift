@@ -10,6 +10,7 @@ struct WriteTests {
         "v3-c64k.qcow2", "v2-c4k.qcow2", "c512.qcow2", "refcount1.qcow2", "refcount2.qcow2", "refcount4.qcow2",
         "refcount8.qcow2", "refcount32.qcow2", "refcount64.qcow2", "comp-zlib-c16k.qcow2", "comp-zstd-c16k.qcow2",
         "comp-rewritten.qcow2", "ext-l2.qcow2", "ext-l2-overlay.qcow2", "top.qcow2", "snapshots.qcow2", "lazy.qcow2",
+        "bitmaps.qcow2",
     ]
 
     /// Copies every fixture (so backing chains resolve) into a fresh folder.
@@ -243,6 +244,23 @@ struct WriteTests {
         }
         #expect(try QCOW2Header.parse(file: try ImageFile(path: path, writable: false)).isDirty == false)
         try Self.expectQemuHappy(path, model: model, in: dir)
+    }
+
+    @Test("persistent bitmaps are kept but marked in use once we write",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)))
+    func bitmapsMarkedInUse() throws {
+        let dir = try Self.workspace()
+        let path = dir.file("bitmaps.qcow2")
+        #expect(!(try Support.qemuImg("info", "--output=json", path).stdout.contains("in-use")))
+        do {
+            let dev = try DiskImage.open(path: path, readOnly: false)
+            let data = [UInt8](repeating: 7, count: 4096)
+            try data.withUnsafeBytes { try dev.write($0, at: 300 * 1024) }
+        }
+        let info = try Support.qemuImg("info", "--output=json", path)
+        #expect(info.stdout.contains("\"in-use\""), "\(info.stdout)")
+        #expect(info.stdout.contains("backup0"))
+        #expect(try Support.qemuImg("check", path).status == 0)
     }
 
     @Test("autoclear bits are cleared when opening for writing")

@@ -72,5 +72,11 @@ io qcow2 -c "write -P 0xd4 4k 4k" snapshots.qcow2
 mk -o cluster_size=4k,lazy_refcounts=on lazy.qcow2 1M
 io qcow2 -c "write -P 0xe1 0 4k" lazy.qcow2
 
+# A persistent dirty bitmap (autoclear feature, bitmaps extension), with writes before and after.
+mk -o cluster_size=4k bitmaps.qcow2 1M
+io qcow2 -c "write -P 0xf1 0 64k" bitmaps.qcow2
+qemu-img bitmap --add bitmaps.qcow2 backup0
+io qcow2 -c "write -P 0xf2 128k 64k" bitmaps.qcow2
+
 rm -f source.raw
 ls -l
