@@ -9,7 +9,8 @@ import Testing
 @Suite("Mutation fuzzing")
 struct FuzzTests {
     static let seeds = ["c512.qcow2", "v2-c4k.qcow2", "comp-zlib-c16k.qcow2", "comp-zstd-c16k.qcow2", "ext-l2.qcow2",
-                        "ext-l2-overlay.qcow2", "snapshots.qcow2", "refcount1.qcow2", "refcount64.qcow2", "top.qcow2"]
+                        "ext-l2-overlay.qcow2", "snapshots.qcow2", "refcount1.qcow2", "refcount64.qcow2", "top.qcow2",
+                        "bitmaps.qcow2"]
     /// Inputs per seed image; `SWIFTLET_FUZZ_ITERATIONS` raises it for longer local runs.
     static let iterations = Int(ProcessInfo.processInfo.environment["SWIFTLET_FUZZ_ITERATIONS"] ?? "") ?? 60
 
