@@ -71,6 +71,21 @@ let brokenCorpus: [BrokenCase] = [
     BrokenCase(name: "bitmaps extension with a bad length", mutate: { img in
                    img.setExtensions([(0x2385_2875, [UInt8](repeating: 0, count: 16))])
                }, expected: { _ in .badExtension(name: "bitmaps", reason: "length 16 is not 24") }),
+    BrokenCase(name: "bitmaps extension: too many bitmaps", mutate: { img in
+                   img.put64(1, at: TestImage.autoclear)
+                   var ext = [UInt8](repeating: 0, count: 24)
+                   ext[0] = 0x00; ext[1] = 0x01; ext[2] = 0x00; ext[3] = 0x00  // nb_bitmaps = 65536
+                   img.setExtensions([(0x2385_2875, ext)])
+               }, expected: { _ in .badExtension(name: "bitmaps", reason: "65536 bitmaps is more than 65535") }),
+    BrokenCase(name: "bitmaps extension: directory outside the file", mutate: { img in
+                   img.put64(1, at: TestImage.autoclear)
+                   var ext = [UInt8](repeating: 0, count: 24)
+                   ext[3] = 1                       // One bitmap,
+                   ext[15] = 64                     // a 64-byte directory,
+                   ext[21] = 0x10                   // at 0x100000, past the end of the file.
+                   img.setExtensions([(0x2385_2875, ext)])
+               }, expected: { _ in .badExtension(name: "bitmaps",
+                                                reason: "directory at 0x100000 is misaligned or outside the file") }),
     BrokenCase(name: "AES encryption", mutate: { $0.put32(1, at: TestImage.cryptMethod) },
                expected: { _ in .unsupportedFeature("encryption (AES, crypt_method 1)") }),
     BrokenCase(name: "LUKS encryption", mutate: { $0.put32(2, at: TestImage.cryptMethod) },
