@@ -102,3 +102,37 @@ struct DecompressionTests {
         if LibDeflate.shared == nil { print("note: libdeflate.so.0 not found; only zlib was exercised") }
     }
 }
+
+@Suite("Zero detection")
+struct ZeroDetectionTests {
+    @Test("isAllZero finds a single non-zero byte anywhere, including the tail")
+    func allZero() {
+        for size in [0, 1, 7, 8, 9, 4095, 4096, 4097, 8200] {
+            var bytes = [UInt8](repeating: 0, count: size)
+            #expect(bytes.withUnsafeBytes { RawConverter.isAllZero($0) })
+            for position in Set([0, size / 2, size - 1]) where size > 0 {
+                bytes[position] = 0x80
+                #expect(!bytes.withUnsafeBytes { RawConverter.isAllZero($0) }, "size \(size), byte \(position)")
+                bytes[position] = 0
+            }
+        }
+    }
+
+    @Test("ranges reported as known zero really read as zero", .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)),
+          arguments: Support.qcow2Fixtures)
+    func knownZeroIsZero(_ name: String) throws {
+        let dir = try Support.TempDir()
+        let expected = try Support.qemuRaw(Support.fixture(name), in: dir)
+        let dev = try DiskImage.open(path: Support.fixture(name))
+        var known = 0
+        for piece in stride(from: 0, to: expected.count, by: 2048) {
+            let n = min(2048, expected.count - piece)
+            if try dev.isKnownZero(at: UInt64(piece), length: UInt64(n)) {
+                known += 1
+                #expect(expected[piece..<(piece + n)].allSatisfy { $0 == 0 }, "\(name): bytes at \(piece)")
+            }
+        }
+        // Every fixture has unwritten space, except the fully compressed ones.
+        #expect(known > 0 || name.hasPrefix("comp-"))
+    }
+}
