@@ -87,10 +87,13 @@ public final class Machine: Sendable {
             try vm.createPIT2()
 
             // Load first: a bad kernel is reported before any vCPU exists.
-            let entry = try Self.load(configuration.payload, into: memory)
+            let (entry, format) = try Self.load(configuration.payload, into: memory)
 
             serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: Self.com1IRQ))
             try Self.registerPlatformDevices(portBus: portBus, serial: serial, stop: stop, memory: memory, cpuCount: configuration.cpuCount)
+            if format == .multiboot {
+                try Self.registerTestDevice(portBus: portBus, mmioBus: mmioBus, vm: vm)
+            }
 
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
@@ -133,12 +136,27 @@ public final class Machine: Sendable {
                              base: FwCfg.basePort, length: FwCfg.portCount)
     }
 
-    private static func load(_ payload: Payload, into memory: GuestMemory) throws(MachineError) -> EntryState {
+    /// kvm-unit-tests (Multiboot kernels) expect QEMU's pc-testdev; see ``TestDevice``.
+    private static func registerTestDevice(portBus: IOBus, mmioBus: IOBus, vm: VirtualMachine) throws {
+        let device = TestDevice { gsi, high in try? vm.setIRQLine(gsi, high: high) }
+        try portBus.register(device.register, name: "pc-testdev register", base: TestDevice.ioPort, length: TestDevice.ioPortLength)
+        try portBus.register(device.flushPage, name: "pc-testdev flush page", base: TestDevice.flushPagePort, length: 4)
+        try portBus.register(device.irqLines, name: "pc-testdev IRQ lines", base: TestDevice.irqPortBase, length: TestDevice.irqLineCount)
+        try mmioBus.register(device.ioRAM, name: "pc-testdev I/O RAM", base: TestDevice.ioRAMBase, length: TestDevice.ioRAMLength)
+    }
+
+    /// Loads the payload; returns the boot vCPU's entry state and, for a kernel, its format.
+    private static func load(_ payload: Payload, into memory: GuestMemory) throws(MachineError) -> (EntryState, KernelFormat?) {
         switch payload {
         case let .flat(bytes):
-            do { return try FlatBinary.load(bytes, into: memory) } catch { throw .load(error.description) }
+            do { return (try FlatBinary.load(bytes, into: memory), nil) } catch { throw .load(error.description) }
         case let .kernel(bytes, options):
-            do { return try KernelImage.load(bytes, into: memory, options: options).entry } catch { throw .load(error.description) }
+            do {
+                let loaded = try KernelImage.load(bytes, into: memory, options: options)
+                return (loaded.entry, loaded.format)
+            } catch {
+                throw .load(error.description)
+            }
         }
     }
 
