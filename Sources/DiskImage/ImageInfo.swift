@@ -21,6 +21,7 @@ public struct ImageInfo: Sendable, Codable, Equatable {
     /// The backing image's own info, then its backing's, and so on.
     public var backing: [ImageInfo]?
 
+    /// One internal snapshot as listed by `info`.
     public struct SnapshotInfo: Sendable, Codable, Equatable {
         public var id: String
         public var name: String

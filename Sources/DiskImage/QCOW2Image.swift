@@ -45,6 +45,7 @@ public final class QCOW2Image: BlockDevice {
         var lastCompressed: (offset: UInt64, data: [UInt8])?
     }
 
+    /// One cached L2 table (decoded entries) and when it was last used, for LRU eviction.
     struct CachedL2: Sendable {
         var entries: [UInt64]
         var lastUse: UInt64

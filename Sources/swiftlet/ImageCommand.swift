@@ -34,6 +34,7 @@ struct ImageCommand: ParsableCommand {
 extension ImageFormat: ExpressibleByArgument {}
 
 extension ImageCommand {
+    /// `swiftlet image info`: describes an image and its backing chain.
     struct Info: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Show an image's format, sizes, backing chain, snapshots and features.",
@@ -62,6 +63,7 @@ extension ImageCommand {
         }
     }
 
+    /// `swiftlet image convert`: writes the guest-visible contents to a raw file.
     struct Convert: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Convert an image (and its backing chain) to a raw image.",
@@ -93,6 +95,7 @@ extension ImageCommand {
         }
     }
 
+    /// `swiftlet image check`: compares refcounts with references, like `qemu-img check`.
     struct Check: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Check a qcow2 image's metadata for consistency.",
@@ -133,6 +136,7 @@ extension ImageCommand {
         }
     }
 
+    /// `swiftlet image create`: makes an empty qcow2 image or overlay.
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create an empty qcow2 image, usually an overlay over a backing image.",
