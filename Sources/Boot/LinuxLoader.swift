@@ -165,17 +165,26 @@ public enum LinuxLoader {
 
     /// Copies every PT_LOAD segment to its physical address and zeroes its BSS part.
     /// Returns the lowest and highest (exclusive) physical address used.
-    static func loadSegments(_ bytes: [UInt8], elf: ELFImage, memory: GuestMemory) throws(BootError) -> (UInt64, UInt64) {
+    /// Guest memory a loader writes its own structures into, which no kernel segment may
+    /// overlap: for Linux everything below 1 MiB (GDT, page tables, zero page, start info,
+    /// command line, firmware tables).
+    static let linuxReserved: [(range: Range<UInt64>, what: String)] = [
+        (0..<BootLayout.highMemory, "below 1 MiB, where the boot structures live"),
+    ]
+
+    static func loadSegments(_ bytes: [UInt8], elf: ELFImage, memory: GuestMemory,
+                             reserved: [(range: Range<UInt64>, what: String)] = linuxReserved) throws(BootError) -> (UInt64, UInt64) {
         var start = UInt64.max, end: UInt64 = 0
         for (index, segment) in elf.loadSegments.enumerated() {
             let what = "ELF segment \(index)"
-            // Below 1 MiB are the GDT, page tables and boot information Swiftlet writes.
-            guard segment.physicalAddress >= BootLayout.highMemory else {
-                throw .segmentOutsideMemory(what: what + " (below 1 MiB, where the boot structures live)",
-                                            address: segment.physicalAddress, size: segment.memorySize)
-            }
             guard memory.contains(segment.physicalAddress, count: segment.memorySize) else {
                 throw .segmentOutsideMemory(what: what, address: segment.physicalAddress, size: segment.memorySize)
+            }
+            // contains() rules out overflow, so the segment's range is well formed.
+            let segmentRange = segment.physicalAddress..<(segment.physicalAddress + segment.memorySize)
+            if let clash = reserved.first(where: { $0.range.overlaps(segmentRange) }) {
+                throw .segmentOutsideMemory(what: what + " (\(clash.what))",
+                                            address: segment.physicalAddress, size: segment.memorySize)
             }
             // ELFImage checked offset + filesz against the file and filesz <= memsz.
             try memory.copy(bytes, offset: Int(segment.offset), length: Int(segment.fileSize),

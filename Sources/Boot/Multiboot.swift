@@ -90,7 +90,16 @@ public enum MultibootLoader {
         if header.usesAddressFields {
             (start, end, entry) = try loadImage(bytes, header: header, memory: memory)
         } else if let elf {
-            (start, end) = try LinuxLoader.loadSegments(bytes, elf: elf, memory: memory)
+            // Multiboot kernels may sit below 1 MiB (kvm-unit-tests' realmode test is
+            // linked at 0x8000): only what this loader writes is off limits.
+            let cmdlineEnd = BootLayout.cmdline + UInt64(options.cmdline.utf8.count) + 1
+            let reserved: [(range: Range<UInt64>, what: String)] = [
+                (0..<0x1000, "the first page: real-mode interrupt vectors and the GDT"),
+                (BootLayout.multibootInfo..<(BootLayout.multibootInfo + 0x1000), "where the multiboot information goes"),
+                (BootLayout.cmdline..<cmdlineEnd, "where the command line goes"),
+                (BootLayout.ebda..<BootLayout.highMemory, "the BIOS area holding the firmware tables"),
+            ]
+            (start, end) = try LinuxLoader.loadSegments(bytes, elf: elf, memory: memory, reserved: reserved)
             entry = elf.physicalAddress(ofVirtual: elf.entry)
         } else {
             throw .invalidHeader("multiboot kernel is not ELF and its header has no address fields (flag 16)")
