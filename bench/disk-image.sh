@@ -5,6 +5,7 @@
 #
 # Self-contained: builds a release swiftlet with its own scratch path, makes the images in a
 # temporary folder with qemu-img/qemu-io (Debian: qemu-utils), and removes them afterwards.
+# CPU times come from GNU time (Debian: time).
 #
 #   bash bench/disk-image.sh            # 5 repetitions, best time of each reported
 #   REPS=5 SIZE=2G bash bench/disk-image.sh
@@ -22,6 +23,7 @@ SCRATCH=${SWIFTLET_BENCH_SCRATCH:-$ROOT/.build-bench-disk-static}
 for tool in qemu-img qemu-io; do
     command -v "$tool" >/dev/null || { echo "disk-image.sh: $tool not found (apt-get install qemu-utils)" >&2; exit 1; }
 done
+[ -x /usr/bin/time ] || { echo "disk-image.sh: /usr/bin/time not found (apt-get install time)" >&2; exit 1; }
 
 # The Swift standard library is linked statically: it saves ~10 ms of dynamic loading per run,
 # which is most of the time on the sparse image (qemu-img is C and starts in a few ms).
