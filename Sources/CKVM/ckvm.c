@@ -16,6 +16,8 @@ _Static_assert(sizeof(struct kvm_msr_entry) == 16, "kvm_msr_entry layout");
 _Static_assert(sizeof(struct kvm_irq_level) == 8, "kvm_irq_level layout");
 _Static_assert(sizeof(struct kvm_pit_config) == 64, "kvm_pit_config layout");
 _Static_assert(sizeof(struct kvm_mp_state) == 4, "kvm_mp_state layout");
+_Static_assert(sizeof(struct kvm_pic_state) == 16, "kvm_pic_state layout");
+_Static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip layout");
 
 int ckvm_ioctl_none(int fd, unsigned long request) {
     return ioctl(fd, request, 0);

@@ -55,6 +55,25 @@ public final class VirtualMachine: Sendable {
         try fd.ioctl("KVM_CREATE_PIT2", CKVM_CREATE_PIT2, &config)
     }
 
+    /// Programs the two in-kernel 8259 PICs the way a PC BIOS leaves them: interrupt
+    /// vectors 0x08-0x0F (master) and 0x70-0x77 (slave), every input masked except the
+    /// cascade. Without this they sit in their reset state, unmasked and delivering IRQ n
+    /// as vector n, which is an exception vector: a guest that never touches the PIC
+    /// would take any ISA interrupt as a fault. Kernels that use the PIC program it anew.
+    /// The corresponding ioctls are `KVM_GET_IRQCHIP` and `KVM_SET_IRQCHIP`.
+    public func programPICsLikeFirmware() throws(KVMError) {
+        for (chip, base, mask) in [(CKVM_IRQCHIP_PIC_MASTER, UInt8(0x08), UInt8(0xFB)), (CKVM_IRQCHIP_PIC_SLAVE, UInt8(0x70), UInt8(0xFF))] {
+            var state = kvm_irqchip()
+            state.chip_id = chip
+            try fd.ioctl("KVM_GET_IRQCHIP", CKVM_GET_IRQCHIP, &state)
+            state.chip.pic.irq_base = base
+            state.chip.pic.imr = mask
+            state.chip.pic.init4 = 1
+            state.chip.pic.init_state = 0
+            try fd.ioctl("KVM_SET_IRQCHIP", CKVM_SET_IRQCHIP, &state)
+        }
+    }
+
     /// Raises or lowers interrupt input `gsi` of the in-kernel irqchip.
     /// The corresponding ioctl is `KVM_IRQ_LINE`.
     public func setIRQLine(_ gsi: UInt32, high: Bool) throws(KVMError) {

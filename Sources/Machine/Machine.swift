@@ -84,6 +84,7 @@ public final class Machine: Sendable {
             try vm.setTSSAddress(Self.tssAddress)
             try vm.setIdentityMapAddress(Self.identityMapAddress)
             try vm.createIRQChip()
+            try vm.programPICsLikeFirmware()
             try vm.createPIT2()
 
             // Load first: a bad kernel is reported before any vCPU exists.

@@ -25,6 +25,8 @@ static const unsigned long CKVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADD
 static const unsigned long CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
 static const unsigned long CKVM_IRQ_LINE = KVM_IRQ_LINE;
 static const unsigned long CKVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+static const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+static const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
 static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
 static const unsigned long CKVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING;
 static const unsigned long CKVM_IRQFD = KVM_IRQFD;
@@ -96,6 +98,8 @@ static const uint32_t CKVM_MP_STATE_HALTED = KVM_MP_STATE_HALTED;
 static const uint32_t CKVM_MP_STATE_SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED;
 
 static const uint32_t CKVM_PIT_SPEAKER_DUMMY = KVM_PIT_SPEAKER_DUMMY;
+static const uint32_t CKVM_IRQCHIP_PIC_MASTER = KVM_IRQCHIP_PIC_MASTER;
+static const uint32_t CKVM_IRQCHIP_PIC_SLAVE = KVM_IRQCHIP_PIC_SLAVE;
 
 // --- Fixed-arity ioctl wrappers ---------------------------------------------------------
 // Each returns ioctl's result: >= 0 on success, -1 with errno set on failure.
