@@ -37,6 +37,19 @@ public final class KVMFileDescriptor: Sendable {
         return result
     }
 
+    /// An ioctl that fills a structure: returns `initial` as the kernel left it.
+    func get<T>(_ name: StaticString, _ request: UInt, _ initial: T) throws(KVMError) -> T {
+        var value = initial
+        try ioctl(name, request, &value)
+        return value
+    }
+
+    /// An ioctl that takes a structure by pointer and only reads it.
+    func set<T>(_ name: StaticString, _ request: UInt, _ value: T) throws(KVMError) {
+        var value = value
+        try ioctl(name, request, &value)
+    }
+
     /// An ioctl with a raw buffer (variable-length structures such as `kvm_cpuid2`).
     @discardableResult
     func ioctl(_ name: StaticString, _ request: UInt, buffer: UnsafeMutableRawPointer) throws(KVMError) -> Int32 {

@@ -107,28 +107,22 @@ public final class VCPU: @unchecked Sendable {
 
     /// The corresponding ioctl is `KVM_GET_REGS`.
     public func registers() throws(KVMError) -> kvm_regs {
-        var regs = kvm_regs()
-        try fd.ioctl("KVM_GET_REGS", CKVM_GET_REGS, &regs)
-        return regs
+        try fd.get("KVM_GET_REGS", CKVM_GET_REGS, kvm_regs())
     }
 
     /// The corresponding ioctl is `KVM_SET_REGS`.
     public func setRegisters(_ regs: kvm_regs) throws(KVMError) {
-        var regs = regs
-        try fd.ioctl("KVM_SET_REGS", CKVM_SET_REGS, &regs)
+        try fd.set("KVM_SET_REGS", CKVM_SET_REGS, regs)
     }
 
     /// Segment, control and descriptor-table registers. The ioctl is `KVM_GET_SREGS`.
     public func specialRegisters() throws(KVMError) -> kvm_sregs {
-        var sregs = kvm_sregs()
-        try fd.ioctl("KVM_GET_SREGS", CKVM_GET_SREGS, &sregs)
-        return sregs
+        try fd.get("KVM_GET_SREGS", CKVM_GET_SREGS, kvm_sregs())
     }
 
     /// The corresponding ioctl is `KVM_SET_SREGS`.
     public func setSpecialRegisters(_ sregs: kvm_sregs) throws(KVMError) {
-        var sregs = sregs
-        try fd.ioctl("KVM_SET_SREGS", CKVM_SET_SREGS, &sregs)
+        try fd.set("KVM_SET_SREGS", CKVM_SET_SREGS, sregs)
     }
 
     /// What the guest sees when it executes CPUID. The ioctl is `KVM_SET_CPUID2`.
@@ -191,28 +185,22 @@ public final class VCPU: @unchecked Sendable {
 
     /// The local APIC's 1 KiB register page. The corresponding ioctl is `KVM_GET_LAPIC`.
     public func lapic() throws(KVMError) -> kvm_lapic_state {
-        var state = kvm_lapic_state()
-        try fd.ioctl("KVM_GET_LAPIC", CKVM_GET_LAPIC, &state)
-        return state
+        try fd.get("KVM_GET_LAPIC", CKVM_GET_LAPIC, kvm_lapic_state())
     }
 
     /// The corresponding ioctl is `KVM_SET_LAPIC`.
     public func setLAPIC(_ state: kvm_lapic_state) throws(KVMError) {
-        var state = state
-        try fd.ioctl("KVM_SET_LAPIC", CKVM_SET_LAPIC, &state)
+        try fd.set("KVM_SET_LAPIC", CKVM_SET_LAPIC, state)
     }
 
     /// Runnable, halted, or waiting for INIT/SIPI. The ioctl is `KVM_GET_MP_STATE`.
     public func mpState() throws(KVMError) -> UInt32 {
-        var state = kvm_mp_state()
-        try fd.ioctl("KVM_GET_MP_STATE", CKVM_GET_MP_STATE, &state)
-        return state.mp_state
+        try fd.get("KVM_GET_MP_STATE", CKVM_GET_MP_STATE, kvm_mp_state()).mp_state
     }
 
     /// The corresponding ioctl is `KVM_SET_MP_STATE`.
     public func setMPState(_ value: UInt32) throws(KVMError) {
-        var state = kvm_mp_state(mp_state: value)
-        try fd.ioctl("KVM_SET_MP_STATE", CKVM_SET_MP_STATE, &state)
+        try fd.set("KVM_SET_MP_STATE", CKVM_SET_MP_STATE, kvm_mp_state(mp_state: value))
     }
 
     /// The guest TSC frequency in kHz, if KVM knows it. The ioctl is `KVM_GET_TSC_KHZ`.
