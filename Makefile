@@ -41,7 +41,7 @@ test: guests
 # here (a bzImage decompressing itself runs ~4 minutes on this nested-KVM host).
 bench: guests release
 	python3 bench/vm.py $(RELEASE)
-	bash bench/disk-image.sh
+	SWIFTLET_BENCH_SCRATCH=$(CURDIR)/.build bash bench/disk-image.sh
 	python3 bench/linux-boot.py $(RELEASE)
 
 embed: guests
