@@ -48,6 +48,8 @@ struct RunCommand: ParsableCommand {
               swiftlet run
               swiftlet run --flat guests/build/long-mode.bin --trace-exits
               swiftlet run --flat guest.bin --memory 1G --timeout 10 --serial file:out.txt
+              swiftlet run --kernel vmlinuz --initrd initrd.img --memory 1G --cpus 2
+              swiftlet run --kernel x86/smptest.flat --cpus 2      (kvm-unit-tests)
             """
     )
 
