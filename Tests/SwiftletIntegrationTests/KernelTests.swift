@@ -102,6 +102,27 @@ struct KernelErrorTests {
     }
 }
 
+/// guests/multiboot.s: a Multiboot v1 ELF kernel that prints what the loader gave it.
+@Suite("Multiboot")
+struct MultibootTests {
+    @Test("Magic, memory sizes, command line with the kernel's name, and the initrd as module 0")
+    func multibootInformation() throws {
+        let kernel = Swiftlet.packageRoot.appendingPathComponent("guests/build/multiboot.elf").path
+        let module = try temporaryFile(Array("module data\n".utf8), name: "module")
+        defer { try? FileManager.default.removeItem(at: module) }
+        let result = try Swiftlet.run(["run", "--kernel", kernel, "--cmdline", "hello world", "--initrd", module.path, "--memory", "64M"])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("EAX = 0x2badb002 (the Multiboot magic)"))
+        // 639 KiB below the EBDA, and 64 MiB - 1 MiB above 1 MiB.
+        #expect(result.stdout.contains("memory below 1 MiB: 0x0000027f KiB, above 1 MiB: 0x0000fc00 KiB"))
+        #expect(result.stdout.contains("command line: \"\(kernel) hello world\""))
+        #expect(result.stdout.contains("modules: 0x00000001"))
+        // 12 bytes, starting with "modu" (0x75646f6d little-endian), page-aligned.
+        #expect(result.stdout.contains(", 0x0000000c bytes, first word 0x75646f6d"))
+        #expect(result.stdout.contains("module 0 at 0x00102000"))
+    }
+}
+
 /// Debian's stock kernel on our machine: on this project's nested-KVM hosts a kernel only
 /// gets through its early boot messages (see HOST-KVM.md), so the test reads those, then
 /// ends the VM.
