@@ -18,8 +18,11 @@ public final class FwCfg: IODevice {
     public static let ramSize: UInt16 = 0x0003
     public static let nbCPUs: UInt16 = 0x0005
     public static let maxCPUs: UInt16 = 0x000F
-    /// Selector bits that are not part of the item number (write channel, arch-local).
+    /// Selector bit 14 asks for the write channel (ignored: items are read-only here).
     static let entryMask: UInt16 = 0x3FFF
+    /// Selector bit 15 selects the architecture-specific table, which is empty here: such
+    /// a selector must not alias a generic item (0x8000 is not the signature).
+    static let archLocal: UInt16 = 0x8000
 
     struct State {
         var selector: UInt16 = 0
@@ -51,7 +54,7 @@ public final class FwCfg: IODevice {
             return
         }
         state.withLock { state in
-            let item = items[state.selector & Self.entryMask] ?? []
+            let item = state.selector & Self.archLocal != 0 ? [] : items[state.selector & Self.entryMask] ?? []
             for index in data.indices {
                 data[index] = state.position < item.count ? item[state.position] : 0
                 if state.position < item.count { state.position += 1 }

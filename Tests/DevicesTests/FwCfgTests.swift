@@ -33,4 +33,11 @@ struct FwCfgTests {
         #expect(item(device, 0x05, bytes: 8) == 2)
         #expect(item(device, 0x1234, bytes: 4) == 0)
     }
+
+    @Test func archLocalSelectorsDoNotAliasGenericItems() {
+        let device = FwCfg(cpuCount: 2, ramSize: 1 << 20)
+        #expect(item(device, 0x8000, bytes: 4) == 0)        // not "QEMU"
+        #expect(item(device, 0x8005, bytes: 2) == 0)        // not the CPU count
+        #expect(item(device, 0x4005, bytes: 2) == 2)        // the write bit is ignored
+    }
 }
