@@ -58,3 +58,13 @@ public final class KVMFileDescriptor: Sendable {
         return result
     }
 }
+
+/// Runs `body` with a zeroed, 8-byte-aligned buffer of `size` bytes: the storage for the
+/// variable-length structures (`kvm_cpuid2`, `kvm_msrs`) that are a header followed by a
+/// flexible array.
+func withZeroedBuffer<Result>(size: Int, _ body: (UnsafeMutableRawPointer) throws(KVMError) -> Result) throws(KVMError) -> Result {
+    let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+    defer { buffer.deallocate() }
+    buffer.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+    return try body(buffer)
+}

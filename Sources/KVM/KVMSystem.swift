@@ -74,20 +74,19 @@ public final class KVMSystem: Sendable {
     public func supportedCPUID() throws(KVMError) -> [CPUIDEntry] {
         var capacity: UInt32 = 128
         while true {
-            let size = ckvm_cpuid2_size(capacity)
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
-            defer { buffer.deallocate() }
-            memset(buffer, 0, size)
-            let cpuid = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
-            cpuid.pointee.nent = capacity
-            do {
-                try fd.ioctl("KVM_GET_SUPPORTED_CPUID", CKVM_GET_SUPPORTED_CPUID, buffer: buffer)
-            } catch let .ioctlFailed(_, err) where err == E2BIG && capacity < 4096 {
-                capacity *= 2
-                continue
+            let entries = try withZeroedBuffer(size: ckvm_cpuid2_size(capacity)) { (buffer) throws(KVMError) -> [CPUIDEntry]? in
+                let cpuid = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
+                cpuid.pointee.nent = capacity
+                do throws(KVMError) {
+                    try fd.ioctl("KVM_GET_SUPPORTED_CPUID", CKVM_GET_SUPPORTED_CPUID, buffer: buffer)
+                } catch let .ioctlFailed(_, err) where err == E2BIG && capacity < 4096 {
+                    return nil // too small: try again with twice the room
+                }
+                let slots = UnsafeMutableRawPointer(cpuid + 1).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+                return (0..<Int(cpuid.pointee.nent)).map { CPUIDEntry(slots[$0]) }
             }
-            let entries = UnsafeMutableRawPointer(cpuid + 1).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-            return (0..<Int(cpuid.pointee.nent)).map { CPUIDEntry(entries[$0]) }
+            if let entries { return entries }
+            capacity *= 2
         }
     }
 

@@ -127,32 +127,28 @@ public final class VCPU: @unchecked Sendable {
 
     /// What the guest sees when it executes CPUID. The ioctl is `KVM_SET_CPUID2`.
     public func setCPUID(_ entries: [CPUIDEntry]) throws(KVMError) {
-        let size = ckvm_cpuid2_size(UInt32(entries.count))
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
-        defer { buffer.deallocate() }
-        memset(buffer, 0, size)
-        let cpuid = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
-        cpuid.pointee.nent = UInt32(entries.count)
-        let slots = UnsafeMutableRawPointer(cpuid + 1).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-        for (index, entry) in entries.enumerated() { slots[index] = entry.kvmEntry }
-        try fd.ioctl("KVM_SET_CPUID2", CKVM_SET_CPUID2, buffer: buffer)
+        try withZeroedBuffer(size: ckvm_cpuid2_size(UInt32(entries.count))) { (buffer) throws(KVMError) in
+            let cpuid = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
+            cpuid.pointee.nent = UInt32(entries.count)
+            let slots = UnsafeMutableRawPointer(cpuid + 1).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+            for (index, entry) in entries.enumerated() { slots[index] = entry.kvmEntry }
+            try fd.ioctl("KVM_SET_CPUID2", CKVM_SET_CPUID2, buffer: buffer)
+        }
     }
 
     /// Writes model-specific registers. The corresponding ioctl is `KVM_SET_MSRS`; it
     /// returns how many were set, and we insist on all of them.
     public func setMSRs(_ msrs: [(index: UInt32, value: UInt64)]) throws(KVMError) {
-        let size = ckvm_msrs_size(UInt32(msrs.count))
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
-        defer { buffer.deallocate() }
-        memset(buffer, 0, size)
-        let header = buffer.assumingMemoryBound(to: kvm_msrs.self)
-        header.pointee.nmsrs = UInt32(msrs.count)
-        let entries = UnsafeMutableRawPointer(header + 1).assumingMemoryBound(to: kvm_msr_entry.self)
-        for (index, msr) in msrs.enumerated() {
-            entries[index].index = msr.index
-            entries[index].data = msr.value
+        let written = try withZeroedBuffer(size: ckvm_msrs_size(UInt32(msrs.count))) { (buffer) throws(KVMError) in
+            let header = buffer.assumingMemoryBound(to: kvm_msrs.self)
+            header.pointee.nmsrs = UInt32(msrs.count)
+            let entries = UnsafeMutableRawPointer(header + 1).assumingMemoryBound(to: kvm_msr_entry.self)
+            for (index, msr) in msrs.enumerated() {
+                entries[index].index = msr.index
+                entries[index].data = msr.value
+            }
+            return try fd.ioctl("KVM_SET_MSRS", CKVM_SET_MSRS, buffer: buffer)
         }
-        let written = try fd.ioctl("KVM_SET_MSRS", CKVM_SET_MSRS, buffer: buffer)
         guard written == msrs.count else {
             throw .ioctlFailed(name: "KVM_SET_MSRS (MSR 0x\(String(msrs[Int(written)].index, radix: 16)))", errno: EINVAL)
         }
@@ -160,18 +156,16 @@ public final class VCPU: @unchecked Sendable {
 
     /// Reads model-specific registers. The corresponding ioctl is `KVM_GET_MSRS`.
     public func msrs(_ indices: [UInt32]) throws(KVMError) -> [UInt32: UInt64] {
-        let size = ckvm_msrs_size(UInt32(indices.count))
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
-        defer { buffer.deallocate() }
-        memset(buffer, 0, size)
-        let header = buffer.assumingMemoryBound(to: kvm_msrs.self)
-        header.pointee.nmsrs = UInt32(indices.count)
-        let entries = UnsafeMutableRawPointer(header + 1).assumingMemoryBound(to: kvm_msr_entry.self)
-        for (position, index) in indices.enumerated() { entries[position].index = index }
-        let read = Int(try fd.ioctl("KVM_GET_MSRS", CKVM_GET_MSRS, buffer: buffer))
-        var result: [UInt32: UInt64] = [:]
-        for position in 0..<min(read, indices.count) { result[entries[position].index] = entries[position].data }
-        return result
+        try withZeroedBuffer(size: ckvm_msrs_size(UInt32(indices.count))) { (buffer) throws(KVMError) in
+            let header = buffer.assumingMemoryBound(to: kvm_msrs.self)
+            header.pointee.nmsrs = UInt32(indices.count)
+            let entries = UnsafeMutableRawPointer(header + 1).assumingMemoryBound(to: kvm_msr_entry.self)
+            for (position, index) in indices.enumerated() { entries[position].index = index }
+            let read = Int(try fd.ioctl("KVM_GET_MSRS", CKVM_GET_MSRS, buffer: buffer))
+            var result: [UInt32: UInt64] = [:]
+            for position in 0..<min(read, indices.count) { result[entries[position].index] = entries[position].data }
+            return result
+        }
     }
 
     /// Sets the x87/SSE control words to their power-on values (FCW 0x37F, MXCSR 0x1F80).
