@@ -183,7 +183,7 @@ extension ImageCommand {
         func run() throws {
             let dev = try imageCommand { try DiskImage.open(path: path) }
             guard dev.virtualSize >= UInt64(size), size > 0, reads > 0 else {
-                writeStderr("swiftlet image: the disk is smaller than one read\n")
+                FileHandleOutput.standardError("swiftlet: the disk is smaller than one read")
                 throw ExitCode(1)
             }
             let slots = (dev.virtualSize - UInt64(size)) / UInt64(size) + 1
@@ -217,23 +217,11 @@ private func imageCommand<T>(_ body: () throws -> T) throws -> T {
     do {
         return try body()
     } catch let e as DiskImageError {
-        writeStderr("swiftlet image: \(e)\n")
+        FileHandleOutput.standardError("swiftlet: \(e)")
         throw ExitCode(1)
     }
 }
 
-private func writeStderr(_ text: String) {
-    var t = text
-    t.withUTF8 { b in
-        var off = 0
-        while off < b.count {
-            let n = write(STDERR_FILENO, b.baseAddress! + off, b.count - off)
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return }
-            off += n
-        }
-    }
-}
 
 /// Parses "4096", "512K", "10G", "1.5GiB"-free integers with binary suffixes.
 private func parseSize(_ text: String) throws -> UInt64 {
@@ -349,11 +337,11 @@ private final class ProgressBar: Sendable {
         guard pct > previous, lastPercent.compareExchange(expected: previous, desired: pct, ordering: .relaxed).exchanged
         else { return }
         let width = 40, filled = pct * width / 100
-        writeStderr("\r[" + String(repeating: "#", count: filled) + String(repeating: " ", count: width - filled)
-                    + "] \(pct)% of \(human(total))")
+        FileHandleOutput.standardError("\r[" + String(repeating: "#", count: filled) + String(repeating: " ", count: width - filled)
+                    + "] \(pct)% of \(human(total))", endLine: false)
     }
 
     func finish() {
-        if lastPercent.load(ordering: .relaxed) >= 0 { writeStderr("\n") }
+        if lastPercent.load(ordering: .relaxed) >= 0 { FileHandleOutput.standardError("") }
     }
 }

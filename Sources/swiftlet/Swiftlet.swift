@@ -36,10 +36,13 @@ enum Main {
     }
 }
 
-/// Writes a line to standard error.
+/// Writes to standard error with write(2), retrying on EINTR (stderr as a Glibc global
+/// is not concurrency-safe in Swift 6).
 enum FileHandleOutput {
-    static func standardError(_ line: String) {
-        var text = line.hasSuffix("\n") ? line : line + "\n"
+    /// Writes `line` to standard error, adding a newline unless it has one or
+    /// `endLine` is false (a progress bar redrawn in place).
+    static func standardError(_ line: String, endLine: Bool = true) {
+        var text = line.hasSuffix("\n") || !endLine ? line : line + "\n"
         text.withUTF8 { bytes in
             var offset = 0
             while offset < bytes.count {
