@@ -75,15 +75,13 @@ public final class Serial16550: IODevice {
     /// ``pendingInputLimit`` bytes are waiting).
     @discardableResult
     public func receive(_ bytes: some Collection<UInt8>) -> Int {
-        let level = state.withLock { state -> (Bool, Int) in
+        withRegisters { state in
             let room = max(0, Self.pendingInputLimit - state.pendingInput.count)
             let accepted = min(room, bytes.count)
             state.pendingInput.append(contentsOf: bytes.prefix(accepted))
             Self.refillFIFO(&state)
-            return (Self.interruptLevel(state), accepted)
+            return accepted
         }
-        updateInterruptLine(level.0)
-        return level.1
     }
 
     /// Bytes received but not yet read by the guest (FIFO plus pending host input).
@@ -93,26 +91,15 @@ public final class Serial16550: IODevice {
 
     public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
         guard !data.isEmpty else { return }
-        let (value, level) = state.withLock { state -> (UInt8, Bool) in
-            let value = Self.readRegister(offset, &state)
-            return (value, Self.interruptLevel(state))
-        }
-        data[0] = value
+        data[0] = withRegisters { Self.readRegister(offset, &$0) }
         for index in data.indices.dropFirst() { data[index] = 0 }
-        updateInterruptLine(level)
     }
 
     public func write(offset: UInt64, from data: UnsafeRawBufferPointer) {
         guard let value = data.first else { return }
-        var transmit: UInt8?
-        let level = state.withLock { state -> Bool in
-            transmit = Self.writeRegister(offset, value, &state)
-            return Self.interruptLevel(state)
-        }
-        if var byte = transmit {
+        if var byte = withRegisters({ Self.writeRegister(offset, value, &$0) }) {
             withUnsafeBytes(of: &byte) { output.write($0) }
         }
-        updateInterruptLine(level)
     }
 
     // MARK: Register file
@@ -238,13 +225,18 @@ public final class Serial16550: IODevice {
         interruptIdentity(state) != iirNoInterrupt
     }
 
-    /// Drives the IRQ line, only on changes (each change is one `KVM_IRQ_LINE`).
-    private func updateInterruptLine(_ high: Bool) {
-        let changed = state.withLock { state -> Bool in
-            guard state.interruptLineHigh != high else { return false }
-            state.interruptLineHigh = high
-            return true
+    /// Runs `body` on the registers, then drives the IRQ line if the interrupt state
+    /// changed (each change is one `KVM_IRQ_LINE`). Both happen under one lock, so line
+    /// changes reach the irqchip in the order the register accesses made them.
+    private func withRegisters<Result>(_ body: (inout State) -> Result) -> Result {
+        state.withLock { state in
+            let result = body(&state)
+            let high = Self.interruptLevel(state)
+            if high != state.interruptLineHigh {
+                state.interruptLineHigh = high
+                interrupt.setLevel(high)
+            }
+            return result
         }
-        if changed { interrupt.setLevel(high) }
     }
 }
