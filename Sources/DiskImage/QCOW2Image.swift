@@ -193,15 +193,7 @@ public final class QCOW2Image: BlockDevice {
         }
         let host = entry & Self.offsetMask
         if host != 0 {
-            guard host & (clusterSize - 1) == 0 else {
-                throw DiskImageError.corruptMetadata(
-                    "data cluster offset 0x\(hex(host)) for guest cluster \(index) is not cluster-aligned")
-            }
-            let fileSize = state.withLock { $0.fileSize }
-            guard host >= clusterSize, host < fileSize else {
-                throw DiskImageError.corruptMetadata(
-                    "data cluster offset 0x\(hex(host)) for guest cluster \(index) is outside the file")
-            }
+            try checkClusterOffset(host, "data cluster offset 0x\(hex(host)) for guest cluster \(index)")
         }
         if extended {
             let allocated = UInt32(truncatingIfNeeded: bitmap)
@@ -242,20 +234,24 @@ public final class QCOW2Image: BlockDevice {
         return (table[l2Index], 0)
     }
 
+    /// A cluster offset read from the image must be cluster-aligned, past the header
+    /// cluster and inside the file; `what` names it in the error.
+    func checkClusterOffset(_ offset: UInt64, _ what: @autoclosure () -> String) throws {
+        guard offset & (clusterSize - 1) == 0 else {
+            throw DiskImageError.corruptMetadata("\(what()) is not cluster-aligned")
+        }
+        let fileSize = state.withLock { $0.fileSize }
+        guard offset >= clusterSize, offset < fileSize else {
+            throw DiskImageError.corruptMetadata("\(what()) is outside the file")
+        }
+    }
+
     /// Reads, checks and caches the L2 table at `offset`.
     func loadL2(offset: UInt64, l1Entry: UInt64, l1Index: UInt64) throws -> [UInt64] {
         guard l1Entry & Self.l1ReservedMask == 0 else {
             throw DiskImageError.corruptMetadata("L1 entry \(l1Index) (0x\(hex(l1Entry))) has reserved bits set")
         }
-        guard offset & (clusterSize - 1) == 0 else {
-            throw DiskImageError.corruptMetadata(
-                "L2 table offset 0x\(hex(offset)) in L1 entry \(l1Index) is not cluster-aligned")
-        }
-        let fileSize = state.withLock { $0.fileSize }
-        guard offset >= clusterSize, offset < fileSize else {
-            throw DiskImageError.corruptMetadata(
-                "L2 table offset 0x\(hex(offset)) in L1 entry \(l1Index) is outside the file")
-        }
+        try checkClusterOffset(offset, "L2 table offset 0x\(hex(offset)) in L1 entry \(l1Index)")
         var table = [UInt64](repeating: 0, count: Int(clusterSize / 8))
         try table.withUnsafeMutableBytes { try file.readZeroFilled(into: $0, at: offset) }
         for i in table.indices { table[i] = UInt64(bigEndian: table[i]) }
