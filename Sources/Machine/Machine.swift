@@ -96,14 +96,15 @@ public final class Machine: Sendable {
                 try Self.registerTestDevice(portBus: portBus, mmioBus: mmioBus, vm: vm)
             }
 
+            let supportedCPUID = try system.supportedCPUID()
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
             for id in 0..<configuration.cpuCount {
                 let vcpu = try vm.createVCPU(id: id)
-                if cpuModel == nil {
-                    cpuModel = CPUModel(supported: try system.supportedCPUID(), cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
-                }
-                try VCPUSetup.configure(vcpu, cpuid: cpuModel!.entries(forAPICID: UInt32(id)))
+                // The TSC frequency is a vCPU ioctl: ask the first vCPU, once.
+                let model = cpuModel ?? CPUModel(supported: supportedCPUID, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
+                cpuModel = model
+                try VCPUSetup.configure(vcpu, cpuid: model.entries(forAPICID: UInt32(id)))
                 runners.append(VCPURunner(vcpu: vcpu, portBus: portBus, mmioBus: mmioBus, stop: stop, traceExits: configuration.traceExits))
             }
             self.runners = runners
