@@ -9,17 +9,22 @@
 SWIFT   ?= swift
 BIN     := .build/debug/swiftlet
 RELEASE := .build/release/swiftlet
+# scripts/setup installs the Debian packages a target needs (as root), or prints the one
+# apt-get line to run and stops. Quiet when nothing is missing.
+SETUP   := SWIFTLET_SETUP_QUIET=1 scripts/setup
 
 .PHONY: all build release run test bench guests embed clean
 
 all: build
 
 build:
+	@$(SETUP) build
 	$(SWIFT) build
 
 # The release binary links the Swift runtime statically: it starts faster (no dynamic
 # loading of libswiftCore and Foundation) and is one file to copy. See docs/performance.md.
 release:
+	@$(SETUP) build
 	$(SWIFT) build -c release --static-swift-stdlib
 
 guests:
@@ -32,14 +37,18 @@ run: build
 	@$(BIN) run; status=$$?; \
 	  if [ $$status -ne 1 ]; then echo "make run: swiftlet exited with status $$status" >&2; exit 1; fi
 
-test: guests
+test:
+	@$(SETUP) test
+	$(MAKE) guests
 	$(SWIFT) build
 	$(SWIFT) test
 
 # Each script measures Swiftlet against a baseline in the same run and prints ratios;
 # docs/performance.md explains them. The Linux boot benchmark takes about 10 minutes
 # here (a bzImage decompressing itself runs ~4 minutes on this nested-KVM host).
-bench: guests release
+bench:
+	@$(SETUP) bench
+	$(MAKE) guests release
 	python3 bench/vm.py $(RELEASE)
 	SWIFTLET_BENCH_SCRATCH=$(CURDIR)/.build bash bench/disk-image.sh
 	python3 bench/linux-boot.py $(RELEASE)
