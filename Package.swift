@@ -3,14 +3,19 @@
 // Swiftlet: a minimal virtual machine monitor over Linux /dev/kvm.
 //
 // Module map (each has one job; see docs/architecture.md):
+//   Basics     Small helpers every module shares: hex, sizes, endian reads, clock, threads.
+//   CLinux     C shim for the few Linux calls Swift cannot import (thread names, ...).
 //   CKVM       C shim: <linux/kvm.h> request numbers and fixed-arity ioctl wrappers.
 //   KVM        Typed Swift layer over the KVM ioctls (system, VM, vCPU).
 //   Memory     Guest RAM: anonymous mmap, layout around the MMIO hole, checked translation.
 //   Devices    Device models and buses (UART, exit port, ...). No KVM: unit-testable.
 //   DiskImage  Raw and qcow2 disk images over file descriptors. No KVM.
 //   Boot       Kernel formats and boot protocols (flat, Linux, PVH, Multiboot). No KVM.
+//   X86        x86 vCPU set-up: the CPU model (CPUID), boot MSRs, entry registers, dumps.
 //   Machine    Puts it together: VM, vCPU threads, exit loop, console.
-//   swiftlet   The command-line tool.
+//   SwiftletKit  The library: configure a VM, run it, get its exit and console (the API
+//              the CLI and test suites use).
+//   swiftlet   The command-line tool, a thin layer over SwiftletKit.
 import PackageDescription
 
 let package = Package(
@@ -18,34 +23,43 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "swiftlet", targets: ["swiftlet"]),
+        /// Run VMs in process: for test suites that boot tiny guests (see docs/library.md).
+        .library(name: "SwiftletKit", targets: ["SwiftletKit"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
     ],
     targets: [
+        .target(name: "CLinux"),
+        .target(name: "Basics", dependencies: ["CLinux"]),
         .target(name: "CKVM"),
         .target(name: "KVM", dependencies: ["CKVM"]),
-        .target(name: "Memory"),
-        .target(name: "Devices", dependencies: ["Memory"]),
+        .target(name: "Memory", dependencies: ["Basics"]),
+        .target(name: "Devices", dependencies: ["Memory", .product(name: "DequeModule", package: "swift-collections")]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
         .systemLibrary(name: "CLzma", path: "Sources/CLzma"),
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
-        .target(name: "Boot", dependencies: ["Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
-        .target(name: "Machine", dependencies: ["KVM", "Memory", "Devices", "Boot"]),
+        .target(name: "Boot", dependencies: ["Basics", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
+        .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
+        .target(name: "Machine", dependencies: ["Basics", "X86", "KVM", "Memory", "Devices", "Boot"]),
+        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
-                "Machine", "DiskImage",
+                "Basics", "SwiftletKit", "DiskImage",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        .testTarget(name: "BasicsTests", dependencies: ["Basics"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
+        .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,3 +1,4 @@
+import Basics
 import Memory
 
 /// Every reason a kernel, initrd or command line can be refused, or a boot image cannot be
@@ -53,11 +54,11 @@ public enum BootError: Error, Equatable, CustomStringConvertible {
         case let .unsupportedELF(reason):
             return "unsupported ELF kernel: \(reason)"
         case let .segmentOutsideMemory(what, address, size):
-            return "\(what) at guest address \(hex(address)), \(size) bytes, lies outside guest RAM"
+            return "\(what) at guest address \(Hex.prefixed(address)), \(size) bytes, lies outside guest RAM"
         case let .kernelTooLarge(needed, available):
             return "the kernel needs \(needed) bytes of guest RAM at its load address but only \(available) are there; give the VM more memory"
         case let .initrdTooLarge(size, available, limit):
-            return "the initrd (\(size) bytes) does not fit: \(available) bytes are free between the kernel and \(hex(limit)), the highest address the kernel allows for it"
+            return "the initrd (\(size) bytes) does not fit: \(available) bytes are free between the kernel and \(Hex.prefixed(limit)), the highest address the kernel allows for it"
         case let .cmdlineTooLong(length, maximum):
             return "the command line is \(length) bytes long; this kernel accepts at most \(maximum)"
         case .cmdlineContainsNUL:
@@ -71,9 +72,6 @@ public enum BootError: Error, Equatable, CustomStringConvertible {
         }
     }
 }
-
-/// `0x...` formatting for messages.
-func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
 
 extension String {
     /// Two decimal digits, for protocol minor versions ("2.06").

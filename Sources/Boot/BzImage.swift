@@ -1,3 +1,5 @@
+import Basics
+
 /// The setup header of a bzImage (Linux `Documentation/x86/boot.rst`, "The real-mode
 /// kernel header"), parsed from the file at offset 0x1F1 and checked against what the
 /// 64-bit boot protocol needs. Owns the decoded fields and the raw header bytes, which the
@@ -109,7 +111,7 @@ public struct SetupHeader: Sendable, Equatable {
         guard cmdlineSize > 0 else { throw .invalidHeader("cmdline_size is 0") }
         if relocatable {
             guard kernelAlignment != 0, kernelAlignment & (kernelAlignment - 1) == 0 else {
-                throw .invalidHeader("kernel_alignment \(hex(UInt64(kernelAlignment))) is not a power of two")
+                throw .invalidHeader("kernel_alignment \(Hex.prefixed(UInt64(kernelAlignment))) is not a power of two")
             }
         }
         guard syssize > 0 else { throw .invalidHeader("syssize is 0: no protected-mode kernel") }

@@ -1,3 +1,4 @@
+import Basics
 import CLz4
 import CLzma
 import CZlib

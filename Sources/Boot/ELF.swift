@@ -1,3 +1,5 @@
+import Basics
+
 /// A parsed ELF executable (32- or 64-bit, little-endian, x86): the header fields a
 /// loader needs, the program headers, and the Xen PVH entry point when the file carries
 /// the `XEN_ELFNOTE_PHYS32_ENTRY` note. Owns copies of those values only; the file's

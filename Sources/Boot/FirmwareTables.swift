@@ -1,3 +1,4 @@
+import Basics
 import Memory
 
 /// The tables a PC BIOS leaves for the operating system to find the vCPUs, the IOAPIC
@@ -64,13 +65,13 @@ public enum FirmwareTables {
             entry[1] = UInt8(cpu)                // local APIC ID
             entry[2] = 0x14                      // local APIC version
             entry[3] = cpu == 0 ? 0x3 : 0x1      // enabled, bootstrap processor
-            entry.put(UInt32(0x600), at: 4)      // CPU signature: family 6
-            entry.put(UInt32(0x201), at: 8)      // feature flags: FPU, APIC
+            entry.putLE(UInt32(0x600), at: 4)      // CPU signature: family 6
+            entry.putLE(UInt32(0x201), at: 8)      // feature flags: FPU, APIC
             entries.append(entry)
         }
         entries.append([1, 0] + Array("ISA   ".utf8))                              // bus 0: ISA
         var ioapic: [UInt8] = [2, ioapicID, 0x11, 0x1, 0, 0, 0, 0]                  // IOAPIC, enabled
-        ioapic.put(ioAPICAddress, at: 4)
+        ioapic.putLE(ioAPICAddress, at: 4)
         entries.append(ioapic)
         for irq in 0..<16 {
             // I/O interrupt: INT, polarity/trigger conforming to the bus, ISA bus, IRQ -> pin.
@@ -85,18 +86,18 @@ public enum FirmwareTables {
         let body = entries.flatMap { $0 }
         var config = [UInt8](repeating: 0, count: 44)
         config.put(bytes: "PCMP".utf8, at: 0)
-        config.put(UInt16(44 + body.count), at: 4)
+        config.putLE(UInt16(44 + body.count), at: 4)
         config[6] = 4                                  // spec revision 1.4
         config.put(bytes: oemID + [0x20, 0x20], at: 8)
         config.put(bytes: Array("SWIFTLET    ".utf8), at: 16)
-        config.put(UInt16(entries.count), at: 34)
-        config.put(localAPICAddress, at: 36)
+        config.putLE(UInt16(entries.count), at: 34)
+        config.putLE(localAPICAddress, at: 36)
         config += body
         config[7] = checksum(config[...])
 
         var pointer = [UInt8](repeating: 0, count: 16)
         pointer.put(bytes: "_MP_".utf8, at: 0)
-        pointer.put(UInt32(BootLayout.mpTable + 16), at: 4)
+        pointer.putLE(UInt32(BootLayout.mpTable + 16), at: 4)
         pointer[8] = 1                                 // length in 16-byte units
         pointer[9] = 4                                 // spec revision 1.4
         pointer[10] = checksum(pointer[...])
@@ -109,13 +110,13 @@ public enum FirmwareTables {
     static func sdt(_ signature: String, revision: UInt8, body: [UInt8]) -> [UInt8] {
         var table = [UInt8](repeating: 0, count: 36)
         table.put(bytes: signature.utf8, at: 0)
-        table.put(UInt32(36 + body.count), at: 4)
+        table.putLE(UInt32(36 + body.count), at: 4)
         table[8] = revision
         table.put(bytes: oemID, at: 10)
         table.put(bytes: oemTableID, at: 16)
-        table.put(UInt32(1), at: 24)                  // OEM revision
+        table.putLE(UInt32(1), at: 24)                  // OEM revision
         table.put(bytes: "SWFT".utf8, at: 28)         // creator ID
-        table.put(UInt32(1), at: 32)                  // creator revision
+        table.putLE(UInt32(1), at: 32)                  // creator revision
         table += body
         table[9] = checksum(table[...])
         return table
@@ -126,9 +127,9 @@ public enum FirmwareTables {
         table.put(bytes: "RSD PTR ".utf8, at: 0)
         table.put(bytes: oemID, at: 9)
         table[15] = 2                                  // revision: ACPI 2.0+, has the XSDT
-        table.put(UInt32(rsdt), at: 16)
-        table.put(UInt32(36), at: 20)
-        table.put(xsdt, at: 24)
+        table.putLE(UInt32(rsdt), at: 16)
+        table.putLE(UInt32(36), at: 20)
+        table.putLE(xsdt, at: 24)
         table[8] = checksum(table[0..<20])
         table[32] = checksum(table[...])
         return table
@@ -136,26 +137,26 @@ public enum FirmwareTables {
 
     static func xsdt(_ tables: [GuestAddress]) -> [UInt8] {
         var body = [UInt8](repeating: 0, count: tables.count * 8)
-        for (index, address) in tables.enumerated() { body.put(address, at: index * 8) }
+        for (index, address) in tables.enumerated() { body.putLE(address, at: index * 8) }
         return sdt("XSDT", revision: 1, body: body)
     }
 
     static func rsdt(_ tables: [GuestAddress]) -> [UInt8] {
         var body = [UInt8](repeating: 0, count: tables.count * 4)
-        for (index, address) in tables.enumerated() { body.put(UInt32(address), at: index * 4) }
+        for (index, address) in tables.enumerated() { body.putLE(UInt32(address), at: index * 4) }
         return sdt("RSDT", revision: 1, body: body)
     }
 
     static func madt(cpuCount: Int, irq0ToGSI2: Bool) -> [UInt8] {
         var body = [UInt8](repeating: 0, count: 8)
-        body.put(localAPICAddress, at: 0)
-        body.put(UInt32(1), at: 4)                     // PCAT_COMPAT: dual 8259s present
+        body.putLE(localAPICAddress, at: 0)
+        body.putLE(UInt32(1), at: 4)                     // PCAT_COMPAT: dual 8259s present
         for cpu in 0..<cpuCount {
             // Processor local APIC: UID, APIC ID, enabled.
             body += [0, 8, UInt8(cpu), UInt8(cpu), 1, 0, 0, 0]
         }
         var ioapic: [UInt8] = [1, 12, UInt8(cpuCount), 0, 0, 0, 0, 0, 0, 0, 0, 0]
-        ioapic.put(ioAPICAddress, at: 4)               // GSI base 0 stays zero
+        ioapic.putLE(ioAPICAddress, at: 4)               // GSI base 0 stays zero
         body += ioapic
         if irq0ToGSI2 {
             body += interruptSourceOverride(irq: 0, gsi: 2, flags: 0)
@@ -169,8 +170,8 @@ public enum FirmwareTables {
 
     static func interruptSourceOverride(irq: UInt8, gsi: UInt32, flags: UInt16) -> [UInt8] {
         var entry: [UInt8] = [2, 10, 0, irq, 0, 0, 0, 0, 0, 0]
-        entry.put(gsi, at: 4)
-        entry.put(flags, at: 8)
+        entry.putLE(gsi, at: 4)
+        entry.putLE(flags, at: 8)
         return entry
     }
 
@@ -179,12 +180,12 @@ public enum FirmwareTables {
     /// `reboot=k` and the i8042 keep working.
     static func fadt(dsdt: GuestAddress) -> [UInt8] {
         var table = sdt("FACP", revision: 6, body: [UInt8](repeating: 0, count: 276 - 36))
-        table.put(UInt32(dsdt), at: 40)
-        table.put(UInt16(9), at: 46)                   // SCI_INT
-        table.put(UInt16(0x3), at: 109)                // IAPC_BOOT_ARCH: legacy devices, 8042
-        table.put(UInt32(1 << 20), at: 112)            // flags: HW_REDUCED_ACPI
+        table.putLE(UInt32(dsdt), at: 40)
+        table.putLE(UInt16(9), at: 46)                   // SCI_INT
+        table.putLE(UInt16(0x3), at: 109)                // IAPC_BOOT_ARCH: legacy devices, 8042
+        table.putLE(UInt32(1 << 20), at: 112)            // flags: HW_REDUCED_ACPI
         table[131] = 0                                 // FADT minor version
-        table.put(dsdt, at: 140)                       // X_DSDT
+        table.putLE(dsdt, at: 140)                       // X_DSDT
         table.put(bytes: "SWIFTLET".utf8, at: 268)     // hypervisor vendor identity
         table[9] = 0
         table[9] = checksum(table[...])

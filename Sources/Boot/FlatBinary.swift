@@ -1,3 +1,4 @@
+import Basics
 import Memory
 
 /// Loads a flat binary, the simplest guest there is: raw machine code with no header.

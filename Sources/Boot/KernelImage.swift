@@ -1,3 +1,4 @@
+import Basics
 import Memory
 
 /// What a kernel file is, decided from its content (never from its name).
@@ -74,10 +75,10 @@ public struct LoadedKernel: Sendable, Equatable {
 
     /// One line for the log: "bzImage via linux64, kernel 0x1000000-0x..., initrd ...".
     public var summary: String {
-        var text = "\(format) kernel via \(bootProtocol.rawValue) entry at \(hex(entry.rip)), "
-            + "kernel \(hex(kernelStart))-\(hex(kernelEnd))"
+        var text = "\(format) kernel via \(bootProtocol.rawValue) entry at \(Hex.prefixed(entry.rip)), "
+            + "kernel \(Hex.prefixed(kernelStart))-\(Hex.prefixed(kernelEnd))"
         if let decompressedOnHost { text += " (\(decompressedOnHost.rawValue) payload decompressed on the host)" }
-        if let initrd { text += ", initrd \(hex(initrd.address))+\(initrd.size)" }
+        if let initrd { text += ", initrd \(Hex.prefixed(initrd.address))+\(initrd.size)" }
         return text
     }
 }

@@ -1,3 +1,4 @@
+import Basics
 import Memory
 
 /// Which entry point a Linux kernel is started through.
@@ -96,7 +97,7 @@ public enum LinuxLoader {
         let cmdline = try writeCmdline(options.cmdline, memory: memory)
         var zeroPage = [UInt8](repeating: 0, count: ZeroPage.size)
         zeroPage.put(bytes: header.rawHeader, at: SetupHeader.setupSectsOffset)
-        zeroPage.put(UInt32(truncatingIfNeeded: load), at: ZeroPage.code32Start)
+        zeroPage.putLE(UInt32(truncatingIfNeeded: load), at: ZeroPage.code32Start)
         try finishZeroPage(&zeroPage, memory: memory, cmdline: cmdline, initrd: initrd, rsdp: rsdp)
         let entry = try X86Tables.longModeEntry(memory, rip: load + 0x200)
         return LoadedKernel(entry: withZeroPage(entry), format: .bzImage, bootProtocol: .linux64,
@@ -144,17 +145,17 @@ public enum LinuxLoader {
             if let header {
                 zeroPage.put(bytes: header.rawHeader, at: SetupHeader.setupSectsOffset)
             } else {
-                zeroPage.put(SetupHeader.bootFlag, at: SetupHeader.bootFlagOffset)
-                zeroPage.put(SetupHeader.magic, at: SetupHeader.magicOffset)
-                zeroPage.put(UInt16(0x020F), at: SetupHeader.versionOffset)
+                zeroPage.putLE(SetupHeader.bootFlag, at: SetupHeader.bootFlagOffset)
+                zeroPage.putLE(SetupHeader.magic, at: SetupHeader.magicOffset)
+                zeroPage.putLE(UInt16(0x020F), at: SetupHeader.versionOffset)
                 zeroPage[ZeroPage.loadflags] = SetupHeader.loadedHigh
-                zeroPage.put(UInt32(0x7FFF_FFFF), at: SetupHeader.initrdAddrMaxOffset)
-                zeroPage.put(UInt32(0x0100_0000), at: SetupHeader.kernelAlignmentOffset)
+                zeroPage.putLE(UInt32(0x7FFF_FFFF), at: SetupHeader.initrdAddrMaxOffset)
+                zeroPage.putLE(UInt32(0x0100_0000), at: SetupHeader.kernelAlignmentOffset)
                 zeroPage[SetupHeader.relocatableOffset] = 1
-                zeroPage.put(SetupHeader.xlfKernel64, at: SetupHeader.xloadflagsOffset)
-                zeroPage.put(UInt32(limits.cmdlineMax), at: SetupHeader.cmdlineSizeOffset)
+                zeroPage.putLE(SetupHeader.xlfKernel64, at: SetupHeader.xloadflagsOffset)
+                zeroPage.putLE(UInt32(limits.cmdlineMax), at: SetupHeader.cmdlineSizeOffset)
             }
-            zeroPage.put(UInt32(truncatingIfNeeded: start), at: ZeroPage.code32Start)
+            zeroPage.putLE(UInt32(truncatingIfNeeded: start), at: ZeroPage.code32Start)
             try finishZeroPage(&zeroPage, memory: memory, cmdline: cmdline, initrd: initrd, rsdp: rsdp)
             entry = withZeroPage(try X86Tables.longModeEntry(memory, rip: elf.physicalAddress(ofVirtual: elf.entry)))
         }
@@ -234,22 +235,22 @@ public enum LinuxLoader {
                                initrd: InitrdPlacement?, rsdp: GuestAddress?) throws(BootError) {
         page[ZeroPage.typeOfLoader] = 0xFF
         page[ZeroPage.loadflags] |= SetupHeader.loadedHigh
-        page.put(UInt32(truncatingIfNeeded: cmdline), at: ZeroPage.cmdLinePtr)
-        page.put(UInt32(truncatingIfNeeded: cmdline >> 32), at: ZeroPage.extCmdLinePtr)
+        page.putLE(UInt32(truncatingIfNeeded: cmdline), at: ZeroPage.cmdLinePtr)
+        page.putLE(UInt32(truncatingIfNeeded: cmdline >> 32), at: ZeroPage.extCmdLinePtr)
         if let initrd {
-            page.put(UInt32(truncatingIfNeeded: initrd.address), at: ZeroPage.ramdiskImage)
-            page.put(UInt32(truncatingIfNeeded: initrd.size), at: ZeroPage.ramdiskSize)
-            page.put(UInt32(truncatingIfNeeded: initrd.address >> 32), at: ZeroPage.extRamdiskImage)
-            page.put(UInt32(truncatingIfNeeded: initrd.size >> 32), at: ZeroPage.extRamdiskSize)
+            page.putLE(UInt32(truncatingIfNeeded: initrd.address), at: ZeroPage.ramdiskImage)
+            page.putLE(UInt32(truncatingIfNeeded: initrd.size), at: ZeroPage.ramdiskSize)
+            page.putLE(UInt32(truncatingIfNeeded: initrd.address >> 32), at: ZeroPage.extRamdiskImage)
+            page.putLE(UInt32(truncatingIfNeeded: initrd.size >> 32), at: ZeroPage.extRamdiskSize)
         }
-        if let rsdp { page.put(rsdp, at: ZeroPage.acpiRSDPAddress) }
+        if let rsdp { page.putLE(rsdp, at: ZeroPage.acpiRSDPAddress) }
         let map = E820Map.build(for: memory).prefix(ZeroPage.e820MaxEntries)
         page[ZeroPage.e820Entries] = UInt8(map.count)
         for (index, entry) in map.enumerated() {
             let offset = ZeroPage.e820Table + index * 20
-            page.put(entry.address, at: offset)
-            page.put(entry.size, at: offset + 8)
-            page.put(entry.kind.rawValue, at: offset + 16)
+            page.putLE(entry.address, at: offset)
+            page.putLE(entry.size, at: offset + 8)
+            page.putLE(entry.kind.rawValue, at: offset + 16)
         }
         try memory.put(page, at: BootLayout.zeroPage, what: "the zero page")
     }
@@ -266,27 +267,27 @@ public enum LinuxLoader {
                                rsdp: GuestAddress?) throws(BootError) {
         let map = E820Map.build(for: memory)
         var info = [UInt8](repeating: 0, count: 56)
-        info.put(pvhMagic, at: 0)
-        info.put(UInt32(1), at: 4)                       // version
-        info.put(UInt32(0), at: 8)                       // flags
-        info.put(UInt32(initrd == nil ? 0 : 1), at: 12)  // nr_modules
-        info.put(initrd == nil ? UInt64(0) : BootLayout.pvhModules, at: 16)
-        info.put(cmdline, at: 24)
-        info.put(rsdp ?? 0, at: 32)
-        info.put(BootLayout.pvhMemoryMap, at: 40)
-        info.put(UInt32(map.count), at: 48)
+        info.putLE(pvhMagic, at: 0)
+        info.putLE(UInt32(1), at: 4)                       // version
+        info.putLE(UInt32(0), at: 8)                       // flags
+        info.putLE(UInt32(initrd == nil ? 0 : 1), at: 12)  // nr_modules
+        info.putLE(initrd == nil ? UInt64(0) : BootLayout.pvhModules, at: 16)
+        info.putLE(cmdline, at: 24)
+        info.putLE(rsdp ?? 0, at: 32)
+        info.putLE(BootLayout.pvhMemoryMap, at: 40)
+        info.putLE(UInt32(map.count), at: 48)
         try memory.put(info, at: BootLayout.pvhStartInfo, what: "the PVH start info")
         if let initrd {
             var module = [UInt8](repeating: 0, count: 32)
-            module.put(initrd.address, at: 0)
-            module.put(initrd.size, at: 8)
+            module.putLE(initrd.address, at: 0)
+            module.putLE(initrd.size, at: 8)
             try memory.put(module, at: BootLayout.pvhModules, what: "the PVH module list")
         }
         var table = [UInt8](repeating: 0, count: map.count * 24)
         for (index, entry) in map.enumerated() {
-            table.put(entry.address, at: index * 24)
-            table.put(entry.size, at: index * 24 + 8)
-            table.put(entry.kind.rawValue, at: index * 24 + 16)
+            table.putLE(entry.address, at: index * 24)
+            table.putLE(entry.size, at: index * 24 + 8)
+            table.putLE(entry.kind.rawValue, at: index * 24 + 16)
         }
         try memory.put(table, at: BootLayout.pvhMemoryMap, what: "the PVH memory map")
     }

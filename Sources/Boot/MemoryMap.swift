@@ -1,3 +1,4 @@
+import Basics
 import Memory
 
 /// One entry of the firmware memory map (`struct boot_e820_entry`: 20 bytes, packed).
@@ -100,8 +101,8 @@ enum X86Tables {
         let code: UInt64 = longMode ? 0x00AF_9B00_0000_FFFF : 0x00CF_9B00_0000_FFFF
         let data: UInt64 = 0x00CF_9300_0000_FFFF
         var table = [UInt8](repeating: 0, count: 32)
-        table.put(code, at: 16)
-        table.put(data, at: 24)
+        table.putLE(code, at: 16)
+        table.putLE(data, at: 24)
         try memory.put(table, at: BootLayout.gdt, what: "the GDT")
         return DescriptorTable(base: BootLayout.gdt, limit: UInt16(table.count - 1))
     }
@@ -110,15 +111,15 @@ enum X86Tables {
     /// directories). Returns CR3.
     static func writeIdentityPageTables(_ memory: GuestMemory) throws(BootError) -> UInt64 {
         var pml4 = [UInt8](repeating: 0, count: 4096)
-        pml4.put(BootLayout.pdpt | 0x3, at: 0)
+        pml4.putLE(BootLayout.pdpt | 0x3, at: 0)
         var pdpt = [UInt8](repeating: 0, count: 4096)
         var directories = [UInt8](repeating: 0, count: 4 * 4096)
         for gib in 0..<4 {
-            pdpt.put((BootLayout.pageDirectories + UInt64(gib) * 4096) | 0x3, at: gib * 8)
+            pdpt.putLE((BootLayout.pageDirectories + UInt64(gib) * 4096) | 0x3, at: gib * 8)
             for entry in 0..<512 {
                 let address = (UInt64(gib) << 30) | (UInt64(entry) << 21)
                 // Present, writable, page size (2 MiB).
-                directories.put(address | 0x83, at: (gib * 512 + entry) * 8)
+                directories.putLE(address | 0x83, at: (gib * 512 + entry) * 8)
             }
         }
         try memory.put(pml4, at: BootLayout.pml4, what: "the page tables")

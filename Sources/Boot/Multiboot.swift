@@ -1,3 +1,4 @@
+import Basics
 import Memory
 
 /// A Multiboot v1 header found in the first 8192 bytes of a kernel file (Multiboot
@@ -48,7 +49,7 @@ public struct MultibootHeader: Sendable, Equatable {
         self.flags = flags
         let unknown = flags & 0xFFFF & ~(Self.flagPageAlignModules | Self.flagMemoryInfo | Self.flagVideoMode)
         guard unknown == 0 else {
-            throw .invalidHeader("multiboot header requires unknown features (flags \(hex(UInt64(flags))))")
+            throw .invalidHeader("multiboot header requires unknown features (flags \(Hex.prefixed(UInt64(flags))))")
         }
         if flags & Self.flagAddresses != 0 {
             guard let header = bytes.le(UInt32.self, at: offset + 12), let load = bytes.le(UInt32.self, at: offset + 16),
@@ -138,7 +139,7 @@ public enum MultibootLoader {
                           memory: GuestMemory) throws(BootError) -> (UInt64, UInt64, UInt64) {
         let load = UInt64(header.loadAddress)
         guard header.headerAddress >= header.loadAddress else {
-            throw .invalidHeader("multiboot header_addr \(hex(UInt64(header.headerAddress))) is below load_addr \(hex(load))")
+            throw .invalidHeader("multiboot header_addr \(Hex.prefixed(UInt64(header.headerAddress))) is below load_addr \(Hex.prefixed(load))")
         }
         let headerDistance = UInt64(header.headerAddress - header.loadAddress)
         guard headerDistance <= UInt64(header.offset) else {
@@ -187,37 +188,37 @@ public enum MultibootLoader {
         // mem_lower: KiB from 0 (at most 640); mem_upper: KiB from 1 MiB to the first hole.
         let lowRAM = map.first { $0.address == 0 && $0.kind == .ram }?.size ?? 0
         let upperRAM = map.first { $0.address == BootLayout.highMemory && $0.kind == .ram }?.size ?? 0
-        info.put(UInt32(min(lowRAM, 640 * 1024) / 1024), at: 4)
-        info.put(UInt32(truncatingIfNeeded: upperRAM / 1024), at: 8)
-        info.put(UInt32(cmdline), at: 16)
+        info.putLE(UInt32(min(lowRAM, 640 * 1024) / 1024), at: 4)
+        info.putLE(UInt32(truncatingIfNeeded: upperRAM / 1024), at: 8)
+        info.putLE(UInt32(cmdline), at: 16)
         if let module {
             flags |= infoModules
-            info.put(UInt32(1), at: 20)
-            info.put(UInt32(BootLayout.multibootModules), at: 24)
+            info.putLE(UInt32(1), at: 20)
+            info.putLE(UInt32(BootLayout.multibootModules), at: 24)
             var entry = [UInt8](repeating: 0, count: 16)
-            entry.put(UInt32(module.address), at: 0)
-            entry.put(UInt32(module.address + module.size), at: 4)
+            entry.putLE(UInt32(module.address), at: 0)
+            entry.putLE(UInt32(module.address + module.size), at: 4)
             // The module's string: an empty one, right after the loader name.
-            entry.put(UInt32(BootLayout.multibootLoaderName + 16), at: 8)
+            entry.putLE(UInt32(BootLayout.multibootLoaderName + 16), at: 8)
             try memory.put(entry, at: BootLayout.multibootModules, what: "the multiboot module list")
         }
         var table = [UInt8](repeating: 0, count: map.count * 24)
         for (index, entry) in map.enumerated() {
             let offset = index * 24
-            table.put(UInt32(20), at: offset)   // size of the rest of the entry
-            table.put(entry.address, at: offset + 4)
-            table.put(entry.size, at: offset + 12)
-            table.put(entry.kind.rawValue, at: offset + 20)
+            table.putLE(UInt32(20), at: offset)   // size of the rest of the entry
+            table.putLE(entry.address, at: offset + 4)
+            table.putLE(entry.size, at: offset + 12)
+            table.putLE(entry.kind.rawValue, at: offset + 20)
         }
-        info.put(UInt32(table.count), at: 44)
-        info.put(UInt32(BootLayout.multibootMemoryMap), at: 48)
+        info.putLE(UInt32(table.count), at: 44)
+        info.putLE(UInt32(BootLayout.multibootMemoryMap), at: 48)
         try memory.put(table, at: BootLayout.multibootMemoryMap, what: "the multiboot memory map")
-        info.put(UInt32(BootLayout.multibootLoaderName), at: 64)
+        info.putLE(UInt32(BootLayout.multibootLoaderName), at: 64)
         // "swiftlet" NUL-terminated, then an empty string at +16 for the module's name.
         var name = [UInt8](repeating: 0, count: 32)
         name.put(bytes: "swiftlet".utf8, at: 0)
         try memory.put(name, at: BootLayout.multibootLoaderName, what: "the boot loader name")
-        info.put(flags, at: 0)
+        info.putLE(flags, at: 0)
         try memory.put(info, at: BootLayout.multibootInfo, what: "the multiboot information")
     }
 }

@@ -1,17 +1,18 @@
 /// QEMU's `isa-debug-exit` device: the guest ends the VM by writing a value to its port
 /// (0xF4 by convention, 4 bytes wide).
 ///
-/// A write of V requests exit status `(V << 1) | 1`, so a guest can never produce
-/// status 0 by accident: test runners treat 1 as the guest's "success" code, as
-/// kvm-unit-tests does. Reads return all ones.
+/// A write of V ends the VM; the machine turns V into exit status `(V << 1) | 1`, so a
+/// guest can never produce status 0 by accident, nor any even status Swiftlet uses for
+/// itself: test runners treat 1 as the guest's "success" code, as kvm-unit-tests does.
+/// Reads return all ones.
 public final class DebugExit: IODevice {
     public static let defaultPort: UInt64 = 0xF4
     public static let width: UInt64 = 4
 
-    private let onExit: @Sendable (Int32) -> Void
+    private let onExit: @Sendable (UInt32) -> Void
 
-    /// - Parameter onExit: called with the process exit status the guest asked for.
-    public init(onExit: @escaping @Sendable (Int32) -> Void) {
+    /// - Parameter onExit: called with the value V the guest wrote.
+    public init(onExit: @escaping @Sendable (UInt32) -> Void) {
         self.onExit = onExit
     }
 
@@ -22,12 +23,7 @@ public final class DebugExit: IODevice {
     public func write(offset: UInt64, from data: UnsafeRawBufferPointer) {
         var value: UInt32 = 0
         for (shift, byte) in data.prefix(4).enumerated() { value |= UInt32(byte) << (8 * UInt32(shift)) }
-        onExit(Self.exitStatus(forGuestValue: value))
-    }
-
-    /// `(V << 1) | 1`, reduced to the 8 bits a process exit status carries.
-    public static func exitStatus(forGuestValue value: UInt32) -> Int32 {
-        Int32(truncatingIfNeeded: ((value << 1) | 1) & 0xFF)
+        onExit(value)
     }
 }
 

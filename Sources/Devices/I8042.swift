@@ -37,6 +37,10 @@ public final class I8042: IODevice {
         var pending: PendingWrite?
         var lastWasCommand = false
         var keyboardPending: UInt8?       // a keyboard command waiting for its argument (0xED, 0xF3)
+        var interruptLineHigh = false
+
+        /// IRQ 1 is high while a byte waits and the command byte enables the interrupt.
+        var interruptLevel: Bool { commandByte & I8042.configKeyboardInterrupt != 0 && !output.isEmpty }
     }
 
     /// Longest output queue kept; further bytes are dropped, like a full buffer.
@@ -57,15 +61,13 @@ public final class I8042: IODevice {
 
     public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
         var value: UInt8 = 0xFF
-        var lower = false
         switch offset {
         case Self.dataOffset:
-            (value, lower) = state.withLock { state in
-                let byte = state.output.isEmpty ? 0 : state.output.removeFirst()
-                return (byte, state.output.isEmpty)
+            value = withState { state in
+                state.output.isEmpty ? 0 : state.output.removeFirst()
             }
         case Self.commandOffset:
-            value = state.withLock { state in
+            value = withState { state in
                 var status = Self.statusSystem | Self.statusUnlocked
                 if !state.output.isEmpty { status |= Self.statusOutputFull }
                 if state.lastWasCommand { status |= Self.statusCommand }
@@ -74,7 +76,6 @@ public final class I8042: IODevice {
         default:
             break
         }
-        if lower { irq?.setLevel(false) }
         for index in data.indices { data[index] = index == 0 ? value : 0xFF }
     }
 
@@ -87,9 +88,23 @@ public final class I8042: IODevice {
         }
     }
 
+    /// Runs `body` on the controller state, then drives IRQ 1 if its level changed. Both
+    /// happen under one lock, so line changes reach the irqchip in access order.
+    private func withState<Result>(_ body: (inout State) -> Result) -> Result {
+        state.withLock { state in
+            let result = body(&state)
+            let high = state.interruptLevel
+            if high != state.interruptLineHigh {
+                state.interruptLineHigh = high
+                irq?.setLevel(high)
+            }
+            return result
+        }
+    }
+
     private func command(_ command: UInt8) {
         var reset = false
-        let raise: Bool = state.withLock { state in
+        withState { state in
             state.lastWasCommand = true
             state.pending = nil
             switch command {
@@ -113,47 +128,41 @@ public final class I8042: IODevice {
                 if command & 0x01 == 0 { reset = true }
             default: break
             }
-            return false
         }
-        if raise { irq?.setLevel(true) }
         if reset { onReset() }
     }
 
     private func dataWrite(_ value: UInt8) {
         var reset = false
-        let raise: Bool = state.withLock { state in
+        withState { state in
             state.lastWasCommand = false
             let pending = state.pending
             state.pending = nil
             switch pending {
             case .commandByte:
                 state.commandByte = value
-                return false
             case .outputPort:
                 if value & 0x01 == 0 { reset = true }
-                return false
             case .keyboardOutput:
-                return state.enqueue([value])
+                state.enqueue([value])
             case .auxOutput, .auxDevice:
-                return false    // no auxiliary device
+                break    // no auxiliary device
             case nil:
-                return state.keyboardCommand(value)
+                state.keyboardCommand(value)
             }
         }
-        if raise { irq?.setLevel(true) }
         if reset { onReset() }
     }
 }
 
 extension I8042.State {
-    /// Queues bytes; returns whether the keyboard interrupt should be raised.
-    mutating func enqueue(_ bytes: [UInt8]) -> Bool {
+    /// Queues bytes for the guest to read from the data port.
+    mutating func enqueue(_ bytes: [UInt8]) {
         for byte in bytes where output.count < I8042.outputLimit { output.append(byte) }
-        return commandByte & I8042.configKeyboardInterrupt != 0 && !output.isEmpty
     }
 
     /// A byte for the keyboard itself: acknowledge, answering reset and identify.
-    mutating func keyboardCommand(_ value: UInt8) -> Bool {
+    mutating func keyboardCommand(_ value: UInt8) {
         if keyboardPending != nil {
             keyboardPending = nil
             return enqueue([0xFA])

@@ -1,5 +1,3 @@
-import Synchronization
-
 /// A device that answers reads and writes in a range of port-I/O or MMIO addresses.
 ///
 /// The bus hands each access to the device with the offset inside the device's range,
@@ -21,84 +19,97 @@ public protocol InterruptLine: Sendable {
 
 /// Why a device could not be placed on a bus.
 public enum IOBusError: Error, Equatable, CustomStringConvertible {
-    case overlap(base: UInt64, length: UInt64)
-    case emptyRange
+    /// `name` at `[base, base + length)` overlaps `existing`, already registered.
+    case overlap(name: String, base: UInt64, length: UInt64, existing: String)
+    /// `name` asked for an empty range, or one that runs past the end of the address space.
+    case emptyRange(name: String)
 
     public var description: String {
         switch self {
-        case let .overlap(base, length):
-            return "I/O range 0x\(String(base, radix: 16))+0x\(String(length, radix: 16)) overlaps another device"
-        case .emptyRange: return "I/O range is empty"
+        case let .overlap(name, base, length, existing):
+            return "\(name) at 0x\(String(base, radix: 16))+0x\(String(length, radix: 16)) overlaps \(existing)"
+        case let .emptyRange(name): return "\(name): its I/O range is empty or wraps around"
         }
     }
 }
 
+/// One device's place on a bus.
+public struct IOBusEntry: Sendable {
+    public let base: UInt64
+    public let length: UInt64
+    public let device: any IODevice
+    public let name: String
+}
+
 /// Maps address ranges to devices: one bus for port I/O, one for MMIO.
 ///
-/// Devices are registered while the machine is built; lookups afterwards are lock-free
-/// reads of a sorted array (registration after vCPUs start is not supported).
+/// The map is fixed when the bus is made (``IOBus/Builder`` collects and checks the
+/// ranges), so a lookup on a vCPU thread is a binary search over an immutable array,
+/// with no lock. Devices that move (a PCI BAR the guest reprograms) stay registered at a
+/// fixed window and route inside it themselves.
 public final class IOBus: Sendable {
-    public struct Entry: Sendable {
-        public let base: UInt64
-        public let length: UInt64
-        public let device: any IODevice
-        public let name: String
-    }
+    public typealias Entry = IOBusEntry
 
-    private let entries = Mutex<[Entry]>([])
+    /// Collects registrations and checks each for overlaps before the bus exists.
+    public struct Builder: Sendable {
+        private(set) var entries: [Entry] = []
 
-    public init() {}
+        public init() {}
 
-    /// Places `device` at `[base, base + length)`.
-    public func register(_ device: any IODevice, name: String, base: UInt64, length: UInt64) throws(IOBusError) {
-        guard length > 0, base.addingReportingOverflow(length - 1).overflow == false else { throw .emptyRange }
-        try entries.withLock { (entries: inout [Entry]) throws(IOBusError) in
+        /// Places `device` at `[base, base + length)`.
+        public mutating func register(_ device: any IODevice, name: String, base: UInt64, length: UInt64) throws(IOBusError) {
+            guard length > 0, base.addingReportingOverflow(length - 1).overflow == false else { throw .emptyRange(name: name) }
             let last = base + (length - 1)
-            if entries.contains(where: { base <= $0.base + ($0.length - 1) && $0.base <= last }) {
-                throw .overlap(base: base, length: length)
+            if let existing = entries.first(where: { base <= $0.base + ($0.length - 1) && $0.base <= last }) {
+                throw .overlap(name: name, base: base, length: length, existing: "\(existing.name) at 0x\(String(existing.base, radix: 16))+0x\(String(existing.length, radix: 16))")
             }
             entries.append(Entry(base: base, length: length, device: device, name: name))
-            entries.sort { $0.base < $1.base }
         }
-    }
 
-    /// The device covering `address`, and the offset of `address` within its range.
-    public func resolve(_ address: UInt64) -> (entry: Entry, offset: UInt64)? {
-        entries.withLock { entries in
-            // Binary search for the last entry starting at or below the address.
-            var low = 0, high = entries.count
-            while low < high {
-                let mid = (low + high) / 2
-                if entries[mid].base <= address { low = mid + 1 } else { high = mid }
-            }
-            guard low > 0 else { return nil }
-            let entry = entries[low - 1]
-            let offset = address - entry.base
-            return offset < entry.length ? (entry, offset) : nil
-        }
-    }
-
-    /// Dispatches a read. Returns `false` when no device claims the address; the data is
-    /// then all ones, like an unclaimed ISA bus.
-    @discardableResult
-    public func read(_ address: UInt64, into data: UnsafeMutableRawBufferPointer) -> Bool {
-        guard let (entry, offset) = resolve(address) else {
-            for index in data.indices { data[index] = 0xFF }
-            return false
-        }
-        entry.device.read(offset: offset, into: data)
-        return true
-    }
-
-    /// Dispatches a write. Returns `false` when no device claims the address; the write
-    /// is dropped.
-    @discardableResult
-    public func write(_ address: UInt64, from data: UnsafeRawBufferPointer) -> Bool {
-        guard let (entry, offset) = resolve(address) else { return false }
-        entry.device.write(offset: offset, from: data)
-        return true
+        /// The bus with every registered device, sorted by address.
+        public func build() -> IOBus { IOBus(sorted: entries.sorted { $0.base < $1.base }) }
     }
 
     /// The registered devices in address order, for `--trace-exits` and docs.
-    public var devices: [Entry] { entries.withLock { $0 } }
+    public let devices: [Entry]
+
+    private init(sorted: [Entry]) { devices = sorted }
+
+    /// An empty bus: every access is unclaimed.
+    public convenience init() { self.init(sorted: []) }
+
+    /// The device covering `address`, and the offset of `address` within its range.
+    public func resolve(_ address: UInt64) -> (entry: Entry, offset: UInt64)? {
+        // Binary search for the last entry starting at or below the address.
+        var low = 0, high = devices.count
+        while low < high {
+            let mid = (low + high) / 2
+            if devices[mid].base <= address { low = mid + 1 } else { high = mid }
+        }
+        guard low > 0 else { return nil }
+        let entry = devices[low - 1]
+        let offset = address - entry.base
+        return offset < entry.length ? (entry, offset) : nil
+    }
+
+    /// Dispatches a read. Returns the device that took it, or `nil` when no device claims
+    /// the address; the data is then all ones, like an unclaimed ISA bus.
+    @discardableResult
+    public func read(_ address: UInt64, into data: UnsafeMutableRawBufferPointer) -> Entry? {
+        guard let (entry, offset) = resolve(address) else {
+            for index in data.indices { data[index] = 0xFF }
+            return nil
+        }
+        entry.device.read(offset: offset, into: data)
+        return entry
+    }
+
+    /// Dispatches a write. Returns the device that took it, or `nil` when no device
+    /// claims the address; the write is then dropped.
+    @discardableResult
+    public func write(_ address: UInt64, from data: UnsafeRawBufferPointer) -> Entry? {
+        guard let (entry, offset) = resolve(address) else { return nil }
+        entry.device.write(offset: offset, from: data)
+        return entry
+    }
 }

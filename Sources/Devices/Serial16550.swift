@@ -1,3 +1,4 @@
+import DequeModule
 import Synchronization
 
 /// Where a serial port's transmitted bytes go: the terminal, a file, or a test buffer.
@@ -53,9 +54,10 @@ public final class Serial16550: IODevice {
         var scr: UInt8 = 0
         var fcr: UInt8 = 0
         var divisor: UInt16 = 12 // 9600 baud
-        var receiveFIFO: [UInt8] = []
-        /// Host input waiting for room in the FIFO (a paste into the console).
-        var pendingInput: [UInt8] = []
+        var receiveFIFO = Deque<UInt8>()
+        /// Host input waiting for room in the FIFO (a paste into the console). A deque: the
+        /// guest takes from the front while the host appends, each in O(1).
+        var pendingInput = Deque<UInt8>()
         /// A THRE interrupt is pending until IIR reports it or THR is written.
         var transmitInterruptPending = false
         var interruptLineHigh = false
@@ -168,7 +170,7 @@ public final class Serial16550: IODevice {
         case interruptIdentify:
             state.fcr = value & 0xC9
             if value & fcrClearReceive != 0 { state.receiveFIFO.removeAll(keepingCapacity: true); refillFIFO(&state) }
-            if value & fcrEnable == 0 { state.receiveFIFO = Array(state.receiveFIFO.prefix(1)) }
+            if value & fcrEnable == 0 { state.receiveFIFO = Deque(state.receiveFIFO.prefix(1)) }
         case lineControl: state.lcr = value
         case modemControl:
             let leavingLoopback = state.mcr & mcrLoopback != 0 && value & mcrLoopback == 0

@@ -6,6 +6,11 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
     case deviceMissing(path: String)
     /// `/dev/kvm` exists but this user may not open it.
     case permissionDenied(path: String)
+    /// The path exists but no device answers behind it (`ENXIO`, `ENODEV`): `/dev/tty`
+    /// without a controlling terminal, a device whose driver is not loaded.
+    case noDevice(path: String, errno: Int32)
+    /// The file opened, but it is not KVM (its ioctls fail with `ENOTTY` or `EINVAL`).
+    case notKVM(path: String)
     /// `/dev/kvm` could not be opened for another reason.
     case openFailed(path: String, errno: Int32)
     /// `KVM_GET_API_VERSION` returned something other than 12, the only stable API.
@@ -23,6 +28,10 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
             return "\(path) does not exist: this machine has no KVM (load kvm_intel or kvm_amd, or enable nested virtualization)"
         case let .permissionDenied(path):
             return "permission denied opening \(path): add your user to the 'kvm' group or run as root"
+        case let .noDevice(path, err):
+            return "cannot open \(path): no device answers behind it (\(String(cString: strerror(err))))"
+        case let .notKVM(path):
+            return "\(path) is not a KVM device (KVM_GET_API_VERSION is not supported by it)"
         case let .openFailed(path, err):
             return "cannot open \(path): \(String(cString: strerror(err)))"
         case let .apiVersionMismatch(found, expected):

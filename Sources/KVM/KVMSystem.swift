@@ -37,17 +37,25 @@ public final class KVMSystem: Sendable {
 
     /// Opens `/dev/kvm` and checks the API version and the capabilities Swiftlet needs.
     public init(path: String = KVMSystem.defaultPath) throws(KVMError) {
-        let raw = open(path, O_RDWR | O_CLOEXEC)
+        let raw = open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK)
         guard raw >= 0 else {
             let err = errno
             switch err {
-            case ENOENT, ENXIO, ENODEV: throw .deviceMissing(path: path)
+            case ENOENT: throw .deviceMissing(path: path)
+            case ENXIO, ENODEV: throw .noDevice(path: path, errno: err)
             case EACCES, EPERM: throw .permissionDenied(path: path)
             default: throw .openFailed(path: path, errno: err)
             }
         }
         fd = KVMFileDescriptor(owning: raw)
-        let version = try fd.ioctl("KVM_GET_API_VERSION", CKVM_GET_API_VERSION)
+        var info = stat()
+        guard fstat(raw, &info) == 0, info.st_mode & S_IFMT == S_IFCHR else { throw .notKVM(path: path) }
+        let version: Int32
+        do {
+            version = try fd.ioctl("KVM_GET_API_VERSION", CKVM_GET_API_VERSION)
+        } catch let .ioctlFailed(_, err) where err == ENOTTY || err == EINVAL {
+            throw .notKVM(path: path)
+        }
         guard version == Self.expectedAPIVersion else {
             throw .apiVersionMismatch(found: version, expected: Self.expectedAPIVersion)
         }

@@ -1,40 +1,87 @@
+import Basics
 import Devices
 import Glibc
 import Synchronization
 
 /// Writes serial output to a file descriptor (stdout, or a file from `--serial file:PATH`).
+///
+/// Output is never lost silently: the first failed write (a full disk, `/dev/full`, a
+/// reader that went away) is reported once through `onFailure` and kept in ``failure``;
+/// later output is dropped so the guest does not stall on a console nobody reads.
 public final class FileDescriptorSink: ByteSink {
     private let fd: Int32
     private let ownsDescriptor: Bool
+    private let name: String
+    private let state = Mutex<(failure: String?, reporter: (@Sendable (String) -> Void)?)>((nil, nil))
 
     /// Standard output.
-    public static let standardOutput = FileDescriptorSink(fd: STDOUT_FILENO, owns: false)
+    public static var standardOutput: FileDescriptorSink { FileDescriptorSink(fd: STDOUT_FILENO, owns: false, name: "standard output") }
 
-    init(fd: Int32, owns: Bool) {
+    init(fd: Int32, owns: Bool, name: String) {
         self.fd = fd
         self.ownsDescriptor = owns
+        self.name = name
     }
 
-    /// Creates (or truncates) `path` for writing.
+    /// Creates (or truncates) `path` for writing. A regular file or a character device
+    /// (`/dev/null`, a terminal) is accepted; a FIFO, a socket or a directory is refused
+    /// at once instead of blocking.
     public convenience init(path: String) throws(MachineError) {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw .cannotOpen(path: path, purpose: "serial output", errno: errno) }
-        self.init(fd: fd, owns: true)
+        let fd: Int32
+        do {
+            fd = try HostFile.open(path, purpose: "serial output", flags: O_WRONLY | O_CREAT | O_TRUNC,
+                                   accepting: [.regular, .characterDevice])
+        } catch { throw MachineError(error) }
+        self.init(fd: fd, owns: true, name: "'\(path)'")
     }
 
     deinit { if ownsDescriptor { close(fd) } }
 
+    /// Called once, with a one-line message, when a write first fails.
+    public func onFailure(_ report: @escaping @Sendable (String) -> Void) {
+        state.withLock { $0.reporter = report }
+    }
+
+    /// Why output stopped, if a write failed.
+    public var failure: String? { state.withLock { $0.failure } }
+
     public func write(_ bytes: UnsafeRawBufferPointer) {
+        guard state.withLock({ $0.failure == nil }) else { return }
         var offset = 0
         while offset < bytes.count {
             let written = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
             if written < 0 {
-                if errno == EINTR { continue }
-                return // the reader went away (closed pipe): drop output, keep the VM running
+                let err = errno
+                if err == EINTR { continue }
+                fail("console output to \(name) failed (\(String(cString: strerror(err)))); the guest's further output is dropped")
+                return
             }
             offset += written
         }
     }
+
+    private func fail(_ message: String) {
+        let reporter = state.withLock { state -> (@Sendable (String) -> Void)? in
+            guard state.failure == nil else { return nil }
+            state.failure = message
+            return state.reporter
+        }
+        reporter?(message)
+    }
+}
+
+/// A sink that keeps everything written to it: the console of a VM run by a test.
+public final class CapturingSink: ByteSink {
+    private let buffer = Mutex<[UInt8]>([])
+
+    public init() {}
+
+    public func write(_ bytes: UnsafeRawBufferPointer) {
+        buffer.withLock { $0.append(contentsOf: bytes) }
+    }
+
+    /// Everything written so far.
+    public var bytes: [UInt8] { buffer.withLock { $0 } }
 }
 
 /// Owns the host terminal while a VM runs: puts an interactive stdin into raw mode (so
@@ -43,7 +90,7 @@ public final class FileDescriptorSink: ByteSink {
 ///
 /// Escape sequences, like QEMU's: `Ctrl-A x` quits, `Ctrl-A Ctrl-A` sends a literal
 /// Ctrl-A, `Ctrl-A h` prints help.
-public final class Console: Sendable {
+final class Console: Sendable {
     static let escape: UInt8 = 0x01 // Ctrl-A
 
     /// The terminal settings to put back, saved before raw mode (nil when stdin is no TTY).
@@ -59,10 +106,11 @@ public final class Console: Sendable {
         self.output = output
     }
 
-    /// Starts forwarding standard input to the guest.
-    func start() {
+    /// Starts forwarding standard input to the guest. The reader thread is left to end
+    /// with the process: it may sit in `read(2)` on a terminal until then.
+    func start() throws(ThreadStartError) {
         if isatty(STDIN_FILENO) == 1 { Self.enterRawMode() }
-        NamedThread.spawn(name: "console-input") { [self] in readLoop() }
+        _ = try NamedThread(name: "console-input") { [self] in readLoop() }
     }
 
     private func readLoop() {
@@ -117,7 +165,7 @@ public final class Console: Sendable {
     }
 
     /// Puts the terminal back as it was. Safe to call more than once, from any thread.
-    public static func restoreTerminal() {
+    static func restoreTerminal() {
         guard var settings = savedTerminal.withLock({ saved -> termios? in
             defer { saved = nil }
             return saved

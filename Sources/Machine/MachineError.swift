@@ -1,21 +1,30 @@
+import Basics
 import Glibc
 import KVM
 
 /// An error that stops a VM from being built or started. Each prints as one line that
 /// tells the user what to fix.
 public enum MachineError: Error, CustomStringConvertible {
-    case cannotOpen(path: String, purpose: String, errno: Int32)
+    case cannotOpen(path: String, purpose: String, reason: String)
     case invalidConfiguration(String)
     case kvm(KVMError)
     case load(String)
+    case thread(ThreadStartError)
 
     public var description: String {
         switch self {
-        case let .cannotOpen(path, purpose, err):
-            return "cannot open \(purpose) '\(path)': \(String(cString: strerror(err)))"
+        case let .cannotOpen(path, purpose, reason):
+            return "cannot open \(purpose) '\(path)': \(reason)"
         case let .invalidConfiguration(message): return message
         case let .kvm(error): return error.description
         case let .load(message): return message
+        case let .thread(error): return error.description
         }
+    }
+}
+
+extension MachineError {
+    init(_ error: HostFileError) {
+        self = .cannotOpen(path: error.path, purpose: error.purpose, reason: error.reason)
     }
 }

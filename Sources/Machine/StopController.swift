@@ -2,39 +2,63 @@ import Dispatch
 import Synchronization
 
 /// Why the VM stopped, and the process exit status that goes with it.
+///
+/// Statuses are chosen so that they cannot be confused: a guest's exit-port value V
+/// always gives an odd status `(V << 1) | 1`, and everything Swiftlet decides itself is
+/// even. A signal is passed on by `swiftlet run` as the signal itself.
 public enum StopReason: Sendable, Equatable, CustomStringConvertible {
-    /// The guest wrote to the exit port; the status is `(V << 1) | 1`.
-    case guestExit(status: Int32)
-    /// The guest asked for a reset or power-off (i8042 reset, system event).
-    case guestReset
+    /// The guest wrote V to the exit port (0xF4).
+    case guestExit(value: UInt32)
+    /// The guest powered the machine off; `how` names the path (ACPI sleep state S5, ...).
+    case powerOff(how: String)
+    /// The guest asked for a reset; `how` names the path (i8042 reset line, port 0xCF9, ...).
+    case reset(how: String)
     /// The user pressed `Ctrl-A x` on the console.
     case userQuit
-    /// `--timeout` elapsed.
+    /// The timeout elapsed.
     case timeout
-    /// SIGINT or SIGTERM.
+    /// SIGINT, SIGTERM, SIGHUP or SIGQUIT.
     case signal(Int32)
-    /// A vCPU hit an exit Swiftlet cannot continue from (triple fault, emulation failure).
-    case fatal(String)
+    /// The guest crashed: a triple fault (unless configured as a reset), an instruction KVM
+    /// could not emulate, an invalid vCPU state. The message has the vCPU's registers.
+    case crash(String)
+
+    /// Status for a guest crash.
+    public static let crashStatus: Int32 = 4
+    /// Status for a guest reset.
+    public static let resetStatus: Int32 = 6
+    /// Status for a timeout (as `timeout(1)` uses).
+    public static let timeoutStatus: Int32 = 124
+    /// Status when Swiftlet itself could not build or run the VM, or its command line is
+    /// wrong (set by `swiftlet`, not by a stop).
+    public static let failureStatus: Int32 = 2
 
     /// The process exit status: documented in `swiftlet run --help`.
     public var exitStatus: Int32 {
         switch self {
-        case let .guestExit(status): return status
-        case .guestReset, .userQuit: return 0
-        case .timeout: return 124
+        case let .guestExit(value): return Self.guestExitStatus(value)
+        case .powerOff, .userQuit: return 0
+        case .reset: return Self.resetStatus
+        case .timeout: return Self.timeoutStatus
         case let .signal(number): return 128 + number
-        case .fatal: return 4
+        case .crash: return Self.crashStatus
         }
+    }
+
+    /// `(V << 1) | 1`, reduced to the 8 bits a process exit status carries: always odd.
+    public static func guestExitStatus(_ value: UInt32) -> Int32 {
+        Int32(truncatingIfNeeded: ((value << 1) | 1) & 0xFF)
     }
 
     public var description: String {
         switch self {
-        case let .guestExit(status): return "guest requested exit (status \(status))"
-        case .guestReset: return "guest requested a reset"
+        case let .guestExit(value): return "the guest wrote \(value) to the exit port (status \(exitStatus))"
+        case let .powerOff(how): return "the guest powered off (\(how))"
+        case let .reset(how): return "the guest asked for a reset (\(how))"
         case .userQuit: return "quit from the console"
         case .timeout: return "timed out"
         case let .signal(number): return "stopped by signal \(number)"
-        case let .fatal(message): return message
+        case let .crash(message): return message
         }
     }
 }
@@ -61,9 +85,14 @@ public final class StopController: Sendable {
         stopped.signal()
     }
 
-    /// Registers work to do when the VM stops (kicking a vCPU out of `KVM_RUN`).
+    /// Registers work to do when the VM stops (kicking a vCPU out of `KVM_RUN`). A
+    /// listener added after the stop runs at once.
     func onStop(_ listener: @escaping @Sendable () -> Void) {
-        listeners.withLock { $0.append(listener) }
+        let alreadyStopped = listeners.withLock { listeners -> Bool in
+            listeners.append(listener)
+            return reason.withLock { $0 != nil }
+        }
+        if alreadyStopped { listener() }
     }
 
     public var isStopping: Bool { reason.withLock { $0 != nil } }

@@ -1,8 +1,10 @@
+import Basics
 import Devices
 import Dispatch
 import Glibc
 import KVM
 import Synchronization
+import X86
 
 /// Runs one vCPU on its own thread: the exit loop.
 ///
@@ -13,176 +15,137 @@ import Synchronization
 /// `KVM_RUN` in progress return `EINTR`.
 final class VCPURunner: @unchecked Sendable {
     // @unchecked Sendable: `statistics` and `firstRunAt` are written only by the vCPU's
-    // own thread and read by the main thread after `finished` is signalled.
+    // own thread and read by the machine only after `finish(within:)` saw it end.
 
     let vcpu: VCPU
     private let portBus: IOBus
     private let mmioBus: IOBus
     private let stop: StopController
     private let traceExits: Bool
-    private let thread = Mutex<pthread_t?>(nil)
+    private let tripleFault: TripleFaultAction
+    private let thread = Mutex<NamedThread?>(nil)
     private let finished = DispatchSemaphore(value: 0)
 
     private(set) var statistics = ExitStatistics()
     /// CLOCK_MONOTONIC time of the first `KVM_RUN`.
     private(set) var firstRunAt: UInt64?
 
-    init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool) {
+    init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool, tripleFault: TripleFaultAction) {
         self.vcpu = vcpu
         self.portBus = portBus
         self.mmioBus = mmioBus
         self.stop = stop
         self.traceExits = traceExits
+        self.tripleFault = tripleFault
     }
 
     /// Starts the thread `vcpu<N>` and arranges for it to be kicked on stop.
-    func start() {
-        stop.onStop { [self] in kick() }
-        NamedThread.spawn(name: "vcpu\(vcpu.id)") { [self] in
-            // The thread publishes its own handle, and withdraws it before it ends, both
-            // under the lock `kick()` signals under: a detached thread's handle must
-            // never be signalled once the thread is gone.
-            thread.withLock { $0 = pthread_self() }
-            SignalSetup.unblockKickSignal()
+    func start() throws(ThreadStartError) {
+        let started = try NamedThread(name: "vcpu\(vcpu.id)") { [self] in
+            Signals.unblockKick()
             runLoop()
-            thread.withLock { $0 = nil }
             finished.signal()
         }
+        thread.withLock { $0 = started }
+        stop.onStop { [self] in kick() }
     }
 
-    /// Waits up to `seconds` for the thread to leave its loop.
-    @discardableResult
-    func waitUntilFinished(seconds: Double) -> Bool {
-        finished.wait(timeout: .now() + seconds) == .success
+    /// Waits up to `seconds` for the thread to leave its loop, then joins it. Returns
+    /// `false` when it did not stop in time (its statistics must not be read then).
+    func finish(within seconds: Double) -> Bool {
+        guard let started = thread.withLock({ $0 }) else { return true }
+        guard finished.wait(timeout: .now() + seconds) == .success else { return false }
+        started.join()
+        finished.signal() // later calls return at once
+        return true
     }
 
     /// Makes `KVM_RUN` return now or at its next entry. `immediate_exit` covers a thread
-    /// that has not entered the guest yet (or not even published its handle).
+    /// that has not entered the guest yet; the signal one that is inside it. The thread
+    /// is joinable, so its handle stays valid even after its loop ended.
     private func kick() {
         vcpu.requestImmediateExit()
-        thread.withLock { handle in
-            if let handle { pthread_kill(handle, SignalSetup.kickSignal) }
-        }
+        thread.withLock { $0?.signal(Signals.kick) }
     }
 
     private func runLoop() {
-        firstRunAt = monotonicNanoseconds()
+        firstRunAt = MonotonicClock.nanoseconds()
         while !stop.isStopping {
             let exit: VCPUExit
             do {
                 exit = try vcpu.run()
             } catch {
-                fail("KVM_RUN failed: \(error)")
+                crash("KVM_RUN failed: \(error)")
                 return
             }
             if traceExits {
-                let start = monotonicNanoseconds()
-                let key = handle(exit)
-                statistics.record(key, nanoseconds: monotonicNanoseconds() - start)
+                let start = MonotonicClock.nanoseconds()
+                handle(exit, counting: true, since: start)
             } else {
-                _ = handle(exit)
+                handle(exit, counting: false, since: 0)
             }
         }
     }
 
-    /// Handles one exit and returns what it is counted as.
-    private func handle(_ exit: VCPUExit) -> ExitStatistics.Key {
+    /// Handles one exit; with `counting`, records it in ``statistics``.
+    private func handle(_ exit: VCPUExit, counting: Bool, since start: UInt64) {
         switch exit {
         case let .io(port, isWrite, size, count, data):
             // `rep ins/outs` arrive as `count` accesses of `size` bytes in one buffer.
+            var device: IOBus.Entry?
             for index in 0..<count {
                 let slice = UnsafeMutableRawBufferPointer(rebasing: data[(index * size)..<((index + 1) * size)])
-                if isWrite {
-                    portBus.write(UInt64(port), from: UnsafeRawBufferPointer(slice))
-                } else {
-                    portBus.read(UInt64(port), into: slice)
-                }
+                device = isWrite ? portBus.write(UInt64(port), from: UnsafeRawBufferPointer(slice))
+                                 : portBus.read(UInt64(port), into: slice)
             }
-            return isWrite ? .portOut(port) : .portIn(port)
+            if counting {
+                statistics.recordPort(port, isWrite ? .write : .read, device: device?.name,
+                                      nanoseconds: MonotonicClock.nanoseconds() - start)
+            }
         case let .mmio(address, isWrite, data):
-            if isWrite {
-                mmioBus.write(address, from: UnsafeRawBufferPointer(data))
-            } else {
-                mmioBus.read(address, into: data)
+            let device = isWrite ? mmioBus.write(address, from: UnsafeRawBufferPointer(data)) : mmioBus.read(address, into: data)
+            if counting {
+                statistics.recordMMIO(address, isWrite ? .write : .read,
+                                      device: device.map { ($0.name, $0.length, address - $0.base) },
+                                      nanoseconds: MonotonicClock.nanoseconds() - start)
             }
-            return isWrite ? .mmioWrite(address) : .mmioRead(address)
         case .interrupted:
-            return .other("interrupted (signal)")
+            if counting { statistics.recordEvent("interrupted (signal)", nanoseconds: MonotonicClock.nanoseconds() - start) }
         case .irqWindowOpen:
-            return .other("IRQ window open")
+            if counting { statistics.recordEvent("IRQ window open", nanoseconds: MonotonicClock.nanoseconds() - start) }
         case .halt:
             // Only reached without an in-kernel irqchip: nothing can wake the CPU.
-            stop.stop(.guestReset)
-            return .other("HLT")
+            crash("the vCPU halted with no interrupt controller to wake it (KVM_EXIT_HLT)")
         case .shutdown:
-            fail("the guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception occurred while the CPU could not deliver one")
-            return .other("SHUTDOWN")
+            switch tripleFault {
+            case .reset:
+                stop.stop(.reset(how: "triple fault on vCPU \(vcpu.id)"))
+            case .stop:
+                crash("the guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception occurred while the CPU could not deliver one")
+            }
         case let .failEntry(reason, cpu):
-            fail("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason 0x\(String(reason, radix: 16)), CPU \(cpu)): the vCPU state is invalid")
-            return .other("FAIL_ENTRY")
+            crash("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason 0x\(Hex.digits(reason)), CPU \(cpu)): the vCPU state is invalid")
         case let .internalError(suberror, data):
             let what = suberror == 1 ? "emulation failure: KVM could not emulate an instruction" : "suberror \(suberror)"
-            fail("KVM internal error (KVM_EXIT_INTERNAL_ERROR, \(what)); data: \(data.map { "0x" + String($0, radix: 16) }.joined(separator: " "))")
-            return .other("INTERNAL_ERROR")
+            crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR, \(what)); data: \(data.map { Hex.prefixed($0) }.joined(separator: " "))")
         case let .systemEvent(type, _):
             switch type {
-            case CKVM_SYSTEM_EVENT_SHUTDOWN, CKVM_SYSTEM_EVENT_RESET: stop.stop(.guestReset)
-            case CKVM_SYSTEM_EVENT_CRASH: fail("the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
-            default: fail("unknown KVM system event \(type)")
+            case CKVM_SYSTEM_EVENT_SHUTDOWN: stop.stop(.powerOff(how: "KVM system event"))
+            case CKVM_SYSTEM_EVENT_RESET: stop.stop(.reset(how: "KVM system event"))
+            case CKVM_SYSTEM_EVENT_CRASH: crash("the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
+            default: crash("unknown KVM system event \(type)")
             }
-            return .other("SYSTEM_EVENT")
         case let .other(reason):
-            fail("unhandled KVM exit reason \(reason)")
-            return .other("exit \(reason)")
+            crash("unhandled KVM exit reason \(reason)")
         }
     }
 
-    /// Stops the VM with a fatal reason and a register dump of this vCPU.
-    private func fail(_ message: String) {
+    /// Stops the VM as a guest crash, with a register dump of this vCPU.
+    private func crash(_ message: String) {
         var report = "vCPU \(vcpu.id): \(message)"
         if let regs = try? vcpu.registers(), let sregs = try? vcpu.specialRegisters() {
             report += "\n" + RegisterDump.format(regs, sregs)
         }
-        stop.stop(.fatal(report))
-    }
-}
-
-/// Signal masks for the VMM's threads.
-///
-/// SIGINT and SIGTERM are blocked everywhere and taken synchronously by one thread
-/// (`sigwait`), which turns them into a clean stop. The kick signal is blocked too,
-/// except in vCPU threads, where its no-op handler interrupts `KVM_RUN`.
-enum SignalSetup {
-    static let kickSignal = ckvm_kick_signal()
-
-    /// Call on the main thread before any other thread starts: they inherit the mask.
-    static func blockProcessSignals() {
-        _ = ckvm_install_kick_handler(kickSignal)
-        var set = sigset_t()
-        sigemptyset(&set)
-        sigaddset(&set, SIGINT)
-        sigaddset(&set, SIGTERM)
-        sigaddset(&set, kickSignal)
-        pthread_sigmask(SIG_BLOCK, &set, nil)
-    }
-
-    static func unblockKickSignal() {
-        var set = sigset_t()
-        sigemptyset(&set)
-        sigaddset(&set, kickSignal)
-        pthread_sigmask(SIG_UNBLOCK, &set, nil)
-    }
-
-    /// Starts the thread that turns SIGINT/SIGTERM into a stop.
-    static func forwardTerminationSignals(to stop: StopController) {
-        NamedThread.spawn(name: "signals") {
-            var set = sigset_t()
-            sigemptyset(&set)
-            sigaddset(&set, SIGINT)
-            sigaddset(&set, SIGTERM)
-            var received: Int32 = 0
-            while sigwait(&set, &received) != 0 {}
-            stop.stop(.signal(received))
-        }
+        stop.stop(.crash(report))
     }
 }

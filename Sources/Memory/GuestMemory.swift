@@ -1,3 +1,4 @@
+import Basics
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -21,7 +22,7 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
         case let .invalidSize(size, reason):
             return "invalid guest memory size \(size) bytes: \(reason)"
         case let .mappingFailed(size, err):
-            return "cannot reserve \(MemorySize.format(size)) of guest memory: \(String(cString: strerror(err)))"
+            return "cannot reserve \(ByteSize.exact(size)) of guest memory: \(String(cString: strerror(err)))"
         case let .outOfRange(address, length):
             return "guest range 0x\(String(address, radix: 16))+0x\(String(length, radix: 16)) is outside guest RAM"
         }
@@ -88,7 +89,7 @@ public final class GuestMemory: @unchecked Sendable {
             throw .invalidSize(size, reason: "must be a multiple of 4 KiB")
         }
         guard size <= Self.maximumSize else {
-            throw .invalidSize(size, reason: "larger than the maximum of \(MemorySize.format(Self.maximumSize))")
+            throw .invalidSize(size, reason: "larger than the maximum of \(ByteSize.exact(Self.maximumSize))")
         }
         guard let length = Int(exactly: size) else {
             throw .invalidSize(size, reason: "does not fit in this host's address space")

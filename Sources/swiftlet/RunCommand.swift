@@ -1,9 +1,7 @@
 import ArgumentParser
-import Boot
-import Devices
+import Basics
 import Glibc
-import Machine
-import Memory
+import SwiftletKit
 
 /// `swiftlet run`: builds a VM from the options and runs it to the end.
 struct RunCommand: ParsableCommand {
@@ -35,14 +33,21 @@ struct RunCommand: ParsableCommand {
             inside the host kernel (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2).
 
             EXIT STATUS
-              (V << 1) | 1  the guest wrote V to port 0xF4
-              0             the guest reset or powered off, or you quit with Ctrl-A x
-              1             Swiftlet could not build or run the VM (message on stderr)
-              2             the command line is wrong
-              4             the guest crashed: triple fault, or an exit KVM could not \
-            handle (reason and registers on stderr)
+              A guest's exit value always gives an odd status; everything Swiftlet \
+            decides itself is even, so the two cannot be confused.
+              (V << 1) | 1  the guest wrote V to port 0xF4 (V = 0 gives 1, the usual \
+            "success" of test guests)
+              0             the guest powered off, or you quit with Ctrl-A x
+              2             Swiftlet could not build or run the VM, or the command line \
+            is wrong (one line on stderr says why)
+              4             the guest crashed: a triple fault (see --triple-fault), or \
+            an exit KVM could not handle (reason and registers on stderr)
+              6             the guest asked for a reset (keyboard controller, port \
+            0xCF9, port 0x92, the ACPI reset register; see docs/booting.md)
               124           --timeout elapsed
-              130, 143      interrupted by SIGINT, SIGTERM
+              SIGINT, SIGTERM, SIGHUP or SIGQUIT stop the VM cleanly (the terminal is \
+            restored), then Swiftlet ends by that same signal: a shell shows 128 + its \
+            number (130, 143, 129, 131).
 
             EXAMPLES
               swiftlet run
@@ -63,28 +68,31 @@ struct RunCommand: ParsableCommand {
     var initrd: String?
 
     @Option(name: .long, parsing: .unconditional,
-            help: ArgumentHelp("The kernel command line (may start with '-'). For Linux the default is '\(RunCommand.defaultLinuxCmdline)'; a Multiboot kernel gets its file name, then this text.", valueName: "text"))
+            help: ArgumentHelp("The kernel command line (may start with '-'). For Linux the default is '\(VMConfiguration.defaultLinuxCommandLine)'; a Multiboot kernel gets its file name, then this text.", valueName: "text"))
     var cmdline: String?
 
-    @Flag(name: .long, inversion: .prefixedNo, help: "Unpack a compressed bzImage on the host and enter the vmlinux inside, skipping the kernel's own decompressor.")
-    var decompressOnHost = true
+    @Flag(name: .long, inversion: .prefixedNo, help: "Unpack a compressed bzImage on the host and enter the vmlinux inside, skipping the kernel's own decompressor (default: on; --kernel only).")
+    var decompressOnHost: Bool?
 
-    @Option(name: .customLong("linux-entry"), help: ArgumentHelp("How to enter a Linux ELF: auto (PVH when the kernel has the note), linux64 or pvh.", valueName: "entry"))
-    var linuxEntry: LinuxEntryArgument = .automatic
+    @Option(name: .customLong("linux-entry"), help: ArgumentHelp("How to enter a Linux ELF: auto (PVH when the kernel has the note), linux64 or pvh (--kernel only).", valueName: "entry"))
+    var linuxEntry: VMConfiguration.LinuxEntry?
 
     @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, like 64M, 1G or 1536M (a bare number means MiB).", valueName: "size"))
     var memory: MemorySizeArgument = MemorySizeArgument(bytes: 256 << 20)
 
-    @Option(name: .long, help: ArgumentHelp("Number of virtual CPUs.", valueName: "n"))
+    @Option(name: .long, help: ArgumentHelp("Number of virtual CPUs (1 to 254).", valueName: "n"))
     var cpus: Int = 1
 
-    @Option(name: .long, help: ArgumentHelp("Where the serial console writes: 'stdio' or 'file:PATH'.", valueName: "target"))
+    @Option(name: .long, help: ArgumentHelp("Where the serial console writes: 'stdio' or 'file:PATH' (a regular file or a character device).", valueName: "target"))
     var serial: SerialTarget = .stdio
 
     @Option(name: .long, help: ArgumentHelp("Stop the guest after this many seconds (exit status 124).", valueName: "seconds"))
     var timeout: Double?
 
-    @Flag(name: .long, help: "At the end, print a table of VM exits by reason, port and address, with the time spent handling them.")
+    @Option(name: .customLong("triple-fault"), help: ArgumentHelp("What a triple fault does: stop (a crash, status 4, with the registers) or reset (the guest's reset, status 6, like QEMU's -no-reboot).", valueName: "action"))
+    var tripleFault: VMConfiguration.TripleFault = .stop
+
+    @Flag(name: .long, help: "At the end, print a table of VM exits by reason, device and address, with the time spent handling them.")
     var traceExits = false
 
     @Flag(name: .customLong("no-huge-pages"), help: "Do not ask the host for transparent huge pages for guest RAM.")
@@ -93,89 +101,80 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("kvm-device"), help: ArgumentHelp("The KVM device to open.", valueName: "path"))
     var kvmDevice: String = "/dev/kvm"
 
-    /// Serial console on COM1, early messages too, reboot through the keyboard
-    /// controller, and no waiting after a panic.
-    static let defaultLinuxCmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1"
-
     func validate() throws {
         guard cpus >= 1 else { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
-        if initrd != nil && kernel == nil { throw ValidationError("--initrd needs --kernel") }
-        if cmdline != nil && kernel == nil { throw ValidationError("--cmdline needs --kernel") }
+        if kernel == nil {
+            for (given, option) in [(initrd != nil, "--initrd"), (cmdline != nil, "--cmdline"),
+                                    (linuxEntry != nil, "--linux-entry"), (decompressOnHost != nil, "--[no-]decompress-on-host")] where given {
+                throw ValidationError("\(option) applies only to --kernel")
+            }
+        }
         if let timeout, !(timeout > 0) || !timeout.isFinite {
             throw ValidationError("--timeout must be a positive number of seconds")
         }
     }
 
     func run() throws {
-        let payload: Payload
+        let boot: VMConfiguration.Boot
         if let kernel {
-            let bytes = try readFile(kernel, what: "kernel")
-            let initrdBytes = try initrd.map { try readFile($0, what: "initrd") }
-            let format = KernelImage.detect(bytes)
-            let isLinux = format == .bzImage || format == .elf64 || format == .elf32
-            // A Multiboot loader passes the kernel's file name first, then the arguments,
-            // as GRUB and QEMU do; kvm-unit-tests reads its argv that way.
-            let commandLine = format == .multiboot
-                ? ([kernel] + (cmdline.map { [$0] } ?? [])).joined(separator: " ")
-                : cmdline ?? (isLinux ? Self.defaultLinuxCmdline : "")
-            let options = BootOptions(cmdline: commandLine,
-                                      initrd: initrdBytes, cpuCount: cpus, decompressOnHost: decompressOnHost,
-                                      linuxEntry: linuxEntry.entry)
-            payload = .kernel(bytes, options)
+            boot = .kernel(.file(kernel), initrd: initrd.map { .file($0) }, commandLine: cmdline)
         } else if let flat {
-            payload = .flat(try readFile(flat, what: "flat binary"))
+            boot = .flat(.file(flat))
         } else {
-            payload = .flat(DefaultGuest.helloReal)
+            boot = .flat(.bytes(DefaultGuest.helloReal, name: "hello-real"))
         }
 
-        var configuration = MachineConfiguration(payload: payload)
+        var configuration = VMConfiguration(boot: boot)
         configuration.memorySize = memory.bytes
-        configuration.cpuCount = cpus
-        configuration.timeout = timeout
+        configuration.cpus = cpus
+        configuration.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
         configuration.traceExits = traceExits
         configuration.transparentHugePages = !noHugePages
-        configuration.kvmPath = kvmDevice
+        configuration.kvmDevice = kvmDevice
+        configuration.tripleFault = tripleFault
+        configuration.decompressKernelOnHost = decompressOnHost ?? true
+        configuration.linuxEntry = linuxEntry ?? .automatic
+        configuration.forwardStandardInput = true
+        configuration.handleTerminationSignals = true
+        configuration.onConsoleFailure = { message in FileHandleOutput.standardError("swiftlet: \(message)") }
         switch serial {
-        case .stdio: break
-        case let .file(path):
-            do { configuration.serialOutput = try FileDescriptorSink(path: path) } catch { throw Swiftlet.fail(error.description) }
+        case .stdio: configuration.console = .standardOutput
+        case let .file(path): configuration.console = .file(path)
         }
 
-        let machine: Machine
+        let result: VMResult
         do {
-            machine = try Machine(configuration: configuration)
+            result = try VM(configuration).run()
         } catch {
-            throw Swiftlet.fail(error.description)
+            throw SwiftletCommand.fail(error.message)
         }
-        let reason = machine.run()
-        if traceExits { FileHandleOutput.standardError(machine.exitReport()) }
-        switch reason {
-        case .fatal, .timeout, .signal:
-            FileHandleOutput.standardError("swiftlet: \(reason)")
+        if let table = result.exitTable { FileHandleOutput.standardError(table) }
+        switch result.exit {
+        case .crash, .timeout, .reset, .signal:
+            FileHandleOutput.standardError("swiftlet: \(result.exit)")
         default:
             break
         }
-        throw ExitCode(reason.exitStatus)
+        if case let .signal(number) = result.exit { Self.endBySignal(number) }
+        throw ExitCode(result.exit.exitStatus)
     }
 
-    private func readFile(_ path: String, what: String) throws -> [UInt8] {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw Swiftlet.fail("cannot read \(what) '\(path)': \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw Swiftlet.fail("cannot read \(what) '\(path)': \(String(cString: strerror(errno)))") }
-        guard info.st_mode & S_IFMT == S_IFREG else { throw Swiftlet.fail("\(what) '\(path)' is not a regular file") }
-        guard info.st_size <= 1 << 32 else { throw Swiftlet.fail("\(what) '\(path)' is larger than 4 GiB") }
-        var bytes = [UInt8](repeating: 0, count: Int(info.st_size))
-        var offset = 0
-        while offset < bytes.count {
-            let count = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + offset, $0.count - offset, off_t(offset)) }
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else { throw Swiftlet.fail("cannot read \(what) '\(path)': \(count < 0 ? String(cString: strerror(errno)) : "file shrank while reading")") }
-            offset += count
+    /// Ends the process by `signal` itself, so that whoever started Swiftlet sees the signal
+    /// (a shell prints 128 + its number) and not an exit status a guest could also produce.
+    /// SIGQUIT's default action would dump core: that is switched off first.
+    static func endBySignal(_ number: Int32) -> Never {
+        if number == SIGQUIT {
+            var none = rlimit(rlim_cur: 0, rlim_max: 0)
+            setrlimit(__rlimit_resource_t(RLIMIT_CORE.rawValue), &none)
         }
-        return bytes
+        signal(number, SIG_DFL)
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, number)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
+        raise(number)
+        Glibc.exit(128 + number) // not reached: the signal's default action ends the process
     }
 }
 
@@ -186,27 +185,15 @@ struct MemorySizeArgument: ExpressibleByArgument {
     init(bytes: UInt64) { self.bytes = bytes }
 
     init?(argument: String) {
-        guard let bytes = try? MemorySize.parse(argument) else { return nil }
+        guard let bytes = try? ByteSize.parse(argument, defaultUnit: .mebibytes) else { return nil }
         self.bytes = bytes
     }
 
-    var defaultValueDescription: String { MemorySize.format(bytes) }
+    var defaultValueDescription: String { ByteSize.exact(bytes) }
 }
 
-/// `--linux-entry`: which entry point of a Linux ELF to use.
-enum LinuxEntryArgument: String, ExpressibleByArgument, CaseIterable {
-    case automatic = "auto"
-    case linux64
-    case pvh
-
-    var entry: LinuxEntry {
-        switch self {
-        case .automatic: return .automatic
-        case .linux64: return .linux64
-        case .pvh: return .pvh
-        }
-    }
-}
+extension VMConfiguration.LinuxEntry: ExpressibleByArgument {}
+extension VMConfiguration.TripleFault: ExpressibleByArgument {}
 
 /// `--serial`: where COM1's output goes.
 enum SerialTarget: ExpressibleByArgument {

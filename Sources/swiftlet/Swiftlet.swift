@@ -1,8 +1,9 @@
 import ArgumentParser
 import Glibc
+import SwiftletKit
 
-/// The `swiftlet` command: a thin layer over the `Machine` library.
-struct Swiftlet: ParsableCommand {
+/// The `swiftlet` command: a thin layer over the SwiftletKit library.
+struct SwiftletCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "swiftlet",
         abstract: "A minimal virtual machine monitor over Linux KVM.",
@@ -20,18 +21,35 @@ struct Swiftlet: ParsableCommand {
 @main
 enum Main {
     static func main() {
+        StandardDescriptors.keepOccupied()
         do {
-            var command = try Swiftlet.parseAsRoot()
+            var command = try SwiftletCommand.parseAsRoot()
             try command.run()
         } catch {
-            let code = Swiftlet.exitCode(for: error)
+            let code = SwiftletCommand.exitCode(for: error)
             if code == .validationFailure {
-                // A usage error: one line naming the problem, status 2 like other Unix tools.
-                let message = Swiftlet.message(for: error)
+                // A usage error: one line naming the problem, and the status Swiftlet uses
+                // for its own failures (even, so no guest exit value can produce it).
+                let message = SwiftletCommand.message(for: error)
                 FileHandleOutput.standardError("swiftlet: \(message)\n(see 'swiftlet --help')")
-                exit(2)
+                exit(VMExit.failureStatus)
             }
-            Swiftlet.exit(withError: error)
+            SwiftletCommand.exit(withError: error)
+        }
+    }
+}
+
+/// File descriptors 0, 1 and 2 must be open before Swiftlet opens anything: if the
+/// caller closed one (`2>&-`), the next file Swiftlet opens (a `--serial file:` log, a
+/// disk image) would get that number, and Swiftlet's own messages would land in it.
+enum StandardDescriptors {
+    static func keepOccupied() {
+        for fd in Int32(0)...2 where fcntl(fd, F_GETFD) < 0 && errno == EBADF {
+            let null = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY)
+            if null >= 0 && null != fd {
+                dup2(null, fd)
+                close(null)
+            }
         }
     }
 }
@@ -55,13 +73,11 @@ enum FileHandleOutput {
     }
 }
 
-/// A runtime failure already reported on stderr: exit with status 1.
-struct ReportedFailure: Error {}
-
-extension Swiftlet {
-    /// Prints `swiftlet: <message>` on stderr and returns the error that exits with 1.
+extension SwiftletCommand {
+    /// Prints `swiftlet: <message>` on stderr and returns the error that exits with
+    /// Swiftlet's failure status (2).
     static func fail(_ message: String) -> ExitCode {
         FileHandleOutput.standardError("swiftlet: \(message)")
-        return ExitCode(1)
+        return ExitCode(VMExit.failureStatus)
     }
 }

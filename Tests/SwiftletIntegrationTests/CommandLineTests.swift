@@ -1,26 +1,27 @@
 import Foundation
 import Testing
 
-/// Bad input gets one clear line on stderr and a non-zero status, never a trap.
+/// Bad input gets one clear line on stderr and Swiftlet's failure status (2, even, so no
+/// guest exit value can be mistaken for it), never a trap.
 @Suite("Command-line errors")
 struct CommandLineTests {
-    @Test("A missing flat binary: status 1, one line naming the file")
+    @Test("A missing flat binary: status 2, one line naming the file")
     func missingFile() throws {
         let result = try Swiftlet.run(["run", "--flat", "/nonexistent/guest.bin"])
-        #expect(result.status == 1)
-        #expect(result.stderr == "swiftlet: cannot read flat binary '/nonexistent/guest.bin': No such file or directory\n")
+        #expect(result.status == 2)
+        #expect(result.stderr == "swiftlet: cannot open flat binary '/nonexistent/guest.bin': No such file or directory\n")
     }
 
     @Test("A directory or an empty file is not a guest")
     func notAGuest() throws {
         let directory = try Swiftlet.run(["run", "--flat", "/tmp"])
-        #expect(directory.status == 1)
-        #expect(directory.stderr == "swiftlet: flat binary '/tmp' is not a regular file\n")
+        #expect(directory.status == 2)
+        #expect(directory.stderr == "swiftlet: cannot open flat binary '/tmp': it is a directory, not a regular file\n")
         let empty = FileManager.default.temporaryDirectory.appendingPathComponent("empty-\(UUID().uuidString).bin")
         try Data().write(to: empty)
         defer { try? FileManager.default.removeItem(at: empty) }
         let result = try Swiftlet.run(["run", "--flat", empty.path])
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr == "swiftlet: the flat binary is empty\n")
     }
 
@@ -33,35 +34,46 @@ struct CommandLineTests {
         #expect(result.stderr.split(separator: "\n").count <= 2)
     }
 
-    @Test("A memory size that does not fit: status 1")
+    @Test("A memory size that does not fit: status 2")
     func memoryTooLarge() throws {
         let result = try Swiftlet.run(["run", "--memory", "2T"])
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr == "swiftlet: invalid guest memory size 2199023255552 bytes: larger than the maximum of 1T\n")
         let unaligned = try Swiftlet.run(["run", "--memory", "1001K"])
-        #expect(unaligned.status == 1)
+        #expect(unaligned.status == 2)
         #expect(unaligned.stderr.contains("must be a multiple of 4 KiB"))
     }
 
-    @Test("No KVM device: status 1 and what to do about it")
+    @Test("No KVM device: status 2 and what to do about it")
     func kvmMissing() throws {
         let result = try Swiftlet.run(["run", "--kvm-device", "/nonexistent/kvm"])
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr.hasPrefix("swiftlet: /nonexistent/kvm does not exist: this machine has no KVM"))
         #expect(result.stderr.split(separator: "\n").count == 1)
     }
 
-    @Test("A device that is not KVM fails cleanly")
+    @Test("A device or file that is not KVM fails cleanly, naming it")
     func notKVM() throws {
         let result = try Swiftlet.run(["run", "--kvm-device", "/dev/null"])
-        #expect(result.status == 1)
-        #expect(result.stderr.hasPrefix("swiftlet: KVM_GET_API_VERSION failed"))
+        #expect(result.status == 2)
+        #expect(result.stderr == "swiftlet: /dev/null is not a KVM device (KVM_GET_API_VERSION is not supported by it)\n")
+        let file = try Swiftlet.run(["run", "--kvm-device", Swiftlet.guest("idle")])
+        #expect(file.status == 2)
+        #expect(file.stderr.contains("is not a KVM device"))
     }
 
-    @Test("No permission on /dev/kvm: status 1 and a hint", .enabled(if: getuid() == 0, "needs root to drop to another user"))
+    @Test("/dev/tty with no controlling terminal: no device answers, not 'does not exist'")
+    func ttyWithoutTerminal() throws {
+        // setsid gives the child no controlling terminal, whatever the test runner has.
+        let result = try Swiftlet.run(["run", "--kvm-device", "/dev/tty"], newSession: true)
+        #expect(result.status == 2)
+        #expect(result.stderr == "swiftlet: cannot open /dev/tty: no device answers behind it (No such device or address)\n")
+    }
+
+    @Test("No permission on /dev/kvm: status 2 and a hint", .enabled(if: getuid() == 0, "needs root to drop to another user"))
     func kvmPermission() throws {
         let result = try Swiftlet.run(["run"], user: "nobody")
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr == "swiftlet: permission denied opening /dev/kvm: add your user to the 'kvm' group or run as root\n")
     }
 

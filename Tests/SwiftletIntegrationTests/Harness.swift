@@ -25,14 +25,22 @@ enum Swiftlet {
     }
 
     struct Result {
+        /// The exit status, or the signal number when the process ended by a signal.
         let status: Int32
         let stdout: String
         let stderr: String
+        /// The signal that ended the process, if it ended by one.
+        var signal: Int32? = nil
     }
 
     /// Runs `swiftlet` with `arguments`; standard input is /dev/null unless `input` is given.
     /// `whileRunning` gets the process once it started (to send it signals).
-    static func run(_ arguments: [String], input: Data? = nil, user: String? = nil,
+    /// `newSession` starts it with no controlling terminal (setsid); `addressSpaceLimit`
+    /// caps its virtual memory (prlimit --as).
+    /// `killAfter` kills it (SIGKILL) after that many seconds, for a test that must not
+    /// hang when what it checks is that Swiftlet does not block.
+    static func run(_ arguments: [String], input: Data? = nil, user: String? = nil, newSession: Bool = false,
+                    addressSpaceLimit: UInt64? = nil, killAfter: Int? = nil,
                     whileRunning: ((Process, URL) -> Void)? = nil) throws -> Result {
         let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("swiftlet-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
@@ -43,14 +51,17 @@ enum Swiftlet {
         _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
 
         let process = Process()
+        // Wrappers from util-linux, innermost last.
+        var command = [binary.path] + arguments
         if let user {
-            // Drop root for the permission test: setpriv comes with util-linux.
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
-            process.arguments = ["--reuid=\(user)", "--regid=nogroup", "--clear-groups", binary.path] + arguments
-        } else {
-            process.executableURL = binary
-            process.arguments = arguments
+            // Drop root for the permission test.
+            command = ["/usr/bin/setpriv", "--reuid=\(user)", "--regid=nogroup", "--clear-groups"] + command
         }
+        if let addressSpaceLimit { command = ["/usr/bin/prlimit", "--as=\(addressSpaceLimit)"] + command }
+        if newSession { command = ["/usr/bin/setsid", "--wait"] + command }
+        if let killAfter { command = ["/usr/bin/timeout", "-s", "KILL", "\(killAfter)"] + command }
+        process.executableURL = URL(fileURLWithPath: command[0])
+        process.arguments = Array(command.dropFirst())
         process.standardOutput = try FileHandle(forWritingTo: outURL)
         process.standardError = try FileHandle(forWritingTo: errURL)
         let inputPipe = Pipe()
@@ -68,7 +79,27 @@ enum Swiftlet {
         process.waitUntilExit()
         return Result(status: process.terminationStatus,
                       stdout: (try? String(contentsOf: outURL, encoding: .utf8)) ?? "",
-                      stderr: (try? String(contentsOf: errURL, encoding: .utf8)) ?? "")
+                      stderr: (try? String(contentsOf: errURL, encoding: .utf8)) ?? "",
+                      signal: process.terminationReason == .uncaughtSignal ? process.terminationStatus : nil)
+    }
+
+    /// Runs `script` with /bin/sh, `$SWIFTLET` naming the binary (for redirections such
+    /// as `2>&-` or `>/dev/full`). Returns its status and what it printed.
+    static func runShell(_ script: String) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", script]
+        process.environment = ["SWIFTLET": binary.path, "PATH": "/usr/bin:/bin"]
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle(forReadingAtPath: "/dev/null")
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return Result(status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+                      stderr: String(decoding: stderr, as: UTF8.self))
     }
 
     /// Waits until `file` contains `text` (the guest reached a point), up to `seconds`.

@@ -48,7 +48,7 @@ struct KernelErrorTests {
         let file = try temporaryFile(Array(repeating: 0x5A, count: 4096), name: "junk")
         defer { try? FileManager.default.removeItem(at: file) }
         let result = try Swiftlet.run(["run", "--kernel", file.path])
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr.hasPrefix("swiftlet: "))
         #expect(result.stderr.contains("not a kernel") || result.stderr.contains("no bzImage header"))
         #expect(result.stderr.split(separator: "\n").count == 1)
@@ -59,7 +59,7 @@ struct KernelErrorTests {
         let file = try temporaryFile(elf64(loadAddress: 0x4000_0000, size: 0x1000), name: "far.elf")
         defer { try? FileManager.default.removeItem(at: file) }
         let result = try Swiftlet.run(["run", "--kernel", file.path, "--memory", "64M"])
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr.hasPrefix("swiftlet: "))
         #expect(result.stderr.split(separator: "\n").count == 1)
         #expect(result.stdout.isEmpty)
@@ -71,7 +71,7 @@ struct KernelErrorTests {
         let file = try temporaryFile(Array(whole.prefix(whole.count / 2)), name: "half-vmlinuz")
         defer { try? FileManager.default.removeItem(at: file) }
         let result = try Swiftlet.run(["run", "--kernel", file.path])
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr.contains("truncated"))
         #expect(result.stderr.split(separator: "\n").count == 1)
     }
@@ -79,7 +79,7 @@ struct KernelErrorTests {
     @Test("A command line longer than the kernel's cmdline_size", .enabled(if: debianKernelPresent, "Debian's kernel is not cached: run guests/linux/fetch-debian-kernel.sh"))
     func commandLineTooLong() throws {
         let result = try Swiftlet.run(["run", "--kernel", debianKernelCache + "/vmlinuz", "--cmdline", String(repeating: "x", count: 5000)])
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr.contains("command line"))
         #expect(result.stderr.split(separator: "\n").count == 1)
     }
@@ -89,16 +89,48 @@ struct KernelErrorTests {
         let initrd = try temporaryFile(Array(repeating: 0, count: 48 << 20), name: "big-initrd")
         defer { try? FileManager.default.removeItem(at: initrd) }
         let result = try Swiftlet.run(["run", "--kernel", debianKernelCache + "/vmlinuz", "--initrd", initrd.path, "--memory", "64M"])
-        #expect(result.status == 1)
+        #expect(result.status == 2)
         #expect(result.stderr.contains("initrd"))
         #expect(result.stderr.split(separator: "\n").count == 1)
     }
 
-    @Test("--initrd and --cmdline need --kernel")
-    func needsKernel() throws {
-        let result = try Swiftlet.run(["run", "--cmdline", "quiet"])
+    @Test("Kernel options without --kernel are refused, not ignored", arguments: [
+        ["--cmdline", "quiet"], ["--initrd", "/etc/hostname"], ["--linux-entry", "pvh"], ["--no-decompress-on-host"],
+        ["--flat", "/etc/hostname", "--linux-entry", "linux64"],
+    ])
+    func needsKernel(arguments: [String]) throws {
+        let result = try Swiftlet.run(["run"] + arguments)
         #expect(result.status == 2)
-        #expect(result.stderr.hasPrefix("swiftlet: --cmdline needs --kernel"))
+        #expect(result.stderr.hasPrefix("swiftlet: --"))
+        #expect(result.stderr.contains("applies only to --kernel"))
+    }
+
+    @Test("A huge sparse file is refused as 'not a kernel' from its header, without reading it")
+    func hugeSparseFile() throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("sparse-\(UUID().uuidString)")
+        _ = FileManager.default.createFile(atPath: file.path, contents: Data(repeating: 0x5A, count: 4096))
+        defer { try? FileManager.default.removeItem(at: file) }
+        let handle = try FileHandle(forWritingTo: file)
+        try handle.truncate(atOffset: 4 << 30)
+        try handle.close()
+        // With its address space limited to 1 GiB, Swiftlet could not even hold the file:
+        // only a header check answers.
+        let result = try Swiftlet.run(["run", "--kernel", file.path, "--memory", "64M"], addressSpaceLimit: 1 << 30)
+        #expect(result.status == 2)
+        #expect(result.stderr.contains("is not a kernel"))
+        #expect(result.stderr.split(separator: "\n").count == 1)
+    }
+
+    @Test("A kernel file larger than guest RAM is refused without being read")
+    func kernelLargerThanRAM() throws {
+        let file = try temporaryFile(elf64(loadAddress: 0x10_0000, size: 0x1000), name: "huge.elf")
+        defer { try? FileManager.default.removeItem(at: file) }
+        let handle = try FileHandle(forWritingTo: file)
+        try handle.truncate(atOffset: 4 << 30)
+        try handle.close()
+        let result = try Swiftlet.run(["run", "--kernel", file.path, "--memory", "64M"], addressSpaceLimit: 1 << 30)
+        #expect(result.status == 2)
+        #expect(result.stderr == "swiftlet: cannot open kernel '\(file.path)': it is larger than the guest's RAM (64M)\n")
     }
 }
 
@@ -143,6 +175,6 @@ struct DebianKernelTests {
         #expect(result.stdout.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"))
         #expect(result.stdout.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"))
         #expect(result.stdout.contains("Hypervisor detected: KVM"))
-        #expect(result.status == 143, "the test ends the VM with SIGTERM once it has what it checks")
+        #expect(result.signal == SIGTERM, "the test ends the VM with SIGTERM once it has what it checks")
     }
 }

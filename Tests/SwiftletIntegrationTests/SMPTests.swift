@@ -27,7 +27,7 @@ struct SMPTests {
     @Test("More vCPUs than 8-bit APIC IDs allow is refused")
     func tooManyCPUs() throws {
         let result = try Swiftlet.run(["run", "--cpus", "255"])
-        #expect(result.status == 1)
-        #expect(result.stderr.hasPrefix("swiftlet: --cpus 255 is more than Swiftlet supports (254"))
+        #expect(result.status == 2)
+        #expect(result.stderr.hasPrefix("swiftlet: 255 vCPUs are more than Swiftlet supports (254"))
     }
 }

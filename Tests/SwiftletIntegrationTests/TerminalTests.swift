@@ -24,12 +24,17 @@ struct TerminalTests {
         os.write(master, b"\x01x")
     elif ending == "sigterm":
         p.send_signal(signal.SIGTERM)
+    elif ending == "sighup":
+        p.send_signal(signal.SIGHUP)
+    elif ending == "sigquit":
+        p.send_signal(signal.SIGQUIT)
     p.wait(timeout=30)
     print(f"status={p.returncode} raw={raw} restored={termios.tcgetattr(slave) == before}")
     """#
 
+    /// A signal's "status" is Python's -N: Swiftlet ends by the signal itself.
     @Test("Raw mode while running; the terminal is restored after each way out", arguments: [
-        ("escape", 0), ("sigterm", 143), ("timeout", 124),
+        ("escape", 0), ("sigterm", -15), ("sighup", -1), ("sigquit", -3), ("timeout", 124),
     ])
     func rawModeRestored(ending: String, status: Int) throws {
         let process = Process()

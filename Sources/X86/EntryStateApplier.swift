@@ -3,8 +3,8 @@ import KVM
 
 /// Turns a loader's ``EntryState`` into the vCPU's registers.
 /// The ioctls are `KVM_GET_SREGS`, `KVM_SET_SREGS`, `KVM_SET_REGS` and `KVM_SET_MSRS`.
-enum EntryStateApplier {
-    static func apply(_ state: EntryState, to vcpu: VCPU) throws(KVMError) {
+public enum EntryStateApplier {
+    public static func apply(_ state: EntryState, to vcpu: VCPU) throws(KVMError) {
         var sregs = try vcpu.specialRegisters()
         sregs.cs = segment(state.cs)
         sregs.ds = segment(state.ds)

@@ -11,28 +11,28 @@ import KVM
 ///   KVM's own signature leaves at 0x40000000 ("KVMKVMKVM") that KVM reports;
 /// - the TSC frequency in leaf 0x40000010 (EAX, kHz) when KVM knows it, the
 ///   "hypervisor timing" leaf that guests read to skip TSC calibration.
-struct CPUModel {
-    static let hypervisorBase: UInt32 = 0x4000_0000
-    static let timingLeaf: UInt32 = 0x4000_0010
+public struct CPUModel: Sendable {
+    public static let hypervisorBase: UInt32 = 0x4000_0000
+    public static let timingLeaf: UInt32 = 0x4000_0010
 
-    let supported: [CPUIDEntry]
-    let cpuCount: Int
-    let tscKHz: UInt32?
+    public let supported: [CPUIDEntry]
+    public let cpuCount: Int
+    public let tscKHz: UInt32?
 
-    init(supported: [CPUIDEntry], cpuCount: Int, tscKHz: UInt32?) {
+    public init(supported: [CPUIDEntry], cpuCount: Int, tscKHz: UInt32?) {
         self.supported = supported
         self.cpuCount = cpuCount
         self.tscKHz = tscKHz
     }
 
     /// Bits needed to number `cpuCount` cores: the APIC-ID shift of the package level.
-    var coreIDBits: UInt32 {
+    public var coreIDBits: UInt32 {
         var bits: UInt32 = 0
         while (1 << bits) < cpuCount { bits += 1 }
         return bits
     }
 
-    func entries(forAPICID apicID: UInt32) -> [CPUIDEntry] {
+    public func entries(forAPICID apicID: UInt32) -> [CPUIDEntry] {
         let count = UInt32(cpuCount)
         var result: [CPUIDEntry] = []
         for var entry in supported {

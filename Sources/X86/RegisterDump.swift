@@ -1,12 +1,13 @@
+import Basics
 import KVM
 
 /// Formats a vCPU's state for a fatal-exit report: what a developer needs to find
 /// where the guest was and what mode it was in.
-enum RegisterDump {
-    static func format(_ regs: kvm_regs, _ sregs: kvm_sregs) -> String {
-        func r(_ name: String, _ value: UInt64) -> String { "\(name)=\(hex(value, width: 16))" }
+public enum RegisterDump {
+    public static func format(_ regs: kvm_regs, _ sregs: kvm_sregs) -> String {
+        func r(_ name: String, _ value: UInt64) -> String { "\(name)=\(Hex.digits(value, width: 16))" }
         func segment(_ name: String, _ s: kvm_segment) -> String {
-            "\(name)=\(hex(s.selector, width: 4)) base=\(hex(s.base, width: 16)) limit=\(hex(s.limit, width: 8)) type=\(s.type) dpl=\(s.dpl) \(s.l != 0 ? "L" : "-")\(s.db != 0 ? "D" : "-")\(s.present != 0 ? "P" : "-")"
+            "\(name)=\(Hex.digits(s.selector, width: 4)) base=\(Hex.digits(s.base, width: 16)) limit=\(Hex.digits(s.limit, width: 8)) type=\(s.type) dpl=\(s.dpl) \(s.l != 0 ? "L" : "-")\(s.db != 0 ? "D" : "-")\(s.present != 0 ? "P" : "-")"
         }
         let mode: String
         if sregs.efer & 0x400 != 0 { mode = sregs.cs.l != 0 ? "64-bit long mode" : "compatibility mode" }
@@ -25,7 +26,7 @@ enum RegisterDump {
             "  " + segment("DS", sregs.ds), "  " + segment("ES", sregs.es),
             "  " + segment("FS", sregs.fs), "  " + segment("GS", sregs.gs),
             "  " + segment("TR", sregs.tr),
-            "  GDT=\(hex(sregs.gdt.base, width: 16))/\(hex(sregs.gdt.limit, width: 4)) IDT=\(hex(sregs.idt.base, width: 16))/\(hex(sregs.idt.limit, width: 4))",
+            "  GDT=\(Hex.digits(sregs.gdt.base, width: 16))/\(Hex.digits(sregs.gdt.limit, width: 4)) IDT=\(Hex.digits(sregs.idt.base, width: 16))/\(Hex.digits(sregs.idt.limit, width: 4))",
         ].joined(separator: "\n")
     }
 }

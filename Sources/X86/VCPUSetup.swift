@@ -4,7 +4,7 @@ import KVM
 /// loader chooses: CPUID, MSRs, FPU and the local APIC's LINT pins.
 /// The ioctls are `KVM_SET_CPUID2`, `KVM_SET_MSRS`, `KVM_SET_FPU`, `KVM_GET_LAPIC` and
 /// `KVM_SET_LAPIC`.
-enum VCPUSetup {
+public enum VCPUSetup {
     // MSR numbers (Intel SDM volume 4).
     static let tsc: UInt32 = 0x10
     static let sysenterCS: UInt32 = 0x174
@@ -35,7 +35,7 @@ enum VCPUSetup {
     static let deliveryExtINT: UInt32 = 0x7
     static let deliveryNMI: UInt32 = 0x4
 
-    static func configure(_ vcpu: VCPU, cpuid: [CPUIDEntry]) throws(KVMError) {
+    public static func configure(_ vcpu: VCPU, cpuid: [CPUIDEntry]) throws(KVMError) {
         try vcpu.setCPUID(cpuid)
         try vcpu.setMSRs(bootMSRs)
         try vcpu.resetFPU()

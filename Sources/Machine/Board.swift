@@ -1,0 +1,110 @@
+import Basics
+import Boot
+import Devices
+import Glibc
+import KVM
+import Memory
+
+/// The PC the guest runs on: owns the KVM VM, guest RAM, the in-kernel interrupt
+/// controllers and timer, and the port and MMIO buses with the devices that live in
+/// user space. It runs nothing: ``Machine`` adds the vCPUs and runs them.
+///
+/// Building it issues, in order: `KVM_CREATE_VM`, `KVM_SET_USER_MEMORY_REGION` per RAM
+/// region, `KVM_SET_TSS_ADDR`, `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`,
+/// `KVM_GET_IRQCHIP`/`KVM_SET_IRQCHIP` (the PICs as firmware leaves them) and
+/// `KVM_CREATE_PIT2`.
+final class Board: Sendable {
+    /// Guest-physical addresses VMX needs for its real-mode TSS and identity map: just
+    /// below the BIOS area at the top of the 32-bit space, outside RAM and devices.
+    static let tssAddress: UInt64 = 0xFFFB_D000
+    static let identityMapAddress: UInt64 = 0xFFFB_C000
+
+    /// COM1: eight registers at 0x3F8, IRQ 4.
+    static let com1Port: UInt64 = 0x3F8
+    static let com1IRQ: UInt32 = 4
+
+    let system: KVMSystem
+    let vm: VirtualMachine
+    let memory: GuestMemory
+    let serial: Serial16550
+    let portBus: IOBus
+    let mmioBus: IOBus
+
+    /// Builds the VM with `memorySize` bytes of RAM and the PC devices. `withTestDevice`
+    /// adds QEMU's pc-testdev (kvm-unit-tests expect it next to Multiboot kernels).
+    init(configuration: MachineConfiguration, stop: StopController, withTestDevice: Bool) throws(MachineError) {
+        do {
+            system = try KVMSystem(path: configuration.kvmPath)
+            vm = try system.createVM()
+        } catch {
+            throw .kvm(error)
+        }
+        do {
+            memory = try GuestMemory(size: configuration.memorySize, transparentHugePages: configuration.transparentHugePages)
+        } catch {
+            throw .invalidConfiguration(error.description)
+        }
+        do {
+            for (slot, region) in memory.regions.enumerated() {
+                try vm.setUserMemoryRegion(slot: UInt32(slot), guestAddress: region.guestBase, size: region.size, hostAddress: region.hostAddress)
+            }
+            try vm.setTSSAddress(Self.tssAddress)
+            try vm.setIdentityMapAddress(Self.identityMapAddress)
+            try vm.createIRQChip()
+            try vm.programPICsLikeFirmware()
+            try vm.createPIT2()
+        } catch {
+            throw .kvm(error)
+        }
+
+        serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: Self.com1IRQ))
+        var ports = IOBus.Builder()
+        var mmio = IOBus.Builder()
+        do {
+            try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory, cpuCount: configuration.cpuCount)
+            if withTestDevice { try Self.registerTestDevice(&ports, &mmio, vm: vm) }
+        } catch {
+            throw .invalidConfiguration("\(error)")
+        }
+        portBus = ports.build()
+        mmioBus = mmio.build()
+    }
+
+    /// The PC devices that live in user space. (The PICs, IOAPIC, local APICs and the
+    /// PIT, with port 0x61, are in the kernel.)
+    private static func registerPlatformDevices(_ ports: inout IOBus.Builder, serial: Serial16550, stop: StopController,
+                                                memory: GuestMemory, cpuCount: Int) throws(IOBusError) {
+        try ports.register(serial, name: "serial (COM1)", base: com1Port, length: 8)
+        try ports.register(DebugExit { value in stop.stop(.guestExit(value: value)) },
+                           name: "debug exit", base: DebugExit.defaultPort, length: DebugExit.width)
+        try ports.register(IgnoredPorts(), name: "POST diagnostic port", base: 0x80, length: 1)
+        try ports.register(I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) },
+                           name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
+        let below4G = memory.regions[0].size
+        try ports.register(CMOS(ramBelow4G: below4G, ramAbove4G: memory.size - below4G, cpuCount: cpuCount,
+                                now: { Int64(time(nil)) }),
+                           name: "CMOS RTC", base: CMOS.basePort, length: CMOS.portCount)
+        try ports.register(FwCfg(cpuCount: cpuCount, ramSize: memory.size), name: "fw_cfg",
+                           base: FwCfg.basePort, length: FwCfg.portCount)
+    }
+
+    /// kvm-unit-tests (Multiboot kernels) expect QEMU's pc-testdev; see ``TestDevice``.
+    private static func registerTestDevice(_ ports: inout IOBus.Builder, _ mmio: inout IOBus.Builder, vm: VirtualMachine) throws(IOBusError) {
+        let device = TestDevice { gsi, high in try? vm.setIRQLine(gsi, high: high) }
+        try ports.register(device.register, name: "pc-testdev register", base: TestDevice.ioPort, length: TestDevice.ioPortLength)
+        try ports.register(device.flushPage, name: "pc-testdev flush page", base: TestDevice.flushPagePort, length: 4)
+        try ports.register(device.irqLines, name: "pc-testdev IRQ lines", base: TestDevice.irqPortBase, length: TestDevice.irqLineCount)
+        try mmio.register(device.ioRAM, name: "pc-testdev I/O RAM", base: TestDevice.ioRAMBase, length: TestDevice.ioRAMLength)
+    }
+}
+
+/// An interrupt input of the in-kernel irqchip, driven with `KVM_IRQ_LINE`.
+struct KVMInterruptLine: InterruptLine {
+    let vm: VirtualMachine
+    let gsi: UInt32
+
+    func setLevel(_ high: Bool) {
+        // Fails only if the irqchip is missing, which Board.init rules out.
+        try? vm.setIRQLine(gsi, high: high)
+    }
+}

@@ -1,0 +1,94 @@
+import Boot
+import Devices
+import KVM
+
+/// Where the bytes of a kernel, initrd or flat image come from.
+public enum ImageSource: Sendable {
+    /// A host file, read when the machine is built. It must be a regular file: a FIFO or
+    /// a directory is refused without blocking.
+    case file(String)
+    /// Bytes the caller already holds (a test that builds its guest in memory).
+    case bytes([UInt8], name: String)
+
+    /// How messages and a Multiboot command line name it.
+    public var name: String {
+        switch self {
+        case let .file(path): return path
+        case let .bytes(_, name): return name
+        }
+    }
+}
+
+/// A kernel and what goes with it.
+public struct KernelBoot: Sendable {
+    public var kernel: ImageSource
+    /// The Linux initrd, or Multiboot module 0.
+    public var initrd: ImageSource?
+    /// The kernel command line. `nil` gives a Linux kernel ``MachineConfiguration/defaultLinuxCommandLine``
+    /// and a Multiboot kernel nothing; a Multiboot kernel always gets its own name first, as
+    /// GRUB and QEMU pass it.
+    public var commandLine: String?
+    /// Unpack a compressed bzImage on the host and enter the vmlinux inside.
+    public var decompressOnHost = true
+    /// Which entry of a Linux ELF to use.
+    public var linuxEntry: LinuxEntry = .automatic
+
+    public init(kernel: ImageSource, initrd: ImageSource? = nil, commandLine: String? = nil) {
+        self.kernel = kernel
+        self.initrd = initrd
+        self.commandLine = commandLine
+    }
+}
+
+/// What to boot.
+public enum BootSource: Sendable {
+    /// Raw machine code loaded at 0x7C00 and entered in 16-bit real mode, like a PC BIOS
+    /// starts a boot sector (see ``FlatBinary``).
+    case flat(ImageSource)
+    /// A kernel whose format is detected from its content: a Linux bzImage or vmlinux
+    /// (64-bit or PVH entry), or a Multiboot kernel (see ``KernelImage``).
+    case kernel(KernelBoot)
+}
+
+/// What a triple fault does. On a PC the chipset turns a triple fault into a CPU reset;
+/// a VMM that does not reboot its guest either reports it as the guest's reset or stops
+/// as a crash with the registers printed.
+public enum TripleFaultAction: String, Sendable, CaseIterable {
+    /// Stop as a crash (status 4) with a register dump: best for debugging a guest.
+    case stop
+    /// Treat it as the guest asking for a reset (status 6), like QEMU's `-no-reboot`.
+    case reset
+}
+
+/// Everything that decides how a machine is built and run.
+public struct MachineConfiguration: Sendable {
+    /// Serial console on COM1, early messages too, reboot through the keyboard controller,
+    /// and no waiting after a panic.
+    public static let defaultLinuxCommandLine = "console=ttyS0 earlyprintk=serial reboot=k panic=-1"
+
+    public var boot: BootSource
+    /// Guest RAM in bytes: a positive multiple of 4 KiB.
+    public var memorySize: UInt64 = 256 << 20
+    /// Virtual CPUs, 1 to 254.
+    public var cpuCount = 1
+    /// Ask the host for transparent huge pages for guest RAM.
+    public var transparentHugePages = true
+    /// Where COM1's output goes.
+    public var serialOutput: any ByteSink = FileDescriptorSink.standardOutput
+    /// Forward this process's standard input to COM1 (raw mode when it is a terminal,
+    /// with QEMU's `Ctrl-A x` to quit). Off for a library user; `swiftlet run` turns it on.
+    public var forwardStandardInput = false
+    /// Turn SIGINT, SIGTERM, SIGHUP and SIGQUIT into a clean stop. This changes the
+    /// process's signal mask, so it is off for a library user; `swiftlet run` turns it on.
+    public var handleTerminationSignals = false
+    /// Seconds before the VM is stopped with ``StopReason/timeout``.
+    public var timeout: Double?
+    /// Count VM exits by kind, device and address, with the time spent on each.
+    public var traceExits = false
+    /// What a triple fault does.
+    public var tripleFault: TripleFaultAction = .stop
+    /// The KVM device to open.
+    public var kvmPath = KVMSystem.defaultPath
+
+    public init(boot: BootSource) { self.boot = boot }
+}

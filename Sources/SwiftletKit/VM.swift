@@ -1,0 +1,174 @@
+import Devices
+import Machine
+
+/// Why a VM stopped. Each case has the exit status `swiftlet run` uses for it: a guest's
+/// exit-port value always gives an odd status, everything else an even one.
+public enum VMExit: Sendable, Equatable, CustomStringConvertible {
+    /// The guest wrote `value` to the exit port (0xF4): status `(value << 1) | 1`.
+    case guestExit(value: UInt32)
+    /// The guest powered off (ACPI S5, ...): status 0.
+    case powerOff(how: String)
+    /// The guest asked for a reset (keyboard controller, port 0xCF9, ACPI reset register,
+    /// a triple fault configured as reset): status 6.
+    case reset(how: String)
+    /// The guest crashed (triple fault, an instruction KVM could not emulate): status 4.
+    /// The message includes the vCPU's registers.
+    case crash(String)
+    /// ``VMConfiguration/timeout`` elapsed: status 124.
+    case timeout
+    /// A termination signal arrived (with ``VMConfiguration/handleTerminationSignals``).
+    case signal(Int32)
+    /// The user typed `Ctrl-A x` on the console: status 0.
+    case userQuit
+
+    /// The status `swiftlet run` exits with (a signal: 128 + its number, as shells show it).
+    public var exitStatus: Int32 { stopReason.exitStatus }
+
+    public var description: String { stopReason.description }
+
+    /// Swiftlet's own failure (it could not build or run the VM, or its command line is
+    /// wrong): status 2, which no guest exit value can produce.
+    public static let failureStatus: Int32 = StopReason.failureStatus
+
+    init(_ reason: StopReason) {
+        switch reason {
+        case let .guestExit(value): self = .guestExit(value: value)
+        case let .powerOff(how): self = .powerOff(how: how)
+        case let .reset(how): self = .reset(how: how)
+        case let .crash(message): self = .crash(message)
+        case .timeout: self = .timeout
+        case let .signal(number): self = .signal(number)
+        case .userQuit: self = .userQuit
+        }
+    }
+
+    var stopReason: StopReason {
+        switch self {
+        case let .guestExit(value): return .guestExit(value: value)
+        case let .powerOff(how): return .powerOff(how: how)
+        case let .reset(how): return .reset(how: how)
+        case let .crash(message): return .crash(message)
+        case .timeout: return .timeout
+        case let .signal(number): return .signal(number)
+        case .userQuit: return .userQuit
+        }
+    }
+}
+
+/// What a run produced.
+public struct VMResult: Sendable {
+    public let exit: VMExit
+    /// The console output, with ``VMConfiguration/Console/capture``; empty otherwise.
+    public let console: [UInt8]
+    /// The exit table, with ``VMConfiguration/traceExits``.
+    public let exitTable: String?
+    /// Why console output stopped, if writing it failed.
+    public let consoleFailure: String?
+
+    /// The console output as text (invalid UTF-8 repaired).
+    public var consoleText: String { String(decoding: console, as: UTF8.self) }
+}
+
+/// Swiftlet could not build or run the VM: a missing or wrong file, no usable
+/// `/dev/kvm`, a configuration out of range. The message is one line for a user.
+public struct SwiftletError: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    public var description: String { message }
+}
+
+/// A virtual machine on `/dev/kvm`: built by `init` (files read and checked, guest RAM
+/// loaded, vCPUs created), then run once by ``run()``.
+///
+/// Several VMs may run at once in one process, each on its own threads.
+public final class VM: Sendable {
+    private let machine: Machine
+    private let capture: CapturingSink?
+    private let fileSink: FileDescriptorSink?
+    private let traceExits: Bool
+
+    /// One line saying what was loaded and how it is entered.
+    public var loadSummary: String { machine.loadSummary }
+
+    public init(_ configuration: VMConfiguration) throws(SwiftletError) {
+        var boot: BootSource
+        switch configuration.boot {
+        case let .flat(image):
+            boot = .flat(ImageSource(image))
+        case let .kernel(image, initrd, commandLine):
+            var kernel = KernelBoot(kernel: ImageSource(image), initrd: initrd.map(ImageSource.init), commandLine: commandLine)
+            kernel.decompressOnHost = configuration.decompressKernelOnHost
+            switch configuration.linuxEntry {
+            case .automatic: kernel.linuxEntry = .automatic
+            case .linux64: kernel.linuxEntry = .linux64
+            case .pvh: kernel.linuxEntry = .pvh
+            }
+            boot = .kernel(kernel)
+        }
+        var machineConfiguration = MachineConfiguration(boot: boot)
+        machineConfiguration.memorySize = configuration.memorySize
+        machineConfiguration.cpuCount = configuration.cpus
+        machineConfiguration.transparentHugePages = configuration.transparentHugePages
+        machineConfiguration.timeout = configuration.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        machineConfiguration.traceExits = configuration.traceExits
+        machineConfiguration.tripleFault = configuration.tripleFault == .reset ? .reset : .stop
+        machineConfiguration.kvmPath = configuration.kvmDevice
+        machineConfiguration.forwardStandardInput = configuration.forwardStandardInput
+        machineConfiguration.handleTerminationSignals = configuration.handleTerminationSignals
+        if let timeout = machineConfiguration.timeout, !(timeout > 0) {
+            throw SwiftletError(message: "the timeout must be positive")
+        }
+
+        var capture: CapturingSink?
+        var fileSink: FileDescriptorSink?
+        switch configuration.console {
+        case .capture:
+            capture = CapturingSink()
+            machineConfiguration.serialOutput = capture!
+        case .standardOutput:
+            fileSink = FileDescriptorSink.standardOutput
+        case let .file(path):
+            do { fileSink = try FileDescriptorSink(path: path) } catch { throw SwiftletError(message: error.description) }
+        case .discard:
+            machineConfiguration.serialOutput = DiscardingSink()
+        }
+        if let fileSink {
+            if let report = configuration.onConsoleFailure { fileSink.onFailure(report) }
+            machineConfiguration.serialOutput = fileSink
+        }
+        self.capture = capture
+        self.fileSink = fileSink
+        self.traceExits = configuration.traceExits
+        do {
+            machine = try Machine(configuration: machineConfiguration)
+        } catch {
+            throw SwiftletError(message: error.description)
+        }
+    }
+
+    /// Runs the guest until it stops, and says why.
+    public func run() throws(SwiftletError) -> VMResult {
+        let reason: StopReason
+        do { reason = try machine.run() } catch { throw SwiftletError(message: error.description) }
+        return VMResult(exit: VMExit(reason), console: capture?.bytes ?? [],
+                        exitTable: traceExits ? machine.exitReport() : nil, consoleFailure: fileSink?.failure)
+    }
+
+    /// Stops a running VM from another thread; ``run()`` then returns `exit`.
+    public func stop(_ exit: VMExit = .userQuit) {
+        machine.requestStop(exit.stopReason)
+    }
+}
+
+extension ImageSource {
+    init(_ image: VMConfiguration.Image) {
+        switch image {
+        case let .file(path): self = .file(path)
+        case let .bytes(bytes, name): self = .bytes(bytes, name: name)
+        }
+    }
+}
+
+/// A console that keeps nothing.
+struct DiscardingSink: ByteSink {
+    func write(_ bytes: UnsafeRawBufferPointer) {}
+}

@@ -1,0 +1,103 @@
+/// A virtual machine to run: what it boots and the machine around it.
+///
+/// ```swift
+/// var configuration = VMConfiguration(boot: .kernel(.file("guests/build/multiboot.elf"), commandLine: "hello"))
+/// configuration.memorySize = 64 << 20
+/// configuration.timeout = .seconds(10)
+/// let result = try VM(configuration).run()
+/// print(result.exit, result.consoleText)
+/// ```
+public struct VMConfiguration: Sendable {
+    /// Where a kernel, initrd or flat image comes from.
+    public enum Image: Sendable {
+        /// A host file, read when the VM is built (a FIFO or directory is refused at once).
+        case file(String)
+        /// Bytes already in memory; `name` stands for the file name (a Multiboot kernel
+        /// receives it as the first word of its command line).
+        case bytes([UInt8], name: String = "kernel")
+    }
+
+    /// What the boot vCPU starts.
+    public enum Boot: Sendable {
+        /// Raw machine code loaded at 0x7C00 and entered in 16-bit real mode, like a PC
+        /// BIOS starts a boot sector (no BIOS services).
+        case flat(Image)
+        /// A kernel, format detected from its content: a Linux bzImage or vmlinux, or a
+        /// Multiboot kernel (kvm-unit-tests' `.flat` files are Multiboot ELFs). `nil`
+        /// `commandLine` gives Linux Swiftlet's default (serial console on ttyS0).
+        case kernel(Image, initrd: Image? = nil, commandLine: String? = nil)
+    }
+
+    /// Where the guest's serial console (COM1) goes.
+    public enum Console: Sendable {
+        /// Kept in memory and returned in ``VMResult/console``.
+        case capture
+        /// This process's standard output.
+        case standardOutput
+        /// A host file, created or truncated.
+        case file(String)
+        /// Thrown away.
+        case discard
+    }
+
+    /// How a Linux ELF kernel is entered.
+    public enum LinuxEntry: String, Sendable, CaseIterable {
+        /// PVH when the kernel has the Xen PVH note, else the 64-bit boot protocol.
+        case automatic = "auto"
+        /// The Linux 64-bit boot protocol (long mode, zero page in RSI).
+        case linux64
+        /// The PVH entry (32-bit protected mode, start info in EBX).
+        case pvh
+    }
+
+    /// What a triple fault does.
+    public enum TripleFault: String, Sendable, CaseIterable {
+        /// The VM stops as a crash (status 4) with the vCPU's registers.
+        case stop
+        /// The VM stops as the guest's reset (status 6), as a PC's chipset turns a triple
+        /// fault into a CPU reset (QEMU with `-no-reboot`).
+        case reset
+    }
+
+    public var boot: Boot
+    /// Guest RAM in bytes: a positive multiple of 4 KiB. Above 3 GiB, RAM continues at
+    /// 4 GiB around the 32-bit MMIO hole.
+    public var memorySize: UInt64 = 256 << 20
+    /// Virtual CPUs, 1 to 254. vCPU 0 boots; the others wait for INIT/SIPI.
+    public var cpus = 1
+    public var console: Console = .capture
+    /// How long the guest may run before the VM stops with ``VMExit/timeout``.
+    public var timeout: Duration?
+    /// Unpack a compressed bzImage on the host and enter the vmlinux inside it.
+    public var decompressKernelOnHost = true
+    public var linuxEntry: LinuxEntry = .automatic
+    public var tripleFault: TripleFault = .stop
+    /// Count VM exits by kind, device and address; the table is in ``VMResult/exitTable``.
+    public var traceExits = false
+    /// Ask the host for transparent huge pages for guest RAM.
+    public var transparentHugePages = true
+    /// The KVM device to open.
+    public var kvmDevice = "/dev/kvm"
+
+    // Front-end options: what `swiftlet run` turns on for an interactive user. A library
+    // user normally leaves them off.
+
+    /// Forward this process's standard input to the guest's serial port; a terminal is
+    /// put in raw mode (restored on every exit path) and `Ctrl-A x` quits.
+    public var forwardStandardInput = false
+    /// Turn SIGINT, SIGTERM, SIGHUP and SIGQUIT into a clean stop (``VMExit/signal(_:)``).
+    /// This blocks those signals in the calling thread and every thread it starts later.
+    public var handleTerminationSignals = false
+    /// Called once with a one-line message if writing the console output fails (a full
+    /// disk, a closed pipe); the guest's further output is dropped.
+    public var onConsoleFailure: (@Sendable (String) -> Void)?
+
+    public init(boot: Boot) { self.boot = boot }
+}
+
+extension VMConfiguration {
+    /// The command line a Linux kernel gets when none is given: the serial console on
+    /// COM1 (early messages too), reset through the keyboard controller, and no waiting
+    /// after a panic.
+    public static let defaultLinuxCommandLine = "console=ttyS0 earlyprintk=serial reboot=k panic=-1"
+}

@@ -1,0 +1,62 @@
+import Foundation
+import Glibc
+import Testing
+
+/// What a hostile-input campaign found: files that would block, lost output, closed
+/// standard descriptors. Each case ends quickly with one clear line.
+@Suite("Special files and lost output")
+struct HardeningTests {
+    /// A FIFO nobody writes to: `open` for reading would block until a writer comes.
+    static func makeFIFO() throws -> URL {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("fifo-\(UUID().uuidString)")
+        guard mkfifo(path.path, 0o600) == 0 else { throw CocoaError(.fileWriteUnknown) }
+        return path
+    }
+
+    @Test("A FIFO is refused at once as a kernel, an initrd, a flat binary or the serial log", arguments: [
+        "--kernel", "--initrd", "--flat", "--serial",
+    ])
+    func fifoIsRefused(option: String) throws {
+        let fifo = try Self.makeFIFO()
+        defer { try? FileManager.default.removeItem(at: fifo) }
+        var arguments = ["run"]
+        switch option {
+        case "--initrd":
+            arguments += ["--kernel", Swiftlet.packageRoot.appendingPathComponent("guests/build/multiboot.elf").path, "--initrd", fifo.path]
+        case "--serial":
+            arguments += ["--serial", "file:\(fifo.path)"]
+        default:
+            arguments += [option, fifo.path]
+        }
+        let result = try Swiftlet.run(arguments, killAfter: 20)
+        #expect(result.signal == nil, "swiftlet blocked on the FIFO and was killed")
+        #expect(result.status == 2)
+        #expect(result.stderr.hasPrefix("swiftlet: cannot open "))
+        #expect(result.stderr.contains(fifo.path))
+        #expect(result.stderr.contains("FIFO"))
+        #expect(result.stderr.split(separator: "\n").count == 1)
+    }
+
+    @Test("With stderr closed, Swiftlet's messages do not end up in the serial log")
+    func closedStandardError() throws {
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("serial-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: log) }
+        let idle = Swiftlet.guest("idle")
+        let result = try Swiftlet.runShell("exec \"$SWIFTLET\" run --flat \(idle) --timeout 1 --trace-exits --serial file:\(log.path) 2>&-")
+        #expect(result.status == 124)
+        let text = try String(contentsOf: log, encoding: .utf8)
+        #expect(text.hasSuffix("idle\n"), "the serial log holds: \(text)")
+        #expect(!text.contains("swiftlet:") && !text.contains("VM exits"), "Swiftlet's messages went into the serial log: \(text)")
+    }
+
+    @Test("A console that cannot be written is reported once, not silently dropped")
+    func consoleToFullDevice() throws {
+        let file = try Swiftlet.run(["run", "--serial", "file:/dev/full"])
+        #expect(file.status == 1)
+        #expect(file.stderr == "swiftlet: console output to '/dev/full' failed (No space left on device); the guest's further output is dropped\n")
+
+        let stdout = try Swiftlet.runShell("exec \"$SWIFTLET\" run >/dev/full")
+        #expect(stdout.status == 1)
+        #expect(stdout.stderr == "swiftlet: console output to standard output failed (No space left on device); the guest's further output is dropped\n")
+    }
+}
