@@ -3,7 +3,6 @@
 
 #include <sys/ioctl.h>
 #include <string.h>
-#include <pthread.h>
 
 // The Swift side mirrors none of these structs field by field (it uses the imported C
 // types directly); these asserts pin the ABI the wrappers rely on.
@@ -19,10 +18,6 @@ _Static_assert(sizeof(struct kvm_mp_state) == 4, "kvm_mp_state layout");
 _Static_assert(sizeof(struct kvm_pic_state) == 16, "kvm_pic_state layout");
 _Static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip layout");
 
-int ckvm_ioctl_none(int fd, unsigned long request) {
-    return ioctl(fd, request, 0);
-}
-
 int ckvm_ioctl_value(int fd, unsigned long request, unsigned long value) {
     return ioctl(fd, request, value);
 }
@@ -37,10 +32,6 @@ size_t ckvm_cpuid2_size(uint32_t count) {
 
 size_t ckvm_msrs_size(uint32_t count) {
     return sizeof(struct kvm_msrs) + (size_t)count * sizeof(struct kvm_msr_entry);
-}
-
-size_t ckvm_msr_list_size(uint32_t count) {
-    return sizeof(struct kvm_msr_list) + (size_t)count * sizeof(uint32_t);
 }
 
 static void ckvm_kick_handler(int signal) {
@@ -60,6 +51,3 @@ int ckvm_kick_signal(void) {
     return SIGRTMIN + 1;
 }
 
-int ckvm_set_thread_name(const char *name) {
-    return pthread_setname_np(pthread_self(), name);
-}

@@ -3,9 +3,11 @@ import Glibc
 
 /// Owns one KVM file descriptor (the system, a VM or a vCPU) and closes it in `deinit`.
 ///
-/// Every KVM ioctl Swiftlet issues goes through ``ioctl(_:_:)`` and its siblings, so
-/// error reporting lives in one place. `EINTR` is never retried here: for `KVM_RUN` it
-/// is how a vCPU thread is kicked out of the guest, and the caller decides.
+/// Every KVM ioctl Swiftlet issues goes through ``issue(_:value:)`` or
+/// ``issue(_:pointer:)``, directly (`KVM_RUN`, `KVM_CREATE_VM`, which look at `errno`
+/// themselves) or through the throwing ``ioctl(_:_:)`` family, so error handling lives in
+/// one place. `EINTR` is never retried here: for `KVM_RUN` it is how a vCPU thread is
+/// kicked out of the guest, and the caller decides.
 public final class KVMFileDescriptor: Sendable {
     public let rawValue: Int32
 
@@ -13,27 +15,42 @@ public final class KVMFileDescriptor: Sendable {
 
     deinit { close(rawValue) }
 
+    /// The funnel: issues `request` with an integer argument (0 for none) and returns
+    /// its non-negative result, or `-errno`.
+    @inline(__always)
+    func issue(_ request: UInt, value: UInt) -> Int32 {
+        let result = ckvm_ioctl_value(rawValue, request, value)
+        return result >= 0 ? result : -errno
+    }
+
+    /// The funnel for a pointer argument: returns the non-negative result, or `-errno`.
+    @inline(__always)
+    func issue(_ request: UInt, pointer: UnsafeMutableRawPointer) -> Int32 {
+        let result = ckvm_ioctl_pointer(rawValue, request, pointer)
+        return result >= 0 ? result : -errno
+    }
+
     /// An ioctl without argument; returns its non-negative result.
     @discardableResult
     func ioctl(_ name: StaticString, _ request: UInt) throws(KVMError) -> Int32 {
-        let result = ckvm_ioctl_none(rawValue, request)
-        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: errno) }
+        let result = issue(request, value: 0)
+        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: -result) }
         return result
     }
 
     /// An ioctl with an integer argument.
     @discardableResult
     func ioctl(_ name: StaticString, _ request: UInt, value: UInt) throws(KVMError) -> Int32 {
-        let result = ckvm_ioctl_value(rawValue, request, value)
-        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: errno) }
+        let result = issue(request, value: value)
+        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: -result) }
         return result
     }
 
     /// An ioctl with a pointer to a structure (in, out or both).
     @discardableResult
     func ioctl<T>(_ name: StaticString, _ request: UInt, _ argument: inout T) throws(KVMError) -> Int32 {
-        let result = withUnsafeMutablePointer(to: &argument) { ckvm_ioctl_pointer(rawValue, request, $0) }
-        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: errno) }
+        let result = withUnsafeMutablePointer(to: &argument) { issue(request, pointer: UnsafeMutableRawPointer($0)) }
+        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: -result) }
         return result
     }
 
@@ -53,8 +70,8 @@ public final class KVMFileDescriptor: Sendable {
     /// An ioctl with a raw buffer (variable-length structures such as `kvm_cpuid2`).
     @discardableResult
     func ioctl(_ name: StaticString, _ request: UInt, buffer: UnsafeMutableRawPointer) throws(KVMError) -> Int32 {
-        let result = ckvm_ioctl_pointer(rawValue, request, buffer)
-        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: errno) }
+        let result = issue(request, pointer: buffer)
+        guard result >= 0 else { throw .ioctlFailed(name: "\(name)", errno: -result) }
         return result
     }
 }

@@ -25,7 +25,7 @@ public struct KVMCapability: Sendable, Hashable, CustomStringConvertible {
 /// The KVM subsystem: owns the `/dev/kvm` file descriptor.
 ///
 /// System ioctls: `KVM_GET_API_VERSION`, `KVM_CHECK_EXTENSION`, `KVM_GET_VCPU_MMAP_SIZE`,
-/// `KVM_GET_SUPPORTED_CPUID`, `KVM_GET_MSR_INDEX_LIST` and `KVM_CREATE_VM`.
+/// `KVM_GET_SUPPORTED_CPUID` and `KVM_CREATE_VM`.
 public final class KVMSystem: Sendable {
     public static let defaultPath = "/dev/kvm"
     /// The stable KVM API version; anything else is refused.
@@ -103,9 +103,9 @@ public final class KVMSystem: Sendable {
         // KVM_CREATE_VM can fail with EINTR when a signal arrives during creation.
         var result: Int32
         repeat {
-            result = ckvm_ioctl_value(fd.rawValue, CKVM_CREATE_VM, 0)
-        } while result < 0 && errno == EINTR
-        guard result >= 0 else { throw .ioctlFailed(name: "KVM_CREATE_VM", errno: errno) }
+            result = fd.issue(CKVM_CREATE_VM, value: 0)
+        } while result == -EINTR
+        guard result >= 0 else { throw .ioctlFailed(name: "KVM_CREATE_VM", errno: -result) }
         return VirtualMachine(fd: KVMFileDescriptor(owning: result), system: self)
     }
 }

@@ -56,10 +56,10 @@ public final class VCPU: @unchecked Sendable {
     /// Enters the guest until the next exit that needs user space.
     /// The corresponding ioctl is `KVM_RUN`; `EINTR` becomes ``VCPUExit/interrupted``.
     public func run() throws(KVMError) -> VCPUExit {
-        if ckvm_ioctl_none(fd.rawValue, CKVM_RUN) < 0 {
-            let err = errno
-            if err == EINTR || err == EAGAIN { return .interrupted }
-            throw .ioctlFailed(name: "KVM_RUN", errno: err)
+        let result = fd.issue(CKVM_RUN, value: 0)
+        if result < 0 {
+            if result == -EINTR || result == -EAGAIN { return .interrupted }
+            throw .ioctlFailed(name: "KVM_RUN", errno: -result)
         }
         return decodeExit()
     }
@@ -199,7 +199,7 @@ public final class VCPU: @unchecked Sendable {
 
     /// The guest TSC frequency in kHz, if KVM knows it. The ioctl is `KVM_GET_TSC_KHZ`.
     public func tscKHz() -> UInt32? {
-        let result = ckvm_ioctl_none(fd.rawValue, CKVM_GET_TSC_KHZ)
+        let result = fd.issue(CKVM_GET_TSC_KHZ, value: 0)
         return result > 0 ? UInt32(result) : nil
     }
 }

@@ -4,8 +4,9 @@ import Glibc
 /// A KVM virtual machine: owns the VM file descriptor.
 ///
 /// VM ioctls: `KVM_SET_USER_MEMORY_REGION`, `KVM_SET_TSS_ADDR`,
-/// `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`, `KVM_IRQ_LINE`,
-/// `KVM_SIGNAL_MSI` and `KVM_CREATE_VCPU`. Each is safe to call from any thread.
+/// `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_GET_IRQCHIP`,
+/// `KVM_SET_IRQCHIP`, `KVM_CREATE_PIT2`, `KVM_IRQ_LINE` and `KVM_CREATE_VCPU`. Each is
+/// safe to call from any thread.
 public final class VirtualMachine: Sendable {
     let fd: KVMFileDescriptor
     public let system: KVMSystem

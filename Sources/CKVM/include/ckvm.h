@@ -2,8 +2,9 @@
 //
 // Swift cannot use the ioctl request macros (they are function-like macros built from
 // _IOW/_IOR) nor call the variadic ioctl(2). This header exports each request number
-// as a constant and funnels every call through fixed-arity wrappers, so error handling
-// and tracing live in one place on the Swift side (KVM/KVMIoctl.swift).
+// Swiftlet issues as a constant, and fixed-arity wrappers; on the Swift side every call
+// goes through KVMFileDescriptor.issue (Sources/KVM/FileDescriptor.swift), so error
+// handling lives in one place. A request number is added here together with its wrapper.
 #pragma once
 
 #include <stdint.h>
@@ -17,7 +18,6 @@ static const unsigned long CKVM_CREATE_VM = KVM_CREATE_VM;
 static const unsigned long CKVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
 static const unsigned long CKVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
 static const unsigned long CKVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
-static const unsigned long CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
 
 static const unsigned long CKVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
 static const unsigned long CKVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
@@ -28,11 +28,6 @@ static const unsigned long CKVM_CREATE_PIT2 = KVM_CREATE_PIT2;
 static const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
 static const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
 static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
-static const unsigned long CKVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING;
-static const unsigned long CKVM_IRQFD = KVM_IRQFD;
-static const unsigned long CKVM_IOEVENTFD = KVM_IOEVENTFD;
-static const unsigned long CKVM_SIGNAL_MSI = KVM_SIGNAL_MSI;
-static const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;
 
 static const unsigned long CKVM_RUN = KVM_RUN;
 static const unsigned long CKVM_GET_REGS = KVM_GET_REGS;
@@ -46,11 +41,9 @@ static const unsigned long CKVM_GET_FPU = KVM_GET_FPU;
 static const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
 static const unsigned long CKVM_GET_LAPIC = KVM_GET_LAPIC;
 static const unsigned long CKVM_SET_LAPIC = KVM_SET_LAPIC;
-static const unsigned long CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
 static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
-static const unsigned long CKVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
 
 // --- Capabilities we ask about -------------------------------------------------------
 static const int CKVM_CAP_IRQCHIP = KVM_CAP_IRQCHIP;
@@ -64,10 +57,7 @@ static const int CKVM_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS;
 static const int CKVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
 static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
 static const int CKVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
-static const int CKVM_CAP_X2APIC_API = KVM_CAP_X2APIC_API;
 static const int CKVM_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI;
-static const int CKVM_CAP_READONLY_MEM = KVM_CAP_READONLY_MEM;
-static const int CKVM_CAP_XSAVE = KVM_CAP_XSAVE;
 
 static const int CKVM_API_VERSION_EXPECTED = KVM_API_VERSION;
 
@@ -104,9 +94,8 @@ static const uint32_t CKVM_IRQCHIP_PIC_SLAVE = KVM_IRQCHIP_PIC_SLAVE;
 // --- Fixed-arity ioctl wrappers ---------------------------------------------------------
 // Each returns ioctl's result: >= 0 on success, -1 with errno set on failure.
 
-/// ioctl with no argument (KVM_CREATE_IRQCHIP, KVM_RUN, ...).
-int ckvm_ioctl_none(int fd, unsigned long request);
-/// ioctl with an integer argument (KVM_CREATE_VCPU, KVM_CHECK_EXTENSION, KVM_SET_TSS_ADDR).
+/// ioctl with an integer argument (KVM_CREATE_VCPU, KVM_CHECK_EXTENSION, KVM_SET_TSS_ADDR;
+/// 0 for the requests that take none, such as KVM_RUN and KVM_CREATE_IRQCHIP).
 int ckvm_ioctl_value(int fd, unsigned long request, unsigned long value);
 /// ioctl with a pointer argument (structures in and out).
 int ckvm_ioctl_pointer(int fd, unsigned long request, void *argument);
@@ -118,8 +107,6 @@ int ckvm_ioctl_pointer(int fd, unsigned long request, void *argument);
 size_t ckvm_cpuid2_size(uint32_t count);
 /// Size in bytes of a struct kvm_msrs with room for `count` entries.
 size_t ckvm_msrs_size(uint32_t count);
-/// Size in bytes of a struct kvm_msr_list with room for `count` indices.
-size_t ckvm_msr_list_size(uint32_t count);
 
 // --- kvm_run accessors ---------------------------------------------------------------------
 // struct kvm_run's exit data is an anonymous union; these keep the union layout in C.
@@ -141,5 +128,3 @@ int ckvm_install_kick_handler(int signal);
 /// The signal Swiftlet uses to kick vCPU threads out of KVM_RUN (SIGRTMIN + 1).
 int ckvm_kick_signal(void);
 
-/// Names the calling thread (at most 15 characters are kept), for `top -H` and `ps -L`.
-int ckvm_set_thread_name(const char *name);
