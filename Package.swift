@@ -5,6 +5,7 @@
 // Module map (each has one job; see docs/architecture.md):
 //   Basics     Small helpers every module shares: hex, sizes, endian reads, clock, threads.
 //   CLinux     C shim for the few Linux calls Swift cannot import (thread names, ...).
+//   EventLoop  Owned descriptors, eventfd, timerfd, signalfd and the epoll loop. No KVM.
 //   CKVM       C shim: <linux/kvm.h> request numbers and fixed-arity ioctl wrappers.
 //   KVM        Typed Swift layer over the KVM ioctls (system, VM, vCPU).
 //   Memory     Guest RAM: anonymous mmap, layout around the MMIO hole, checked translation.
@@ -33,6 +34,7 @@ let package = Package(
     targets: [
         .target(name: "CLinux"),
         .target(name: "Basics", dependencies: ["CLinux"]),
+        .target(name: "EventLoop", dependencies: ["Basics", "CLinux"]),
         .target(name: "CKVM"),
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "Memory", dependencies: ["Basics"]),
@@ -44,7 +46,7 @@ let package = Package(
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
         .target(name: "Boot", dependencies: ["Basics", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
-        .target(name: "Machine", dependencies: ["Basics", "X86", "KVM", "Memory", "Devices", "Boot"]),
+        .target(name: "Machine", dependencies: ["Basics", "EventLoop", "X86", "KVM", "Memory", "Devices", "Boot"]),
         .target(name: "SwiftletKit", dependencies: ["Machine", "Devices"]),
         .executableTarget(
             name: "swiftlet",
@@ -54,6 +56,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "BasicsTests", dependencies: ["Basics"]),
+        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "Basics"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
