@@ -151,7 +151,7 @@ struct RunCommand: ParsableCommand {
         }
         if let table = result.exitTable { FileHandleOutput.standardError(table) }
         switch result.exit {
-        case .crash, .timeout, .reset, .signal:
+        case .crash, .timeout, .reset, .powerOff, .signal:
             FileHandleOutput.standardError("swiftlet: \(result.exit)")
         default:
             break
