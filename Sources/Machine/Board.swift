@@ -98,14 +98,14 @@ final class Board: Sendable {
     private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError) {
         try ports.register(I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) },
                            name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
-        try ports.register(SystemControlPortA { stop.stop(.reset(how: "system control port A, port 0x92: fast reset, bit 0")) },
+        try ports.register(SystemControlPortA { stop.stop(.reset(how: "system control port A at port 0x92: fast reset, bit 0")) },
                            name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
         try ports.register(ResetControl { value in
-                               stop.stop(.reset(how: "reset control register, port 0xCF9 (the ACPI reset register): "
+                               stop.stop(.reset(how: "reset control register at port 0xCF9, the FADT's RESET_REG: wrote "
                                                 + "\(Hex.prefixed(value, width: 2)), \(ResetControl.describe(value))"))
                            },
                            name: "reset control register", base: ResetControl.port, length: ResetControl.width)
-        let s5 = "ACPI sleep state S5: SLP_TYP \(ACPILayout.s5SleepType) and SLP_EN written to PM1a_CNT, port \(Hex.prefixed(ACPILayout.pm1aControlBlock))"
+        let s5 = "ACPI sleep state S5: SLP_TYP \(ACPILayout.s5SleepType) with SLP_EN written to PM1a_CNT at port \(Hex.prefixed(ACPILayout.pm1aControlBlock))"
         try ports.register(ACPIPowerManagement(clock: { MonotonicClock.nanoseconds() }) { stop.stop(.powerOff(how: s5)) },
                            name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
                            length: ACPILayout.powerManagementLength)
