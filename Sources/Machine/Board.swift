@@ -96,18 +96,20 @@ final class Board: Sendable {
     /// mechanism #1's ports (0xCF8-0xCFF). A PCI host bridge added later must keep 1-byte
     /// accesses at 0xCF9 going to it; see ``ResetControl``.
     private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError) {
-        try ports.register(I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) },
-                           name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
-        try ports.register(SystemControlPortA { stop.stop(.reset(how: "system control port A at port 0x92: fast reset, bit 0")) },
-                           name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
-        try ports.register(ResetControl { value in
-                               stop.stop(.reset(how: "reset control register at port 0xCF9, the FADT's RESET_REG: wrote "
-                                                + "\(Hex.prefixed(value, width: 2)), \(ResetControl.describe(value))"))
-                           },
-                           name: "reset control register", base: ResetControl.port, length: ResetControl.width)
-        let s5 = "ACPI sleep state S5: SLP_TYP \(ACPILayout.s5SleepType) with SLP_EN written to PM1a_CNT at port \(Hex.prefixed(ACPILayout.pm1aControlBlock))"
-        try ports.register(ACPIPowerManagement(clock: { MonotonicClock.nanoseconds() }) { stop.stop(.powerOff(how: s5)) },
-                           name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
+        let keyboardController = I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) }
+        let portA = SystemControlPortA { stop.stop(.reset(how: "system control port A at port 0x92: fast reset, bit 0")) }
+        let resetControl = ResetControl { value in
+            let written = "\(Hex.prefixed(value, width: 2)), \(ResetControl.describe(value))"
+            stop.stop(.reset(how: "reset control register at port 0xCF9, the FADT's RESET_REG: wrote \(written)"))
+        }
+        let s5 = "ACPI sleep state S5: SLP_TYP \(ACPILayout.s5SleepType) with SLP_EN written to PM1a_CNT "
+            + "at port \(Hex.prefixed(ACPILayout.pm1aControlBlock))"
+        let powerManagement = ACPIPowerManagement(clock: { MonotonicClock.nanoseconds() }) { stop.stop(.powerOff(how: s5)) }
+
+        try ports.register(keyboardController, name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
+        try ports.register(portA, name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
+        try ports.register(resetControl, name: "reset control register", base: ResetControl.port, length: ResetControl.width)
+        try ports.register(powerManagement, name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
                            length: ACPILayout.powerManagementLength)
     }
 
