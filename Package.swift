@@ -11,7 +11,8 @@
 //   Memory     Guest RAM: anonymous mmap, layout around the MMIO hole, checked translation.
 //   Devices    Device models and buses (UART, exit port, ...). No KVM: unit-testable.
 //   DiskImage  Raw and qcow2 disk images over file descriptors. No KVM.
-//   Boot       Kernel formats and boot protocols (flat, Linux, PVH, Multiboot). No KVM.
+//   Boot       Kernel formats and boot protocols (flat, Linux, PVH, Multiboot), and the
+//              firmware tables that describe the Devices. No KVM.
 //   X86        x86 vCPU set-up: the CPU model (CPUID), boot MSRs, entry registers, dumps.
 //   Machine    Puts it together: VM, vCPU threads, exit loop, console.
 //   SwiftletKit  The library: configure a VM, run it, get its exit and console (the API
@@ -44,7 +45,7 @@ let package = Package(
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),
         .systemLibrary(name: "CLzma", path: "Sources/CLzma"),
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
-        .target(name: "Boot", dependencies: ["Basics", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
+        .target(name: "Boot", dependencies: ["Basics", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
         .target(name: "Machine", dependencies: ["Basics", "EventLoop", "X86", "KVM", "Memory", "Devices", "Boot"]),
         .target(name: "SwiftletKit", dependencies: ["Machine", "Devices"]),
@@ -60,7 +61,7 @@ let package = Package(
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
-        .testTarget(name: "BootTests", dependencies: ["Boot", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
+        .testTarget(name: "BootTests", dependencies: ["Boot", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
     ],

@@ -1,15 +1,19 @@
 import Basics
+import Devices
 import Memory
 
-/// The tables a PC BIOS leaves for the operating system to find the vCPUs, the IOAPIC
-/// and the interrupt wiring, built without a BIOS: an Intel MP table (floating pointer
-/// and configuration table at ``BootLayout/mpTable``) and ACPI tables (RSDP at
-/// ``BootLayout/acpiTables``, then XSDT, RSDT, MADT, FADT and an empty DSDT). Both lie in
-/// the e820-reserved area below 1 MiB, where kernels scan for them.
+/// The tables a PC BIOS leaves for the operating system to find the vCPUs, the IOAPIC,
+/// the interrupt wiring and the power management hardware, built without a BIOS: an
+/// Intel MP table (floating pointer and configuration table at ``BootLayout/mpTable``)
+/// and ACPI tables (RSDP at ``BootLayout/acpiTables``, then XSDT, RSDT, MADT, FADT, FACS
+/// and a DSDT with `\_S5`). Both lie in the e820-reserved area below 1 MiB, where
+/// kernels scan for them.
 ///
 /// Platform described: vCPUs with local APIC IDs 0..N-1 at 0xFEE00000, one IOAPIC with
 /// ID N at 0xFEC00000 and 24 pins (GSI 0-23), ISA IRQs 0-15 wired to the IOAPIC pins of
-/// the same number, which is KVM's default in-kernel irqchip routing.
+/// the same number, which is KVM's default in-kernel irqchip routing; ACPI fixed
+/// hardware (PM1a event and control blocks, PM timer, reset register) at the ports
+/// ``ACPILayout`` gives.
 public enum FirmwareTables {
     public static let localAPICAddress: UInt32 = 0xFEE0_0000
     public static let ioAPICAddress: UInt32 = 0xFEC0_0000
@@ -22,6 +26,8 @@ public enum FirmwareTables {
     static let rsdtOffset: UInt64 = 0x80
     static let madtOffset: UInt64 = 0x100
     static let fadtOffset: UInt64 = 0x1000
+    /// The FACS must be 64-byte aligned; the FADT (276 bytes) ends at 0x1114.
+    static let facsOffset: UInt64 = 0x1140
     static let dsdtOffset: UInt64 = 0x1200
 
     static let oemID = Array("SWIFTL".utf8)
@@ -41,7 +47,8 @@ public enum FirmwareTables {
         let base = BootLayout.acpiTables
         try memory.put(madt(cpuCount: cpuCount, irq0ToGSI2: irq0ToGSI2), at: base + madtOffset, what: "the ACPI MADT")
         try memory.put(dsdt(), at: base + dsdtOffset, what: "the ACPI DSDT")
-        try memory.put(fadt(dsdt: base + dsdtOffset), at: base + fadtOffset, what: "the ACPI FADT")
+        try memory.put(facs(), at: base + facsOffset, what: "the ACPI FACS")
+        try memory.put(fadt(dsdt: base + dsdtOffset, facs: base + facsOffset), at: base + fadtOffset, what: "the ACPI FADT")
         let tables = [base + madtOffset, base + fadtOffset]
         try memory.put(xsdt(tables), at: base + xsdtOffset, what: "the ACPI XSDT")
         try memory.put(rsdt(tables), at: base + rsdtOffset, what: "the ACPI RSDT")
@@ -175,23 +182,102 @@ public enum FirmwareTables {
         return entry
     }
 
-    /// FADT revision 6 for a hardware-reduced ACPI platform (no PM timer or PM1 blocks,
-    /// as in other minimal VMMs), with the 8042 and legacy devices declared present so
-    /// `reboot=k` and the i8042 keep working.
-    static func fadt(dsdt: GuestAddress) -> [UInt8] {
-        var table = sdt("FACP", revision: 6, body: [UInt8](repeating: 0, count: 276 - 36))
-        table.putLE(UInt32(dsdt), at: 40)
-        table.putLE(UInt16(9), at: 46)                   // SCI_INT
-        table.putLE(UInt16(0x3), at: 109)                // IAPC_BOOT_ARCH: legacy devices, 8042
-        table.putLE(UInt32(1 << 20), at: 112)            // flags: HW_REDUCED_ACPI
-        table[131] = 0                                 // FADT minor version
-        table.putLE(dsdt, at: 140)                       // X_DSDT
-        table.put(bytes: "SWIFTLET".utf8, at: 268)     // hypervisor vendor identity
+    // FADT fields (ACPI 6.5, table 5.9): byte offsets.
+    static let fadtFirmwareControl = 36, fadtDSDT = 40, fadtSCIInterrupt = 46, fadtSMICommand = 48
+    static let fadtPM1aEventBlock = 56, fadtPM1aControlBlock = 64, fadtPMTimerBlock = 76
+    static let fadtPM1EventLength = 88, fadtPM1ControlLength = 89, fadtPMTimerLength = 91
+    static let fadtC2Latency = 96, fadtC3Latency = 98, fadtCentury = 108, fadtBootArchitecture = 109
+    static let fadtFlags = 112, fadtResetRegister = 116, fadtResetValue = 128, fadtMinorVersion = 131
+    static let fadtExtendedFirmwareControl = 132, fadtExtendedDSDT = 140
+    static let fadtExtendedPM1aEventBlock = 148, fadtExtendedPM1aControlBlock = 172, fadtExtendedPMTimerBlock = 208
+    static let fadtHypervisorVendor = 268, fadtLength = 276
+
+    // FADT flags.
+    static let flagWBINVD: UInt32 = 1 << 0          // WBINVD flushes caches correctly
+    static let flagProcessorC1: UInt32 = 1 << 2     // C1 (HLT) works on every processor
+    static let flagNoPowerButton: UInt32 = 1 << 4   // PWR_BUTTON: no fixed-feature power button
+    static let flagNoSleepButton: UInt32 = 1 << 5   // SLP_BUTTON: no fixed-feature sleep button
+    static let flagNoRTCWake: UInt32 = 1 << 6       // FIX_RTC: no RTC wake status in PM1
+    static let flagResetRegister: UInt32 = 1 << 10  // RESET_REG_SUP
+    static let flagHardwareReduced: UInt32 = 1 << 20
+
+    /// IAPC_BOOT_ARCH: LEGACY_DEVICES (ISA devices such as the UART and the RTC) and 8042.
+    static let bootArchitecture: UInt16 = 0x3
+    /// The CMOS register with the century (``CMOS`` keeps it at 0x32, as PCs do).
+    static let cmosCentury: UInt8 = 0x32
+    /// ACPI address space ID of port I/O in a generic address structure.
+    static let systemIOSpace: UInt8 = 1
+
+    /// A generic address structure (ACPI 6.5, 5.2.3.2): address space, register width and
+    /// offset in bits, access size (0 undefined, 1 byte, 2 word, 3 dword, 4 qword), address.
+    static func genericAddress(space: UInt8, bitWidth: UInt8, accessSize: UInt8, address: UInt64) -> [UInt8] {
+        var bytes: [UInt8] = [space, bitWidth, 0, accessSize, 0, 0, 0, 0, 0, 0, 0, 0]
+        bytes.putLE(address, at: 4)
+        return bytes
+    }
+
+    /// FADT revision 6 (ACPI 6.x) for a PC with ACPI fixed hardware, as QEMU's `pc`
+    /// machine has it: SCI on IRQ 9, no SMI command port (the machine is always in ACPI
+    /// mode), the PM1a event and control blocks and the 24-bit PM timer at the ports of
+    /// ``ACPILayout`` (both in the 32-bit fields and the generic address structures), no
+    /// C2/C3, the century in CMOS 0x32, the 8042 and legacy devices present, no
+    /// fixed-feature power or sleep button, and the reset register (port 0xCF9, value
+    /// 0x06, RESET_REG_SUP). The FACS is named by FIRMWARE_CTRL only (it lies below
+    /// 4 GiB; X_FIRMWARE_CTRL stays 0 so the two cannot disagree).
+    static func fadt(dsdt: GuestAddress, facs: GuestAddress) -> [UInt8] {
+        var table = sdt("FACP", revision: 6, body: [UInt8](repeating: 0, count: fadtLength - 36))
+        table.putLE(UInt32(facs), at: fadtFirmwareControl)
+        table.putLE(UInt32(dsdt), at: fadtDSDT)
+        table.putLE(ACPILayout.sciIRQ, at: fadtSCIInterrupt)
+        table.putLE(UInt32(0), at: fadtSMICommand)
+        table.putLE(UInt32(ACPILayout.pm1aEventBlock), at: fadtPM1aEventBlock)
+        table.putLE(UInt32(ACPILayout.pm1aControlBlock), at: fadtPM1aControlBlock)
+        table.putLE(UInt32(ACPILayout.pmTimerBlock), at: fadtPMTimerBlock)
+        table[fadtPM1EventLength] = ACPILayout.pm1EventLength
+        table[fadtPM1ControlLength] = ACPILayout.pm1ControlLength
+        table[fadtPMTimerLength] = ACPILayout.pmTimerLength
+        table.putLE(UInt16(0x0FFF), at: fadtC2Latency)   // > 100 µs: no C2
+        table.putLE(UInt16(0x0FFF), at: fadtC3Latency)   // > 1000 µs: no C3
+        table[fadtCentury] = cmosCentury
+        table.putLE(bootArchitecture, at: fadtBootArchitecture)
+        table.putLE(flagWBINVD | flagProcessorC1 | flagNoPowerButton | flagNoSleepButton | flagNoRTCWake | flagResetRegister,
+                    at: fadtFlags)
+        table.put(bytes: genericAddress(space: systemIOSpace, bitWidth: 8, accessSize: 1, address: ACPILayout.resetRegister),
+                  at: fadtResetRegister)
+        table[fadtResetValue] = ACPILayout.resetValue
+        table[fadtMinorVersion] = 0
+        table.putLE(dsdt, at: fadtExtendedDSDT)
+        table.put(bytes: genericAddress(space: systemIOSpace, bitWidth: ACPILayout.pm1EventLength * 8, accessSize: 0,
+                                        address: ACPILayout.pm1aEventBlock), at: fadtExtendedPM1aEventBlock)
+        table.put(bytes: genericAddress(space: systemIOSpace, bitWidth: ACPILayout.pm1ControlLength * 8, accessSize: 0,
+                                        address: ACPILayout.pm1aControlBlock), at: fadtExtendedPM1aControlBlock)
+        table.put(bytes: genericAddress(space: systemIOSpace, bitWidth: ACPILayout.pmTimerLength * 8, accessSize: 0,
+                                        address: ACPILayout.pmTimerBlock), at: fadtExtendedPMTimerBlock)
+        table.put(bytes: "SWIFTLET".utf8, at: fadtHypervisorVendor)
         table[9] = 0
         table[9] = checksum(table[...])
         return table
     }
 
-    /// A DSDT with no AML: the platform has no ACPI-described devices.
-    static func dsdt() -> [UInt8] { sdt("DSDT", revision: 2, body: []) }
+    /// The firmware ACPI control structure (ACPI 6.5, 5.2.10): 64 bytes, no checksum.
+    /// A non-reduced platform must have one; it holds the global lock (free: there is no
+    /// firmware to share it with) and a waking vector Swiftlet never uses (no S1-S4).
+    static func facs() -> [UInt8] {
+        var table = [UInt8](repeating: 0, count: 64)
+        table.put(bytes: "FACS".utf8, at: 0)
+        table.putLE(UInt32(64), at: 4)
+        table[32] = 2                                  // version
+        return table
+    }
+
+    /// The DSDT's AML: `Name (\_S5, Package (4) { SLP_TYPa, SLP_TYPb, 0, 0 })`, the sleep
+    /// type an operating system writes to PM1_CNT to power off. There is no `\_S3` or
+    /// `\_S4`: Swiftlet has no suspend and no wake-up path, so it offers neither (Linux
+    /// then reports "ACPI: PM: (supports S0 S5)").
+    static func dsdtTerms() -> [AML] {
+        let s5 = AML.integer(UInt64(ACPILayout.s5SleepType))
+        return [.name("\\_S5", .package([s5, s5, .integer(0), .integer(0)]))]
+    }
+
+    static func dsdt() -> [UInt8] { sdt("DSDT", revision: 2, body: dsdtTerms().flatMap(\.encoded)) }
 }

@@ -11,8 +11,8 @@ import Synchronization
 ///
 /// Command 0xFE ("pulse output line 0", the reset line) and any other pulse command
 /// with bit 0 clear, or writing an output port value with bit 0 clear (0xD1), call
-/// `onReset`: Linux's `reboot=k` ends there, and the machine treats it as a clean
-/// shutdown (exit status 0). There is no keyboard and no mouse: keyboard commands are
+/// `onReset`: Linux's `reboot=k` ends there, and the machine ends the VM as the guest's
+/// reset (exit status 6). There is no keyboard and no mouse: keyboard commands are
 /// acknowledged, the auxiliary port does not answer, so Linux registers no AUX device.
 public final class I8042: IODevice {
     public static let basePort: UInt64 = 0x60

@@ -78,14 +78,39 @@ final class Board: Sendable {
         try ports.register(DebugExit { value in stop.stop(.guestExit(value: value)) },
                            name: "debug exit", base: DebugExit.defaultPort, length: DebugExit.width)
         try ports.register(IgnoredPorts(), name: "POST diagnostic port", base: 0x80, length: 1)
-        try ports.register(I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) },
-                           name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
+        try registerResetAndPowerOff(&ports, stop: stop)
         let below4G = memory.regions[0].size
         try ports.register(CMOS(ramBelow4G: below4G, ramAbove4G: memory.size - below4G, cpuCount: cpuCount,
                                 now: { Int64(time(nil)) }),
                            name: "CMOS RTC", base: CMOS.basePort, length: CMOS.portCount)
         try ports.register(FwCfg(cpuCount: cpuCount, ramSize: memory.size), name: "fw_cfg",
                            base: FwCfg.basePort, length: FwCfg.portCount)
+    }
+
+    /// Every way a PC guest resets or powers off the machine, each ending the VM with its
+    /// own message (the line `swiftlet run` prints) and the status of its ``StopReason``.
+    /// The ports come from the devices and ``ACPILayout``, which the FADT describes too.
+    /// (A triple fault is the fifth path: ``VCPURunner`` handles it, as `--triple-fault` says.)
+    ///
+    /// The reset control register takes the single byte at 0xCF9 inside PCI configuration
+    /// mechanism #1's ports (0xCF8-0xCFF). A PCI host bridge added later must keep 1-byte
+    /// accesses at 0xCF9 going to it; see ``ResetControl``.
+    private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError) {
+        let keyboardController = I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) }
+        let portA = SystemControlPortA { stop.stop(.reset(how: "system control port A at port 0x92: fast reset, bit 0")) }
+        let resetControl = ResetControl { value in
+            let written = "\(Hex.prefixed(value, width: 2)), \(ResetControl.describe(value))"
+            stop.stop(.reset(how: "reset control register at port 0xCF9, the FADT's RESET_REG: wrote \(written)"))
+        }
+        let s5 = "ACPI sleep state S5: SLP_TYP \(ACPILayout.s5SleepType) with SLP_EN written to PM1a_CNT "
+            + "at port \(Hex.prefixed(ACPILayout.pm1aControlBlock))"
+        let powerManagement = ACPIPowerManagement(clock: { MonotonicClock.nanoseconds() }) { stop.stop(.powerOff(how: s5)) }
+
+        try ports.register(keyboardController, name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
+        try ports.register(portA, name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
+        try ports.register(resetControl, name: "reset control register", base: ResetControl.port, length: ResetControl.width)
+        try ports.register(powerManagement, name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
+                           length: ACPILayout.powerManagementLength)
     }
 
     /// kvm-unit-tests (Multiboot kernels) expect QEMU's pc-testdev; see ``TestDevice``.

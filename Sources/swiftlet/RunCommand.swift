@@ -31,23 +31,32 @@ struct RunCommand: ParsableCommand {
             Swiftlet exits with status (V << 1) | 1.
               Interrupt controllers (PIC, IOAPIC, local APICs) and the PIT timer run \
             inside the host kernel (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2).
+              Reset and power-off: the keyboard controller (ports 0x60/0x64), system \
+            control port A (0x92), the reset control register (0xCF9) and the ACPI PM1a \
+            registers with the PM timer (0x600-0x60B), all described by the ACPI tables \
+            a kernel gets.
 
             EXIT STATUS
               A guest's exit value always gives an odd status; everything Swiftlet \
             decides itself is even, so the two cannot be confused.
               (V << 1) | 1  the guest wrote V to port 0xF4 (V = 0 gives 1, the usual \
             "success" of test guests)
-              0             the guest powered off, or you quit with Ctrl-A x
+              0             the guest powered off: ACPI sleep state S5, SLP_EN with \
+            SLP_TYP 0 (0x2000) written to PM1a_CNT at port 0x604; or you quit with Ctrl-A x
               2             Swiftlet could not build or run the VM, or the command line \
             is wrong (one line on stderr says why)
-              4             the guest crashed: a triple fault (see --triple-fault), or \
-            an exit KVM could not handle (reason and registers on stderr)
-              6             the guest asked for a reset (keyboard controller, port \
-            0xCF9, port 0x92, the ACPI reset register; see docs/booting.md)
+              4             the guest crashed: a triple fault (with --triple-fault stop, \
+            the default), or an exit KVM could not handle (reason and registers on stderr)
+              6             the guest asked for a reset: 0xFE to the keyboard controller \
+            (port 0x64); a byte with bit 2 set to the reset control register (port 0xCF9, \
+            which the FADT's RESET_REG names with value 0x06); bit 0 of port 0x92 going \
+            from 0 to 1; or a triple fault with --triple-fault reset
               124           --timeout elapsed
               SIGINT, SIGTERM, SIGHUP or SIGQUIT stop the VM cleanly (the terminal is \
             restored), then Swiftlet ends by that same signal: a shell shows 128 + its \
             number (130, 143, 129, 131).
+              A reset or power-off prints one line on stderr naming the path; see \
+            "Reset and power-off" in docs/booting.md.
 
             EXAMPLES
               swiftlet run
@@ -151,7 +160,7 @@ struct RunCommand: ParsableCommand {
         }
         if let table = result.exitTable { FileHandleOutput.standardError(table) }
         switch result.exit {
-        case .crash, .timeout, .reset, .signal:
+        case .crash, .timeout, .reset, .powerOff, .signal:
             FileHandleOutput.standardError("swiftlet: \(result.exit)")
         default:
             break

@@ -1,4 +1,6 @@
-import Boot
+@testable import Boot
+import Devices
+import Foundation
 import Memory
 import Testing
 
@@ -88,6 +90,8 @@ struct FirmwareTablesTests {
         #expect(try memory.load(UInt64.self, at: fadt + 140) == dsdt)
         #expect(try table(dsdt).0 == "DSDT")
         #expect(try table(fadt).1 == 276)
+        // XSDT lists the MADT and the FADT; the FACS and the DSDT hang off the FADT.
+        #expect(Set(found.keys) == ["APIC", "FACP"])
 
         // MADT entries.
         let madtLength = try table(madt).1
@@ -116,6 +120,130 @@ struct FirmwareTablesTests {
         #expect(apicIDs == [0, 1, 2])
         #expect(ioapicIDs == [3])
         #expect(!overrides.contains { $0.0 == 0 })
+    }
+
+    /// The FADT, FACS and DSDT as a kernel finds them: RSDP -> XSDT -> FACP -> FACS, DSDT.
+    struct ACPITables {
+        let fadt: [UInt8]
+        let facsAddress: UInt64
+        let facs: [UInt8]
+        let dsdt: [UInt8]
+    }
+
+    func acpiTables(cpus: Int = 1) throws -> ACPITables {
+        let memory = try Images.memory()
+        let rsdp = try FirmwareTables.write(into: memory, cpuCount: cpus)
+        let xsdt = try memory.load(UInt64.self, at: rsdp + 24)
+        let count = (Int(try memory.load(UInt32.self, at: xsdt + 4)) - 36) / 8
+        var fadtAddress: UInt64?
+        for index in 0..<count {
+            let address = try memory.load(UInt64.self, at: xsdt + 36 + UInt64(index) * 8)
+            if try signature(memory, address) == "FACP" { fadtAddress = address }
+        }
+        let fadtAt = try #require(fadtAddress)
+        let fadt = try memory.read(at: fadtAt, count: Int(try memory.load(UInt32.self, at: fadtAt + 4)))
+        let facsAddress = UInt64(try #require(fadt.le(UInt32.self, at: 36)))
+        let facs = try memory.read(at: facsAddress, count: 64)
+        let dsdtAddress = try #require(fadt.le(UInt64.self, at: 140))
+        let dsdt = try memory.read(at: dsdtAddress, count: Int(try memory.load(UInt32.self, at: dsdtAddress + 4)))
+        return ACPITables(fadt: fadt, facsAddress: facsAddress, facs: facs, dsdt: dsdt)
+    }
+
+    /// A generic address structure at `offset`: (space, bit width, bit offset, access size, address).
+    func genericAddress(_ table: [UInt8], _ offset: Int) -> (UInt8, UInt8, UInt8, UInt8, UInt64?) {
+        (table[offset], table[offset + 1], table[offset + 2], table[offset + 3], table.le(UInt64.self, at: offset + 4))
+    }
+
+    @Test("FADT: revision 6, not hardware-reduced, PM1a blocks and PM timer at the ACPILayout ports")
+    func fadtPowerManagementBlocks() throws {
+        let fadt = try acpiTables().fadt
+        #expect(fadt.count == 276)
+        #expect(fadt.reduce(0, &+) == 0, "checksum")
+        #expect(fadt[8] == 6)                                           // revision
+        #expect(fadt.le(UInt16.self, at: 46) == 9)                      // SCI_INT
+        #expect(fadt.le(UInt32.self, at: 48) == 0)                      // SMI_CMD: always in ACPI mode
+        #expect(fadt.le(UInt32.self, at: 56) == 0x600)                  // PM1a_EVT_BLK
+        #expect(fadt.le(UInt32.self, at: 60) == 0)                      // no PM1b
+        #expect(fadt.le(UInt32.self, at: 64) == 0x604)                  // PM1a_CNT_BLK
+        #expect(fadt.le(UInt32.self, at: 76) == 0x608)                  // PM_TMR_BLK
+        #expect(fadt.le(UInt32.self, at: 80) == 0)                      // no GPE0 block
+        #expect(fadt[88] == 4 && fadt[89] == 2 && fadt[91] == 4)        // PM1_EVT_LEN, PM1_CNT_LEN, PM_TMR_LEN
+        #expect(fadt.le(UInt16.self, at: 96)! > 100)                    // no C2
+        #expect(fadt.le(UInt16.self, at: 98)! > 1000)                   // no C3
+        #expect(fadt[108] == 0x32)                                      // CENTURY in CMOS
+        #expect(fadt.le(UInt16.self, at: 109) == 0x3)                   // legacy devices, 8042
+        let flags = try #require(fadt.le(UInt32.self, at: 112))
+        #expect(flags & (1 << 20) == 0, "HW_REDUCED_ACPI must be clear with PM1 blocks")
+        #expect(flags & (1 << 8) == 0, "TMR_VAL_EXT: the timer counts 24 bits")
+        #expect(flags & (1 << 4) != 0 && flags & (1 << 5) != 0, "no fixed power or sleep button")
+        // The X_ fields say the same in generic address structures (system I/O).
+        #expect(genericAddress(fadt, 148) == (1, 32, 0, 0, 0x600))
+        #expect(genericAddress(fadt, 160).4 == 0)                       // X_PM1b_EVT_BLK
+        #expect(genericAddress(fadt, 172) == (1, 16, 0, 0, 0x604))
+        #expect(genericAddress(fadt, 208) == (1, 32, 0, 0, 0x608))
+        #expect(genericAddress(fadt, 220).4 == 0)                       // X_GPE0_BLK
+        #expect(genericAddress(fadt, 244).4 == 0)                       // no sleep control register
+        // And the same numbers as the device the machine registers.
+        #expect(UInt64(fadt.le(UInt32.self, at: 64)!) == ACPILayout.pm1aControlBlock)
+        #expect(UInt64(fadt.le(UInt32.self, at: 56)!) == ACPILayout.pm1aEventBlock)
+        #expect(UInt64(fadt.le(UInt32.self, at: 76)!) == ACPILayout.pmTimerBlock)
+    }
+
+    @Test("FADT: RESET_REG is port 0xCF9, one byte, value 0x06, RESET_REG_SUP set")
+    func fadtResetRegister() throws {
+        let fadt = try acpiTables().fadt
+        let flags = try #require(fadt.le(UInt32.self, at: 112))
+        #expect(flags & (1 << 10) != 0)
+        #expect(genericAddress(fadt, 116) == (1, 8, 0, 1, 0xCF9))
+        #expect(fadt[128] == 0x06)
+        #expect(genericAddress(fadt, 116).4 == ResetControl.port)
+        #expect(fadt[128] == ACPILayout.resetValue)
+    }
+
+    @Test("FACS: 64 bytes, 64-byte aligned, named by FIRMWARE_CTRL only")
+    func facs() throws {
+        let tables = try acpiTables()
+        #expect(tables.facsAddress % 64 == 0)
+        #expect(tables.facsAddress >= 0xE0000 && tables.facsAddress < 0xF0000)
+        #expect(String(decoding: tables.facs[0..<4], as: UTF8.self) == "FACS")
+        #expect(tables.facs.le(UInt32.self, at: 4) == 64)
+        #expect(tables.facs.le(UInt32.self, at: 16) == 0)                // global lock free
+        #expect(tables.fadt.le(UInt64.self, at: 132) == 0)              // X_FIRMWARE_CTRL
+        // The FACS does not overlap the FADT or the DSDT.
+        let fadtAddress = UInt64(BootLayout.acpiTables) + FirmwareTables.fadtOffset
+        #expect(tables.facsAddress >= fadtAddress + UInt64(tables.fadt.count))
+        #expect(tables.facsAddress + 64 <= UInt64(BootLayout.acpiTables) + FirmwareTables.dsdtOffset)
+    }
+
+    @Test("DSDT: \\_S5 is a package whose first element is the S5 sleep type")
+    func dsdtSleepState() throws {
+        let dsdt = try acpiTables().dsdt
+        #expect(dsdt.reduce(0, &+) == 0, "checksum")
+        let body = Array(dsdt[36...])
+        // NameOp, root, "_S5_", PackageOp: found by its bytes, as a guest scanning AML would.
+        let pattern: [UInt8] = [0x08, 0x5C, 0x5F, 0x53, 0x35, 0x5F, 0x12]
+        let start = try #require((0...(body.count - pattern.count)).first { Array(body[$0..<($0 + pattern.count)]) == pattern })
+        var position = start + pattern.count
+        let length = Int(body[position])                       // one-byte PkgLength
+        #expect(length < 0x40)
+        #expect(position + length <= body.count)
+        position += 1
+        #expect(body[position] >= 2)                           // SLP_TYPa and SLP_TYPb at least
+        position += 1
+        func integer() -> UInt64? {
+            defer { position += body[position] == 0x0A ? 2 : 1 }
+            switch body[position] {
+            case 0x00: return 0
+            case 0x01: return 1
+            case 0x0A: return UInt64(body[position + 1])
+            default: return nil
+            }
+        }
+        #expect(integer() == UInt64(ACPILayout.s5SleepType))  // SLP_TYPa
+        #expect(integer() == UInt64(ACPILayout.s5SleepType))  // SLP_TYPb
+        // Nothing else in the DSDT: no \_S3 or \_S4.
+        #expect(!body.indices.dropLast(3).contains { Array(body[$0..<($0 + 4)]) == Array("_S3_".utf8) })
+        #expect(body == AML.name("\\_S5", .package([.integer(0), .integer(0), .integer(0), .integer(0)])).encoded)
     }
 
     @Test func irq0OverrideWhenAsked() throws {

@@ -11,10 +11,26 @@ enum Port {
         withUnsafeBytes(of: value.littleEndian) { device.write(offset: offset, from: $0) }
     }
 
+    static func write32(_ device: some IODevice, _ offset: UInt64, _ value: UInt32) {
+        withUnsafeBytes(of: value.littleEndian) { device.write(offset: offset, from: $0) }
+    }
+
     static func read8(_ device: some IODevice, _ offset: UInt64) -> UInt8 {
         var value: UInt8 = 0
         withUnsafeMutableBytes(of: &value) { device.read(offset: offset, into: $0) }
         return value
+    }
+
+    static func read16(_ device: some IODevice, _ offset: UInt64) -> UInt16 {
+        var value: UInt16 = 0
+        withUnsafeMutableBytes(of: &value) { device.read(offset: offset, into: $0) }
+        return UInt16(littleEndian: value)
+    }
+
+    static func read32(_ device: some IODevice, _ offset: UInt64) -> UInt32 {
+        var value: UInt32 = 0
+        withUnsafeMutableBytes(of: &value) { device.read(offset: offset, into: $0) }
+        return UInt32(littleEndian: value)
     }
 }
 

@@ -93,5 +93,13 @@ struct CommandLineTests {
         #expect(result.stdout.contains("0x7C00"))
         #expect(result.stdout.contains("EXIT STATUS"))
         #expect(result.stdout.contains("Ctrl-A then x"))
+        // Each reset and power-off path with its register and value. (The help text is
+        // wrapped to the terminal width: compare with the line breaks taken out.)
+        let text = result.stdout.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        #expect(text.contains("SLP_TYP 0 (0x2000) written to PM1a_CNT at port 0x604"))
+        #expect(text.contains("0xFE to the keyboard controller (port 0x64)"))
+        #expect(text.contains("reset control register (port 0xCF9, which the FADT's RESET_REG names with value 0x06)"))
+        #expect(text.contains("bit 0 of port 0x92"))
+        #expect(text.contains("a triple fault with --triple-fault reset"))
     }
 }

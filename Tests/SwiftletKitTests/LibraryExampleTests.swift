@@ -81,6 +81,23 @@ struct LibraryExampleTests {
         #expect(try vm.run().exit == .userQuit)
     }
 
+    @Test("A guest that powers off or resets through the ACPI tables ends with .powerOff or .reset, naming the path")
+    func powerOffAndReset() throws {
+        var configuration = VMConfiguration(boot: .kernel(.file(guest("acpi.elf")), commandLine: "poweroff"))
+        configuration.memorySize = 32 << 20
+        configuration.timeout = .seconds(60)
+        let off = try VM(configuration).run()
+        guard case let .powerOff(how) = off.exit else { Issue.record("\(off.exit)"); return }
+        #expect(how.contains("S5") && how.contains("0x604"))
+        #expect(off.exit.exitStatus == 0)
+
+        configuration.boot = .kernel(.file(guest("acpi.elf")), commandLine: "reset")
+        let reset = try VM(configuration).run()
+        guard case let .reset(what) = reset.exit else { Issue.record("\(reset.exit)"); return }
+        #expect(what.contains("0xCF9"))
+        #expect(reset.exit.exitStatus == 6)
+    }
+
     @Test("Bad input is a SwiftletError with one line, not a trap")
     func badInput() {
         #expect(throws: SwiftletError.self) { try VM(VMConfiguration(boot: .kernel(.file("/nonexistent/kernel")))) }
