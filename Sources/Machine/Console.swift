@@ -1,5 +1,6 @@
 import Basics
 import Devices
+import EventLoop
 import Glibc
 import Synchronization
 
@@ -85,12 +86,19 @@ public final class CapturingSink: ByteSink {
 }
 
 /// Owns the host terminal while a VM runs: puts an interactive stdin into raw mode (so
-/// keys reach the guest one by one, Ctrl-C included), reads it on a dedicated thread
-/// into the UART, and restores the terminal on every exit path.
+/// keys reach the guest one by one, Ctrl-C included), reads it from the event loop into
+/// the UART, and restores the terminal on every exit path.
 ///
 /// Escape sequences, like QEMU's: `Ctrl-A x` quits, `Ctrl-A Ctrl-A` sends a literal
 /// Ctrl-A, `Ctrl-A h` prints help.
 final class Console: Sendable {
+    /// Where a `Ctrl-A` sequence stands between two reads; touched only on the loop thread.
+    private final class EscapeState: @unchecked Sendable {
+        // @unchecked Sendable: used only by the event loop's thread, one handler at a time.
+        var escapePending = false
+        var registration: EventLoop.Registration?
+    }
+
     static let escape: UInt8 = 0x01 // Ctrl-A
 
     /// The terminal settings to put back, saved before raw mode (nil when stdin is no TTY).
@@ -106,45 +114,57 @@ final class Console: Sendable {
         self.output = output
     }
 
-    /// Starts forwarding standard input to the guest. The reader thread is left to end
-    /// with the process: it may sit in `read(2)` on a terminal until then.
-    func start() throws(ThreadStartError) {
+    /// Forwards standard input to the guest from the event loop: a terminal, a pipe or
+    /// a socket is watched for input; a regular file or `/dev/null`, which epoll cannot
+    /// watch and which never blocks, is read to its end at once.
+    func attach(to loop: EventLoop) throws(SystemError) {
         if isatty(STDIN_FILENO) == 1 { Self.enterRawMode() }
-        _ = try NamedThread(name: "console-input") { [self] in readLoop() }
+        let state = EscapeState()
+        do {
+            // The registration is set before the loop's thread starts, so the handler sees it.
+            state.registration = try loop.register(STDIN_FILENO, for: .readable, owner: state) { [self] _ in
+                if !readAvailable(state), let registration = state.registration { loop.unregister(registration) }
+            }
+        } catch let error where error.errno == EPERM {
+            loop.schedule { [self] in while readAvailable(state) {} }
+        }
     }
 
-    private func readLoop() {
-        var buffer = [UInt8](repeating: 0, count: 256)
-        var escapePending = false
-        while !stop.isStopping {
-            let count = buffer.withUnsafeMutableBytes { read(STDIN_FILENO, $0.baseAddress, $0.count) }
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else { return } // EOF or error: the guest just gets no more input
-            var forward: [UInt8] = []
-            forward.reserveCapacity(count)
-            for byte in buffer[0..<count] {
-                if escapePending {
-                    escapePending = false
-                    switch byte {
-                    case UInt8(ascii: "x"), UInt8(ascii: "X"):
-                        stop.stop(.userQuit)
-                        return
-                    case UInt8(ascii: "h"), UInt8(ascii: "H"), UInt8(ascii: "?"):
-                        printHelp()
-                    case Self.escape:
-                        forward.append(Self.escape)
-                    default:
-                        forward.append(Self.escape)
-                        forward.append(byte)
-                    }
-                } else if byte == Self.escape {
-                    escapePending = true
-                } else {
+    /// Reads what standard input has (one `read`) and passes it on; `false` at the end of
+    /// input, on an error, or after `Ctrl-A x`.
+    private func readAvailable(_ state: EscapeState) -> Bool {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var count: Int
+        repeat {
+            count = buffer.withUnsafeMutableBytes { read(STDIN_FILENO, $0.baseAddress, $0.count) }
+        } while count < 0 && errno == EINTR
+        guard count > 0 else { return false } // EOF or error: the guest just gets no more input
+        var forward: [UInt8] = []
+        forward.reserveCapacity(count)
+        for byte in buffer[0..<count] {
+            if state.escapePending {
+                state.escapePending = false
+                switch byte {
+                case UInt8(ascii: "x"), UInt8(ascii: "X"):
+                    if !forward.isEmpty { serial.receive(forward) }
+                    stop.stop(.userQuit)
+                    return false
+                case UInt8(ascii: "h"), UInt8(ascii: "H"), UInt8(ascii: "?"):
+                    printHelp()
+                case Self.escape:
+                    forward.append(Self.escape)
+                default:
+                    forward.append(Self.escape)
                     forward.append(byte)
                 }
+            } else if byte == Self.escape {
+                state.escapePending = true
+            } else {
+                forward.append(byte)
             }
-            if !forward.isEmpty { serial.receive(forward) }
         }
+        if !forward.isEmpty { serial.receive(forward) }
+        return true
     }
 
     private func printHelp() {

@@ -1,6 +1,7 @@
 import Basics
 import Boot
 import Devices
+import EventLoop
 import KVM
 import Memory
 import Synchronization
@@ -84,29 +85,53 @@ public final class Machine: Sendable {
     }
 
     /// Runs the vCPUs until the guest exits, the timeout passes, a signal arrives or the
-    /// user quits. Returns why it stopped. Throws only when a thread cannot be started;
-    /// the vCPUs already started are stopped first.
+    /// user quits. Returns why it stopped. Throws only when the event loop or a thread
+    /// cannot be started; the vCPUs already started are stopped first.
+    ///
+    /// Threads: one per vCPU, and `events`, the event loop, which waits on the timeout's
+    /// timerfd, the termination signals' signalfd and standard input. The calling thread
+    /// waits for the stop decision.
     public func run() throws(MachineError) -> StopReason {
         Signals.installKickHandler()
+        let loop: EventLoop
+        var loopThread: NamedThread?
         do {
-            if handleTerminationSignals {
-                Signals.blockTermination()
-                try Signals.forwardTermination(to: stop)
-            }
-            if forwardStandardInput {
-                try Console(serial: board.serial, stop: stop, output: serialOutput).start()
-            }
+            loop = try EventLoop()
+            try watchStopSources(on: loop)
+            loopThread = try loop.start(name: "events")
+            stop.onStop { loop.stop() }
             for runner in runners { try runner.start() }
         } catch {
             stop.stop(.crash("could not start the VM"))
             finishRunners()
+            loopThread?.join()
             Console.restoreTerminal()
-            throw .thread(error)
+            if let error = error as? ThreadStartError { throw .thread(error) }
+            throw .invalidConfiguration("cannot start the VM's event loop: \(error)")
         }
-        let reason = stop.wait(timeout: timeout)
+        let reason = stop.wait(timeout: nil)
         finishRunners()
+        loopThread?.join()
         Console.restoreTerminal()
         return reason
+    }
+
+    /// Registers what can stop the VM from outside: the timeout, the termination signals,
+    /// and the console (whose `Ctrl-A x` quits).
+    private func watchStopSources(on loop: EventLoop) throws {
+        if let timeout {
+            let timer = try TimerFD()
+            try loop.register(timer.rawValue, for: .readable, owner: timer) { [stop] _ in
+                if timer.expirations() > 0 { stop.stop(.timeout) }
+            }
+            try timer.arm(after: .nanoseconds(Int64(min(timeout, 1e9) * 1e9)))
+        }
+        if handleTerminationSignals {
+            try Signals.watchTermination(on: loop, stop: stop)
+        }
+        if forwardStandardInput {
+            try Console(serial: board.serial, stop: stop, output: serialOutput).attach(to: loop)
+        }
     }
 
     private func finishRunners() {

@@ -1,4 +1,5 @@
 import Basics
+import EventLoop
 import Glibc
 import KVM
 
@@ -7,9 +8,9 @@ import KVM
 /// - The kick signal (SIGRTMIN + 1) interrupts a vCPU thread's `KVM_RUN`: its no-op
 ///   handler is installed process-wide, and only vCPU threads unblock it.
 /// - With ``MachineConfiguration/handleTerminationSignals``, SIGINT, SIGTERM, SIGHUP (a
-///   closed terminal, a dropped ssh) and SIGQUIT are blocked in every thread and taken
-///   synchronously by one thread (`sigwait`), which turns them into a clean stop: the
-///   terminal is restored and the caller learns which signal it was.
+///   closed terminal, a dropped ssh) and SIGQUIT are blocked in every thread and read
+///   from a signalfd by the event loop, which turns them into a clean stop: the terminal
+///   is restored and the caller learns which signal it was.
 enum Signals {
     static let kick = ckvm_kick_signal()
     static let termination: [Int32] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT]
@@ -28,26 +29,13 @@ enum Signals {
     }
 
     /// Blocks the termination signals in the calling thread and in every thread it starts
-    /// afterwards. `swiftlet` calls it first thing in `main`, before any thread exists.
-    static func blockTermination() {
-        var set = terminationSet()
-        pthread_sigmask(SIG_BLOCK, &set, nil)
-    }
-
-    /// Starts the thread that turns a termination signal into a stop.
-    static func forwardTermination(to stop: StopController) throws(ThreadStartError) {
-        _ = try NamedThread(name: "signals") {
-            var set = terminationSet()
-            var received: Int32 = 0
-            while sigwait(&set, &received) != 0 {}
-            stop.stop(.signal(received))
+    /// afterwards, and turns them into a stop when they arrive, through a signalfd the
+    /// event loop waits on. Call it before any other thread starts.
+    static func watchTermination(on loop: EventLoop, stop: StopController) throws(SystemError) {
+        SignalFD.blockInCallingThread(termination)
+        let signals = try SignalFD(signals: termination)
+        try loop.register(signals.rawValue, for: .readable, owner: signals) { _ in
+            if let received = signals.next() { stop.stop(.signal(received)) }
         }
-    }
-
-    private static func terminationSet() -> sigset_t {
-        var set = sigset_t()
-        sigemptyset(&set)
-        for signal in termination { sigaddset(&set, signal) }
-        return set
     }
 }
