@@ -38,7 +38,7 @@ let package = Package(
         .target(name: "EventLoop", dependencies: ["Basics", "CLinux"]),
         .target(name: "CKVM"),
         .target(name: "KVM", dependencies: ["CKVM"]),
-        .target(name: "Memory", dependencies: ["Basics"]),
+        .target(name: "Memory", dependencies: ["Basics", "CLinux"]),
         .target(name: "Devices", dependencies: ["Memory", .product(name: "DequeModule", package: "swift-collections")]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),

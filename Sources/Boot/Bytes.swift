@@ -8,11 +8,14 @@ extension GuestMemory {
         guard offset >= 0, length >= 0, offset <= bytes.count - length else {
             throw .truncated(what: what, needed: UInt64(max(offset, 0)) &+ UInt64(max(length, 0)), available: UInt64(bytes.count))
         }
-        let target: UnsafeMutableRawBufferPointer
-        do { target = try checkedBuffer(at: address, count: UInt64(length)) } catch { throw .memory(error, what) }
-        guard length > 0, let destination = target.baseAddress else { return }
-        bytes.withUnsafeBytes { raw in
-            destination.copyMemory(from: raw.baseAddress! + offset, byteCount: length)
+        do {
+            try bytes.withUnsafeBytes { raw in
+                try write(UnsafeRawBufferPointer(rebasing: raw[offset..<(offset + length)]), at: address)
+            }
+        } catch let error as GuestMemoryError {
+            throw .memory(error, what)
+        } catch {
+            throw .invalidHeader("\(what): \(error)")
         }
     }
 

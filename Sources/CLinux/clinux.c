@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 
 _Static_assert(EPOLLIN == 0x001 && EPOLLOUT == 0x004 && EPOLLERR == 0x008 && EPOLLHUP == 0x010, "epoll bits");
 _Static_assert(EPOLLRDHUP == 0x2000 && EPOLLET == (1u << 31), "epoll bits");
@@ -48,4 +49,8 @@ int clinux_epoll_wait(int epfd, struct clinux_event *out, int capacity, int time
         out[index].token = events[index].data.u64;
     }
     return count;
+}
+
+int clinux_memfd_create(const char *name) {
+    return memfd_create(name, MFD_CLOEXEC);
 }

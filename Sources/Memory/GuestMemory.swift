@@ -1,4 +1,5 @@
 import Basics
+import CLinux
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -16,6 +17,10 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
     case mappingFailed(size: UInt64, errno: Int32)
     /// A guest-physical range is not entirely backed by RAM.
     case outOfRange(address: GuestAddress, length: UInt64)
+    /// An ordered (atomic) access to an address that is not naturally aligned.
+    case misaligned(address: GuestAddress, size: Int)
+    /// The memfd backing guest RAM could not be created or sized.
+    case memfdFailed(errno: Int32)
 
     public var description: String {
         switch self {
@@ -25,6 +30,10 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
             return "cannot reserve \(ByteSize.exact(size)) of guest memory: \(String(cString: strerror(err)))"
         case let .outOfRange(address, length):
             return "guest range 0x\(String(address, radix: 16))+0x\(String(length, radix: 16)) is outside guest RAM"
+        case let .misaligned(address, size):
+            return "guest address 0x\(String(address, radix: 16)) is not aligned for a \(size)-byte ordered access"
+        case let .memfdFailed(err):
+            return "cannot create a memfd for guest memory: \(String(cString: strerror(err)))"
         }
     }
 }
@@ -77,13 +86,26 @@ public final class GuestMemory: @unchecked Sendable {
     public let size: UInt64
 
     private let mapping: UnsafeMutableRawPointer
+    /// The memfd behind guest RAM, with ``Backing/memfd``: offset N of the file is byte N
+    /// of RAM in layout order (low region, then high region). Closed in `deinit`.
+    public let memfd: Int32?
+
+    /// What holds guest RAM on the host.
+    public enum Backing: Sendable, Equatable {
+        /// Private anonymous memory: the default.
+        case anonymous
+        /// A memfd mapped shared: the same pages can be mapped again (a snapshot maps the
+        /// file) or passed to another process.
+        case memfd
+    }
 
     /// Reserves `size` bytes of guest RAM.
     /// - Parameters:
     ///   - size: bytes of RAM; a positive multiple of 4 KiB, at most ``maximumSize``.
     ///   - transparentHugePages: ask the host kernel (`madvise(MADV_HUGEPAGE)`) to back
     ///     guest RAM with 2 MiB pages, which shortens the host's page walks.
-    public init(size: UInt64, transparentHugePages: Bool = true) throws(GuestMemoryError) {
+    ///   - backing: anonymous memory, or a memfd.
+    public init(size: UInt64, transparentHugePages: Bool = true, backing: Backing = .anonymous) throws(GuestMemoryError) {
         guard size > 0 else { throw .invalidSize(size, reason: "must be larger than zero") }
         guard size % Self.pageSize == 0 else {
             throw .invalidSize(size, reason: "must be a multiple of 4 KiB")
@@ -94,11 +116,25 @@ public final class GuestMemory: @unchecked Sendable {
         guard let length = Int(exactly: size) else {
             throw .invalidSize(size, reason: "does not fit in this host's address space")
         }
-        let pointer = mmap(nil, length, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let pointer, pointer != MAP_FAILED else {
-            throw .mappingFailed(size: size, errno: errno)
+        var file: Int32?
+        if backing == .memfd {
+            let fd = clinux_memfd_create("swiftlet-guest-ram")
+            guard fd >= 0 else { throw .memfdFailed(errno: errno) }
+            guard ftruncate(fd, off_t(length)) == 0 else {
+                let err = errno
+                close(fd)
+                throw .memfdFailed(errno: err)
+            }
+            file = fd
         }
+        let pointer = file.map { mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, $0, 0) }
+            ?? mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let pointer, pointer != MAP_FAILED else {
+            let err = errno
+            if let file { close(file) }
+            throw .mappingFailed(size: size, errno: err)
+        }
+        memfd = file
         if transparentHugePages {
             // Advisory only: a kernel without THP simply ignores it.
             _ = madvise(pointer, length, MADV_HUGEPAGE)
@@ -110,6 +146,7 @@ public final class GuestMemory: @unchecked Sendable {
 
     deinit {
         munmap(mapping, Int(size))
+        if let memfd { close(memfd) }
     }
 
     /// Splits `size` bytes of RAM around the MMIO hole.
@@ -133,8 +170,9 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Translates the guest-physical range `[address, address + count)` to host memory.
     /// Returns `nil` when any byte of it is not RAM or the range overflows; a range never
-    /// spans two regions (the hole separates them).
-    public func hostBuffer(at address: GuestAddress, count: UInt64) -> UnsafeMutableRawBufferPointer? {
+    /// spans two regions (the hole separates them). Internal: callers get the bytes only
+    /// inside a closure (``withBytes(at:count:_:)``), so no pointer outlives the access.
+    func hostBuffer(at address: GuestAddress, count: UInt64) -> UnsafeMutableRawBufferPointer? {
         // A region matches when the range starts inside it or exactly at its end (the
         // latter only works out for an empty range, by the length check below).
         guard let region = regions.first(where: { address >= $0.guestBase && address - $0.guestBase <= $0.size }) else {
@@ -148,11 +186,20 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// Like ``hostBuffer(at:count:)`` but throws ``GuestMemoryError/outOfRange(address:length:)``.
-    public func checkedBuffer(at address: GuestAddress, count: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
+    func checkedBuffer(at address: GuestAddress, count: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
         guard let buffer = hostBuffer(at: address, count: count) else {
             throw .outOfRange(address: address, length: count)
         }
         return buffer
+    }
+
+    /// Runs `body` with the host bytes behind guest-physical `[address, address + count)`,
+    /// or throws ``GuestMemoryError/outOfRange(address:length:)`` when any of it is not
+    /// RAM. The buffer is valid only inside `body`: do not let it escape. The guest may
+    /// change the bytes at any moment; read each value once and check it.
+    public func withBytes<Result>(at address: GuestAddress, count: UInt64,
+                                  _ body: (UnsafeMutableRawBufferPointer) throws -> Result) throws -> Result {
+        try body(try checkedBuffer(at: address, count: count))
     }
 
     /// Returns `true` when every byte of the range is RAM.
@@ -204,5 +251,42 @@ public final class GuestMemory: @unchecked Sendable {
     public func store<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
         let target = try checkedBuffer(at: address, count: UInt64(MemoryLayout<T>.size))
         target.storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    // MARK: Ordered access (virtqueue indices shared with the guest's CPUs)
+
+    /// A naturally aligned location for an ordered access of `size` bytes.
+    private func alignedPointer(_ address: GuestAddress, size: Int) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        guard address % UInt64(size) == 0 else { throw .misaligned(address: address, size: size) }
+        return try checkedBuffer(at: address, count: UInt64(size)).baseAddress!
+    }
+
+    /// Loads a little-endian 16-bit value with acquire ordering: later loads are not done
+    /// before it (a virtqueue's index is read before the entries it covers).
+    public func loadAcquire16(at address: GuestAddress) throws(GuestMemoryError) -> UInt16 {
+        UInt16(littleEndian: clinux_load_acquire_16(try alignedPointer(address, size: 2)))
+    }
+
+    /// Loads a little-endian 32-bit value with acquire ordering.
+    public func loadAcquire32(at address: GuestAddress) throws(GuestMemoryError) -> UInt32 {
+        UInt32(littleEndian: clinux_load_acquire_32(try alignedPointer(address, size: 4)))
+    }
+
+    /// Stores a little-endian 16-bit value with release ordering: earlier stores are
+    /// visible before it (used-ring entries before the used index that publishes them).
+    public func storeRelease16(_ value: UInt16, at address: GuestAddress) throws(GuestMemoryError) {
+        clinux_store_release_16(try alignedPointer(address, size: 2), value.littleEndian)
+    }
+
+    /// Stores a little-endian 32-bit value with release ordering.
+    public func storeRelease32(_ value: UInt32, at address: GuestAddress) throws(GuestMemoryError) {
+        clinux_store_release_32(try alignedPointer(address, size: 4), value.littleEndian)
+    }
+
+    /// A full memory barrier (the specification's `mb()`): needed between publishing the
+    /// used index and reading the driver's event index or flags, which acquire/release
+    /// alone do not order (a store followed by a load).
+    public static func fence() {
+        clinux_fence()
     }
 }

@@ -1,3 +1,4 @@
+import Glibc
 @testable import Memory
 import Testing
 
@@ -30,24 +31,24 @@ struct GuestMemoryTests {
         #expect(try memory.load(UInt32.self, at: (3 << 30) - 4) == 0xDEAD_BEEF)
         #expect(try memory.load(UInt32.self, at: 4 << 30) == 0xCAFE_F00D)
         // The hole is not RAM, and no range may span it.
-        #expect(memory.hostBuffer(at: 3 << 30, count: 1) == nil)
-        #expect(memory.hostBuffer(at: (3 << 30) - 2, count: 4) == nil)
-        #expect(memory.hostBuffer(at: (4 << 30) - 1, count: 1) == nil)
-        #expect(memory.hostBuffer(at: (4 << 30) + (64 << 20) - 8, count: 8) != nil)
-        #expect(memory.hostBuffer(at: (4 << 30) + (64 << 20) - 8, count: 9) == nil)
+        #expect(memory.buffer(at: 3 << 30, count: 1) == nil)
+        #expect(memory.buffer(at: (3 << 30) - 2, count: 4) == nil)
+        #expect(memory.buffer(at: (4 << 30) - 1, count: 1) == nil)
+        #expect(memory.buffer(at: (4 << 30) + (64 << 20) - 8, count: 8) != nil)
+        #expect(memory.buffer(at: (4 << 30) + (64 << 20) - 8, count: 9) == nil)
     }
 
     @Test("Ranges past the end, or that overflow, are refused")
     func boundsAndOverflow() throws {
         let memory = try GuestMemory(size: 1 << 20)
-        #expect(memory.hostBuffer(at: 0, count: 1 << 20) != nil)
-        #expect(memory.hostBuffer(at: 0, count: (1 << 20) + 1) == nil)
-        #expect(memory.hostBuffer(at: (1 << 20) - 1, count: 2) == nil)
-        #expect(memory.hostBuffer(at: 1 << 20, count: 1) == nil)
-        #expect(memory.hostBuffer(at: 1 << 20, count: 0) != nil) // empty range at the end
-        #expect(memory.hostBuffer(at: UInt64.max, count: 1) == nil)
-        #expect(memory.hostBuffer(at: 16, count: UInt64.max) == nil)
-        #expect(memory.hostBuffer(at: UInt64.max - 1, count: UInt64.max) == nil)
+        #expect(memory.buffer(at: 0, count: 1 << 20) != nil)
+        #expect(memory.buffer(at: 0, count: (1 << 20) + 1) == nil)
+        #expect(memory.buffer(at: (1 << 20) - 1, count: 2) == nil)
+        #expect(memory.buffer(at: 1 << 20, count: 1) == nil)
+        #expect(memory.buffer(at: 1 << 20, count: 0) != nil) // empty range at the end
+        #expect(memory.buffer(at: UInt64.max, count: 1) == nil)
+        #expect(memory.buffer(at: 16, count: UInt64.max) == nil)
+        #expect(memory.buffer(at: UInt64.max - 1, count: UInt64.max) == nil)
         #expect(throws: GuestMemoryError.outOfRange(address: 1 << 20, length: 4)) {
             try memory.store(UInt32(1), at: 1 << 20)
         }
@@ -72,5 +73,46 @@ struct GuestMemoryTests {
         #expect(throws: GuestMemoryError.self) { try GuestMemory(size: 0) }
         #expect(throws: GuestMemoryError.self) { try GuestMemory(size: 4097) }
         #expect(throws: GuestMemoryError.self) { try GuestMemory(size: GuestMemory.maximumSize + 4096) }
+    }
+}
+
+extension GuestMemory {
+    /// Whether `[address, address + count)` is all RAM, as `hostBuffer` would say.
+    func buffer(at address: GuestAddress, count: UInt64) -> Bool? {
+        contains(address, count: count) ? true : nil
+    }
+}
+
+@Suite("Ordered access and memfd backing")
+struct OrderedAccessTests {
+    @Test("Acquire loads and release stores are little-endian and checked for range and alignment")
+    func orderedAccess() throws {
+        let memory = try GuestMemory(size: 1 << 20, transparentHugePages: false)
+        try memory.storeRelease16(0xBEEF, at: 0x1000)
+        #expect(try memory.load(UInt16.self, at: 0x1000) == 0xBEEF)
+        #expect(try memory.read(at: 0x1000, count: 2) == [0xEF, 0xBE])
+        try memory.store(UInt32(0x1234_5678), at: 0x2000)
+        #expect(try memory.loadAcquire32(at: 0x2000) == 0x1234_5678)
+        #expect(throws: GuestMemoryError.misaligned(address: 0x1001, size: 2)) { try memory.loadAcquire16(at: 0x1001) }
+        #expect(throws: GuestMemoryError.outOfRange(address: 1 << 20, length: 4)) { try memory.storeRelease32(1, at: 1 << 20) }
+        GuestMemory.fence()
+    }
+
+    @Test("withBytes hands out the bytes only inside the closure, and refuses ranges outside RAM")
+    func closureScoped() throws {
+        let memory = try GuestMemory(size: 1 << 20, transparentHugePages: false)
+        try memory.withBytes(at: 0x3000, count: 4) { $0.copyBytes(from: [1, 2, 3, 4]) }
+        #expect(try memory.read(at: 0x3000, count: 4) == [1, 2, 3, 4])
+        #expect(throws: GuestMemoryError.self) { try memory.withBytes(at: (1 << 20) - 2, count: 4) { _ in } }
+    }
+
+    @Test("memfd-backed RAM: the file holds what the guest wrote")
+    func memfd() throws {
+        let memory = try GuestMemory(size: 1 << 20, transparentHugePages: false, backing: .memfd)
+        let fd = try #require(memory.memfd)
+        try memory.write([0x53, 0x57, 0x49, 0x46, 0x54], at: 0x4000)
+        var bytes = [UInt8](repeating: 0, count: 5)
+        #expect(bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 5, 0x4000) } == 5)
+        #expect(bytes == Array("SWIFT".utf8))
     }
 }

@@ -38,3 +38,37 @@ int clinux_epoll_modify(int epfd, int fd, uint32_t events, uint64_t token);
 int clinux_epoll_delete(int epfd, int fd);
 /// epoll_wait into `out` (at most `capacity` reports). Returns the count or -1 with errno.
 int clinux_epoll_wait(int epfd, struct clinux_event *out, int capacity, int timeout_ms);
+
+// --- Ordered access to memory shared with a guest ------------------------------------------
+// Virtqueue indices are written by one side and read by the other, on other CPUs. These are
+// the acquire loads, release stores and full fences the virtio specification's memory
+// ordering asks for (C11 atomics on naturally aligned locations).
+
+static inline uint16_t clinux_load_acquire_16(const void *address) {
+    return __atomic_load_n((const uint16_t *)address, __ATOMIC_ACQUIRE);
+}
+static inline uint32_t clinux_load_acquire_32(const void *address) {
+    return __atomic_load_n((const uint32_t *)address, __ATOMIC_ACQUIRE);
+}
+static inline uint64_t clinux_load_acquire_64(const void *address) {
+    return __atomic_load_n((const uint64_t *)address, __ATOMIC_ACQUIRE);
+}
+static inline void clinux_store_release_16(void *address, uint16_t value) {
+    __atomic_store_n((uint16_t *)address, value, __ATOMIC_RELEASE);
+}
+static inline void clinux_store_release_32(void *address, uint32_t value) {
+    __atomic_store_n((uint32_t *)address, value, __ATOMIC_RELEASE);
+}
+static inline void clinux_store_release_64(void *address, uint64_t value) {
+    __atomic_store_n((uint64_t *)address, value, __ATOMIC_RELEASE);
+}
+/// A full barrier: no load or store moves across it (mb() in the virtio specification).
+static inline void clinux_fence(void) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+// --- memfd ----------------------------------------------------------------------------------
+
+/// memfd_create(name, MFD_CLOEXEC): anonymous memory with a file descriptor, which can be
+/// mapped again (a snapshot of guest RAM) or handed to another process.
+int clinux_memfd_create(const char *name);
