@@ -13,6 +13,7 @@
 //   DiskImage  Raw and qcow2 disk images over file descriptors. No KVM.
 //   Boot       Kernel formats and boot protocols (flat, Linux, PVH, Multiboot), and the
 //              firmware tables that describe the Devices. No KVM.
+//   Virtio     Virtqueues, the virtio device interface, transports and devices. No KVM.
 //   X86        x86 vCPU set-up: the CPU model (CPUID), boot MSRs, entry registers, dumps.
 //   Machine    Puts it together: VM, vCPU threads, exit loop, console.
 //   SwiftletKit  The library: configure a VM, run it, get its exit and console (the API
@@ -47,6 +48,7 @@ let package = Package(
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
         .target(name: "Boot", dependencies: ["Basics", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
+        .target(name: "Virtio", dependencies: ["Basics", "Memory", "EventLoop", "Devices"]),
         .target(name: "Machine", dependencies: ["Basics", "EventLoop", "X86", "KVM", "Memory", "Devices", "Boot"]),
         .target(name: "SwiftletKit", dependencies: ["Machine", "Devices"]),
         .executableTarget(
@@ -58,6 +60,7 @@ let package = Package(
         ),
         .testTarget(name: "BasicsTests", dependencies: ["Basics"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "Basics"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Memory", "EventLoop", "Devices"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
