@@ -45,7 +45,7 @@ let package = Package(
         .target(name: "Boot", dependencies: ["Basics", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
         .target(name: "Machine", dependencies: ["Basics", "X86", "KVM", "Memory", "Devices", "Boot"]),
-        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices"]),
+        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
@@ -58,6 +58,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
+        .testTarget(name: "X86Tests", dependencies: ["X86", "KVM"], exclude: ["Fixtures"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
     ],
