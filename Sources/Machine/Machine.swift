@@ -59,6 +59,11 @@ public final class Machine: Sendable {
                 throw MachineError.invalidConfiguration("\(configuration.cpuCount) vCPUs are more than this KVM allows (\(maximum))")
             }
             let cpu = try Self.resolveCPU(configuration.cpuModel, system: board.system, memoryEnd: board.memory.end)
+            // KVM refuses EFER.LME for a vCPU whose CPUID lacks long mode; say why first.
+            if entry.efer & Boot.X86.eferLME != 0, !cpu.hasLongMode {
+                throw MachineError.invalidConfiguration("the kernel is entered in 64-bit mode, but CPU model "
+                    + "\(configuration.cpuModel) has no long mode (lm); use a 32-bit entry or keep lm")
+            }
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
             for id in 0..<configuration.cpuCount {

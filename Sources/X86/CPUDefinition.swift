@@ -33,6 +33,9 @@ public struct CPUDefinition: Sendable {
 
     public var isSupported: Bool { unsupported.isEmpty && problems.isEmpty }
 
+    /// Whether the model has x86-64 long mode (`lm`), which a 64-bit entry needs.
+    public var hasLongMode: Bool { table.has(CPUFeature.known("lm").location) }
+
     /// The features present, in CPUID order.
     public var features: [CPUFeature] { CPUFeature.all.filter { table.has($0.location) } }
 

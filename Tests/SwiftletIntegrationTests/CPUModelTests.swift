@@ -76,6 +76,15 @@ struct CPUModelCommandTests {
         #expect(result.stdout.isEmpty)
     }
 
+    @Test("A 64-bit entry needs lm in the model", .enabled(if: debianKernelPresent, "Debian's kernel is not cached: run guests/linux/fetch-debian-kernel.sh"))
+    func longModeEntry() throws {
+        let result = try Swiftlet.run(["run", "--cpu", "x86-64-v1,-lm", "--kernel", debianKernelCache + "/vmlinux",
+                                       "--linux-entry", "linux64", "--timeout", "30"])
+        #expect(result.status == 2)
+        #expect(result.stderr == "swiftlet: the kernel is entered in 64-bit mode, but CPU model x86-64-v1,-lm has no long mode (lm); "
+            + "use a 32-bit entry or keep lm\n")
+    }
+
     @Test("The cpuid guest boots with a baseline and reads its identity and an edit at CPL 3")
     func guest() throws {
         let result = try Swiftlet.run(["run", "--cpu", "x86-64-v1,-nx", "--flat", Swiftlet.guest("cpuid"), "--timeout", "60"])
