@@ -50,7 +50,7 @@ let package = Package(
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
         .target(name: "Virtio", dependencies: ["Basics", "Memory", "EventLoop", "Devices"]),
         .target(name: "Machine", dependencies: ["Basics", "EventLoop", "X86", "KVM", "Memory", "Devices", "Boot"]),
-        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices"]),
+        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
@@ -65,6 +65,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
+        .testTarget(name: "X86Tests", dependencies: ["X86", "KVM"], exclude: ["Fixtures"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
     ],

@@ -31,7 +31,7 @@ public enum VCPUExit {
 
 /// One virtual CPU: owns its file descriptor and its mapped `kvm_run` area.
 ///
-/// vCPU ioctls: `KVM_RUN`, `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, `KVM_SET_CPUID2`,
+/// vCPU ioctls: `KVM_RUN`, `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, `KVM_GET/SET_CPUID2`,
 /// `KVM_GET/SET_MSRS`, `KVM_SET_FPU`, `KVM_GET/SET_LAPIC`, `KVM_GET/SET_MP_STATE`,
 /// `KVM_GET_TSC_KHZ`. KVM requires these to come from the thread that runs the vCPU
 /// once it has started; Swiftlet sets the vCPU up, then hands it to its thread.
@@ -133,6 +133,30 @@ public final class VCPU: @unchecked Sendable {
             let slots = UnsafeMutableRawPointer(cpuid + 1).assumingMemoryBound(to: kvm_cpuid_entry2.self)
             for (index, entry) in entries.enumerated() { slots[index] = entry.kvmEntry }
             try fd.ioctl("KVM_SET_CPUID2", CKVM_SET_CPUID2, buffer: buffer)
+        }
+    }
+
+    /// What this vCPU reports through CPUID, as KVM holds it: the leaves last set with
+    /// `KVM_SET_CPUID2`, with the bits KVM keeps up to date itself (OSXSAVE, the APIC
+    /// enable bit, the XSAVE area size for the current XCR0). The ioctl is `KVM_GET_CPUID2`;
+    /// it fails with `E2BIG` until the buffer holds every entry, so the room doubles.
+    public func cpuid() throws(KVMError) -> [CPUIDEntry] {
+        var capacity: UInt32 = 64
+        while true {
+            let entries = try withZeroedBuffer(size: ckvm_cpuid2_size(capacity)) { (buffer) throws(KVMError) -> [CPUIDEntry]? in
+                let cpuid = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
+                cpuid.pointee.nent = capacity
+                do throws(KVMError) {
+                    try fd.ioctl("KVM_GET_CPUID2", CKVM_GET_CPUID2, buffer: buffer)
+                } catch let .ioctlFailed(_, err) where err == E2BIG && capacity < 4096 {
+                    return nil
+                }
+                let count = min(Int(cpuid.pointee.nent), Int(capacity))
+                let slots = UnsafeMutableRawPointer(cpuid + 1).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+                return (0..<count).map { CPUIDEntry(slots[$0]) }
+            }
+            if let entries { return entries }
+            capacity *= 2
         }
     }
 

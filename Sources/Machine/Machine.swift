@@ -59,13 +59,18 @@ public final class Machine: Sendable {
             guard configuration.cpuCount <= maximum else {
                 throw MachineError.invalidConfiguration("\(configuration.cpuCount) vCPUs are more than this KVM allows (\(maximum))")
             }
-            let supportedCPUID = try board.system.supportedCPUID()
+            let cpu = try Self.resolveCPU(configuration.cpuModel, system: board.system, memoryEnd: board.memory.end)
+            // KVM refuses EFER.LME for a vCPU whose CPUID lacks long mode; say why first.
+            if entry.efer & Boot.X86.eferLME != 0, !cpu.hasLongMode {
+                throw MachineError.invalidConfiguration("the kernel is entered in 64-bit mode, but CPU model "
+                    + "\(configuration.cpuModel) has no long mode (lm); use a 32-bit entry or keep lm")
+            }
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
             for id in 0..<configuration.cpuCount {
                 let vcpu = try board.vm.createVCPU(id: id)
                 // The TSC frequency is a vCPU ioctl: ask the first vCPU, once.
-                let model = cpuModel ?? CPUModel(supported: supportedCPUID, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
+                let model = cpuModel ?? CPUModel(base: cpu.table.entries, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
                 cpuModel = model
                 try VCPUSetup.configure(vcpu, cpuid: model.entries(forAPICID: UInt32(id)))
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
@@ -82,6 +87,28 @@ public final class Machine: Sendable {
         } catch {
             throw .invalidConfiguration("\(error)")
         }
+    }
+
+    /// The CPU model checked against this KVM (`KVM_GET_SUPPORTED_CPUID`) and against the
+    /// guest's RAM, which must fit in the model's physical address width.
+    static func resolveCPU(_ spec: CPUModelSpec, system: KVMSystem, memoryEnd: UInt64) throws(MachineError) -> CPUDefinition {
+        let definition: CPUDefinition
+        do {
+            definition = try CPUDefinition.resolve(spec, supported: try system.supportedCPUID())
+            try definition.requireSupported()
+        } catch let error as CPUModelError {
+            throw .invalidConfiguration(error.description)
+        } catch let error as KVMError {
+            throw .kvm(error)
+        } catch {
+            throw .invalidConfiguration("\(error)")
+        }
+        let bits = definition.table.physicalAddressBits
+        guard bits >= 64 || memoryEnd <= 1 << UInt64(bits) else {
+            throw .invalidConfiguration("guest RAM ends at \(ByteSize.exact(memoryEnd)), beyond the \(bits)-bit physical "
+                + "addresses of CPU model \(spec); use less memory or another model")
+        }
+        return definition
     }
 
     /// Runs the vCPUs until the guest exits, the timeout passes, a signal arrives or the

@@ -1,6 +1,7 @@
 import Boot
 import Devices
 import KVM
+import X86
 
 /// Where the bytes of a kernel, initrd or flat image come from.
 public enum ImageSource: Sendable {
@@ -71,6 +72,9 @@ public struct MachineConfiguration: Sendable {
     public var memorySize: UInt64 = 256 << 20
     /// Virtual CPUs, 1 to 254.
     public var cpuCount = 1
+    /// What the vCPUs report through CPUID: `host` (what KVM offers) or a fixed baseline,
+    /// with feature edits. Checked against this host's KVM when the machine is built.
+    public var cpuModel: CPUModelSpec = .host
     /// Ask the host for transparent huge pages for guest RAM.
     public var transparentHugePages = true
     /// Where COM1's output goes.

@@ -1,5 +1,6 @@
 import Devices
 import Machine
+import X86
 
 /// Why a VM stopped. Each case has the exit status `swiftlet run` uses for it: a guest's
 /// exit-port value always gives an odd status, everything else an even one.
@@ -107,6 +108,11 @@ public final class VM: Sendable {
         var machineConfiguration = MachineConfiguration(boot: boot)
         machineConfiguration.memorySize = configuration.memorySize
         machineConfiguration.cpuCount = configuration.cpus
+        do {
+            machineConfiguration.cpuModel = try CPUModelSpec(parsing: configuration.cpu)
+        } catch {
+            throw SwiftletError(message: error.description)
+        }
         machineConfiguration.transparentHugePages = configuration.transparentHugePages
         machineConfiguration.timeout = configuration.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
         machineConfiguration.traceExits = configuration.traceExits

@@ -65,6 +65,12 @@ public struct VMConfiguration: Sendable {
     public var memorySize: UInt64 = 256 << 20
     /// Virtual CPUs, 1 to 254. vCPU 0 boots; the others wait for INIT/SIPI.
     public var cpus = 1
+    /// The CPU model the guest sees through CPUID, as QEMU's `-cpu`:
+    /// `MODEL[,+feature,-feature...]`. `host` is what this host's KVM offers;
+    /// `x86-64-v1` ... `x86-64-v4` are fixed baselines that do not change from host to
+    /// host; edits use /proc/cpuinfo's feature names (`x86-64-v3,-avx2,+pcid`). A model or
+    /// feature this KVM cannot provide makes ``VM/init(_:)`` throw. See ``CPUModels``.
+    public var cpu = "host"
     public var console: Console = .capture
     /// How long the guest may run before the VM stops with ``VMExit/timeout``.
     public var timeout: Duration?

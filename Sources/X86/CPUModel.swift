@@ -1,9 +1,10 @@
 import KVM
 
-/// The CPU the guest sees through CPUID: KVM's supported leaves, adjusted per vCPU.
+/// The CPU the guest sees through CPUID: a model's leaves, adjusted per vCPU.
 ///
-/// Starts from `KVM_GET_SUPPORTED_CPUID` (what the host CPU and KVM can virtualize) and
-/// sets what only the VMM knows:
+/// Starts from the leaves of the chosen model (``CPUDefinition``: for `host`, what
+/// `KVM_GET_SUPPORTED_CPUID` offers; else a fixed ``CPUBaseline``, with any edits) and
+/// sets what only the VMM knows, the same for every model:
 /// - each vCPU's APIC ID (leaf 1 EBX[31:24], leaf 0xB EDX);
 /// - a topology that matches `--cpus N`: one package of N cores with one thread each
 ///   (leaf 1 EBX[23:16] and HTT, leaf 4 EAX[31:26], leaf 0xB levels, AMD 0x80000008);
@@ -15,12 +16,13 @@ public struct CPUModel: Sendable {
     public static let hypervisorBase: UInt32 = 0x4000_0000
     public static let timingLeaf: UInt32 = 0x4000_0010
 
-    public let supported: [CPUIDEntry]
+    /// The model's leaves, the same for every vCPU.
+    public let base: [CPUIDEntry]
     public let cpuCount: Int
     public let tscKHz: UInt32?
 
-    public init(supported: [CPUIDEntry], cpuCount: Int, tscKHz: UInt32?) {
-        self.supported = supported
+    public init(base: [CPUIDEntry], cpuCount: Int, tscKHz: UInt32?) {
+        self.base = base
         self.cpuCount = cpuCount
         self.tscKHz = tscKHz
     }
@@ -35,7 +37,7 @@ public struct CPUModel: Sendable {
     public func entries(forAPICID apicID: UInt32) -> [CPUIDEntry] {
         let count = UInt32(cpuCount)
         var result: [CPUIDEntry] = []
-        for var entry in supported {
+        for var entry in withTopologyLevels(base) {
             switch entry.function {
             case 1:
                 entry.ebx = (entry.ebx & 0x0000_FFFF) | (apicID << 24) | (min(count, 255) << 16)
@@ -65,6 +67,17 @@ public struct CPUModel: Sendable {
             // EBX: the local APIC bus frequency in kHz; KVM's APIC timer runs at 1 GHz.
             result.append(CPUIDEntry(function: Self.timingLeaf, eax: tscKHz, ebx: 1_000_000))
         }
+        return result
+    }
+
+    /// Leaf 0xB needs sub-leaves 0 (SMT) and 1 (core) to describe the package; KVM's
+    /// supported list may hold only sub-leaf 0 (Firecracker inserts sub-leaf 1 too).
+    private func withTopologyLevels(_ entries: [CPUIDEntry]) -> [CPUIDEntry] {
+        guard let level0 = entries.first(where: { $0.function == 0xB && $0.index == 0 }),
+              !entries.contains(where: { $0.function == 0xB && $0.index == 1 }) else { return entries }
+        var result = entries
+        let position = result.firstIndex { $0.function == 0xB && $0.index == 0 }.map { $0 + 1 } ?? result.endIndex
+        result.insert(CPUIDEntry(function: 0xB, index: 1, flags: level0.flags), at: position)
         return result
     }
 

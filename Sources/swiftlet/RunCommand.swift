@@ -36,6 +36,20 @@ struct RunCommand: ParsableCommand {
             registers with the PM timer (0x600-0x60B), all described by the ACPI tables \
             a kernel gets.
 
+            CPU MODEL
+              --cpu MODEL[,+feature,-feature...] chooses what the guest sees through \
+            CPUID, as QEMU's -cpu. 'host' (the default) is everything this host's KVM \
+            offers. x86-64-v1, x86-64-v2, x86-64-v3 and x86-64-v4 are fixed CPUs after \
+            the x86-64 psABI levels (v2: SSE4.2, POPCNT; v3: AVX2, BMI, FMA; v4: \
+            AVX-512): vendor, family/model/stepping, brand, every feature bit, XSAVE \
+            layout and address width are the same on every host, so a guest (and later \
+            its snapshot) can move between hosts that support the level.
+              Edits apply in order after the model, by /proc/cpuinfo names: +pcid adds, \
+            -avx2 removes (with everything that needs it: -xsave removes the AVX family). \
+            Swiftlet refuses a model or feature this KVM cannot provide, and an unknown \
+            name, with one line and status 2. 'swiftlet cpu' lists models and features; \
+            'swiftlet cpu --show MODEL' shows what a vCPU gets here. See docs/booting.md.
+
             EXIT STATUS
               A guest's exit value always gives an odd status; everything Swiftlet \
             decides itself is even, so the two cannot be confused.
@@ -64,6 +78,7 @@ struct RunCommand: ParsableCommand {
               swiftlet run --flat guest.bin --memory 1G --timeout 10 --serial file:out.txt
               swiftlet run --kernel vmlinuz --initrd initrd.img --memory 1G --cpus 2
               swiftlet run --kernel x86/smptest.flat --cpus 2      (kvm-unit-tests)
+              swiftlet run --kernel vmlinux --cpu x86-64-v3,-avx2,+pcid
             """
     )
 
@@ -92,6 +107,9 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Number of virtual CPUs (1 to 254).", valueName: "n"))
     var cpus: Int = 1
 
+    @Option(name: .long, help: ArgumentHelp("The CPU the guest sees: host, x86-64-v1 ... x86-64-v4, then +feature/-feature edits (see CPU MODEL).", valueName: "model"))
+    var cpu: String = "host"
+
     @Option(name: .long, help: ArgumentHelp("Where the serial console writes: 'stdio' or 'file:PATH' (a regular file or a character device).", valueName: "target"))
     var serial: SerialTarget = .stdio
 
@@ -119,6 +137,8 @@ struct RunCommand: ParsableCommand {
                 throw ValidationError("\(option) applies only to --kernel")
             }
         }
+        // The names are checked before any file is read; what KVM supports, when the VM is built.
+        do { try CPUModels.validate(cpu) } catch { throw ValidationError(error.message) }
         if let timeout, !(timeout > 0) || !timeout.isFinite {
             throw ValidationError("--timeout must be a positive number of seconds")
         }
@@ -137,6 +157,7 @@ struct RunCommand: ParsableCommand {
         var configuration = VMConfiguration(boot: boot)
         configuration.memorySize = memory.bytes
         configuration.cpus = cpus
+        configuration.cpu = cpu
         configuration.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
         configuration.traceExits = traceExits
         configuration.transparentHugePages = !noHugePages

@@ -35,6 +35,7 @@ static const unsigned long CKVM_SET_REGS = KVM_SET_REGS;
 static const unsigned long CKVM_GET_SREGS = KVM_GET_SREGS;
 static const unsigned long CKVM_SET_SREGS = KVM_SET_SREGS;
 static const unsigned long CKVM_SET_CPUID2 = KVM_SET_CPUID2;
+static const unsigned long CKVM_GET_CPUID2 = KVM_GET_CPUID2;
 static const unsigned long CKVM_GET_MSRS = KVM_GET_MSRS;
 static const unsigned long CKVM_SET_MSRS = KVM_SET_MSRS;
 static const unsigned long CKVM_GET_FPU = KVM_GET_FPU;
