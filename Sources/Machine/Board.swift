@@ -1,3 +1,4 @@
+import Layout
 import Basics
 import Boot
 import Devices
@@ -14,14 +15,8 @@ import Memory
 /// `KVM_GET_IRQCHIP`/`KVM_SET_IRQCHIP` (the PICs as firmware leaves them) and
 /// `KVM_CREATE_PIT2`.
 final class Board: Sendable {
-    /// Guest-physical addresses VMX needs for its real-mode TSS and identity map: just
-    /// below the BIOS area at the top of the 32-bit space, outside RAM and devices.
-    static let tssAddress: UInt64 = 0xFFFB_D000
-    static let identityMapAddress: UInt64 = 0xFFFB_C000
-
     /// COM1: eight registers at 0x3F8, IRQ 4.
     static let com1Port: UInt64 = 0x3F8
-    static let com1IRQ: UInt32 = 4
 
     let system: KVMSystem
     let vm: VirtualMachine
@@ -48,8 +43,8 @@ final class Board: Sendable {
             for (slot, region) in memory.regions.enumerated() {
                 try vm.setUserMemoryRegion(slot: UInt32(slot), guestAddress: region.guestBase, size: region.size, hostAddress: region.hostAddress)
             }
-            try vm.setTSSAddress(Self.tssAddress)
-            try vm.setIdentityMapAddress(Self.identityMapAddress)
+            try vm.setTSSAddress(AddressMap.realModeTSS)
+            try vm.setIdentityMapAddress(AddressMap.identityMapPage)
             try vm.createIRQChip()
             try vm.programPICsLikeFirmware()
             try vm.createPIT2()
@@ -57,7 +52,7 @@ final class Board: Sendable {
             throw .kvm(error)
         }
 
-        serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: Self.com1IRQ))
+        serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: InterruptMap.com1))
         var ports = IOBus.Builder()
         var mmio = IOBus.Builder()
         do {
@@ -119,7 +114,7 @@ final class Board: Sendable {
         try ports.register(device.register, name: "pc-testdev register", base: TestDevice.ioPort, length: TestDevice.ioPortLength)
         try ports.register(device.flushPage, name: "pc-testdev flush page", base: TestDevice.flushPagePort, length: 4)
         try ports.register(device.irqLines, name: "pc-testdev IRQ lines", base: TestDevice.irqPortBase, length: TestDevice.irqLineCount)
-        try mmio.register(device.ioRAM, name: "pc-testdev I/O RAM", base: TestDevice.ioRAMBase, length: TestDevice.ioRAMLength)
+        try mmio.register(device.ioRAM, name: "pc-testdev I/O RAM", base: AddressMap.testDeviceRAM, length: AddressMap.testDeviceRAMSize)
     }
 }
 
