@@ -62,6 +62,7 @@ let package = Package(
         ),
         .testTarget(name: "BasicsTests", dependencies: ["Basics"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "Basics"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "Memory", "EventLoop"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Memory", "EventLoop", "Devices"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
