@@ -13,6 +13,7 @@ public enum ImageEditError: Error, Equatable, Sendable, CustomStringConvertible 
     case notQcow2(operation: String)
     case snapshotNameTooLong(Int)
     case tooManySnapshots
+    case refcountsTooNarrow(bits: UInt64)
     case snapshotTableTooLarge
     case backingFormatRequired(String)
     case backingNameTooLong(Int)
@@ -42,6 +43,9 @@ public enum ImageEditError: Error, Equatable, Sendable, CustomStringConvertible 
             return "raw images cannot \(operation): only qcow2 images can"
         case let .snapshotNameTooLong(n):
             return "the snapshot name is \(n) bytes long; at most 255 are allowed"
+        case let .refcountsTooNarrow(bits):
+            return "a cluster would be shared more often than this image's \(bits)-bit refcounts can count "
+                + "(convert it with a wider refcount_bits, e.g. qemu-img amend -o refcount_bits=16)"
         case .tooManySnapshots:
             return "the image already has 65536 snapshots, the most qcow2 allows"
         case .snapshotTableTooLarge:

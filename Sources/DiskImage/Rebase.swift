@@ -35,20 +35,7 @@ extension DiskImage {
         }
 
         let q = try openQCOW2ForWriting(path: path, format: format, operation: "have a backing file")
-        var newBacking: (any BlockDevice)?
-        if let name {
-            let resolved = resolveBackingPath(name, relativeTo: path)
-            var chain = BackingChainState()
-            chain.seen.insert(try q.file.identity())
-            do {
-                newBacking = try open(path: resolved, format: backingFormat, readOnly: true, snapshot: nil, chain: &chain)
-            } catch let DiskImageError.io(op, _, err) where op == "open" {
-                throw DiskImageError.backingMissing(path: resolved, errno: err)
-            }
-        }
-        try q.copyDifferences(to: newBacking, progress: progress)
-        try q.flush()
-        try rewriteBackingReference(file: q.file, header: q.header, name: name, format: name == nil ? nil : backingFormat)
+        try q.rebase(onto: name, format: backingFormat, progress: progress)
     }
 
     /// Rewrites the header cluster with a new backing file name and backing-format extension
@@ -103,6 +90,24 @@ extension DiskImage {
 }
 
 extension QCOW2Image {
+    /// Safe rebase of this image (opened for writing) onto the backing file `name` (nil: none).
+    func rebase(onto name: String?, format: ImageFormat?, progress: ((UInt64, UInt64) -> Void)? = nil) throws {
+        var newBacking: (any BlockDevice)?
+        if let name {
+            let resolved = DiskImage.resolveBackingPath(name, relativeTo: file.path)
+            var chain = BackingChainState()
+            chain.seen.insert(try file.identity())
+            do {
+                newBacking = try DiskImage.open(path: resolved, format: format, readOnly: true, snapshot: nil, chain: &chain)
+            } catch let DiskImageError.io(op, _, err) where op == "open" {
+                throw DiskImageError.backingMissing(path: resolved, errno: err)
+            }
+        }
+        try copyDifferences(to: newBacking, progress: progress)
+        try flush()
+        try DiskImage.rewriteBackingReference(file: file, header: header, name: name, format: name == nil ? nil : format)
+    }
+
     /// For every range this image does not allocate, writes the old backing chain's contents
     /// wherever they differ from `newBacking`'s (zeros past either one's end), subcluster by
     /// subcluster, as QEMU's `img_rebase` does; ranges past the old chain's end are written as

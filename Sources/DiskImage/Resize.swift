@@ -98,57 +98,55 @@ extension QCOW2Image {
     private func shrink(to newSize: UInt64, l1Entries newL1: UInt64) throws {
         let h = header
         try writer.withLock { w in
-            try writeSize(newSize)
-            var loss = RefcountChanges()
             let cut = (newSize + clusterSize - 1) & ~(clusterSize - 1)
             let oldEnd = (h.size + clusterSize - 1) & ~(clusterSize - 1)
             let step = extended ? 2 : 1
-
-            // The last L2 table kept: drop its entries past the new end.
             let l1 = state.withLock { $0.l1 }
+
+            // What goes: the entries of the last L2 table kept that lie past the new end, and
+            // every path through the L1 entries past it. Checked before anything is written.
+            var loss = RefcountChanges()
             let lastKept = Int(newL1) - 1
-            if lastKept >= 0, lastKept < l1.count, l1[lastKept] & Self.offsetMask != 0,
+            var straddling: (l1Index: Int, first: UInt64, end: UInt64)?
+            if lastKept >= 0, lastKept < l1.count, let l2 = try l2Table(of: l1[lastKept], index: lastKept),
                cut < UInt64(lastKept + 1) * l2Entries << clusterBits, cut < oldEnd {
-                let l2 = try writableL2(l1Index: lastKept, w: &w)
-                var table = try readEntries(at: l2, count: Int(clusterSize / 8))
-                let firstIndex = cut >> clusterBits
-                let endIndex = min(oldEnd >> clusterBits, UInt64(lastKept + 1) * l2Entries)
-                var changed = false
-                for i in firstIndex..<max(firstIndex, endIndex) {
+                let first = cut >> clusterBits
+                let end = min(oldEnd >> clusterBits, UInt64(lastKept + 1) * l2Entries)
+                let table = try readEntries(at: l2, count: Int(clusterSize / 8))
+                for i in first..<max(first, end) {
                     let slot = Int(i % l2Entries) * step
-                    let bitmap = extended ? table[slot + 1] : 0
-                    if let (s, l) = try hostRange(entry: table[slot], bitmap: bitmap, guestCluster: i) {
+                    if let (s, l) = try hostRange(entry: table[slot], bitmap: extended ? table[slot + 1] : 0, guestCluster: i) {
                         loss.add(range: s, length: l, clusterBits: clusterBits, -1)
                     }
-                    if table[slot] != 0 || bitmap != 0 {
-                        table[slot] = 0
-                        if extended { table[slot + 1] = 0 }
-                        changed = true
-                    }
                 }
-                if changed {
-                    try writeEntries(table, at: l2)
-                    let copy = table
-                    state.withLock { s in if s.l2Cache[l2] != nil { s.l2Cache[l2]!.entries = copy } }
-                }
+                straddling = (lastKept, first, end)
             }
+            let dropped = Int(newL1) < l1.count ? Array(l1[Int(newL1)...]) : []
+            try collectReferences(l1: dropped, delta: -1, into: &loss)
+            try apply(loss, dryRun: true, w: &w)
 
-            // L1 entries past the new end: every path through them goes.
-            if Int(newL1) < l1.count {
-                let dropped = Array(l1[Int(newL1)...])
-                try collectReferences(l1: dropped, delta: -1, into: &loss)
-                if dropped.contains(where: { $0 != 0 }) {
-                    try writeEntries([UInt64](repeating: 0, count: dropped.count), at: w.l1TableOffset + newL1 * 8)
+            // The new size first: from here on nothing past it is visible.
+            try writeSize(newSize)
+            if let (l1Index, first, end) = straddling {
+                let l2 = try writableL2(l1Index: l1Index, w: &w)
+                var table = try readEntries(at: l2, count: Int(clusterSize / 8))
+                for i in first..<max(first, end) {
+                    let slot = Int(i % l2Entries) * step
+                    table[slot] = 0
+                    if extended { table[slot + 1] = 0 }
                 }
-                var kept = l1
-                for i in Int(newL1)..<kept.count { kept[i] = 0 }
-                let table = kept
+                try writeEntries(table, at: l2)
+                let copy = table
+                state.withLock { s in if s.l2Cache[l2] != nil { s.l2Cache[l2]!.entries = copy } }
+            }
+            if dropped.contains(where: { $0 != 0 }) {
+                try writeEntries([UInt64](repeating: 0, count: dropped.count), at: w.l1TableOffset + newL1 * 8)
+                let kept = Array(l1[..<Int(newL1)]) + [UInt64](repeating: 0, count: dropped.count)
                 state.withLock { s in
-                    s.l1 = table
+                    s.l1 = kept
                     s.l2Cache = [:]
                 }
             }
-            try apply(loss, dryRun: true, w: &w)
             try file.sync()
             try apply(loss, w: &w)
             try file.sync()

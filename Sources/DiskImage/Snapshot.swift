@@ -140,36 +140,7 @@ extension DiskImage {
                                       date: (seconds: UInt32, nanoseconds: UInt32)? = nil) throws -> SnapshotRecord {
         guard name.utf8.count <= 255 else { throw ImageEditError.snapshotNameTooLong(name.utf8.count) }
         let q = try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots")
-        let h = q.header
-        guard h.snapshotCount < QCOW2Header.maxSnapshots else { throw ImageEditError.tooManySnapshots }
-        let (records, oldBytes) = try SnapshotTable.read(q, header: h)
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        let when = date ?? (UInt32(truncatingIfNeeded: ts.tv_sec), UInt32(ts.tv_nsec / 1000 * 1000))
-        return try q.writer.withLock { w in
-            let l1 = try q.readEntries(at: w.l1TableOffset, count: Int(h.l1Size))
-            var changes = RefcountChanges()
-            try q.collectReferences(l1: l1, delta: 1, into: &changes)
-            try q.apply(changes, dryRun: true, w: &w)
-
-            var snapshotL1Offset: UInt64 = 0
-            if !l1.isEmpty {
-                snapshotL1Offset = try q.writeNewTable(l1.map { $0 & ~QCOW2Image.copiedFlag }, w: &w)
-            }
-            var active = l1
-            try q.syncCopiedFlags(l1Offset: w.l1TableOffset, l1: &active, .clearAll, w: &w)
-            try q.file.sync()
-            try q.apply(changes, w: &w)
-            try q.file.sync()
-
-            let record = SnapshotRecord(
-                id: SnapshotTable.nextID(records), name: name, l1TableOffset: snapshotL1Offset, l1Size: h.l1Size,
-                dateSeconds: when.seconds, dateNanoseconds: when.nanoseconds, vmClockNanoseconds: 0, vmStateSize: 0,
-                diskSize: h.size & ~511, icount: 0)
-            try q.replaceSnapshotTable(records + [record], old: h, oldBytes: oldBytes, w: &w)
-            try q.reloadTables(l1Offset: w.l1TableOffset, count: Int(h.l1Size))
-            return record
-        }
+        return try q.createSnapshot(name: name, date: date)
     }
 
     /// Reverts the image to snapshot `name` (found by ID first, then by name, as
@@ -181,54 +152,7 @@ extension DiskImage {
     /// `l1_table_offset`; then the old active tables' references are dropped and COPIED flags set
     /// where a refcount came down to 1. A crash before the switch leaves the old state and leaks.
     public static func applySnapshot(path: String, format: ImageFormat? = nil, name: String) throws {
-        let q = try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots")
-        let h = q.header
-        let (records, _) = try SnapshotTable.read(q, header: h)
-        guard let s = records.first(where: { $0.id == name }) ?? records.first(where: { $0.name == name }) else {
-            throw DiskImageError.snapshotNotFound(name)
-        }
-        if s.diskSize != h.size & ~511 {
-            if h.version < 3 { throw ImageEditError.snapshotSizeChangeV2 }
-            if h.bitmapCount > 0 { throw ImageEditError.resizeWithBitmaps }
-        }
-        let perL1 = q.clusterSize * q.l2Entries
-        guard UInt64(s.l1Size) >= (s.diskSize + perL1 - 1) / perL1 else {
-            throw DiskImageError.l1TooSmall(entries: s.l1Size, needed: (s.diskSize + perL1 - 1) / perL1)
-        }
-        try q.writer.withLock { w in
-            var snapshotL1 = try q.readEntries(at: s.l1TableOffset, count: Int(s.l1Size))
-            let oldL1Offset = w.l1TableOffset
-            let oldL1 = try q.readEntries(at: oldL1Offset, count: Int(h.l1Size))
-            var gain = RefcountChanges()
-            try q.collectReferences(l1: snapshotL1, delta: 1, into: &gain)
-            var loss = RefcountChanges()
-            try q.collectReferences(l1: oldL1, delta: -1, into: &loss)
-            if !oldL1.isEmpty {
-                loss.add(range: oldL1Offset, length: UInt64(oldL1.count) * 8, clusterBits: q.clusterBits, -1)
-            }
-            try q.apply(gain, dryRun: true, w: &w)
-
-            try q.syncCopiedFlags(l1Offset: s.l1TableOffset, l1: &snapshotL1, .clearAll, w: &w)
-            try q.file.sync()
-            try q.apply(gain, w: &w)
-            try q.file.sync()
-            let newL1Offset = snapshotL1.isEmpty ? 0 : try q.writeNewTable(snapshotL1, w: &w)
-
-            var fields = [UInt8](repeating: 0, count: 24)
-            fields.setBE(s.diskSize, at: 0)
-            fields.setBE(h.cryptMethod, at: 8)
-            fields.setBE(s.l1Size, at: 12)
-            fields.setBE(newL1Offset, at: 16)
-            try q.writeHeaderFields(fields, at: 24)
-            w.l1TableOffset = newL1Offset
-
-            try q.apply(loss, w: &w)
-            try q.file.sync()
-            var active = snapshotL1
-            try q.syncCopiedFlags(l1Offset: newL1Offset, l1: &active, .matchRefcounts, w: &w)
-            try q.file.sync()
-            try q.reloadTables(l1Offset: newL1Offset, count: Int(s.l1Size))
-        }
+        try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots").applySnapshot(name: name)
     }
 
     /// Deletes snapshot `name` (found by name, as `qemu-img snapshot -d` does).
@@ -237,34 +161,133 @@ extension DiskImage {
     /// before leaves the snapshot in place); then the refcounts of everything it reached go down,
     /// its L1 table is released, and COPIED flags are set where a refcount came down to 1.
     public static func deleteSnapshot(path: String, format: ImageFormat? = nil, name: String) throws {
-        let q = try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots")
-        let h = q.header
-        let (records, oldBytes) = try SnapshotTable.read(q, header: h)
-        guard let index = records.firstIndex(where: { $0.name == name }) else { throw DiskImageError.snapshotNotFound(name) }
-        let s = records[index]
-        try q.writer.withLock { w in
-            let snapshotL1 = try q.readEntries(at: s.l1TableOffset, count: Int(s.l1Size))
-            var loss = RefcountChanges()
-            try q.collectReferences(l1: snapshotL1, delta: -1, into: &loss)
-            if !snapshotL1.isEmpty {
-                loss.add(range: s.l1TableOffset, length: UInt64(s.l1Size) * 8, clusterBits: q.clusterBits, -1)
-            }
-            try q.apply(loss, dryRun: true, w: &w)
-
-            var remaining = records
-            remaining.remove(at: index)
-            try q.replaceSnapshotTable(remaining, old: h, oldBytes: oldBytes, w: &w)
-            try q.apply(loss, w: &w)
-            try q.file.sync()
-            var active = try q.readEntries(at: w.l1TableOffset, count: Int(h.l1Size))
-            try q.syncCopiedFlags(l1Offset: w.l1TableOffset, l1: &active, .matchRefcounts, w: &w)
-            try q.file.sync()
-            try q.reloadTables(l1Offset: w.l1TableOffset, count: Int(h.l1Size))
-        }
+        try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots").deleteSnapshot(name: name)
     }
 }
 
 extension QCOW2Image {
+    /// See `DiskImage.createSnapshot`.
+    func createSnapshot(name: String, date: (seconds: UInt32, nanoseconds: UInt32)? = nil) throws -> SnapshotRecord {
+        let h = header
+        guard h.snapshotCount < QCOW2Header.maxSnapshots else { throw ImageEditError.tooManySnapshots }
+        let (records, oldBytes) = try SnapshotTable.read(self, header: h)
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let when = date ?? (UInt32(truncatingIfNeeded: ts.tv_sec), UInt32(ts.tv_nsec / 1000 * 1000))
+        return try writer.withLock { w in
+            let l1 = try readEntries(at: w.l1TableOffset, count: Int(h.l1Size))
+            var changes = RefcountChanges()
+            try collectReferences(l1: l1, delta: 1, into: &changes)
+            try checkCapacity(changes, w: &w)
+
+            var snapshotL1Offset: UInt64 = 0
+            if !l1.isEmpty {
+                snapshotL1Offset = try writeNewTable(l1.map { $0 & ~Self.copiedFlag }, w: &w)
+            }
+            var active = l1
+            try syncCopiedFlags(l1Offset: w.l1TableOffset, l1: &active, .clearAll, w: &w)
+            try file.sync()
+            try apply(changes, w: &w)
+            try file.sync()
+
+            let record = SnapshotRecord(
+                id: SnapshotTable.nextID(records), name: name, l1TableOffset: snapshotL1Offset, l1Size: h.l1Size,
+                dateSeconds: when.seconds, dateNanoseconds: when.nanoseconds, vmClockNanoseconds: 0, vmStateSize: 0,
+                diskSize: h.size & ~511, icount: 0)
+            try replaceSnapshotTable(records + [record], old: h, oldBytes: oldBytes, w: &w)
+            try reloadTables(l1Offset: w.l1TableOffset, count: Int(h.l1Size))
+            return record
+        }
+    }
+
+    /// See `DiskImage.applySnapshot`.
+    func applySnapshot(name: String) throws {
+        let h = header
+        let (records, _) = try SnapshotTable.read(self, header: h)
+        guard let s = records.first(where: { $0.id == name }) ?? records.first(where: { $0.name == name }) else {
+            throw DiskImageError.snapshotNotFound(name)
+        }
+        if s.diskSize != h.size & ~511 {
+            if h.version < 3 { throw ImageEditError.snapshotSizeChangeV2 }
+            if h.bitmapCount > 0 { throw ImageEditError.resizeWithBitmaps }
+        }
+        let perL1 = clusterSize * l2Entries
+        guard UInt64(s.l1Size) >= (s.diskSize + perL1 - 1) / perL1 else {
+            throw DiskImageError.l1TooSmall(entries: s.l1Size, needed: (s.diskSize + perL1 - 1) / perL1)
+        }
+        try writer.withLock { w in
+            var snapshotL1 = try readEntries(at: s.l1TableOffset, count: Int(s.l1Size))
+            let oldL1Offset = w.l1TableOffset
+            let oldL1 = try readEntries(at: oldL1Offset, count: Int(h.l1Size))
+            var gain = RefcountChanges()
+            try collectReferences(l1: snapshotL1, delta: 1, into: &gain)
+            var loss = RefcountChanges()
+            try collectReferences(l1: oldL1, delta: -1, into: &loss)
+            if !oldL1.isEmpty {
+                loss.add(range: oldL1Offset, length: UInt64(oldL1.count) * 8, clusterBits: clusterBits, -1)
+            }
+            try checkCapacity(gain, w: &w)
+            try apply(loss, dryRun: true, w: &w)
+
+            try syncCopiedFlags(l1Offset: s.l1TableOffset, l1: &snapshotL1, .clearAll, w: &w)
+            try file.sync()
+            try apply(gain, w: &w)
+            try file.sync()
+            let newL1Offset = snapshotL1.isEmpty ? 0 : try writeNewTable(snapshotL1, w: &w)
+
+            var fields = [UInt8](repeating: 0, count: 24)
+            fields.setBE(s.diskSize, at: 0)
+            fields.setBE(h.cryptMethod, at: 8)
+            fields.setBE(s.l1Size, at: 12)
+            fields.setBE(newL1Offset, at: 16)
+            try writeHeaderFields(fields, at: 24)
+            w.l1TableOffset = newL1Offset
+
+            try apply(loss, w: &w)
+            try file.sync()
+            var active = snapshotL1
+            try syncCopiedFlags(l1Offset: newL1Offset, l1: &active, .matchRefcounts, w: &w)
+            try file.sync()
+            try reloadTables(l1Offset: newL1Offset, count: Int(s.l1Size))
+        }
+    }
+
+    /// See `DiskImage.deleteSnapshot`.
+    func deleteSnapshot(name: String) throws {
+        let h = header
+        let (records, oldBytes) = try SnapshotTable.read(self, header: h)
+        guard let index = records.firstIndex(where: { $0.name == name }) else { throw DiskImageError.snapshotNotFound(name) }
+        let s = records[index]
+        try writer.withLock { w in
+            let snapshotL1 = try readEntries(at: s.l1TableOffset, count: Int(s.l1Size))
+            var loss = RefcountChanges()
+            try collectReferences(l1: snapshotL1, delta: -1, into: &loss)
+            if !snapshotL1.isEmpty {
+                loss.add(range: s.l1TableOffset, length: UInt64(s.l1Size) * 8, clusterBits: clusterBits, -1)
+            }
+            try apply(loss, dryRun: true, w: &w)
+
+            var remaining = records
+            remaining.remove(at: index)
+            try replaceSnapshotTable(remaining, old: h, oldBytes: oldBytes, w: &w)
+            try apply(loss, w: &w)
+            try file.sync()
+            var active = try readEntries(at: w.l1TableOffset, count: Int(h.l1Size))
+            try syncCopiedFlags(l1Offset: w.l1TableOffset, l1: &active, .matchRefcounts, w: &w)
+            try file.sync()
+            try reloadTables(l1Offset: w.l1TableOffset, count: Int(h.l1Size))
+        }
+    }
+
+    /// Checks that `changes` fit (nothing written), explaining a refcount overflow in terms of sharing.
+    func checkCapacity(_ changes: RefcountChanges, w: inout WriterState) throws {
+        do {
+            try apply(changes, dryRun: true, w: &w)
+        } catch DiskImageError.refcountOverflow {
+            throw ImageEditError.refcountsTooNarrow(bits: header.refcountBits)
+        }
+    }
+
     /// Writes `entries` as a table in newly allocated clusters (zero-padded to whole clusters),
     /// syncs, and returns its offset.
     func writeNewTable(_ entries: [UInt64], w: inout WriterState) throws -> UInt64 {

@@ -25,7 +25,7 @@ extension ImageCommand {
 
                 Examples:
                   swiftlet image resize disk.qcow2 +10G
-                  swiftlet image resize --shrink disk.qcow2 -- -1G
+                  swiftlet image resize --shrink disk.qcow2 -1G
                 """)
 
         @Option(name: [.customShort("f"), .long], help: "Image format (raw or qcow2); detected from the content when omitted.")
@@ -33,17 +33,24 @@ extension ImageCommand {
         @Flag(help: "Allow a new size smaller than the current one.") var shrink = false
         @Flag(name: [.customShort("q"), .long], help: "Print nothing when it worked.") var quiet = false
         @Argument(help: "The image file.") var path: String
-        @Argument(parsing: .allUnrecognized, help: ArgumentHelp("The new size, or +SIZE / -SIZE.", valueName: "size"))
-        var size: [String] = []
+        @Argument(help: ArgumentHelp("The new size, or +SIZE to grow, or -SIZE to shrink by that much.", valueName: "size"))
+        var size: String
 
-        func validate() throws {
-            guard size.count == 1 else { throw ValidationError("expected the image file and one size, e.g. +1G") }
-            guard size[0] != "-" && !(size[0].hasPrefix("--")) else { throw ValidationError("unknown option '\(size[0])'") }
+        /// qemu-img takes "resize FILE -1G" without "--"; the argument parser would read "-1G" as an
+        /// option. This moves such a size behind a "--" before parsing.
+        static func movingNegativeSize(_ arguments: [String]) -> [String] {
+            guard let image = arguments.firstIndex(of: "image"), image + 1 < arguments.count,
+                  arguments[image + 1] == "resize", !arguments.contains("--"),
+                  let i = arguments[(image + 2)...].firstIndex(where: { $0.count > 1 && $0.hasPrefix("-")
+                      && $0.dropFirst().first!.isNumber }) else { return arguments }
+            var out = arguments
+            let size = out.remove(at: i)
+            return out + ["--", size]
         }
 
         func run() throws {
             try imageCommand {
-                var text = size[0]
+                var text = size
                 let target: ResizeTarget
                 if text.hasPrefix("+") {
                     text.removeFirst()

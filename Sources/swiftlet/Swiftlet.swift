@@ -21,7 +21,8 @@ struct Swiftlet: ParsableCommand {
 enum Main {
     static func main() {
         do {
-            var command = try Swiftlet.parseAsRoot()
+            let arguments = ImageCommand.Resize.movingNegativeSize(Array(CommandLine.arguments.dropFirst()))
+            var command = try Swiftlet.parseAsRoot(arguments)
             try command.run()
         } catch {
             let code = Swiftlet.exitCode(for: error)
