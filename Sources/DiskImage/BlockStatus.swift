@@ -326,6 +326,7 @@ struct RefcountReader {
         guard e & 0x1ff == 0 else {
             throw DiskImageError.corruptMetadata("refcount table entry \(t) (0x\(hex(e))) is not cluster-aligned")
         }
+        try image.checkClusterOffset(offset, "refcount block 0x\(hex(offset))")
         var raw = [UInt8](repeating: 0, count: Int(image.clusterSize))
         try raw.withUnsafeMutableBytes { try image.file.readZeroFilled(into: $0, at: offset) }
         return decode(raw)

@@ -118,50 +118,63 @@ extension QCOW2Image {
         }
     }
 
-    /// Checks every change against the refcount width and the stored refcounts, then writes each
-    /// changed refcount block once (unless `dryRun`). Nothing is written if any change would
-    /// overflow, go below zero, or touch a cluster without a refcount block.
-    func apply(_ changes: RefcountChanges, dryRun: Bool = false, w: inout WriterState) throws {
-        guard !changes.isEmpty else { return }
-        let perBlock = refcountEntriesPerBlock
+    /// Checks that every change fits: no refcount would go below zero or past the refcount width,
+    /// and every cluster changed has a refcount block. Reads only, so it works on an image opened
+    /// read-only (with a reader over the table on disk) before anything is written.
+    func validate(_ changes: RefcountChanges, reader: RefcountReader) throws {
+        let perBlock = reader.entriesPerBlock
         let bits = header.refcountBits
         let maxValue: UInt64 = bits == 64 ? .max : (1 << bits) - 1
         var byBlock: [Int: [(UInt64, Int64)]] = [:]
         for (cluster, delta) in changes.deltas where delta != 0 {
             byBlock[Int(cluster / perBlock), default: []].append((cluster, delta))
         }
-        var updated: [(offset: UInt64, bytes: [UInt8])] = []
-        let reader = RefcountReader(image: self, table: w.refcountTable)
-        for (t, list) in byBlock.sorted(by: { $0.key < $1.key }) {
-            let block = t < w.refcountTable.count ? try refcountBlock(t, w: &w) : 0
-            guard block != 0 else {
+        for (t, list) in byBlock {
+            guard t < reader.table.count, let values = try reader.block(t) else {
                 throw DiskImageError.corruptMetadata(
                     "host cluster \(list[0].0) is referenced but has no refcount block (its refcount is 0)")
             }
+            for (cluster, delta) in list {
+                let old = values[Int(cluster % perBlock)]
+                if delta < 0 {
+                    guard old >= UInt64(-delta) else {
+                        throw DiskImageError.corruptMetadata(
+                            "host cluster \(cluster) is referenced more often than its refcount \(old) says")
+                    }
+                } else {
+                    guard old > 0 else {
+                        throw DiskImageError.corruptMetadata("host cluster \(cluster) is referenced but its refcount is 0")
+                    }
+                    guard maxValue - old >= UInt64(delta) else { throw DiskImageError.refcountOverflow(cluster: cluster) }
+                }
+            }
+        }
+    }
+
+    /// Validates `changes`, then (unless `dryRun`) writes each changed refcount block once.
+    /// Nothing is written if any change does not fit.
+    func apply(_ changes: RefcountChanges, dryRun: Bool = false, w: inout WriterState) throws {
+        guard !changes.isEmpty else { return }
+        try validate(changes, reader: RefcountReader(image: self, table: w.refcountTable))
+        guard !dryRun else { return }
+        let perBlock = refcountEntriesPerBlock
+        var byBlock: [Int: [(UInt64, Int64)]] = [:]
+        for (cluster, delta) in changes.deltas where delta != 0 {
+            byBlock[Int(cluster / perBlock), default: []].append((cluster, delta))
+        }
+        let reader = RefcountReader(image: self, table: w.refcountTable)
+        for (t, list) in byBlock.sorted(by: { $0.key < $1.key }) {
+            let block = try refcountBlock(t, w: &w)
             var bytes = [UInt8](repeating: 0, count: Int(clusterSize))
             try bytes.withUnsafeMutableBytes { try file.readZeroFilled(into: $0, at: block) }
             let values = reader.decode(bytes)
             for (cluster, delta) in list {
                 let index = cluster % perBlock
                 let old = values[Int(index)]
-                if delta < 0 {
-                    guard old >= UInt64(-delta) else {
-                        throw DiskImageError.corruptMetadata(
-                            "host cluster \(cluster) is referenced more often than its refcount \(old) says")
-                    }
-                    encodeRefcount(&bytes, index: index, value: old - UInt64(-delta))
-                } else {
-                    guard old > 0 else {
-                        throw DiskImageError.corruptMetadata("host cluster \(cluster) is referenced but its refcount is 0")
-                    }
-                    guard maxValue - old >= UInt64(delta) else { throw DiskImageError.refcountOverflow(cluster: cluster) }
-                    encodeRefcount(&bytes, index: index, value: old + UInt64(delta))
-                }
+                encodeRefcount(&bytes, index: index, value: delta < 0 ? old - UInt64(-delta) : old + UInt64(delta))
             }
-            updated.append((block, bytes))
+            try file.write(bytes: bytes, at: block)
         }
-        guard !dryRun else { return }
-        for (offset, bytes) in updated { try file.write(bytes: bytes, at: offset) }
     }
 
     /// Brings the COPIED flags of the tables reachable from the L1 table at `l1Offset` in line

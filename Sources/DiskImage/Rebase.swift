@@ -34,7 +34,9 @@ extension DiskImage {
             return
         }
 
-        let q = try openQCOW2ForWriting(path: path, format: format, operation: "have a backing file")
+        let q = try openQCOW2ForWriting(path: path, format: format, operation: "have a backing file") {
+            _ = try $0.openNewBacking(name, format: backingFormat)
+        }
         try q.rebase(onto: name, format: backingFormat, progress: progress)
     }
 
@@ -92,20 +94,24 @@ extension DiskImage {
 extension QCOW2Image {
     /// Safe rebase of this image (opened for writing) onto the backing file `name` (nil: none).
     func rebase(onto name: String?, format: ImageFormat?, progress: ((UInt64, UInt64) -> Void)? = nil) throws {
-        var newBacking: (any BlockDevice)?
-        if let name {
-            let resolved = DiskImage.resolveBackingPath(name, relativeTo: file.path)
-            var chain = BackingChainState()
-            chain.seen.insert(try file.identity())
-            do {
-                newBacking = try DiskImage.open(path: resolved, format: format, readOnly: true, snapshot: nil, chain: &chain)
-            } catch let DiskImageError.io(op, _, err) where op == "open" {
-                throw DiskImageError.backingMissing(path: resolved, errno: err)
-            }
-        }
+        let newBacking = try openNewBacking(name, format: format)
         try copyDifferences(to: newBacking, progress: progress)
         try flush()
         try DiskImage.rewriteBackingReference(file: file, header: header, name: name, format: name == nil ? nil : format)
+    }
+
+    /// Opens the backing file `name` would name (relative to this image's folder), refusing a
+    /// chain that leads back to this image.
+    func openNewBacking(_ name: String?, format: ImageFormat?) throws -> (any BlockDevice)? {
+        guard let name else { return nil }
+        let resolved = DiskImage.resolveBackingPath(name, relativeTo: file.path)
+        var chain = BackingChainState()
+        chain.seen.insert(try file.identity())
+        do {
+            return try DiskImage.open(path: resolved, format: format, readOnly: true, snapshot: nil, chain: &chain)
+        } catch let DiskImageError.io(op, _, err) where op == "open" {
+            throw DiskImageError.backingMissing(path: resolved, errno: err)
+        }
     }
 
     /// For every range this image does not allocate, writes the old backing chain's contents

@@ -32,11 +32,18 @@ extension DiskImage {
     @discardableResult
     public static func resize(path: String, format: ImageFormat? = nil, to target: ResizeTarget,
                               allowShrink: Bool) throws -> UInt64 {
+        // Everything that can refuse is checked on a read-only open, so a refusal changes nothing.
+        var newSize: UInt64 = 0
+        do {
+            let dev = try open(path: path, format: format, readOnly: true)
+            let current = BlockStatusReader.length(of: dev)
+            guard let size = target.size(from: current), size > 0 else { throw ImageEditError.sizeNotPositive }
+            guard size <= UInt64(Int64.max) else { throw ImageEditError.sizeTooLarge(size) }
+            if size < current && !allowShrink { throw ImageEditError.shrinkNeedsFlag(current: current, requested: size) }
+            try (dev as? QCOW2Image)?.checkResize(to: size)
+            newSize = size
+        }
         let dev = try open(path: path, format: format, readOnly: false)
-        let current = BlockStatusReader.length(of: dev)
-        guard let newSize = target.size(from: current), newSize > 0 else { throw ImageEditError.sizeNotPositive }
-        guard newSize <= UInt64(Int64.max) else { throw ImageEditError.sizeTooLarge(newSize) }
-        if newSize < current && !allowShrink { throw ImageEditError.shrinkNeedsFlag(current: current, requested: newSize) }
         if let raw = dev as? RawImage {
             try raw.file.truncate(to: newSize)
             try raw.file.sync()
@@ -48,14 +55,25 @@ extension DiskImage {
 }
 
 extension QCOW2Image {
-    func resize(to newSize: UInt64) throws {
+    /// Refuses what QEMU refuses (and what we do not support), without writing anything.
+    func checkResize(to newSize: UInt64) throws {
         let h = header
         guard newSize % 512 == 0 else { throw ImageEditError.sizeNotSectorMultiple(newSize) }
         if h.snapshotCount > 0 && h.version < 3 { throw ImageEditError.resizeV2WithSnapshots }
         if h.bitmapCount > 0 { throw ImageEditError.resizeWithBitmaps }
         let perL1 = clusterSize * l2Entries
+        guard (newSize + perL1 - 1) / perL1 <= QCOW2Header.maxL1Entries else { throw ImageEditError.sizeTooLarge(newSize) }
+        let old = h.size & ~511
+        if newSize > old && h.version < 3, let backing, BlockStatusReader.length(of: backing) > old {
+            throw ImageEditError.growV2OverLargerBacking(backingSize: BlockStatusReader.length(of: backing))
+        }
+    }
+
+    func resize(to newSize: UInt64) throws {
+        try checkResize(to: newSize)
+        let h = header
+        let perL1 = clusterSize * l2Entries
         let newL1 = (newSize + perL1 - 1) / perL1
-        guard newL1 <= QCOW2Header.maxL1Entries else { throw ImageEditError.sizeTooLarge(newSize) }
         let old = h.size & ~511
         if newSize >= old {
             try grow(from: old, to: newSize, l1Entries: newL1)
@@ -75,7 +93,6 @@ extension QCOW2Image {
         var backingLength: UInt64 = 0
         if let backing { backingLength = BlockStatusReader.length(of: backing) }
         let needZero = backingLength > old && newSize > old
-        if needZero && header.version < 3 { throw ImageEditError.growV2OverLargerBacking(backingSize: backingLength) }
         try writer.withLock { w in
             if needZero {
                 let unit = extended ? clusterSize / 32 : clusterSize

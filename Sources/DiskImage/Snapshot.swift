@@ -121,9 +121,19 @@ extension DiskImage {
     }
 
     /// Opens `path` for writing as a qcow2 image, or explains why `operation` needs one.
-    static func openQCOW2ForWriting(path: String, format: ImageFormat?, operation: String) throws -> QCOW2Image {
-        let dev = try open(path: path, format: format, readOnly: false)
-        guard let q = dev as? QCOW2Image else { throw ImageEditError.notQcow2(operation: operation) }
+    /// `precheck` runs first on a read-only open: a refusal leaves the file untouched (a writable
+    /// open already marks persistent bitmaps in use and clears autoclear bits).
+    static func openQCOW2ForWriting(path: String, format: ImageFormat?, operation: String,
+                                    precheck: (QCOW2Image) throws -> Void = { _ in }) throws -> QCOW2Image {
+        do {
+            guard let q = try open(path: path, format: format, readOnly: true) as? QCOW2Image else {
+                throw ImageEditError.notQcow2(operation: operation)
+            }
+            try precheck(q)
+        }
+        guard let q = try open(path: path, format: format, readOnly: false) as? QCOW2Image else {
+            throw ImageEditError.notQcow2(operation: operation)
+        }
         return q
     }
 
@@ -139,7 +149,9 @@ extension DiskImage {
     public static func createSnapshot(path: String, format: ImageFormat? = nil, name: String,
                                       date: (seconds: UInt32, nanoseconds: UInt32)? = nil) throws -> SnapshotRecord {
         guard name.utf8.count <= 255 else { throw ImageEditError.snapshotNameTooLong(name.utf8.count) }
-        let q = try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots")
+        let q = try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots") {
+            _ = try $0.planSnapshotCreation()
+        }
         return try q.createSnapshot(name: name, date: date)
     }
 
@@ -152,7 +164,9 @@ extension DiskImage {
     /// `l1_table_offset`; then the old active tables' references are dropped and COPIED flags set
     /// where a refcount came down to 1. A crash before the switch leaves the old state and leaks.
     public static func applySnapshot(path: String, format: ImageFormat? = nil, name: String) throws {
-        try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots").applySnapshot(name: name)
+        try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots") {
+            _ = try $0.planSnapshotApplication(name: name)
+        }.applySnapshot(name: name)
     }
 
     /// Deletes snapshot `name` (found by name, as `qemu-img snapshot -d` does).
@@ -161,49 +175,71 @@ extension DiskImage {
     /// before leaves the snapshot in place); then the refcounts of everything it reached go down,
     /// its L1 table is released, and COPIED flags are set where a refcount came down to 1.
     public static func deleteSnapshot(path: String, format: ImageFormat? = nil, name: String) throws {
-        try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots").deleteSnapshot(name: name)
+        try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots") {
+            _ = try $0.planSnapshotDeletion(name: name)
+        }.deleteSnapshot(name: name)
     }
 }
 
 extension QCOW2Image {
+    /// What creating a snapshot will change, checked against the refcounts on disk.
+    struct SnapshotCreation {
+        var records: [SnapshotRecord]
+        var tableBytes: UInt64
+        var l1: [UInt64]
+        var gain: RefcountChanges
+    }
+
+    func planSnapshotCreation() throws -> SnapshotCreation {
+        let h = header
+        guard h.snapshotCount < QCOW2Header.maxSnapshots else { throw ImageEditError.tooManySnapshots }
+        let (records, bytes) = try SnapshotTable.read(self, header: h)
+        let l1 = try readEntries(at: h.l1TableOffset, count: Int(h.l1Size))
+        var gain = RefcountChanges()
+        try collectReferences(l1: l1, delta: 1, into: &gain)
+        try checkCapacity(gain, reader: RefcountReader(image: self))
+        return SnapshotCreation(records: records, tableBytes: bytes, l1: l1, gain: gain)
+    }
+
     /// See `DiskImage.createSnapshot`.
     func createSnapshot(name: String, date: (seconds: UInt32, nanoseconds: UInt32)? = nil) throws -> SnapshotRecord {
         let h = header
-        guard h.snapshotCount < QCOW2Header.maxSnapshots else { throw ImageEditError.tooManySnapshots }
-        let (records, oldBytes) = try SnapshotTable.read(self, header: h)
+        let plan = try planSnapshotCreation()
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         let when = date ?? (UInt32(truncatingIfNeeded: ts.tv_sec), UInt32(ts.tv_nsec / 1000 * 1000))
         return try writer.withLock { w in
-            let l1 = try readEntries(at: w.l1TableOffset, count: Int(h.l1Size))
-            var changes = RefcountChanges()
-            try collectReferences(l1: l1, delta: 1, into: &changes)
-            try checkCapacity(changes, w: &w)
-
             var snapshotL1Offset: UInt64 = 0
-            if !l1.isEmpty {
-                snapshotL1Offset = try writeNewTable(l1.map { $0 & ~Self.copiedFlag }, w: &w)
+            if !plan.l1.isEmpty {
+                snapshotL1Offset = try writeNewTable(plan.l1.map { $0 & ~Self.copiedFlag }, w: &w)
             }
-            var active = l1
+            var active = plan.l1
             try syncCopiedFlags(l1Offset: w.l1TableOffset, l1: &active, .clearAll, w: &w)
             try file.sync()
-            try apply(changes, w: &w)
+            try apply(plan.gain, w: &w)
             try file.sync()
 
             let record = SnapshotRecord(
-                id: SnapshotTable.nextID(records), name: name, l1TableOffset: snapshotL1Offset, l1Size: h.l1Size,
+                id: SnapshotTable.nextID(plan.records), name: name, l1TableOffset: snapshotL1Offset, l1Size: h.l1Size,
                 dateSeconds: when.seconds, dateNanoseconds: when.nanoseconds, vmClockNanoseconds: 0, vmStateSize: 0,
                 diskSize: h.size & ~511, icount: 0)
-            try replaceSnapshotTable(records + [record], old: h, oldBytes: oldBytes, w: &w)
+            try replaceSnapshotTable(plan.records + [record], old: h, oldBytes: plan.tableBytes, w: &w)
             try reloadTables(l1Offset: w.l1TableOffset, count: Int(h.l1Size))
             return record
         }
     }
 
-    /// See `DiskImage.applySnapshot`.
-    func applySnapshot(name: String) throws {
+    /// What applying snapshot `name` will change, checked against the refcounts on disk.
+    struct SnapshotApplication {
+        var snapshot: SnapshotRecord
+        var snapshotL1: [UInt64]
+        var gain: RefcountChanges
+        var loss: RefcountChanges
+    }
+
+    func planSnapshotApplication(name: String) throws -> SnapshotApplication {
         let h = header
-        let (records, _) = try SnapshotTable.read(self, header: h)
+        let records = try SnapshotTable.read(self, header: h).records
         guard let s = records.first(where: { $0.id == name }) ?? records.first(where: { $0.name == name }) else {
             throw DiskImageError.snapshotNotFound(name)
         }
@@ -215,23 +251,31 @@ extension QCOW2Image {
         guard UInt64(s.l1Size) >= (s.diskSize + perL1 - 1) / perL1 else {
             throw DiskImageError.l1TooSmall(entries: s.l1Size, needed: (s.diskSize + perL1 - 1) / perL1)
         }
-        try writer.withLock { w in
-            var snapshotL1 = try readEntries(at: s.l1TableOffset, count: Int(s.l1Size))
-            let oldL1Offset = w.l1TableOffset
-            let oldL1 = try readEntries(at: oldL1Offset, count: Int(h.l1Size))
-            var gain = RefcountChanges()
-            try collectReferences(l1: snapshotL1, delta: 1, into: &gain)
-            var loss = RefcountChanges()
-            try collectReferences(l1: oldL1, delta: -1, into: &loss)
-            if !oldL1.isEmpty {
-                loss.add(range: oldL1Offset, length: UInt64(oldL1.count) * 8, clusterBits: clusterBits, -1)
-            }
-            try checkCapacity(gain, w: &w)
-            try apply(loss, dryRun: true, w: &w)
+        let snapshotL1 = try readEntries(at: s.l1TableOffset, count: Int(s.l1Size))
+        let oldL1 = try readEntries(at: h.l1TableOffset, count: Int(h.l1Size))
+        var gain = RefcountChanges()
+        try collectReferences(l1: snapshotL1, delta: 1, into: &gain)
+        var loss = RefcountChanges()
+        try collectReferences(l1: oldL1, delta: -1, into: &loss)
+        if !oldL1.isEmpty {
+            loss.add(range: h.l1TableOffset, length: UInt64(oldL1.count) * 8, clusterBits: clusterBits, -1)
+        }
+        let reader = try RefcountReader(image: self)
+        try checkCapacity(gain, reader: reader)
+        try validate(loss, reader: reader)
+        return SnapshotApplication(snapshot: s, snapshotL1: snapshotL1, gain: gain, loss: loss)
+    }
 
+    /// See `DiskImage.applySnapshot`.
+    func applySnapshot(name: String) throws {
+        let h = header
+        let plan = try planSnapshotApplication(name: name)
+        let s = plan.snapshot
+        try writer.withLock { w in
+            var snapshotL1 = plan.snapshotL1
             try syncCopiedFlags(l1Offset: s.l1TableOffset, l1: &snapshotL1, .clearAll, w: &w)
             try file.sync()
-            try apply(gain, w: &w)
+            try apply(plan.gain, w: &w)
             try file.sync()
             let newL1Offset = snapshotL1.isEmpty ? 0 : try writeNewTable(snapshotL1, w: &w)
 
@@ -243,7 +287,7 @@ extension QCOW2Image {
             try writeHeaderFields(fields, at: 24)
             w.l1TableOffset = newL1Offset
 
-            try apply(loss, w: &w)
+            try apply(plan.loss, w: &w)
             try file.sync()
             var active = snapshotL1
             try syncCopiedFlags(l1Offset: newL1Offset, l1: &active, .matchRefcounts, w: &w)
@@ -252,25 +296,37 @@ extension QCOW2Image {
         }
     }
 
+    /// What deleting snapshot `name` will change, checked against the refcounts on disk.
+    struct SnapshotDeletion {
+        var records: [SnapshotRecord]
+        var tableBytes: UInt64
+        var index: Int
+        var loss: RefcountChanges
+    }
+
+    func planSnapshotDeletion(name: String) throws -> SnapshotDeletion {
+        let (records, bytes) = try SnapshotTable.read(self, header: header)
+        guard let index = records.firstIndex(where: { $0.name == name }) else { throw DiskImageError.snapshotNotFound(name) }
+        let s = records[index]
+        let snapshotL1 = try readEntries(at: s.l1TableOffset, count: Int(s.l1Size))
+        var loss = RefcountChanges()
+        try collectReferences(l1: snapshotL1, delta: -1, into: &loss)
+        if !snapshotL1.isEmpty {
+            loss.add(range: s.l1TableOffset, length: UInt64(s.l1Size) * 8, clusterBits: clusterBits, -1)
+        }
+        try validate(loss, reader: RefcountReader(image: self))
+        return SnapshotDeletion(records: records, tableBytes: bytes, index: index, loss: loss)
+    }
+
     /// See `DiskImage.deleteSnapshot`.
     func deleteSnapshot(name: String) throws {
         let h = header
-        let (records, oldBytes) = try SnapshotTable.read(self, header: h)
-        guard let index = records.firstIndex(where: { $0.name == name }) else { throw DiskImageError.snapshotNotFound(name) }
-        let s = records[index]
+        let plan = try planSnapshotDeletion(name: name)
         try writer.withLock { w in
-            let snapshotL1 = try readEntries(at: s.l1TableOffset, count: Int(s.l1Size))
-            var loss = RefcountChanges()
-            try collectReferences(l1: snapshotL1, delta: -1, into: &loss)
-            if !snapshotL1.isEmpty {
-                loss.add(range: s.l1TableOffset, length: UInt64(s.l1Size) * 8, clusterBits: clusterBits, -1)
-            }
-            try apply(loss, dryRun: true, w: &w)
-
-            var remaining = records
-            remaining.remove(at: index)
-            try replaceSnapshotTable(remaining, old: h, oldBytes: oldBytes, w: &w)
-            try apply(loss, w: &w)
+            var remaining = plan.records
+            remaining.remove(at: plan.index)
+            try replaceSnapshotTable(remaining, old: h, oldBytes: plan.tableBytes, w: &w)
+            try apply(plan.loss, w: &w)
             try file.sync()
             var active = try readEntries(at: w.l1TableOffset, count: Int(h.l1Size))
             try syncCopiedFlags(l1Offset: w.l1TableOffset, l1: &active, .matchRefcounts, w: &w)
@@ -280,9 +336,9 @@ extension QCOW2Image {
     }
 
     /// Checks that `changes` fit (nothing written), explaining a refcount overflow in terms of sharing.
-    func checkCapacity(_ changes: RefcountChanges, w: inout WriterState) throws {
+    func checkCapacity(_ changes: RefcountChanges, reader: RefcountReader) throws {
         do {
-            try apply(changes, dryRun: true, w: &w)
+            try validate(changes, reader: reader)
         } catch DiskImageError.refcountOverflow {
             throw ImageEditError.refcountsTooNarrow(bits: header.refcountBits)
         }
