@@ -129,12 +129,14 @@ extension QCOW2Image {
         let new = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
         defer { old.deallocate(); new.deallocate() }
 
+        // Past the end of both backing files, old and new read as zeros alike: nothing to copy.
+        let end = min(size, max(oldSize, newSize))
         var offset: UInt64 = 0
-        while offset < size {
-            let st = try reader.status(of: self, at: offset, length: min(DiskImage.rebaseChunk, size - offset))
+        while offset < end {
+            let st = try reader.status(of: self, at: offset, length: min(DiskImage.rebaseChunk, end - offset))
             let n = st.length
             guard n > 0 else { break }
-            defer { offset += n; progress?(offset, size) }
+            defer { offset += n; progress?(offset, end) }
             if st.allocated { continue }
             let count = Int(n)
             let oldBuf = UnsafeMutableRawBufferPointer(rebasing: old[0..<count])
