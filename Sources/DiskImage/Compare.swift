@@ -150,6 +150,7 @@ public enum ImageComparison {
 
     /// Start of the first 512-byte sector (counted from the start of the buffers) that differs.
     static func firstDifferentSector(_ x: UnsafeRawBufferPointer, _ y: UnsafeRawBufferPointer) -> UInt64? {
+        guard memcmp(x.baseAddress!, y.baseAddress!, x.count) != 0 else { return nil }
         var i = 0
         while i < x.count {
             let n = min(512, x.count - i)
@@ -161,6 +162,7 @@ public enum ImageComparison {
 
     /// Start of the first 512-byte sector (counted from the start of the buffer) that is not all zeros.
     static func firstNonZeroSector(_ x: UnsafeRawBufferPointer) -> UInt64? {
+        guard !RawConverter.isAllZero(x) else { return nil }
         var i = 0
         while i < x.count {
             let n = min(512, x.count - i)

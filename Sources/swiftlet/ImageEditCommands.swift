@@ -89,11 +89,12 @@ extension ImageCommand {
                 """)
 
         @Flag(name: [.customShort("l"), .customLong("list")], help: "List the snapshots (the default).") var list = false
-        @Option(name: [.customShort("c"), .customLong("create")], help: "Create a snapshot with this name.")
+        @Option(name: [.customShort("c"), .customLong("create")], help: ArgumentHelp("Create a snapshot with this name.", valueName: "name"))
         var create: String?
-        @Option(name: [.customShort("a"), .customLong("apply")], help: "Revert the disk to this snapshot (ID or name).")
+        @Option(name: [.customShort("a"), .customLong("apply")],
+                help: ArgumentHelp("Revert the disk to this snapshot (ID or name).", valueName: "name"))
         var apply: String?
-        @Option(name: [.customShort("d"), .customLong("delete")], help: "Delete the snapshot with this name.")
+        @Option(name: [.customShort("d"), .customLong("delete")], help: ArgumentHelp("Delete the snapshot with this name.", valueName: "name"))
         var delete: String?
         @Option(name: [.customShort("f"), .long], help: "Image format (raw or qcow2); detected from the content when omitted.")
         var format: ImageFormat?
@@ -148,9 +149,9 @@ extension ImageCommand {
                   swiftlet image rebase -u -b /images/moved-base.raw -F raw overlay.qcow2
                 """)
 
-        @Option(name: [.customShort("b"), .customLong("backing")], help: "The new backing file (\"\" for none).")
+        @Option(name: [.customShort("b"), .customLong("backing")], help: ArgumentHelp("The new backing file (\"\" for none).", valueName: "file"))
         var backing: String?
-        @Option(name: [.customShort("F"), .customLong("backing-format")], help: "The new backing file's format (raw or qcow2).")
+        @Option(name: [.customShort("F"), .customLong("backing-format")], help: ArgumentHelp("The new backing file's format.", valueName: "format"))
         var backingFormat: ImageFormat?
         @Flag(name: [.customShort("u"), .customLong("unsafe")], help: "Only change the name in the header.")
         var unsafe = false
@@ -192,9 +193,9 @@ extension ImageCommand {
                   swiftlet image compare disk.qcow2 disk.raw
                 """)
 
-        @Option(name: [.customShort("f"), .customLong("a-format")], help: "The first image's format (raw or qcow2).")
+        @Option(name: [.customShort("f"), .customLong("a-format")], help: ArgumentHelp("The first image's format.", valueName: "format"))
         var firstFormat: ImageFormat?
-        @Option(name: [.customShort("F"), .customLong("b-format")], help: "The second image's format (raw or qcow2).")
+        @Option(name: [.customShort("F"), .customLong("b-format")], help: ArgumentHelp("The second image's format.", valueName: "format"))
         var secondFormat: ImageFormat?
         @Flag(name: [.customShort("s"), .long], help: "Different sizes or allocation are a mismatch.") var strict = false
         @Flag(name: [.customShort("q"), .long], help: "Print nothing; only the exit status tells.") var quiet = false
@@ -243,9 +244,9 @@ extension ImageCommand {
         @Option(name: [.customShort("f"), .long], help: "Image format (raw or qcow2); detected from the content when omitted.")
         var format: ImageFormat?
         @Option(help: "human or json.") var output: Output = .human
-        @Option(name: [.customShort("s"), .customLong("start-offset")], help: "Start at this offset.")
+        @Option(name: [.customShort("s"), .customLong("start-offset")], help: ArgumentHelp("Start at this offset.", valueName: "offset"))
         var startOffset: String?
-        @Option(name: [.customShort("l"), .customLong("max-length")], help: "Map at most this many bytes.")
+        @Option(name: [.customShort("l"), .customLong("max-length")], help: ArgumentHelp("Map at most this many bytes.", valueName: "length"))
         var maxLength: String?
         @Argument(help: "The image file.") var path: String
 
