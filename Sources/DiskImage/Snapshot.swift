@@ -150,7 +150,7 @@ extension DiskImage {
                                       date: (seconds: UInt32, nanoseconds: UInt32)? = nil) throws -> SnapshotRecord {
         guard name.utf8.count <= 255 else { throw ImageEditError.snapshotNameTooLong(name.utf8.count) }
         let q = try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots") {
-            _ = try $0.planSnapshotCreation()
+            _ = try $0.planSnapshotCreation(reader: $0.header.isDirty ? nil : RefcountReader(image: $0))
         }
         return try q.createSnapshot(name: name, date: date)
     }
@@ -165,7 +165,7 @@ extension DiskImage {
     /// where a refcount came down to 1. A crash before the switch leaves the old state and leaks.
     public static func applySnapshot(path: String, format: ImageFormat? = nil, name: String) throws {
         try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots") {
-            _ = try $0.planSnapshotApplication(name: name)
+            _ = try $0.planSnapshotApplication(name: name, reader: $0.header.isDirty ? nil : RefcountReader(image: $0))
         }.applySnapshot(name: name)
     }
 
@@ -176,7 +176,7 @@ extension DiskImage {
     /// its L1 table is released, and COPIED flags are set where a refcount came down to 1.
     public static func deleteSnapshot(path: String, format: ImageFormat? = nil, name: String) throws {
         try openQCOW2ForWriting(path: path, format: format, operation: "have internal snapshots") {
-            _ = try $0.planSnapshotDeletion(name: name)
+            _ = try $0.planSnapshotDeletion(name: name, reader: $0.header.isDirty ? nil : RefcountReader(image: $0))
         }.deleteSnapshot(name: name)
     }
 }
@@ -190,25 +190,27 @@ extension QCOW2Image {
         var gain: RefcountChanges
     }
 
-    func planSnapshotCreation() throws -> SnapshotCreation {
+    /// `reader` checks the changes against refcounts; nil skips that (an image with the dirty bit
+    /// has refcounts that only become right when it is opened for writing).
+    func planSnapshotCreation(reader: RefcountReader?) throws -> SnapshotCreation {
         let h = header
         guard h.snapshotCount < QCOW2Header.maxSnapshots else { throw ImageEditError.tooManySnapshots }
         let (records, bytes) = try SnapshotTable.read(self, header: h)
         let l1 = try readEntries(at: h.l1TableOffset, count: Int(h.l1Size))
         var gain = RefcountChanges()
         try collectReferences(l1: l1, delta: 1, into: &gain)
-        try checkCapacity(gain, reader: RefcountReader(image: self))
+        if let reader { try checkCapacity(gain, reader: reader) }
         return SnapshotCreation(records: records, tableBytes: bytes, l1: l1, gain: gain)
     }
 
     /// See `DiskImage.createSnapshot`.
     func createSnapshot(name: String, date: (seconds: UInt32, nanoseconds: UInt32)? = nil) throws -> SnapshotRecord {
         let h = header
-        let plan = try planSnapshotCreation()
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         let when = date ?? (UInt32(truncatingIfNeeded: ts.tv_sec), UInt32(ts.tv_nsec / 1000 * 1000))
         return try writer.withLock { w in
+            let plan = try planSnapshotCreation(reader: RefcountReader(image: self, table: w.refcountTable))
             var snapshotL1Offset: UInt64 = 0
             if !plan.l1.isEmpty {
                 snapshotL1Offset = try writeNewTable(plan.l1.map { $0 & ~Self.copiedFlag }, w: &w)
@@ -237,7 +239,7 @@ extension QCOW2Image {
         var loss: RefcountChanges
     }
 
-    func planSnapshotApplication(name: String) throws -> SnapshotApplication {
+    func planSnapshotApplication(name: String, reader: RefcountReader?) throws -> SnapshotApplication {
         let h = header
         let records = try SnapshotTable.read(self, header: h).records
         guard let s = records.first(where: { $0.id == name }) ?? records.first(where: { $0.name == name }) else {
@@ -260,18 +262,19 @@ extension QCOW2Image {
         if !oldL1.isEmpty {
             loss.add(range: h.l1TableOffset, length: UInt64(oldL1.count) * 8, clusterBits: clusterBits, -1)
         }
-        let reader = try RefcountReader(image: self)
-        try checkCapacity(gain, reader: reader)
-        try validate(loss, reader: reader)
+        if let reader {
+            try checkCapacity(gain, reader: reader)
+            try validate(loss, reader: reader)
+        }
         return SnapshotApplication(snapshot: s, snapshotL1: snapshotL1, gain: gain, loss: loss)
     }
 
     /// See `DiskImage.applySnapshot`.
     func applySnapshot(name: String) throws {
         let h = header
-        let plan = try planSnapshotApplication(name: name)
-        let s = plan.snapshot
         try writer.withLock { w in
+            let plan = try planSnapshotApplication(name: name, reader: RefcountReader(image: self, table: w.refcountTable))
+            let s = plan.snapshot
             var snapshotL1 = plan.snapshotL1
             try syncCopiedFlags(l1Offset: s.l1TableOffset, l1: &snapshotL1, .clearAll, w: &w)
             try file.sync()
@@ -304,7 +307,7 @@ extension QCOW2Image {
         var loss: RefcountChanges
     }
 
-    func planSnapshotDeletion(name: String) throws -> SnapshotDeletion {
+    func planSnapshotDeletion(name: String, reader: RefcountReader?) throws -> SnapshotDeletion {
         let (records, bytes) = try SnapshotTable.read(self, header: header)
         guard let index = records.firstIndex(where: { $0.name == name }) else { throw DiskImageError.snapshotNotFound(name) }
         let s = records[index]
@@ -314,15 +317,15 @@ extension QCOW2Image {
         if !snapshotL1.isEmpty {
             loss.add(range: s.l1TableOffset, length: UInt64(s.l1Size) * 8, clusterBits: clusterBits, -1)
         }
-        try validate(loss, reader: RefcountReader(image: self))
+        if let reader { try validate(loss, reader: reader) }
         return SnapshotDeletion(records: records, tableBytes: bytes, index: index, loss: loss)
     }
 
     /// See `DiskImage.deleteSnapshot`.
     func deleteSnapshot(name: String) throws {
         let h = header
-        let plan = try planSnapshotDeletion(name: name)
         try writer.withLock { w in
+            let plan = try planSnapshotDeletion(name: name, reader: RefcountReader(image: self, table: w.refcountTable))
             var remaining = plan.records
             remaining.remove(at: plan.index)
             try replaceSnapshotTable(remaining, old: h, oldBytes: plan.tableBytes, w: &w)

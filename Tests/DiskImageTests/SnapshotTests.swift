@@ -101,6 +101,20 @@ struct SnapshotTests {
         #expect(try Support.qemuRaw(path, in: dir) == large)
     }
 
+    @Test("an image QEMU left dirty (lazy refcounts, killed) is repaired, then snapshotted",
+          .enabled(if: Support.hasQemuImg, qemu))
+    func dirtyImage() throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("lazy.qcow2")
+        try Support.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k,lazy_refcounts=on", path, "1M")
+        _ = try Support.qemuIO("-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "sigraise 9", path)
+        try #require(try QCOW2Header.parse(file: try ImageFile(path: path, writable: false)).isDirty)
+        let contents = try Support.readAll(try DiskImage.open(path: path))
+        try DiskImage.createSnapshot(path: path, name: "after-crash")
+        try Self.expectClean(path, "snapshot of a repaired image")
+        #expect(try Self.qemuSnapshot(path, "after-crash", in: dir) == contents)
+    }
+
     @Test("the list is qemu-img snapshot -l's, line for line", .enabled(if: Support.hasQemuImg, qemu))
     func list() throws {
         let records = try DiskImage.snapshots(path: Support.fixture("snapshots.qcow2"))
