@@ -42,7 +42,7 @@ let package = Package(
         .target(name: "CKVM"),
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "Memory", dependencies: ["Basics", "CLinux", "Layout"]),
-        .target(name: "Devices", dependencies: ["Memory", "Layout", .product(name: "DequeModule", package: "swift-collections")]),
+        .target(name: "Devices", dependencies: ["Basics", "Memory", "Layout", .product(name: "DequeModule", package: "swift-collections")]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .target(name: "DiskImage", dependencies: ["CZlib", "CZstd"]),

@@ -15,6 +15,15 @@ public protocol VirtioMachineServices: Sendable {
     func unwatchNotifications(_ event: EventFD, mmioAddress: UInt64, length: UInt32, dataMatch: UInt64?)
     /// A new message-signalled interrupt line (virtio-pci's MSI-X vectors).
     func makeMSILine() throws -> any MSILine
+    /// A level-triggered line on `gsi` (virtio-pci's INTx fallback): ``LevelLine/trigger()``
+    /// asserts it; the machine lowers it when the guest acknowledges the interrupt and
+    /// asserts it again while `isAsserted` still says so (an irqfd with a resamplefd).
+    func makeLevelLine(gsi: UInt32, isAsserted: @escaping @Sendable () -> Bool) throws -> any LevelLine
+}
+
+/// A level-triggered interrupt line, raised with one eventfd write.
+public protocol LevelLine: AnyObject, Sendable {
+    func trigger()
 }
 
 /// One message-signalled interrupt: writing its event raises the message the guest

@@ -31,6 +31,7 @@ struct NoKVMServices: VirtioMachineServices {
     func watchNotifications(_ event: EventFD, mmioAddress: UInt64, length: UInt32, dataMatch: UInt64?) throws { throw Unsupported() }
     func unwatchNotifications(_ event: EventFD, mmioAddress: UInt64, length: UInt32, dataMatch: UInt64?) {}
     func makeMSILine() throws -> any MSILine { throw Unsupported() }
+    func makeLevelLine(gsi: UInt32, isAsserted: @escaping @Sendable () -> Bool) throws -> any LevelLine { throw Unsupported() }
 }
 
 /// Register access to a virtio-mmio window, as a driver makes it.
