@@ -51,7 +51,7 @@ let package = Package(
         .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
         .target(name: "Virtio", dependencies: ["Basics", "Memory", "EventLoop", "Devices"]),
-        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "X86", "KVM", "Memory", "Devices", "Boot"]),
+        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "X86", "KVM", "Memory", "Devices", "Boot"]),
         .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",

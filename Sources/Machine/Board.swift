@@ -2,9 +2,11 @@ import Layout
 import Basics
 import Boot
 import Devices
+import EventLoop
 import Glibc
 import KVM
 import Memory
+import Virtio
 
 /// The PC the guest runs on: owns the KVM VM, guest RAM, the in-kernel interrupt
 /// controllers and timer, and the port and MMIO buses with the devices that live in
@@ -24,10 +26,12 @@ final class Board: Sendable {
     let serial: Serial16550
     let portBus: IOBus
     let mmioBus: IOBus
+    /// The transports of the virtio devices, in device order.
+    let virtioTransports: [VirtioTransportCore]
 
     /// Builds the VM with `memorySize` bytes of RAM and the PC devices. `withTestDevice`
     /// adds QEMU's pc-testdev (kvm-unit-tests expect it next to Multiboot kernels).
-    init(configuration: MachineConfiguration, stop: StopController, withTestDevice: Bool) throws(MachineError) {
+    init(configuration: MachineConfiguration, stop: StopController, loop: EventLoop, withTestDevice: Bool) throws(MachineError) {
         do {
             system = try KVMSystem(path: configuration.kvmPath)
             vm = try system.createVM()
@@ -56,8 +60,12 @@ final class Board: Sendable {
         var ports = IOBus.Builder()
         var mmio = IOBus.Builder()
         do {
-            try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory, cpuCount: configuration.cpuCount)
+            let resetControl = try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory,
+                                                                cpuCount: configuration.cpuCount)
             if withTestDevice { try Self.registerTestDevice(&ports, &mmio, vm: vm) }
+            let services = KVMVirtioServices(vm: vm, loop: loop)
+            virtioTransports = try Self.attachVirtio([], transport: configuration.virtioTransport, vm: vm, memory: memory,
+                                                     services: services, resetControl: resetControl, ports: &ports, mmio: &mmio)
         } catch {
             throw .invalidConfiguration("\(error)")
         }
@@ -67,19 +75,21 @@ final class Board: Sendable {
 
     /// The PC devices that live in user space. (The PICs, IOAPIC, local APICs and the
     /// PIT, with port 0x61, are in the kernel.)
+    /// Returns the reset control register, which the PCI host bridge shares ports with.
     private static func registerPlatformDevices(_ ports: inout IOBus.Builder, serial: Serial16550, stop: StopController,
-                                                memory: GuestMemory, cpuCount: Int) throws(IOBusError) {
+                                                memory: GuestMemory, cpuCount: Int) throws(IOBusError) -> any IODevice {
         try ports.register(serial, name: "serial (COM1)", base: com1Port, length: 8)
         try ports.register(DebugExit { value in stop.stop(.guestExit(value: value)) },
                            name: "debug exit", base: DebugExit.defaultPort, length: DebugExit.width)
         try ports.register(IgnoredPorts(), name: "POST diagnostic port", base: 0x80, length: 1)
-        try registerResetAndPowerOff(&ports, stop: stop)
+        let resetControl = try registerResetAndPowerOff(&ports, stop: stop)
         let below4G = memory.regions[0].size
         try ports.register(CMOS(ramBelow4G: below4G, ramAbove4G: memory.size - below4G, cpuCount: cpuCount,
                                 now: { Int64(time(nil)) }),
                            name: "CMOS RTC", base: CMOS.basePort, length: CMOS.portCount)
         try ports.register(FwCfg(cpuCount: cpuCount, ramSize: memory.size), name: "fw_cfg",
                            base: FwCfg.basePort, length: FwCfg.portCount)
+        return resetControl
     }
 
     /// Every way a PC guest resets or powers off the machine, each ending the VM with its
@@ -88,9 +98,9 @@ final class Board: Sendable {
     /// (A triple fault is the fifth path: ``VCPURunner`` handles it, as `--triple-fault` says.)
     ///
     /// The reset control register takes the single byte at 0xCF9 inside PCI configuration
-    /// mechanism #1's ports (0xCF8-0xCFF). A PCI host bridge added later must keep 1-byte
-    /// accesses at 0xCF9 going to it; see ``ResetControl``.
-    private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError) {
+    /// mechanism #1's ports (0xCF8-0xCFF), so it is returned, not registered: the virtio
+    /// wiring places it alone or inside the PCI host bridge's ports (``attachVirtio``).
+    private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError) -> ResetControl {
         let keyboardController = I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) }
         let portA = SystemControlPortA { stop.stop(.reset(how: "system control port A at port 0x92: fast reset, bit 0")) }
         let resetControl = ResetControl { value in
@@ -103,9 +113,9 @@ final class Board: Sendable {
 
         try ports.register(keyboardController, name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
         try ports.register(portA, name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
-        try ports.register(resetControl, name: "reset control register", base: ResetControl.port, length: ResetControl.width)
         try ports.register(powerManagement, name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
                            length: ACPILayout.powerManagementLength)
+        return resetControl
     }
 
     /// kvm-unit-tests (Multiboot kernels) expect QEMU's pc-testdev; see ``TestDevice``.

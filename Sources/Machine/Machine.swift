@@ -23,6 +23,9 @@ public final class Machine: Sendable {
 
     let board: Board
     let stop = StopController()
+    /// The machine's event loop: made with the board (devices register with it), run on
+    /// its own thread by ``run()``.
+    let loop: EventLoop
     let runners: [VCPURunner]
     private let timeout: Double?
     private let forwardStandardInput: Bool
@@ -49,7 +52,8 @@ public final class Machine: Sendable {
         // Read (and check) the payload before touching /dev/kvm: a wrong file is reported
         // at once. The bytes live only until they are copied into guest RAM.
         var payload: Payload? = try Payload.read(configuration.boot, memorySize: configuration.memorySize, cpuCount: configuration.cpuCount)
-        board = try Board(configuration: configuration, stop: stop, withTestDevice: payload?.format == .multiboot)
+        do { loop = try EventLoop() } catch { throw .invalidConfiguration("cannot make the VM's event loop: \(error)") }
+        board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: payload?.format == .multiboot)
         let entry: EntryState
         (entry, loadSummary) = try payload!.load(into: board.memory)
         payload = nil
@@ -120,13 +124,11 @@ public final class Machine: Sendable {
     /// waits for the stop decision.
     public func run() throws(MachineError) -> StopReason {
         Signals.installKickHandler()
-        let loop: EventLoop
         var loopThread: NamedThread?
         do {
-            loop = try EventLoop()
             try watchStopSources(on: loop)
             loopThread = try loop.start(name: "events")
-            stop.onStop { loop.stop() }
+            stop.onStop { [loop] in loop.stop() }
             for runner in runners { try runner.start() }
         } catch {
             stop.stop(.crash("could not start the VM"))
