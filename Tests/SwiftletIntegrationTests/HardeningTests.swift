@@ -60,3 +60,38 @@ struct HardeningTests {
         #expect(stdout.stderr == "swiftlet: console output to standard output failed (No space left on device); the guest's further output is dropped\n")
     }
 }
+
+/// The host copy of a kernel and initrd is dropped once they are in guest RAM.
+@Suite("Host memory while a guest runs")
+struct HostMemoryTests {
+    /// VmRSS of `pid` in KiB.
+    static func residentKiB(_ pid: Int32) -> Int? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
+        let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
+        return line.flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) }
+    }
+
+    @Test("A 64 MiB initrd costs its copy in guest RAM, not a second one on the host")
+    func initrdNotRetained() throws {
+        // Random bytes, so no page of it is shared or zero.
+        let initrd = FileManager.default.temporaryDirectory.appendingPathComponent("initrd-\(UUID().uuidString)")
+        let random = try #require(FileHandle(forReadingAtPath: "/dev/urandom"))
+        try random.readData(ofLength: 64 << 20).write(to: initrd)
+        defer { try? FileManager.default.removeItem(at: initrd) }
+        let kernel = Swiftlet.packageRoot.appendingPathComponent("guests/build/multiboot.elf").path
+        var resident: Int?
+        let result = try Swiftlet.run(["run", "--kernel", kernel, "--initrd", initrd.path, "--cmdline", "stay",
+                                       "--memory", "256M", "--timeout", "60"]) { process, output in
+            if Swiftlet.waitFor("multiboot: staying", in: output) {
+                resident = Self.residentKiB(process.processIdentifier)
+                kill(process.processIdentifier, SIGTERM)
+            }
+        }
+        #expect(result.signal == SIGTERM)
+        let kib = try #require(resident)
+        // Guest RAM holds the 64 MiB; Swiftlet itself is ~10 MiB. A retained host copy of
+        // the initrd would add another 64 MiB.
+        #expect(kib < 100 * 1024, "VmRSS \(kib) KiB")
+        #expect(kib > 64 * 1024, "the initrd should be in guest RAM: VmRSS \(kib) KiB")
+    }
+}
