@@ -1,6 +1,7 @@
 import Basics
 import Boot
 import Devices
+import Dispatch
 import EventLoop
 import KVM
 import Memory
@@ -125,13 +126,19 @@ public final class Machine: Sendable {
     public func run() throws(MachineError) -> StopReason {
         Signals.installKickHandler()
         var loopThread: NamedThread?
+        // vCPU threads wait here until all of them exist: a machine that cannot get its
+        // threads (a process limit) fails before the guest runs at all.
+        let gate = DispatchGroup()
+        gate.enter()
         do {
             try watchStopSources(on: loop)
             loopThread = try loop.start(name: "events")
             stop.onStop { [loop] in loop.stop() }
-            for runner in runners { try runner.start() }
+            for runner in runners { try runner.start(after: gate) }
+            gate.leave()
         } catch {
             stop.stop(.crash("could not start the VM"))
+            gate.leave()
             finishRunners()
             loopThread?.join()
             Console.restoreTerminal()

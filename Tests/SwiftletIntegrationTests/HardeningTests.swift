@@ -95,3 +95,29 @@ struct HostMemoryTests {
         #expect(kib > 64 * 1024, "the initrd should be in guest RAM: VmRSS \(kib) KiB")
     }
 }
+
+/// Running out of threads is a clear error before the guest runs, not a trap.
+@Suite("Thread limits")
+struct ThreadLimitTests {
+    @Test("64 vCPUs under a 20-thread limit: one line naming the thread, status 2, no guest output",
+          .enabled(if: getuid() == 0, "needs root to make a KVM device node for an unprivileged user"))
+    func threadLimit() throws {
+        // RLIMIT_NPROC does not bind root: run as nobody, with a KVM device node of its own
+        // (the same character device as /dev/kvm, 10:232) in a private folder.
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("kvm-node-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let node = folder.appendingPathComponent("kvm").path
+        var info = stat()
+        try #require(stat("/dev/kvm", &info) == 0)
+        try #require(mknod(node, S_IFCHR | 0o600, info.st_rdev) == 0, "mknod: \(String(cString: strerror(errno)))")
+        try #require(chown(node, 65534, 65534) == 0)
+        chmod(folder.path, 0o755)
+        let result = try Swiftlet.runShell("exec /usr/bin/prlimit --nproc=20 /usr/bin/setpriv --reuid=nobody --regid=nogroup --clear-groups \"$SWIFTLET\" run --kvm-device \(node) --cpus 64")
+        #expect(result.status == 2)
+        #expect(result.stderr.hasPrefix("swiftlet: cannot start thread 'vcpu"))
+        #expect(result.stderr.contains("thread limit"))
+        #expect(result.stderr.split(separator: "\n").count == 1)
+        #expect(result.stdout.isEmpty, "the guest ran: \(result.stdout)")
+    }
+}
