@@ -154,25 +154,16 @@ public final class VirtioPCIFunction: PCIFunction, VirtioInterrupt {
     // MARK: Configuration space
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
-        let window = Self.capabilityPCIConfiguration + 16
-        if offset >= window && offset + data.count <= window + 4 {
+        if let target = windowTarget(offset: offset, count: data.count) {
             // VIRTIO_PCI_CAP_PCI_CFG data: a read of the BAR through configuration space.
-            let (bar, start, length) = pciConfigurationWindow()
-            if bar == 0, length == data.count, start % UInt64(length) == 0, start + UInt64(length) <= Self.barSize {
-                readBAR(0, offset: start, into: data)
-                return
-            }
+            if let start = target { return readBAR(0, offset: start, into: data) }
         }
         state.withLock { $0.header.read(offset: offset, into: data) }
     }
 
     public func writeConfiguration(offset: Int, from data: UnsafeRawBufferPointer) {
-        let window = Self.capabilityPCIConfiguration + 16
-        if offset >= window && offset + data.count <= window + 4 {
-            let (bar, start, length) = pciConfigurationWindow()
-            if bar == 0, length == data.count, start % UInt64(length) == 0, start + UInt64(length) <= Self.barSize {
-                writeBAR(0, offset: start, from: data)
-            }
+        if let target = windowTarget(offset: offset, count: data.count) {
+            if let start = target { writeBAR(0, offset: start, from: data) }
             return
         }
         let control = Self.capabilityMSIX + 3
@@ -200,13 +191,20 @@ public final class VirtioPCIFunction: PCIFunction, VirtioInterrupt {
         for vector in unmasked { msiLines[vector].trigger() }
     }
 
-    /// The PCI_CFG capability's bar, offset and length fields.
-    private func pciConfigurationWindow() -> (UInt8, UInt64, Int) {
-        state.withLock { state in
+    /// For an access to the PCI_CFG capability's data bytes: the BAR offset its bar,
+    /// offset and length fields name (`.some(nil)` when they name nothing valid: wrong
+    /// BAR, a length other than the access's, misaligned or outside the BAR). `nil` for any
+    /// other configuration access.
+    private func windowTarget(offset: Int, count: Int) -> UInt64?? {
+        let data = Self.capabilityPCIConfiguration + 16
+        guard offset >= data && offset + count <= data + 4 else { return nil }
+        let (bar, start, length) = state.withLock { state -> (UInt8, UInt64, Int) in
             let base = Self.capabilityPCIConfiguration
             let bytes = state.header.bytes
             return (bytes[base + 4], UInt64(bytes.le(UInt32.self, at: base + 8) ?? 0), Int(bytes.le(UInt32.self, at: base + 12) ?? 0))
         }
+        guard bar == 0, length == count, start % UInt64(length) == 0, start + UInt64(length) <= Self.barSize else { return .some(nil) }
+        return .some(start)
     }
 
     /// Vectors with a pending interrupt that may now be delivered; their pending bits clear.
