@@ -74,4 +74,43 @@ struct I8042Tests {
         #expect(Port.read8(controller, 1) == 0xFF)
         Port.write8(controller, 2, 0xFE)
     }
+
+    @Test("IRQ 1 follows the controller state, set under its lock in access order")
+    func interruptLineFollowsState() {
+        let line = LevelRecorder()
+        let controller = I8042(irq: line) {}
+        // Interrupts off (command byte 0x44): a byte waits, the line stays low.
+        Port.write8(controller, 4, 0x60)
+        Port.write8(controller, 0, 0x44)
+        Port.write8(controller, 4, 0xAA)
+        #expect(line.history == [])
+        // Turning the interrupt on while the byte waits raises the line at once.
+        Port.write8(controller, 4, 0x60)
+        Port.write8(controller, 0, 0x45)
+        #expect(line.history == [true])
+        // Reading the byte lowers it; a second byte raises it again.
+        #expect(Port.read8(controller, 0) == 0x55)
+        #expect(line.history == [true, false])
+        Port.write8(controller, 4, 0xAB)
+        #expect(line.history == [true, false, true])
+    }
+
+    @Test("Under concurrent access the last line change always matches the final state")
+    func concurrentAccessKeepsLineConsistent() async {
+        let line = LevelRecorder()
+        let controller = I8042(irq: line) {}
+        await withTaskGroup(of: Void.self) { group in
+            for worker in 0..<4 {
+                group.addTask {
+                    for _ in 0..<2000 {
+                        if worker % 2 == 0 { Port.write8(controller, 4, 0xAA) } else { _ = Port.read8(controller, 0) }
+                    }
+                }
+            }
+        }
+        let pending = Port.read8(controller, 4) & 0x01 == 1
+        #expect(line.history.last ?? false == pending)
+        // Consecutive changes alternate: a line is never raised twice in a row.
+        #expect(zip(line.history, line.history.dropFirst()).allSatisfy { $0 != $1 })
+    }
 }
