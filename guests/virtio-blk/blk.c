@@ -58,8 +58,9 @@ void blk_init(struct blk *blk, struct virtio_device *dev)
      * to a feature are read only when that feature was negotiated. */
     blk->capacity = virtio_config_read64(dev, VIRTIO_BLK_CFG_CAPACITY);
     blk->segments = 1;
+    uint32_t seg_max = 1;
     if (blk->features & VIRTIO_BLK_F_SEG_MAX) {
-        uint32_t seg_max = virtio_config_read32(dev, VIRTIO_BLK_CFG_SEG_MAX);
+        seg_max = virtio_config_read32(dev, VIRTIO_BLK_CFG_SEG_MAX);
         if (seg_max == 0) {
             virtio_fail_device(dev);
             fail("%s: VIRTIO_BLK_F_SEG_MAX with seg_max = 0", dev->where);
@@ -102,9 +103,9 @@ void blk_init(struct blk *blk, struct virtio_device *dev)
         blk->requests[i].data = data_buffers[i];
 
     virtio_driver_ok(dev);
-    kprintf("virtio-blk: %lu sectors, block size %u%s, queue 0 with %u entries: %u requests of up to %u bytes "
-            "(%u segments) in flight\n",
-            blk->capacity, blk_size, (blk->features & VIRTIO_BLK_F_RO) ? ", read-only" : "", blk->vq.size,
+    kprintf("virtio-blk: %lu sectors, block size %u, seg_max %u%s, queue 0 with %u entries: %u requests of up to "
+            "%u bytes (%u segments) in flight\n",
+            blk->capacity, blk_size, seg_max, (blk->features & VIRTIO_BLK_F_RO) ? ", read-only" : "", blk->vq.size,
             blk->slots, blk->request_bytes, blk->segments);
 }
 
@@ -197,6 +198,7 @@ void blk_wait(struct blk *blk, uint32_t slot)
             fail("%s: no answer to the %s of %u bytes at sector %lu (device status 0x%02x, %u requests in flight)",
                  blk->dev->where, request_name(r->header.type), r->data_bytes, r->header.sector,
                  blk->dev->transport->get_status(blk->dev), blk->vq.in_flight);
+        cpu_relax();
     }
     r->busy = false;
 

@@ -236,13 +236,16 @@ void user_main(void)
         size_t n = count >= 2 ? parse_u64(words[1], &seed) : 0;
         if (count != 2 || n == 0 || words[1][n] != 0 || seed > 0xFFFFFFFFu)
             fail("write needs one SEED, a 32-bit number (decimal or 0x hexadecimal)");
-    } else if (!((equal(words[0], "crc") || equal(words[0], "id")) && count == 1)) {
-        fail("unknown job \"%s\" (%d words): expected crc, write SEED or id", words[0], count);
+    } else if (equal(words[0], "crc") || equal(words[0], "id")) {
+        if (count != 1)
+            fail("%s takes no argument, but the command line has %d words for the job", words[0], count);
+    } else {
+        fail("unknown job \"%s\": expected crc, write SEED or id", words[0]);
     }
     uint16_t cs;
     __asm__("mov %%cs, %0" : "=r"(cs));  /* the low two bits of CS: the privilege level */
-    kprintf("virtio-blk: booted by %s, running at CPL %u, job: %s\n",
-            boot_info.protocol == BOOT_MULTIBOOT ? "Multiboot" : "PVH", cs & 3u, words[0]);
+    kprintf("virtio-blk: booted by %s, running at CPL %u, command line \"%s\"\n",
+            boot_info.protocol == BOOT_MULTIBOOT ? "Multiboot" : "PVH", cs & 3u, cmdline);
 
     static struct virtio_device device;
     if (!virtio_mmio_find_block(cmdline, &device) && !virtio_pci_find_block(cmdline, &device))
