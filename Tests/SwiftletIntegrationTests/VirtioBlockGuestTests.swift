@@ -253,9 +253,13 @@ enum QEMUMachine {
     /// virtio_mmio.device=512@0xfeb00e00:12 to the command line itself only for a kernel it
     /// boots through PVH; for a Multiboot kernel the test passes it.
     case microvm
-    /// i440FX PC: SeaBIOS assigns the BARs, then the multiboot option ROM boots the kernel.
+    /// i440FX PC with qboot as its firmware: qboot boots the Multiboot kernel but assigns no
+    /// BARs, so the guest places them itself, as it must under Swiftlet (no firmware).
     case pc
-    case q35
+    /// i440FX PC with SeaBIOS, which assigns the BARs before the multiboot option ROM runs.
+    case pcSeaBIOS
+    /// Q35 with SeaBIOS.
+    case q35SeaBIOS
 }
 
 /// Boots `kernel` under QEMU with KVM, one disk, the isa-debug-exit device at 0xF4 (exit
@@ -271,8 +275,9 @@ func runQEMU(machine: QEMUMachine, kernel: String, drive: String, device: String
         // virtio-mmio version 2 (QEMU defaults to the legacy version 1 layout).
         arguments += ["-M", "microvm,acpi=off", "-global", "virtio-mmio.force-legacy=false"]
         if !autoCommandLine { line += " virtio_mmio.device=512@0xfeb00e00:12" }
-    case .pc: arguments += ["-M", "pc"]
-    case .q35: arguments += ["-M", "q35"]
+    case .pc: arguments += ["-M", "pc", "-bios", "qboot.rom"]
+    case .pcSeaBIOS: arguments += ["-M", "pc"]
+    case .q35SeaBIOS: arguments += ["-M", "q35"]
     }
     return try runHostTool(VirtioBlockGuest.qemu!, arguments + ["-append", line])
 }
@@ -515,18 +520,46 @@ struct VirtioBlockGuestQEMUTests {
         #expect(guestCRCLine(result.stdout)?.crc == ZlibCRC32.checksum(content))
     }
 
+    @Test("virtio-pci without firmware: the guest places the BARs from 0xE0000000")
+    func barsPlacedByGuest() throws {
+        let images = try ScratchImages()
+        var bytes = ReproducibleBytes(seed: 13)
+        let content = bytes.random(1 << 20)
+        let image = try images.raw("qboot.raw", content)
+        let result = try runQEMU(machine: .pc, kernel: VirtioBlockGuest.kernel,
+                                 drive: "file=\(image),format=raw,if=none,id=disk0",
+                                 device: "virtio-blk-pci,drive=disk0,disable-legacy=on", cmdline: "crc")
+        #expect(result.status == 1, "guest output: \(result.stdout)\(result.stderr)")
+        #expect(result.stdout.contains("BAR4 at 0xe0004000 (placed here: it was unassigned)"), "guest output: \(result.stdout)")
+        #expect(guestCRCLine(result.stdout)?.crc == ZlibCRC32.checksum(content))
+    }
+
+    @Test("virtio-pci with SeaBIOS: the driver keeps the firmware's BARs")
+    func barsPlacedByFirmware() throws {
+        let images = try ScratchImages()
+        var bytes = ReproducibleBytes(seed: 14)
+        let content = bytes.random(1 << 20)
+        let image = try images.raw("seabios.raw", content)
+        let result = try runQEMU(machine: .pcSeaBIOS, kernel: VirtioBlockGuest.kernel,
+                                 drive: "file=\(image),format=raw,if=none,id=disk0",
+                                 device: "virtio-blk-pci,drive=disk0,disable-legacy=on", cmdline: "crc")
+        #expect(result.status == 1, "guest output: \(result.stdout)\(result.stderr)")
+        #expect(result.stdout.contains("(placed by firmware)"), "guest output: \(result.stdout)")
+        #expect(guestCRCLine(result.stdout)?.crc == ZlibCRC32.checksum(content))
+    }
+
     @Test("virtio-pci: a transitional device (1af4:1001) on q35, BARs moved by pci.bar=")
     func transitionalDeviceMovedBARs() throws {
         let images = try ScratchImages()
         var bytes = ReproducibleBytes(seed: 12)
         let content = bytes.random(1 << 20)
         let image = try images.raw("q35.raw", content)
-        let result = try runQEMU(machine: .q35, kernel: VirtioBlockGuest.kernel,
+        let result = try runQEMU(machine: .q35SeaBIOS, kernel: VirtioBlockGuest.kernel,
                                  drive: "file=\(image),format=raw,if=none,id=disk0", device: "virtio-blk-pci,drive=disk0",
-                                 cmdline: "crc pci.bar=0xe0000000")
+                                 cmdline: "crc pci.bar=0xd0000000")
         #expect(result.status == 1, "guest output: \(result.stdout)\(result.stderr)")
         #expect(result.stdout.contains("1af4:1001"), "guest output: \(result.stdout)")
-        #expect(result.stdout.contains("at 0xe0004000 (placed here: pci.bar)"), "guest output: \(result.stdout)")
+        #expect(result.stdout.contains("at 0xd0004000 (placed here: pci.bar)"), "guest output: \(result.stdout)")
         #expect(result.stdout.contains("MSI-X with 2 vectors left disabled"))
         #expect(guestCRCLine(result.stdout)?.crc == ZlibCRC32.checksum(content))
     }
