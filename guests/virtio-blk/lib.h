@@ -11,8 +11,8 @@
  *   - a few string helpers and the time-stamp counter.
  *
  * Everything here works at any privilege level: at CPL 3 the ports must be granted in the
- * TSS I/O permission bitmap (kernel.c), and without paging every physical address, RAM or
- * device, is reachable through the flat segments.
+ * TSS I/O permission bitmap (kernel.c), and the identity-mapped, user-accessible page
+ * tables (entry.s) make every physical address below 4 GiB, RAM or device, reachable.
  */
 #ifndef LIB_H
 #define LIB_H

@@ -191,7 +191,7 @@ bool virtio_mmio_find_block(const char *cmdline, struct virtio_device *dev)
             fail("cannot parse %s: expected virtio_mmio.device=<size>@<baseaddr>:<irq>", word);
         }
         /* The registers go up to 0x100 and the block configuration follows: with a
-         * smaller window, or one that crosses 4 GiB (no paging: out of reach), skip it. */
+         * smaller window, or one that crosses 4 GiB (outside the identity map), skip it. */
         if (size < 0x200 || base > 0x100000000ull - size || (base & 3) != 0) {
             kprintf("virtio-blk: virtio_mmio.device=0x%lx@0x%lx: not a usable register window, skipped\n", size, base);
             continue;

@@ -28,7 +28,7 @@
  *   A Base Address Register says where a device's memory region is. Firmware (a BIOS,
  *   SeaBIOS under QEMU) normally assigns the addresses; Swiftlet has no firmware, so the
  *   guest does it itself when a memory BAR still reads 0 (or lies above 4 GiB, out of
- *   reach without paging): it sizes each BAR (write all ones, read back: the bits that
+ *   reach: the page tables map only the first 4 GiB): it sizes each BAR (write all ones, read back: the bits that
  *   stay 0 are the size), and places them one after the other, each aligned to its size,
  *   from 0xE0000000, or from the address given as pci.bar=<address> on the command line
  *   (which also moves BARs the firmware did assign). Then it sets the command register's

@@ -132,8 +132,8 @@ uint32_t virtio_config_read32(struct virtio_device *dev, uint32_t offset)
  * The three areas live here, in the guest's own RAM (this ELF's .bss). The spec asks for
  * 16-byte (descriptor table), 2-byte (available ring) and 4-byte (used ring) alignment
  * (2.7, table "Virtqueue Part Alignment"); each gets a page of its own, which is more than
- * enough and keeps the areas apart. Without paging, the address the program sees is the
- * guest-physical address the device needs. */
+ * enough and keeps the areas apart. The page tables map every address to itself, so the
+ * address the program sees is the guest-physical address the device needs. */
 static struct virtq_desc queue_desc[QUEUE_SIZE_LIMIT] __attribute__((aligned(4096)));
 static struct virtq_avail queue_avail __attribute__((aligned(4096)));
 static struct virtq_used queue_used __attribute__((aligned(4096)));
