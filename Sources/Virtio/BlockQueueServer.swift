@@ -112,6 +112,14 @@ final class BlockQueueServer: Sendable {
     private func takeAvailable() throws(VirtioError) -> Bool {
         try queue.disableNotifications()
         while true {
+            var taken: [DescriptorChain] = []
+            // Hands what was taken to the workers with one eventfd write.
+            defer {
+                if !taken.isEmpty {
+                    pending.withLock { $0.append(contentsOf: taken) }
+                    work.signal(UInt64(taken.count))
+                }
+            }
             while inFlight.load(ordering: .sequentiallyConsistent) < limit {
                 guard !control.halted.load(ordering: .sequentiallyConsistent) else { return false }
                 guard let chain = try queue.popAvailable() else {
@@ -121,8 +129,7 @@ final class BlockQueueServer: Sendable {
                     continue
                 }
                 inFlight.add(1, ordering: .sequentiallyConsistent)
-                pending.withLock { $0.append(chain) }
-                work.signal()
+                taken.append(chain)
             }
             // Full: wait for a worker to finish, unless one finished meanwhile.
             throttled.store(true, ordering: .sequentiallyConsistent)
