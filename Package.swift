@@ -6,6 +6,7 @@
 //   Basics     Small helpers every module shares: hex, sizes, endian reads, clock, threads.
 //   CLinux     C shim for the few Linux calls Swift cannot import (thread names, ...).
 //   EventLoop  Owned descriptors, eventfd, timerfd, signalfd and the epoll loop. No KVM.
+//   Layout     The x86 address map and how interrupt lines are given out: one file.
 //   CKVM       C shim: <linux/kvm.h> request numbers and fixed-arity ioctl wrappers.
 //   KVM        Typed Swift layer over the KVM ioctls (system, VM, vCPU).
 //   Memory     Guest RAM: anonymous mmap, layout around the MMIO hole, checked translation.
@@ -36,20 +37,21 @@ let package = Package(
     targets: [
         .target(name: "CLinux"),
         .target(name: "Basics", dependencies: ["CLinux"]),
+        .target(name: "Layout"),
         .target(name: "EventLoop", dependencies: ["Basics", "CLinux"]),
         .target(name: "CKVM"),
         .target(name: "KVM", dependencies: ["CKVM"]),
-        .target(name: "Memory", dependencies: ["Basics", "CLinux"]),
-        .target(name: "Devices", dependencies: ["Memory", .product(name: "DequeModule", package: "swift-collections")]),
+        .target(name: "Memory", dependencies: ["Basics", "CLinux", "Layout"]),
+        .target(name: "Devices", dependencies: ["Basics", "Memory", "Layout", .product(name: "DequeModule", package: "swift-collections")]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .target(name: "DiskImage", dependencies: ["CLinux", "CZlib", "CZstd"]),
         .systemLibrary(name: "CLzma", path: "Sources/CLzma"),
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
-        .target(name: "Boot", dependencies: ["Basics", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
+        .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
         .target(name: "Virtio", dependencies: ["Basics", "Memory", "EventLoop", "Devices", "DiskImage"]),
-        .target(name: "Machine", dependencies: ["Basics", "EventLoop", "X86", "KVM", "Memory", "Devices", "Boot"]),
+        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "X86", "KVM", "Memory", "Devices", "Boot"]),
         .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
@@ -60,11 +62,12 @@ let package = Package(
         ),
         .testTarget(name: "BasicsTests", dependencies: ["Basics"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "Basics"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "Memory", "EventLoop"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Memory", "EventLoop", "Devices", "DiskImage"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
-        .testTarget(name: "BootTests", dependencies: ["Boot", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
+        .testTarget(name: "BootTests", dependencies: ["Boot", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "X86Tests", dependencies: ["X86", "KVM"], exclude: ["Fixtures"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),

@@ -12,7 +12,7 @@
 #
 #   swiftlet run --kernel guests/build/mmio-sweep.elf --trace-exits
 #
-# It writes, then reads, one dword in each page from 0xC0000000 to 0xCFFFFFFF (65536
+# It writes, then reads, one dword in each page from 0xE8000000 to 0xF7FFFFFF (65536
 # pages, 131072 exits), checks that every read gave 0xFFFFFFFF, and exits through port
 # 0xF4 with 0 (status 1), or 1 (status 3) when a read gave anything else.
 
@@ -20,8 +20,8 @@
 
         .set    MB_MAGIC, 0x1BADB002
         .set    MB_FLAGS, 0x00000000
-        .set    SWEEP_START, 0xC0000000
-        .set    SWEEP_END, 0xD0000000
+        .set    SWEEP_START, 0xE8000000
+        .set    SWEEP_END, 0xF8000000
 
         .section .multiboot, "a"
         .p2align 2
@@ -35,7 +35,7 @@
 _start:
         cli
         mov     $stack_top, %esp
-        PRINT32 "mmio-sweep: writing and reading one dword per page, 0xC0000000-0xCFFFFFFF\n"
+        PRINT32 "mmio-sweep: writing and reading one dword per page, 0xE8000000-0xF7FFFFFF\n"
         mov     $SWEEP_START, %ebx
 1:      movl    $0x12345678, (%ebx)     # no RAM, no device: the write is dropped
         mov     (%ebx), %eax            # and the read returns all ones

@@ -16,7 +16,8 @@
 #   swiftlet run --kernel guests/build/multiboot.elf --cmdline "hello world" --initrd FILE
 #
 # It prints what it found, then exits through port 0xF4 with 0 (status 1), or with 1
-# (status 3) when it was not started by a Multiboot loader.
+# (status 3) when it was not started by a Multiboot loader. With a command line ending in
+# " stay" it halts instead, and runs until the VM is stopped.
 
         .include "print.inc"
 
@@ -90,6 +91,22 @@ _start:
         call    serial_puthex32
         PRINT32 "\n"
 3:
+        # A command line that ends in " stay" keeps the kernel alive (halted, interrupts
+        # off) instead of exiting: for measuring the VMM while a guest with an initrd runs.
+        testl   $1 << 2, 0(%edi)
+        jz      4f
+        mov     16(%edi), %esi
+5:      cmpb    $0, (%esi)              # find the end of the string
+        je      6f
+        inc     %esi
+        jmp     5b
+6:      cmpl    $0x79617473, -4(%esi)   # "stay", little-endian
+        jne     4f
+        cmpb    $' ', -5(%esi)
+        jne     4f
+        PRINT32 "multiboot: staying\n"
+        jmp     halt
+4:
         PRINT32 "multiboot: done\n"
         mov     $0, %al
         out     %al, $0xF4

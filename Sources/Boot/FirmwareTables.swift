@@ -1,3 +1,4 @@
+import Layout
 import Basics
 import Devices
 import Memory
@@ -15,8 +16,8 @@ import Memory
 /// hardware (PM1a event and control blocks, PM timer, reset register) at the ports
 /// ``ACPILayout`` gives.
 public enum FirmwareTables {
-    public static let localAPICAddress: UInt32 = 0xFEE0_0000
-    public static let ioAPICAddress: UInt32 = 0xFEC0_0000
+    public static let localAPICAddress = UInt32(AddressMap.localAPIC)
+    public static let ioAPICAddress = UInt32(AddressMap.ioAPIC)
     /// APIC IDs are 8 bits and the IOAPIC takes ID N; 0xFF is the broadcast ID.
     public static let maximumCPUs = 254
 

@@ -1,4 +1,5 @@
 import Basics
+import Layout
 import Memory
 
 /// What a kernel file is, decided from its content (never from its name).

@@ -1,4 +1,5 @@
 import Basics
+import Layout
 import Memory
 
 /// Which entry point a Linux kernel is started through.

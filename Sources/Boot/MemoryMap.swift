@@ -1,4 +1,5 @@
 import Basics
+import Layout
 import Memory
 
 /// One entry of the firmware memory map (`struct boot_e820_entry`: 20 bytes, packed).
@@ -17,45 +18,6 @@ public struct E820Entry: Sendable, Equatable {
     public init(address: UInt64, size: UInt64, kind: Kind) {
         self.address = address; self.size = size; self.kind = kind
     }
-}
-
-/// Fixed guest-physical addresses of everything a loader writes besides the kernel,
-/// initrd and command line. All of them lie in the first megabyte.
-///
-/// ```
-/// 0x0500  GDT (null, null, code 0x10, data 0x18)
-/// 0x6000  PVH hvm_start_info, module list at 0x6040, memory map at 0x6100
-/// 0x7000  Linux zero page (boot_params)
-/// 0x8FF0  initial stack pointer (stack in 0x8000-0x8FF0)
-/// 0x9000  PML4, 0xA000 PDPT, 0xB000-0xEFFF four page directories (2 MiB pages, 4 GiB)
-/// 0x10000 Multiboot info, module list 0x10080, memory map 0x10100, loader name 0x10800
-/// 0x20000 command line (up to 0x9F000)
-/// 0x9FC00-0x100000 reserved in the e820 map: EBDA, VGA hole, BIOS area;
-///         ACPI tables at 0xE0000, MP table at 0xF0000
-/// ```
-public enum BootLayout {
-    public static let gdt: GuestAddress = 0x500
-    public static let pvhStartInfo: GuestAddress = 0x6000
-    public static let pvhModules: GuestAddress = 0x6040
-    public static let pvhMemoryMap: GuestAddress = 0x6100
-    public static let zeroPage: GuestAddress = 0x7000
-    public static let stackTop: GuestAddress = 0x8FF0
-    public static let pml4: GuestAddress = 0x9000
-    public static let pdpt: GuestAddress = 0xA000
-    public static let pageDirectories: GuestAddress = 0xB000
-    public static let multibootInfo: GuestAddress = 0x10000
-    public static let multibootModules: GuestAddress = 0x10080
-    public static let multibootMemoryMap: GuestAddress = 0x10100
-    public static let multibootLoaderName: GuestAddress = 0x10800
-    public static let cmdline: GuestAddress = 0x20000
-    /// Longest command line the layout has room for (below the EBDA).
-    public static let cmdlineCapacity: UInt64 = 0x9F000 - 0x20000
-    public static let ebda: GuestAddress = 0x9FC00
-    public static let acpiTables: GuestAddress = 0xE0000
-    public static let mpTable: GuestAddress = 0xF0000
-    public static let highMemory: GuestAddress = 0x100000
-    /// The loaders need the first megabyte plus something to load a kernel into.
-    public static let minimumMemory: UInt64 = 2 << 20
 }
 
 /// Builds the e820 map the kernel sees, from the RAM layout of `GuestMemory`.

@@ -1,4 +1,5 @@
 import Basics
+import Layout
 import Memory
 
 /// A Multiboot v1 header found in the first 8192 bytes of a kernel file (Multiboot

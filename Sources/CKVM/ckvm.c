@@ -17,6 +17,10 @@ _Static_assert(sizeof(struct kvm_pit_config) == 64, "kvm_pit_config layout");
 _Static_assert(sizeof(struct kvm_mp_state) == 4, "kvm_mp_state layout");
 _Static_assert(sizeof(struct kvm_pic_state) == 16, "kvm_pic_state layout");
 _Static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip layout");
+_Static_assert(sizeof(struct kvm_ioeventfd) == 64, "kvm_ioeventfd layout");
+_Static_assert(sizeof(struct kvm_irqfd) == 32, "kvm_irqfd layout");
+_Static_assert(sizeof(struct kvm_irq_routing_entry) == 48, "kvm_irq_routing_entry layout");
+_Static_assert(sizeof(struct kvm_msi) == 32, "kvm_msi layout");
 
 int ckvm_ioctl_value(int fd, unsigned long request, unsigned long value) {
     return ioctl(fd, request, value);
@@ -51,3 +55,26 @@ int ckvm_kick_signal(void) {
     return SIGRTMIN + 1;
 }
 
+
+size_t ckvm_irq_routing_size(uint32_t count) {
+    return sizeof(struct kvm_irq_routing) + (size_t)count * sizeof(struct kvm_irq_routing_entry);
+}
+
+void ckvm_irq_routing_set_irqchip(struct kvm_irq_routing *routing, uint32_t index, uint32_t gsi, uint32_t chip, uint32_t pin) {
+    struct kvm_irq_routing_entry *entry = &routing->entries[index];
+    memset(entry, 0, sizeof(*entry));
+    entry->gsi = gsi;
+    entry->type = KVM_IRQ_ROUTING_IRQCHIP;
+    entry->u.irqchip.irqchip = chip;
+    entry->u.irqchip.pin = pin;
+}
+
+void ckvm_irq_routing_set_msi(struct kvm_irq_routing *routing, uint32_t index, uint32_t gsi, uint64_t address, uint32_t data) {
+    struct kvm_irq_routing_entry *entry = &routing->entries[index];
+    memset(entry, 0, sizeof(*entry));
+    entry->gsi = gsi;
+    entry->type = KVM_IRQ_ROUTING_MSI;
+    entry->u.msi.address_lo = (uint32_t)address;
+    entry->u.msi.address_hi = (uint32_t)(address >> 32);
+    entry->u.msi.data = data;
+}

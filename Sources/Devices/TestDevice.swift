@@ -1,3 +1,4 @@
+import Layout
 import Synchronization
 
 /// QEMU's `pc-testdev`, the device kvm-unit-tests' x86 tests expect next to the PC
@@ -10,7 +11,7 @@ import Synchronization
 ///   keeps such tests correct, if less thorough;
 /// - ports 0x2000-0x2017: writing V to 0x2000 + N sets interrupt line (GSI) N to
 ///   V != 0, so a test can raise and lower IOAPIC and PIC inputs;
-/// - guest-physical 0xFF000000-0xFF00FFFF: 64 KiB of "I/O RAM", memory that is MMIO, so
+/// - guest-physical 0xFF000000-0xFF00FFFF (``AddressMap/testDeviceRAM``): 64 KiB of "I/O RAM", memory that is MMIO, so
 ///   every access exits to the VMM (emulator tests run instructions on it).
 ///
 /// Swiftlet places it only for Multiboot kernels, which is what kvm-unit-tests are.
@@ -20,8 +21,7 @@ public final class TestDevice: Sendable {
     public static let flushPagePort: UInt64 = 0xE4
     public static let irqPortBase: UInt64 = 0x2000
     public static let irqLineCount: UInt64 = 24
-    public static let ioRAMBase: UInt64 = 0xFF00_0000
-    public static let ioRAMLength: UInt64 = 0x1_0000
+    public static let ioRAMLength: UInt64 = AddressMap.testDeviceRAMSize
 
     /// The three parts, each placed on its bus at the addresses above.
     public let register: Register

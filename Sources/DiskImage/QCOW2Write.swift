@@ -6,6 +6,8 @@ struct WriterState: Sendable {
     var refcountTable: [UInt64] = []
     /// Where the refcount table is now (it moves when it grows).
     var refcountTableOffset: UInt64 = 0
+    /// Where the active L1 table is now (it moves when `resize` grows it).
+    var l1TableOffset: UInt64 = 0
     var nextFree: UInt64 = 0
 }
 
@@ -36,6 +38,7 @@ extension QCOW2Image {
         writer.withLock { w in
             w.refcountTable = table
             w.refcountTableOffset = h.refcountTableOffset
+            w.l1TableOffset = h.l1TableOffset
             w.nextFree = (fileSize + clusterSize - 1) & ~(clusterSize - 1)
         }
         // The spec: a writer that does not maintain an autoclear feature must clear its bit first.
@@ -197,7 +200,7 @@ extension QCOW2Image {
         try file.sync()
         var entryBytes = [UInt8](repeating: 0, count: 8)
         entryBytes.setBE(new | Self.copiedFlag, at: 0)
-        try file.write(bytes: entryBytes, at: header.l1TableOffset + UInt64(l1Index) * 8)
+        try file.write(bytes: entryBytes, at: w.l1TableOffset + UInt64(l1Index) * 8)
         state.withLock { s in
             s.l1[l1Index] = new | Self.copiedFlag
             if old != 0 { s.l2Cache[old] = nil }

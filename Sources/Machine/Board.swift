@@ -1,9 +1,12 @@
+import Layout
 import Basics
 import Boot
 import Devices
+import EventLoop
 import Glibc
 import KVM
 import Memory
+import Virtio
 
 /// The PC the guest runs on: owns the KVM VM, guest RAM, the in-kernel interrupt
 /// controllers and timer, and the port and MMIO buses with the devices that live in
@@ -14,14 +17,8 @@ import Memory
 /// `KVM_GET_IRQCHIP`/`KVM_SET_IRQCHIP` (the PICs as firmware leaves them) and
 /// `KVM_CREATE_PIT2`.
 final class Board: Sendable {
-    /// Guest-physical addresses VMX needs for its real-mode TSS and identity map: just
-    /// below the BIOS area at the top of the 32-bit space, outside RAM and devices.
-    static let tssAddress: UInt64 = 0xFFFB_D000
-    static let identityMapAddress: UInt64 = 0xFFFB_C000
-
     /// COM1: eight registers at 0x3F8, IRQ 4.
     static let com1Port: UInt64 = 0x3F8
-    static let com1IRQ: UInt32 = 4
 
     let system: KVMSystem
     let vm: VirtualMachine
@@ -29,10 +26,12 @@ final class Board: Sendable {
     let serial: Serial16550
     let portBus: IOBus
     let mmioBus: IOBus
+    /// The transports of the virtio devices, in device order.
+    let virtioTransports: [VirtioTransportCore]
 
     /// Builds the VM with `memorySize` bytes of RAM and the PC devices. `withTestDevice`
     /// adds QEMU's pc-testdev (kvm-unit-tests expect it next to Multiboot kernels).
-    init(configuration: MachineConfiguration, stop: StopController, withTestDevice: Bool) throws(MachineError) {
+    init(configuration: MachineConfiguration, stop: StopController, loop: EventLoop, withTestDevice: Bool) throws(MachineError) {
         do {
             system = try KVMSystem(path: configuration.kvmPath)
             vm = try system.createVM()
@@ -48,8 +47,8 @@ final class Board: Sendable {
             for (slot, region) in memory.regions.enumerated() {
                 try vm.setUserMemoryRegion(slot: UInt32(slot), guestAddress: region.guestBase, size: region.size, hostAddress: region.hostAddress)
             }
-            try vm.setTSSAddress(Self.tssAddress)
-            try vm.setIdentityMapAddress(Self.identityMapAddress)
+            try vm.setTSSAddress(AddressMap.realModeTSS)
+            try vm.setIdentityMapAddress(AddressMap.identityMapPage)
             try vm.createIRQChip()
             try vm.programPICsLikeFirmware()
             try vm.createPIT2()
@@ -57,12 +56,16 @@ final class Board: Sendable {
             throw .kvm(error)
         }
 
-        serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: Self.com1IRQ))
+        serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: InterruptMap.com1))
         var ports = IOBus.Builder()
         var mmio = IOBus.Builder()
         do {
-            try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory, cpuCount: configuration.cpuCount)
+            let resetControl = try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory,
+                                                                cpuCount: configuration.cpuCount)
             if withTestDevice { try Self.registerTestDevice(&ports, &mmio, vm: vm) }
+            let services = KVMVirtioServices(vm: vm, loop: loop)
+            virtioTransports = try Self.attachVirtio([], transport: configuration.virtioTransport, vm: vm, memory: memory,
+                                                     services: services, resetControl: resetControl, ports: &ports, mmio: &mmio)
         } catch {
             throw .invalidConfiguration("\(error)")
         }
@@ -72,19 +75,21 @@ final class Board: Sendable {
 
     /// The PC devices that live in user space. (The PICs, IOAPIC, local APICs and the
     /// PIT, with port 0x61, are in the kernel.)
+    /// Returns the reset control register, which the PCI host bridge shares ports with.
     private static func registerPlatformDevices(_ ports: inout IOBus.Builder, serial: Serial16550, stop: StopController,
-                                                memory: GuestMemory, cpuCount: Int) throws(IOBusError) {
+                                                memory: GuestMemory, cpuCount: Int) throws(IOBusError) -> any IODevice {
         try ports.register(serial, name: "serial (COM1)", base: com1Port, length: 8)
         try ports.register(DebugExit { value in stop.stop(.guestExit(value: value)) },
                            name: "debug exit", base: DebugExit.defaultPort, length: DebugExit.width)
         try ports.register(IgnoredPorts(), name: "POST diagnostic port", base: 0x80, length: 1)
-        try registerResetAndPowerOff(&ports, stop: stop)
+        let resetControl = try registerResetAndPowerOff(&ports, stop: stop)
         let below4G = memory.regions[0].size
         try ports.register(CMOS(ramBelow4G: below4G, ramAbove4G: memory.size - below4G, cpuCount: cpuCount,
                                 now: { Int64(time(nil)) }),
                            name: "CMOS RTC", base: CMOS.basePort, length: CMOS.portCount)
         try ports.register(FwCfg(cpuCount: cpuCount, ramSize: memory.size), name: "fw_cfg",
                            base: FwCfg.basePort, length: FwCfg.portCount)
+        return resetControl
     }
 
     /// Every way a PC guest resets or powers off the machine, each ending the VM with its
@@ -93,9 +98,9 @@ final class Board: Sendable {
     /// (A triple fault is the fifth path: ``VCPURunner`` handles it, as `--triple-fault` says.)
     ///
     /// The reset control register takes the single byte at 0xCF9 inside PCI configuration
-    /// mechanism #1's ports (0xCF8-0xCFF). A PCI host bridge added later must keep 1-byte
-    /// accesses at 0xCF9 going to it; see ``ResetControl``.
-    private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError) {
+    /// mechanism #1's ports (0xCF8-0xCFF), so it is returned, not registered: the virtio
+    /// wiring places it alone or inside the PCI host bridge's ports (``attachVirtio``).
+    private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError) -> ResetControl {
         let keyboardController = I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) }
         let portA = SystemControlPortA { stop.stop(.reset(how: "system control port A at port 0x92: fast reset, bit 0")) }
         let resetControl = ResetControl { value in
@@ -108,9 +113,9 @@ final class Board: Sendable {
 
         try ports.register(keyboardController, name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
         try ports.register(portA, name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
-        try ports.register(resetControl, name: "reset control register", base: ResetControl.port, length: ResetControl.width)
         try ports.register(powerManagement, name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
                            length: ACPILayout.powerManagementLength)
+        return resetControl
     }
 
     /// kvm-unit-tests (Multiboot kernels) expect QEMU's pc-testdev; see ``TestDevice``.
@@ -119,7 +124,7 @@ final class Board: Sendable {
         try ports.register(device.register, name: "pc-testdev register", base: TestDevice.ioPort, length: TestDevice.ioPortLength)
         try ports.register(device.flushPage, name: "pc-testdev flush page", base: TestDevice.flushPagePort, length: 4)
         try ports.register(device.irqLines, name: "pc-testdev IRQ lines", base: TestDevice.irqPortBase, length: TestDevice.irqLineCount)
-        try mmio.register(device.ioRAM, name: "pc-testdev I/O RAM", base: TestDevice.ioRAMBase, length: TestDevice.ioRAMLength)
+        try mmio.register(device.ioRAM, name: "pc-testdev I/O RAM", base: AddressMap.testDeviceRAM, length: AddressMap.testDeviceRAMSize)
     }
 }
 

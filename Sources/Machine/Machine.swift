@@ -1,6 +1,7 @@
 import Basics
 import Boot
 import Devices
+import Dispatch
 import EventLoop
 import KVM
 import Memory
@@ -23,6 +24,9 @@ public final class Machine: Sendable {
 
     let board: Board
     let stop = StopController()
+    /// The machine's event loop: made with the board (devices register with it), run on
+    /// its own thread by ``run()``.
+    let loop: EventLoop
     let runners: [VCPURunner]
     private let timeout: Double?
     private let forwardStandardInput: Bool
@@ -49,7 +53,8 @@ public final class Machine: Sendable {
         // Read (and check) the payload before touching /dev/kvm: a wrong file is reported
         // at once. The bytes live only until they are copied into guest RAM.
         var payload: Payload? = try Payload.read(configuration.boot, memorySize: configuration.memorySize, cpuCount: configuration.cpuCount)
-        board = try Board(configuration: configuration, stop: stop, withTestDevice: payload?.format == .multiboot)
+        do { loop = try EventLoop() } catch { throw .invalidConfiguration("cannot make the VM's event loop: \(error)") }
+        board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: payload?.format == .multiboot)
         let entry: EntryState
         (entry, loadSummary) = try payload!.load(into: board.memory)
         payload = nil
@@ -120,16 +125,20 @@ public final class Machine: Sendable {
     /// waits for the stop decision.
     public func run() throws(MachineError) -> StopReason {
         Signals.installKickHandler()
-        let loop: EventLoop
         var loopThread: NamedThread?
+        // vCPU threads wait here until all of them exist: a machine that cannot get its
+        // threads (a process limit) fails before the guest runs at all.
+        let gate = DispatchGroup()
+        gate.enter()
         do {
-            loop = try EventLoop()
             try watchStopSources(on: loop)
             loopThread = try loop.start(name: "events")
-            stop.onStop { loop.stop() }
-            for runner in runners { try runner.start() }
+            stop.onStop { [loop] in loop.stop() }
+            for runner in runners { try runner.start(after: gate) }
+            gate.leave()
         } catch {
             stop.stop(.crash("could not start the VM"))
+            gate.leave()
             finishRunners()
             loopThread?.join()
             Console.restoreTerminal()

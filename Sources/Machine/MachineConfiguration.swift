@@ -91,6 +91,11 @@ public struct MachineConfiguration: Sendable {
     public var traceExits = false
     /// What a triple fault does.
     public var tripleFault: TripleFaultAction = .stop
+    /// How virtio devices are presented. PCI by default: every stock kernel finds PCI
+    /// devices by enumerating the bus, while virtio-mmio needs `virtio_mmio.device=` on the
+    /// command line (a kernel option some distributions leave out: Debian's cloud kernel
+    /// has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) or the ACPI DSDT.
+    public var virtioTransport: VirtioTransportKind = .pci
     /// The KVM device to open.
     public var kvmPath = KVMSystem.defaultPath
 

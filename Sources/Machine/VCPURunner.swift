@@ -39,10 +39,13 @@ final class VCPURunner: @unchecked Sendable {
         self.tripleFault = tripleFault
     }
 
-    /// Starts the thread `vcpu<N>` and arranges for it to be kicked on stop.
-    func start() throws(ThreadStartError) {
+    /// Starts the thread `vcpu<N>` and arranges for it to be kicked on stop. The thread
+    /// waits for `gate` before it enters the guest, so that no vCPU runs until every
+    /// thread of the machine exists.
+    func start(after gate: DispatchGroup) throws(ThreadStartError) {
         let started = try NamedThread(name: "vcpu\(vcpu.id)") { [self] in
             Signals.unblockKick()
+            gate.wait()
             runLoop()
             finished.signal()
         }

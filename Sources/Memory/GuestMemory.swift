@@ -1,3 +1,4 @@
+import Layout
 import Basics
 import CLinux
 #if canImport(Glibc)
@@ -71,10 +72,10 @@ public final class GuestMemory: @unchecked Sendable {
     // @unchecked Sendable: the mapping and the layout are fixed at init and freed in
     // deinit; the bytes themselves are shared with the guest by design, like RAM.
 
-    /// Start of the 32-bit MMIO hole: RAM above this address moves to 4 GiB.
-    public static let mmioHoleStart: GuestAddress = 0xC000_0000
+    /// Start of the 32-bit MMIO hole (``AddressMap``): RAM above this address moves to 4 GiB.
+    public static let mmioHoleStart: GuestAddress = AddressMap.mmioHoleStart
     /// End of the 32-bit MMIO hole, where high RAM resumes.
-    public static let mmioHoleEnd: GuestAddress = 0x1_0000_0000
+    public static let mmioHoleEnd: GuestAddress = AddressMap.mmioHoleEnd
     /// The largest guest RAM we accept (1 TiB): beyond what a small VMM needs, and far
     /// below the 2^52 bytes x86 can address.
     public static let maximumSize: UInt64 = 1 << 40

@@ -10,7 +10,7 @@ import Glibc
 struct ImageCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "image",
-        abstract: "Inspect, convert, check and create disk images (raw and qcow2).",
+        abstract: "Inspect, convert, check, create and change disk images (raw and qcow2), like qemu-img.",
         discussion: """
             A raw image is the simplest disk: byte N of the file is byte N of the disk. \
             qcow2 ("QEMU copy-on-write, version 2") stores only the parts of a disk that \
@@ -27,7 +27,8 @@ struct ImageCommand: ParsableCommand {
             by file name; --format overrides this. Damaged or hostile qcow2 files are \
             refused with a message naming the broken field.
             """,
-        subcommands: [Info.self, Convert.self, Check.self, Create.self, ReadBench.self]
+        subcommands: [Info.self, Convert.self, Check.self, Create.self, Resize.self, Snapshot.self, Rebase.self,
+                      Compare.self, Map.self, ReadBench.self]
     )
 }
 
@@ -212,27 +213,37 @@ private func monotonicNanoseconds() -> UInt64 {
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
-/// Runs `body`; a DiskImage error becomes one line on stderr and exit status 1.
-private func imageCommand<T>(_ body: () throws -> T) throws -> T {
+/// Runs `body`; a DiskImage error becomes one line on stderr and exit status 1 (or `status`).
+func imageCommand<T>(status: Int32 = 1, _ body: () throws -> T) throws -> T {
     do {
         return try body()
     } catch let e as DiskImageError {
         FileHandleOutput.standardError("swiftlet: \(e)")
-        throw ExitCode(1)
+        throw ExitCode(status)
+    } catch let e as ImageEditError {
+        FileHandleOutput.standardError("swiftlet: \(e)")
+        throw ExitCode(status)
     }
 }
 
 
-/// Parses "4096", "512K", "10G", "1.5GiB"-free integers with binary suffixes.
-private func parseSize(_ text: String) throws -> UInt64 {
+/// Parses "4096", "512K", "10G", "2T" or "1GiB": an integer with an optional binary suffix
+/// (K, M, G, T, P, E in either case, optionally followed by "iB" or "B"; a lone "b" means bytes).
+func parseSize(_ text: String) throws -> UInt64 {
     var digits = Substring(text)
     var multiplier: UInt64 = 1
-    for suffix in ["iB", "B"] where digits.hasSuffix(suffix) { digits = digits.dropLast(suffix.count); break }
-    if let last = digits.last, let shift = ["K": 10, "M": 20, "G": 30, "T": 40, "k": 10, "m": 20, "g": 30, "t": 40][String(last)] {
-        multiplier = 1 << UInt64(shift)
+    for suffix in ["iB", "B", "b"] where digits.hasSuffix(suffix) && digits.count > suffix.count {
+        digits = digits.dropLast(suffix.count)
+        break
+    }
+    let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60]
+    if let last = digits.last, let shift = shifts[Character(last.uppercased())] {
+        multiplier = 1 << shift
         digits = digits.dropLast()
     }
-    guard let n = UInt64(digits) else { throw DiskImageError.invalidArgument("'\(text)' is not a size (try 10G, 512M or 4096)") }
+    guard !digits.isEmpty, digits.allSatisfy(\.isASCII), let n = UInt64(digits) else {
+        throw DiskImageError.invalidArgument("'\(text)' is not a size (try 10G, 512M or 4096)")
+    }
     let (v, overflow) = n.multipliedReportingOverflow(by: multiplier)
     guard !overflow else { throw DiskImageError.invalidArgument("size '\(text)' is too large") }
     return v
@@ -328,7 +339,7 @@ private func jsonText(_ info: ImageInfo, indent: String = "") -> String {
 }
 
 /// A one-line progress bar on stderr, safe to update from any thread.
-private final class ProgressBar: Sendable {
+final class ProgressBar: Sendable {
     private let lastPercent = Atomic<Int>(-1)
 
     func update(_ done: UInt64, _ total: UInt64) {

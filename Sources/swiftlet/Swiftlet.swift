@@ -23,7 +23,8 @@ enum Main {
     static func main() {
         StandardDescriptors.keepOccupied()
         do {
-            var command = try SwiftletCommand.parseAsRoot()
+            let arguments = ImageCommand.Resize.movingNegativeSize(Array(CommandLine.arguments.dropFirst()))
+            var command = try SwiftletCommand.parseAsRoot(arguments)
             try command.run()
         } catch {
             let code = SwiftletCommand.exitCode(for: error)

@@ -1,4 +1,5 @@
 @testable import Boot
+import Layout
 import Devices
 import Foundation
 import Memory

@@ -1,3 +1,4 @@
+import Layout
 import Boot
 import Memory
 import Testing

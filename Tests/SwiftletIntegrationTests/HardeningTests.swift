@@ -60,3 +60,64 @@ struct HardeningTests {
         #expect(stdout.stderr == "swiftlet: console output to standard output failed (No space left on device); the guest's further output is dropped\n")
     }
 }
+
+/// The host copy of a kernel and initrd is dropped once they are in guest RAM.
+@Suite("Host memory while a guest runs")
+struct HostMemoryTests {
+    /// VmRSS of `pid` in KiB.
+    static func residentKiB(_ pid: Int32) -> Int? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
+        let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
+        return line.flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) }
+    }
+
+    @Test("A 64 MiB initrd costs its copy in guest RAM, not a second one on the host")
+    func initrdNotRetained() throws {
+        // Random bytes, so no page of it is shared or zero.
+        let initrd = FileManager.default.temporaryDirectory.appendingPathComponent("initrd-\(UUID().uuidString)")
+        let random = try #require(FileHandle(forReadingAtPath: "/dev/urandom"))
+        try random.readData(ofLength: 64 << 20).write(to: initrd)
+        defer { try? FileManager.default.removeItem(at: initrd) }
+        let kernel = Swiftlet.packageRoot.appendingPathComponent("guests/build/multiboot.elf").path
+        var resident: Int?
+        let result = try Swiftlet.run(["run", "--kernel", kernel, "--initrd", initrd.path, "--cmdline", "stay",
+                                       "--memory", "256M", "--timeout", "60"]) { process, output in
+            if Swiftlet.waitFor("multiboot: staying", in: output) {
+                resident = Self.residentKiB(process.processIdentifier)
+                kill(process.processIdentifier, SIGTERM)
+            }
+        }
+        #expect(result.signal == SIGTERM)
+        let kib = try #require(resident)
+        // Guest RAM holds the 64 MiB; Swiftlet itself is ~10 MiB. A retained host copy of
+        // the initrd would add another 64 MiB.
+        #expect(kib < 100 * 1024, "VmRSS \(kib) KiB")
+        #expect(kib > 64 * 1024, "the initrd should be in guest RAM: VmRSS \(kib) KiB")
+    }
+}
+
+/// Running out of threads is a clear error before the guest runs, not a trap.
+@Suite("Thread limits")
+struct ThreadLimitTests {
+    @Test("64 vCPUs under a 20-thread limit: one line naming the thread, status 2, no guest output",
+          .enabled(if: getuid() == 0, "needs root to make a KVM device node for an unprivileged user"))
+    func threadLimit() throws {
+        // RLIMIT_NPROC does not bind root: run as nobody, with a KVM device node of its own
+        // (the same character device as /dev/kvm, 10:232) in a private folder.
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("kvm-node-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let node = folder.appendingPathComponent("kvm").path
+        var info = stat()
+        try #require(stat("/dev/kvm", &info) == 0)
+        try #require(mknod(node, S_IFCHR | 0o600, info.st_rdev) == 0, "mknod: \(String(cString: strerror(errno)))")
+        try #require(chown(node, 65534, 65534) == 0)
+        chmod(folder.path, 0o755)
+        let result = try Swiftlet.runShell("exec /usr/bin/prlimit --nproc=20 /usr/bin/setpriv --reuid=nobody --regid=nogroup --clear-groups \"$SWIFTLET\" run --kvm-device \(node) --cpus 64")
+        #expect(result.status == 2)
+        #expect(result.stderr.hasPrefix("swiftlet: cannot start thread 'vcpu"))
+        #expect(result.stderr.contains("thread limit"))
+        #expect(result.stderr.split(separator: "\n").count == 1)
+        #expect(result.stdout.isEmpty, "the guest ran: \(result.stdout)")
+    }
+}

@@ -28,6 +28,10 @@ static const unsigned long CKVM_CREATE_PIT2 = KVM_CREATE_PIT2;
 static const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
 static const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
 static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
+static const unsigned long CKVM_IOEVENTFD = KVM_IOEVENTFD;
+static const unsigned long CKVM_IRQFD = KVM_IRQFD;
+static const unsigned long CKVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING;
+static const unsigned long CKVM_SIGNAL_MSI = KVM_SIGNAL_MSI;
 
 static const unsigned long CKVM_RUN = KVM_RUN;
 static const unsigned long CKVM_GET_REGS = KVM_GET_REGS;
@@ -60,7 +64,16 @@ static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
 static const int CKVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
 static const int CKVM_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI;
 
+static const int CKVM_CAP_IRQ_ROUTING = KVM_CAP_IRQ_ROUTING;
 static const int CKVM_API_VERSION_EXPECTED = KVM_API_VERSION;
+
+// --- Flags of the fast-path ioctls ------------------------------------------------------
+static const uint32_t CKVM_IOEVENTFD_FLAG_DATAMATCH = KVM_IOEVENTFD_FLAG_DATAMATCH;
+static const uint32_t CKVM_IOEVENTFD_FLAG_PIO = KVM_IOEVENTFD_FLAG_PIO;
+static const uint32_t CKVM_IOEVENTFD_FLAG_DEASSIGN = KVM_IOEVENTFD_FLAG_DEASSIGN;
+static const uint32_t CKVM_IRQFD_FLAG_DEASSIGN = KVM_IRQFD_FLAG_DEASSIGN;
+static const uint32_t CKVM_IRQFD_FLAG_RESAMPLE = KVM_IRQFD_FLAG_RESAMPLE;
+static const uint32_t CKVM_IRQCHIP_IOAPIC = KVM_IRQCHIP_IOAPIC;
 
 // --- Exit reasons ----------------------------------------------------------------------
 static const uint32_t CKVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN;
@@ -108,6 +121,17 @@ int ckvm_ioctl_pointer(int fd, unsigned long request, void *argument);
 size_t ckvm_cpuid2_size(uint32_t count);
 /// Size in bytes of a struct kvm_msrs with room for `count` entries.
 size_t ckvm_msrs_size(uint32_t count);
+
+// --- GSI routing ---------------------------------------------------------------------------
+// struct kvm_irq_routing ends in a flexible array of entries whose payload is a union.
+
+/// Size in bytes of a struct kvm_irq_routing with room for `count` entries.
+size_t ckvm_irq_routing_size(uint32_t count);
+/// Entry `index`: GSI `gsi` goes to pin `pin` of in-kernel irqchip `chip` (PIC master,
+/// PIC slave or IOAPIC).
+void ckvm_irq_routing_set_irqchip(struct kvm_irq_routing *routing, uint32_t index, uint32_t gsi, uint32_t chip, uint32_t pin);
+/// Entry `index`: GSI `gsi` is a message-signalled interrupt with this address and data.
+void ckvm_irq_routing_set_msi(struct kvm_irq_routing *routing, uint32_t index, uint32_t gsi, uint64_t address, uint32_t data);
 
 // --- kvm_run accessors ---------------------------------------------------------------------
 // struct kvm_run's exit data is an anonymous union; these keep the union layout in C.

@@ -1,0 +1,85 @@
+import Devices
+import EventLoop
+import KVM
+import Layout
+import Memory
+import Virtio
+
+/// A virtio device model to put on the board, and how it presents itself.
+struct VirtioAttachment {
+    let device: any VirtioDevice
+    /// For messages and `--trace-exits`: "virtio-blk (disk 0)".
+    let name: String
+    /// Its PCI class code with the PCI transport.
+    let pciClass: UInt32
+}
+
+/// Where virtio devices live, chosen with `--virtio-transport`.
+public enum VirtioTransportKind: String, Sendable, CaseIterable {
+    /// virtio-mmio slots in the MMIO hole, announced on the kernel command line and in the
+    /// ACPI DSDT.
+    case mmio
+    /// Functions on a PCI host bridge (configuration ports 0xCF8-0xCFF and ECAM).
+    case pci
+}
+
+extension Board {
+    /// The virtio-mmio slot and GSI of device `index`.
+    static func mmioPlacement(_ index: Int) -> (base: UInt64, gsi: UInt32) {
+        (AddressMap.virtioMMIOSlot(index), InterruptMap.virtioMMIO[index])
+    }
+
+    /// The PCI slot of device `index` (slot 0 is the host bridge), its BAR's base, and the
+    /// GSI its INTA is wired to.
+    static func pciPlacement(_ index: Int) -> (slot: Int, barBase: UInt64, gsi: UInt32) {
+        let slot = index + 1
+        return (slot, AddressMap.pciMemoryWindowStart + UInt64(slot) * VirtioPCIFunction.barSize,
+                InterruptMap.pciINTxBase + UInt32(slot % 4))
+    }
+
+    /// The most virtio devices one machine can have with `transport`.
+    static func virtioCapacity(_ transport: VirtioTransportKind) -> Int {
+        switch transport {
+        case .mmio: return min(AddressMap.virtioMMIOSlotCount, InterruptMap.virtioMMIO.count)
+        case .pci: return PCIHostBridge.slotCount - 1
+        }
+    }
+
+    /// Puts `attachments` on the buses with `transport`. With PCI, the host bridge also
+    /// takes ports 0xCF8-0xCFF (answering 1-byte accesses at 0xCF9 with `resetControl`),
+    /// the ECAM window and the BAR window. Returns the transports' cores (for reports).
+    static func attachVirtio(_ attachments: [VirtioAttachment], transport: VirtioTransportKind, vm: VirtualMachine,
+                             memory: GuestMemory, services: KVMVirtioServices, resetControl: any IODevice,
+                             ports: inout IOBus.Builder, mmio: inout IOBus.Builder) throws -> [VirtioTransportCore] {
+        var cores: [VirtioTransportCore] = []
+        switch transport {
+        case .mmio:
+            try ports.register(resetControl, name: "reset control register", base: ResetControl.port, length: ResetControl.width)
+            for (index, attachment) in attachments.enumerated() {
+                let (base, gsi) = mmioPlacement(index)
+                let interrupt = try EventFD()
+                try vm.assignIRQFD(interrupt.rawValue, gsi: gsi)
+                let transport = try VirtioMMIOTransport(device: attachment.device, memory: memory, base: base,
+                                                        interruptEvent: interrupt, services: services)
+                try mmio.register(transport, name: "\(attachment.name), virtio-mmio", base: base, length: VirtioMMIOTransport.windowSize)
+                cores.append(transport.core)
+            }
+        case .pci:
+            var functions: [Int: any PCIFunction] = [:]
+            for (index, attachment) in attachments.enumerated() {
+                let (slot, barBase, gsi) = pciPlacement(index)
+                let function = try VirtioPCIFunction(device: attachment.device, memory: memory, classCode: attachment.pciClass,
+                                                     barBase: barBase, intxGSI: gsi, services: services)
+                functions[slot] = function
+                cores.append(function.core)
+            }
+            let bridge = PCIHostBridge(functions: functions, resetControl: resetControl)
+            try ports.register(bridge.configurationPorts, name: "PCI configuration ports (and reset control at 0xCF9)",
+                               base: PCIHostBridge.configurationAddressPort, length: 8)
+            try mmio.register(bridge.ecam, name: "PCI ECAM", base: AddressMap.pciECAMStart, length: AddressMap.pciECAMSize)
+            try mmio.register(bridge.memoryWindow(base: AddressMap.pciMemoryWindowStart), name: "PCI memory window",
+                              base: AddressMap.pciMemoryWindowStart, length: AddressMap.pciMemoryWindowSize)
+        }
+        return cores
+    }
+}
