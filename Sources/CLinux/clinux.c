@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "clinux.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -8,6 +9,7 @@
 
 _Static_assert(EPOLLIN == 0x001 && EPOLLOUT == 0x004 && EPOLLERR == 0x008 && EPOLLHUP == 0x010, "epoll bits");
 _Static_assert(EPOLLRDHUP == 0x2000 && EPOLLET == (1u << 31), "epoll bits");
+_Static_assert(FALLOC_FL_KEEP_SIZE == 0x01 && FALLOC_FL_PUNCH_HOLE == 0x02 && FALLOC_FL_ZERO_RANGE == 0x10, "fallocate bits");
 
 int clinux_set_thread_name(const char *name) {
     char truncated[16];
@@ -53,4 +55,8 @@ int clinux_epoll_wait(int epfd, struct clinux_event *out, int capacity, int time
 
 int clinux_memfd_create(const char *name) {
     return memfd_create(name, MFD_CLOEXEC);
+}
+
+int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length) {
+    return fallocate(fd, mode, (off_t)offset, (off_t)length);
 }

@@ -20,6 +20,15 @@ public protocol BlockDevice: Sendable {
     /// True if the range is known to read as zeros without reading data (holes, zero clusters).
     /// May return false when unsure; the default does.
     func isKnownZero(at offset: UInt64, length: UInt64) throws -> Bool
+    /// Says the range is no longer needed; it may be deallocated. It then reads as before or
+    /// as zeros. Defaults and the raw-file versions: BlockDevice+Discard.swift.
+    func discard(at offset: UInt64, length: UInt64) throws
+    /// Makes the range read as zeros; with `deallocate`, its space may be freed as well.
+    func writeZeroes(at offset: UInt64, length: UInt64, deallocate: Bool) throws
+    /// True when `discard` and `writeZeroes(deallocate: true)` can free space.
+    var canDeallocate: Bool { get }
+    /// The size and alignment, in bytes, of the pieces `discard` frees.
+    var discardGranularity: UInt64 { get }
 }
 
 /// On-disk formats Swiftlet understands.

@@ -72,3 +72,17 @@ static inline void clinux_fence(void) {
 /// memfd_create(name, MFD_CLOEXEC): anonymous memory with a file descriptor, which can be
 /// mapped again (a snapshot of guest RAM) or handed to another process.
 int clinux_memfd_create(const char *name);
+
+// --- Files ----------------------------------------------------------------------------------
+// fallocate(2) is a GNU extension that Glibc's module map does not export.
+
+/// Keep the file size when the range reaches past the end (FALLOC_FL_KEEP_SIZE).
+static const int CLINUX_FALLOC_KEEP_SIZE = 0x01;
+/// Free the range's blocks: it reads as zeros afterwards (FALLOC_FL_PUNCH_HOLE; needs KEEP_SIZE).
+static const int CLINUX_FALLOC_PUNCH_HOLE = 0x02;
+/// Make the range read as zeros, keeping it allocated (FALLOC_FL_ZERO_RANGE).
+static const int CLINUX_FALLOC_ZERO_RANGE = 0x10;
+
+/// fallocate(fd, mode, offset, length) with the CLINUX_FALLOC_* bits. Returns 0, or -1 with
+/// errno set (EOPNOTSUPP when the file system cannot do it).
+int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length);

@@ -1,0 +1,203 @@
+import Basics
+import EventLoop
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the queues of one activation share: the request handler, the way to the driver
+/// (interrupts, DEVICE_NEEDS_RESET) and the flags that stop them.
+final class BlockSessionControl: Sendable {
+    let handler: BlockRequestHandler
+    let interrupt: any VirtioInterrupt
+    private let needsReset: @Sendable (String) -> Void
+    /// Readable once a reset began: every dispatcher polls it.
+    let stopEvent: EventFD
+    /// A reset began: threads finish the request in hand and return, answering nothing more.
+    let resetting = Atomic<Bool>(false)
+    /// Nothing more is taken from or returned to any queue: a reset began, or the device
+    /// needs one.
+    let halted = Atomic<Bool>(false)
+
+    init(handler: BlockRequestHandler, interrupt: any VirtioInterrupt,
+         needsReset: @escaping @Sendable (String) -> Void) throws(VirtioError) {
+        self.handler = handler
+        self.interrupt = interrupt
+        self.needsReset = needsReset
+        do { stopEvent = try EventFD() } catch { throw VirtioError("virtio-blk: cannot create an eventfd: \(error)") }
+    }
+
+    /// The driver broke a queue or sent a request the device cannot answer: stop using
+    /// the queues and ask for a reset (once; not while a reset is already under way).
+    func fail(_ message: String) {
+        guard !halted.exchange(true, ordering: .sequentiallyConsistent) else { return }
+        needsReset(message)
+    }
+
+    /// Begins a reset: wakes every dispatcher and makes every thread return.
+    func beginReset() {
+        resetting.store(true, ordering: .sequentiallyConsistent)
+        halted.store(true, ordering: .sequentiallyConsistent)
+        stopEvent.signal()
+    }
+}
+
+/// Serves one virtqueue with one dispatcher thread and a pool of worker threads.
+///
+/// The dispatcher waits for the driver's notifications (the queue's EventFD), takes every
+/// available chain and hands it to the pool; it never does I/O itself, so notifications
+/// are re-enabled at once and a driver with many requests outstanding keeps every worker
+/// busy. Each worker runs one request at a time on the disk, writes its status, returns
+/// it in the used ring and interrupts the driver if it asked for it.
+///
+/// At most `size` requests of the queue are in flight: a legitimate driver cannot have
+/// more (each holds a descriptor), and a hostile one that makes the same head available
+/// again and again only stalls its own queue, never grows the device's memory.
+final class BlockQueueServer: Sendable {
+    let index: Int
+    let queue: Virtqueue
+    private let notification: EventFD
+    private let control: BlockSessionControl
+    /// Counts chains waiting for a worker (a blocking semaphore): a worker sleeps in its read.
+    private let work: EventFD
+    /// Signalled by a worker when the dispatcher waits for room (`throttled`).
+    private let room: EventFD
+    private let pending = Mutex<[DescriptorChain]>([])
+    /// Chains taken from the queue and not yet returned.
+    private let inFlight = Atomic<Int>(0)
+    private let throttled = Atomic<Bool>(false)
+    private let limit: Int
+    let workerCount: Int
+
+    init(index: Int, queue: Virtqueue, notification: EventFD, control: BlockSessionControl,
+         workers: Int) throws(VirtioError) {
+        self.index = index
+        self.queue = queue
+        self.notification = notification
+        self.control = control
+        self.workerCount = workers
+        limit = Int(queue.configuration.size)
+        do {
+            work = try EventFD(semaphore: true, nonBlocking: false)
+            room = try EventFD()
+        } catch {
+            throw VirtioError("virtio-blk: cannot create an eventfd: \(error)")
+        }
+    }
+
+    /// Makes every worker return (after a ``BlockSessionControl/beginReset()``).
+    func wakeWorkers() {
+        work.signal(UInt64(workerCount))
+    }
+
+    // MARK: Dispatcher
+
+    /// The dispatcher thread's body: returns at a reset, when the queue breaks, or when
+    /// its notification descriptor fails.
+    func dispatch() {
+        while !control.halted.load(ordering: .sequentiallyConsistent) {
+            let full: Bool
+            do {
+                full = try takeAvailable()
+            } catch {
+                control.fail("virtio-blk: queue \(index): \(error)")
+                return
+            }
+            guard wait(forRoom: full) else { return }
+        }
+    }
+
+    /// Takes chains until the queue is empty (and notifications are enabled again) or the
+    /// in-flight limit is reached. Returns true in the latter case.
+    private func takeAvailable() throws(VirtioError) -> Bool {
+        try queue.disableNotifications()
+        while true {
+            var taken: [DescriptorChain] = []
+            // Hands what was taken to the workers with one eventfd write.
+            defer {
+                if !taken.isEmpty {
+                    pending.withLock { $0.append(contentsOf: taken) }
+                    work.signal(UInt64(taken.count))
+                }
+            }
+            while inFlight.load(ordering: .sequentiallyConsistent) < limit {
+                guard !control.halted.load(ordering: .sequentiallyConsistent) else { return false }
+                guard let chain = try queue.popAvailable() else {
+                    // Empty: ask for notifications, then look once more for a chain that
+                    // arrived before they were on (no notification comes for it).
+                    guard try queue.enableNotifications() else { return false }
+                    continue
+                }
+                inFlight.add(1, ordering: .sequentiallyConsistent)
+                taken.append(chain)
+            }
+            // Full: wait for a worker to finish, unless one finished meanwhile.
+            throttled.store(true, ordering: .sequentiallyConsistent)
+            if inFlight.load(ordering: .sequentiallyConsistent) >= limit { return true }
+            throttled.store(false, ordering: .sequentiallyConsistent)
+        }
+    }
+
+    /// Sleeps until the driver notifies (or, when `forRoom`, a worker makes room) or a
+    /// reset begins. Returns false when the dispatcher must stop.
+    private func wait(forRoom: Bool) -> Bool {
+        let source = forRoom ? room : notification
+        var fds = [pollfd(fd: source.rawValue, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: control.stopEvent.rawValue, events: Int16(POLLIN), revents: 0)]
+        while true {
+            let count = poll(&fds, nfds_t(fds.count), -1)
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else {
+                control.fail("virtio-blk: queue \(index): poll failed (errno \(errno))")
+                return false
+            }
+            break
+        }
+        if fds[1].revents != 0 { return false }
+        let events = fds[0].revents
+        if events & Int16(POLLIN) != 0 {
+            source.drain()
+            return true
+        }
+        // POLLERR, POLLHUP or POLLNVAL: the descriptor is unusable; polling it again would spin.
+        control.fail("virtio-blk: queue \(index): its notification descriptor failed (poll events 0x\(String(events, radix: 16)))")
+        return false
+    }
+
+    // MARK: Workers
+
+    /// A worker thread's body: returns at a reset.
+    func runWorker() {
+        let cancelled = { [control] in control.resetting.load(ordering: .sequentiallyConsistent) }
+        while true {
+            guard work.drain() == 1, !control.resetting.load(ordering: .sequentiallyConsistent) else { return }
+            guard let chain = pending.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { continue }
+            if !control.halted.load(ordering: .sequentiallyConsistent) {
+                let outcome = control.handler.serve(chain, cancelled: cancelled)
+                complete(chain, outcome)
+            }
+            inFlight.subtract(1, ordering: .sequentiallyConsistent)
+            if throttled.exchange(false, ordering: .sequentiallyConsistent) { room.signal() }
+        }
+    }
+
+    /// Answers the driver: status byte, used ring, interrupt (one eventfd write in the end).
+    private func complete(_ chain: DescriptorChain, _ outcome: BlockOutcome) {
+        switch outcome {
+        case let .unanswerable(message):
+            control.fail(message)
+        case let .answer(status, statusAddress, written):
+            // A reset that began during the I/O means the driver has forgotten the queue.
+            guard !control.halted.load(ordering: .sequentiallyConsistent) else { return }
+            do {
+                try control.handler.memory.store(status, at: statusAddress)
+                try queue.pushUsed(chain.head, writtenLength: written)
+                if try queue.shouldNotifyDriver() { control.interrupt.signalQueue(index) }
+            } catch let error as VirtioError {
+                control.fail("virtio-blk: queue \(index): \(error)")
+            } catch {
+                control.fail("virtio-blk: queue \(index): the status byte at 0x\(String(statusAddress, radix: 16)) cannot be written: \(error)")
+            }
+        }
+    }
+}
