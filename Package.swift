@@ -51,8 +51,8 @@ let package = Package(
         .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
         .target(name: "Virtio", dependencies: ["Basics", "Memory", "EventLoop", "Devices", "DiskImage"]),
-        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "X86", "KVM", "Memory", "Devices", "Boot"]),
-        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "X86", "KVM"]),
+        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot"]),
+        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "DiskImage", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [

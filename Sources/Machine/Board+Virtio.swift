@@ -1,4 +1,5 @@
 import Devices
+import DiskImage
 import EventLoop
 import KVM
 import Layout
@@ -24,6 +25,43 @@ public enum VirtioTransportKind: String, Sendable, CaseIterable {
 }
 
 extension Board {
+    /// Opens each disk image (an image opened for writing is locked against other
+    /// writers, as QEMU locks it) and makes its virtio-blk device.
+    static func openDisks(_ disks: [DiskConfiguration], transport: VirtioTransportKind) throws(MachineError) -> [VirtioAttachment] {
+        guard disks.count <= virtioCapacity(transport) else {
+            throw .invalidConfiguration("\(disks.count) disks are more than the \(virtioCapacity(transport)) slots of the \(transport.rawValue) transport")
+        }
+        var attachments: [VirtioAttachment] = []
+        for (index, disk) in disks.enumerated() {
+            let image: any BlockDevice
+            do {
+                image = try DiskImage.open(path: disk.path, format: disk.format, readOnly: disk.readOnly)
+            } catch {
+                throw .cannotOpen(path: disk.path, purpose: "disk", reason: "\(error)")
+            }
+            var options = VirtioBlockOptions(readOnly: disk.readOnly, serial: disk.serial, diskIndex: index, queueCount: disk.queues)
+            options.readOnly = disk.readOnly || image.isReadOnly
+            do {
+                let device = try VirtioBlock(disk: image, options: options)
+                attachments.append(VirtioAttachment(device: device, name: "virtio-blk (disk \(index), \(disk.path))",
+                                                    pciClass: 0x01_80_00))
+            } catch {
+                throw .invalidConfiguration("disk '\(disk.path)': \(error)")
+            }
+        }
+        return attachments
+    }
+
+    /// The kernel command-line words that announce virtio-mmio devices to Linux (and to
+    /// guests that read them, like guests/virtio-blk): `virtio_mmio.device=<size>@<base>:<irq>`.
+    static func virtioCommandLine(deviceCount: Int, transport: VirtioTransportKind) -> [String] {
+        guard transport == .mmio else { return [] }
+        return (0..<deviceCount).map { index in
+            let (base, gsi) = mmioPlacement(index)
+            return VirtioMMIOTransport.commandLine(base: base, irq: gsi)
+        }
+    }
+
     /// The virtio-mmio slot and GSI of device `index`.
     static func mmioPlacement(_ index: Int) -> (base: UInt64, gsi: UInt32) {
         (AddressMap.virtioMMIOSlot(index), InterruptMap.virtioMMIO[index])

@@ -56,6 +56,7 @@ final class Board: Sendable {
             throw .kvm(error)
         }
 
+        let disks = try Self.openDisks(configuration.disks, transport: configuration.virtioTransport)
         serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: InterruptMap.com1))
         var ports = IOBus.Builder()
         var mmio = IOBus.Builder()
@@ -64,8 +65,13 @@ final class Board: Sendable {
                                                                 cpuCount: configuration.cpuCount)
             if withTestDevice { try Self.registerTestDevice(&ports, &mmio, vm: vm) }
             let services = KVMVirtioServices(vm: vm, loop: loop)
-            virtioTransports = try Self.attachVirtio([], transport: configuration.virtioTransport, vm: vm, memory: memory,
+            virtioTransports = try Self.attachVirtio(disks, transport: configuration.virtioTransport, vm: vm, memory: memory,
                                                      services: services, resetControl: resetControl, ports: &ports, mmio: &mmio)
+            for (core, attachment) in zip(virtioTransports, disks) {
+                let name = attachment.name
+                let warn = configuration.onWarning
+                core.onNeedsReset { reason in warn?("\(name): \(reason); the device needs a reset") }
+            }
         } catch {
             throw .invalidConfiguration("\(error)")
         }

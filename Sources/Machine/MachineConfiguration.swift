@@ -1,4 +1,5 @@
 import Boot
+import DiskImage
 import Devices
 import KVM
 import X86
@@ -61,6 +62,26 @@ public enum TripleFaultAction: String, Sendable, CaseIterable {
     case reset
 }
 
+/// A disk for the guest: an image file presented as a virtio-blk device.
+public struct DiskConfiguration: Sendable, Equatable {
+    public var path: String
+    /// Present it read-only (the image is then opened read-only too and never modified).
+    public var readOnly = false
+    /// The image format; detected from the content when `nil`.
+    public var format: ImageFormat?
+    /// The device ID the guest reads (Linux: /sys/block/vdX/serial), at most 20 characters.
+    public var serial: String?
+    /// Request queues (more than one offers virtio-blk's multi-queue feature).
+    public var queues = 1
+
+    public init(path: String, readOnly: Bool = false, format: ImageFormat? = nil, serial: String? = nil) {
+        self.path = path
+        self.readOnly = readOnly
+        self.format = format
+        self.serial = serial
+    }
+}
+
 /// Everything that decides how a machine is built and run.
 public struct MachineConfiguration: Sendable {
     /// Serial console on COM1, early messages too, reboot through the keyboard controller,
@@ -96,6 +117,11 @@ public struct MachineConfiguration: Sendable {
     /// command line (a kernel option some distributions leave out: Debian's cloud kernel
     /// has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) or the ACPI DSDT.
     public var virtioTransport: VirtioTransportKind = .pci
+    /// Disks, each a virtio-blk device, in order (the first is the guest's vda).
+    public var disks: [DiskConfiguration] = []
+    /// Called with a one-line message when something goes wrong that does not stop the
+    /// VM: a guest driver that broke a device's rules (the device then needs a reset).
+    public var onWarning: (@Sendable (String) -> Void)?
     /// The KVM device to open.
     public var kvmPath = KVMSystem.defaultPath
 

@@ -24,7 +24,8 @@ struct Payload {
     /// Reads what `boot` names. A kernel file's header is checked before the rest is
     /// read, so a file that is not a kernel (even a huge one) is refused at once; a file
     /// larger than guest RAM cannot be loaded and is refused without being read.
-    static func read(_ boot: BootSource, memorySize: UInt64, cpuCount: Int) throws(MachineError) -> Payload {
+    /// `extraCommandLine` is appended to a kernel's command line (the virtio-mmio devices).
+    static func read(_ boot: BootSource, memorySize: UInt64, cpuCount: Int, extraCommandLine: [String] = []) throws(MachineError) -> Payload {
         switch boot {
         case let .flat(source):
             return Payload(content: .flat(try bytes(of: source, purpose: "flat binary", limit: memorySize)), format: nil)
@@ -40,9 +41,10 @@ struct Payload {
             let isLinux = format == .bzImage || format == .elf64 || format == .elf32
             // A Multiboot loader passes the kernel's name first, then the arguments, as GRUB
             // and QEMU do; kvm-unit-tests reads its argv that way.
-            let commandLine = format == .multiboot
-                ? ([kernel.kernel.name] + (kernel.commandLine.map { [$0] } ?? [])).joined(separator: " ")
-                : kernel.commandLine ?? (isLinux ? MachineConfiguration.defaultLinuxCommandLine : "")
+            let given = format == .multiboot
+                ? [kernel.kernel.name] + (kernel.commandLine.map { [$0] } ?? [])
+                : [kernel.commandLine ?? (isLinux ? MachineConfiguration.defaultLinuxCommandLine : "")]
+            let commandLine = (given + extraCommandLine).filter { !$0.isEmpty }.joined(separator: " ")
             let options = BootOptions(cmdline: commandLine, initrd: initrd, cpuCount: cpuCount,
                                       decompressOnHost: kernel.decompressOnHost, linuxEntry: kernel.linuxEntry)
             return Payload(content: .kernel(bytes, options), format: format)

@@ -1,4 +1,5 @@
 import Devices
+import DiskImage
 import Machine
 import X86
 
@@ -120,6 +121,14 @@ public final class VM: Sendable {
         machineConfiguration.kvmPath = configuration.kvmDevice
         machineConfiguration.forwardStandardInput = configuration.forwardStandardInput
         machineConfiguration.handleTerminationSignals = configuration.handleTerminationSignals
+        machineConfiguration.virtioTransport = configuration.virtioTransport == .mmio ? .mmio : .pci
+        machineConfiguration.disks = configuration.disks.map { disk in
+            var converted = DiskConfiguration(path: disk.path, readOnly: disk.readOnly, format: disk.format.flatMap { ImageFormat(rawValue: $0.rawValue) },
+                                              serial: disk.serial)
+            converted.queues = disk.queues
+            return converted
+        }
+        machineConfiguration.onWarning = configuration.onWarning
         if let timeout = machineConfiguration.timeout, !(timeout > 0) {
             throw SwiftletError(message: "the timeout must be positive")
         }

@@ -59,6 +59,36 @@ public struct VMConfiguration: Sendable {
         case reset
     }
 
+    /// A disk image the guest sees as a virtio-blk device.
+    public struct Disk: Sendable, Equatable {
+        public enum Format: String, Sendable, CaseIterable { case raw, qcow2 }
+        public var path: String
+        /// Present it read-only; the image is opened read-only and never modified.
+        public var readOnly = false
+        /// `nil`: detected from the file's content (qcow2 by its magic, else raw).
+        public var format: Format?
+        /// The device ID the guest reads (Linux: /sys/block/vdX/serial), at most 20 characters.
+        public var serial: String?
+        /// Request queues (more than one offers multi-queue).
+        public var queues = 1
+
+        public init(path: String, readOnly: Bool = false, format: Format? = nil, serial: String? = nil) {
+            self.path = path
+            self.readOnly = readOnly
+            self.format = format
+            self.serial = serial
+        }
+    }
+
+    /// How virtio devices are presented to the guest.
+    public enum VirtioTransport: String, Sendable, CaseIterable {
+        /// virtio-mmio slots, announced on the kernel command line (`virtio_mmio.device=`)
+        /// and in the ACPI DSDT.
+        case mmio
+        /// Functions on a PCI host bridge: what every stock kernel finds by itself.
+        case pci
+    }
+
     public var boot: Boot
     /// Guest RAM in bytes: a positive multiple of 4 KiB. Above 3 GiB, RAM continues at
     /// 4 GiB around the 32-bit MMIO hole.
@@ -84,6 +114,15 @@ public struct VMConfiguration: Sendable {
     public var transparentHugePages = true
     /// The KVM device to open.
     public var kvmDevice = "/dev/kvm"
+    /// Disks, in order: the first is the guest's first virtio disk (Linux: /dev/vda).
+    public var disks: [Disk] = []
+    /// The transport of the virtio devices. PCI by default: a stock kernel enumerates
+    /// PCI by itself, while virtio-mmio needs the kernel's command-line support (missing
+    /// from some distribution kernels, Debian's cloud kernel among them) or ACPI.
+    public var virtioTransport: VirtioTransport = .pci
+    /// Called with a one-line message for problems that do not stop the VM (a guest
+    /// driver that broke a device's rules).
+    public var onWarning: (@Sendable (String) -> Void)?
 
     // Front-end options: what `swiftlet run` turns on for an interactive user. A library
     // user normally leaves them off.

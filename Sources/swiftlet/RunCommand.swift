@@ -36,6 +36,21 @@ struct RunCommand: ParsableCommand {
             registers with the PM timer (0x600-0x60B), all described by the ACPI tables \
             a kernel gets.
 
+            DISKS
+              --disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N] gives \
+            the guest a virtio-blk disk backed by an image file; repeat it for more \
+            disks (the first is Linux's /dev/vda). The format is read from the file \
+            unless given; qcow2 images with backing files and compressed clusters work. \
+            An image opened for writing is locked, as QEMU locks it, so two VMs cannot \
+            write one image at once; 'readonly' opens it read-only and the guest cannot \
+            change it. A path containing a comma writes it twice (',,').
+              --virtio-transport pci (the default) puts virtio devices on a PCI host \
+            bridge (ports 0xCF8-0xCFF, ECAM at 0xE0000000), which every stock kernel \
+            enumerates by itself; mmio puts them in virtio-mmio slots from 0xFEB00000 \
+            (IRQ 5, 6, 7, ...) announced in the ACPI DSDT and on the kernel command line \
+            (virtio_mmio.device=, which some distribution kernels, Debian's among them, \
+            do not read). See docs/virtio.md.
+
             CPU MODEL
               --cpu MODEL[,+feature,-feature...] chooses what the guest sees through \
             CPUID, as QEMU's -cpu. 'host' (the default) is everything this host's KVM \
@@ -128,6 +143,13 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("kvm-device"), help: ArgumentHelp("The KVM device to open.", valueName: "path"))
     var kvmDevice: String = "/dev/kvm"
 
+    @Option(name: .long, help: ArgumentHelp("A disk image for the guest, as a virtio-blk device; repeatable (see DISKS).",
+                                            valueName: "path[,readonly][,format=raw|qcow2][,serial=text][,queues=n]"))
+    var disk: [DiskArgument] = []
+
+    @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
+    var virtioTransport: VMConfiguration.VirtioTransport = .pci
+
     func validate() throws {
         guard cpus >= 1 else { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
@@ -162,6 +184,9 @@ struct RunCommand: ParsableCommand {
         configuration.traceExits = traceExits
         configuration.transparentHugePages = !noHugePages
         configuration.kvmDevice = kvmDevice
+        configuration.disks = disk.map(\.disk)
+        configuration.virtioTransport = virtioTransport
+        configuration.onWarning = { message in FileHandleOutput.standardError("swiftlet: warning: \(message)") }
         configuration.tripleFault = tripleFault
         configuration.decompressKernelOnHost = decompressOnHost ?? true
         configuration.linuxEntry = linuxEntry ?? .automatic
@@ -223,6 +248,56 @@ struct MemorySizeArgument: ExpressibleByArgument {
 }
 
 extension VMConfiguration.LinuxEntry: ExpressibleByArgument {}
+extension VMConfiguration.VirtioTransport: ExpressibleByArgument {}
+
+/// `--disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N]`, QEMU-style: options
+/// after the path, separated by commas; a comma inside the path is written twice.
+struct DiskArgument: ExpressibleByArgument {
+    let disk: VMConfiguration.Disk
+
+    init?(argument: String) {
+        guard let parsed = try? Self.parse(argument) else { return nil }
+        disk = parsed
+    }
+
+    struct Invalid: Error {}
+
+    static func parse(_ text: String) throws -> VMConfiguration.Disk {
+        // Split on single commas; ",," stands for a comma.
+        var parts: [String] = [""]
+        var characters = Array(text)[...]
+        while let character = characters.popFirst() {
+            if character == "," {
+                if characters.first == "," {
+                    characters.removeFirst()
+                    parts[parts.count - 1].append(",")
+                } else {
+                    parts.append("")
+                }
+            } else {
+                parts[parts.count - 1].append(character)
+            }
+        }
+        guard let path = parts.first, !path.isEmpty else { throw Invalid() }
+        var disk = VMConfiguration.Disk(path: path)
+        for option in parts.dropFirst() {
+            let pieces = option.split(separator: "=", maxSplits: 1).map(String.init)
+            switch (pieces.first ?? "", pieces.count == 2 ? pieces[1] : nil) {
+            case ("readonly", nil), ("readonly", "on"): disk.readOnly = true
+            case ("readonly", "off"): disk.readOnly = false
+            case let ("format", value?): guard let format = VMConfiguration.Disk.Format(rawValue: value) else { throw Invalid() }
+                disk.format = format
+            case let ("serial", value?): disk.serial = value
+            case let ("queues", value?): guard let queues = Int(value), (1...16).contains(queues) else { throw Invalid() }
+                disk.queues = queues
+            default: throw Invalid()
+            }
+        }
+        return disk
+    }
+
+    static var defaultCompletionKind: CompletionKind { .file() }
+}
 extension VMConfiguration.TripleFault: ExpressibleByArgument {}
 
 /// `--serial`: where COM1's output goes.
