@@ -18,6 +18,14 @@ _Static_assert(sizeof(struct kvm_pit_config) == 64, "kvm_pit_config layout");
 _Static_assert(sizeof(struct kvm_mp_state) == 4, "kvm_mp_state layout");
 _Static_assert(sizeof(struct kvm_pic_state) == 16, "kvm_pic_state layout");
 _Static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip layout");
+_Static_assert(sizeof(struct kvm_vcpu_events) == 64, "kvm_vcpu_events layout");
+_Static_assert(sizeof(struct kvm_translation) == 24, "kvm_translation layout");
+_Static_assert(sizeof(struct kvm_fpu) == 416, "kvm_fpu layout");
+_Static_assert(sizeof(struct kvm_enable_cap) == 104, "kvm_enable_cap layout");
+// The emulation-failure view of kvm_run's union: flags in data[0], then insn_size and up
+// to 15 instruction bytes in data[1..2] (KVM's ABI, see <linux/kvm.h>).
+_Static_assert(offsetof(struct kvm_run, emulation_failure.flags) == offsetof(struct kvm_run, internal.data[0]), "emulation_failure.flags");
+_Static_assert(offsetof(struct kvm_run, emulation_failure.insn_size) == offsetof(struct kvm_run, internal.data[1]), "emulation_failure.insn_size");
 
 int ckvm_ioctl_none(int fd, unsigned long request) {
     return ioctl(fd, request, 0);
@@ -41,6 +49,22 @@ size_t ckvm_msrs_size(uint32_t count) {
 
 size_t ckvm_msr_list_size(uint32_t count) {
     return sizeof(struct kvm_msr_list) + (size_t)count * sizeof(uint32_t);
+}
+
+uint32_t ckvm_host_mxcsr_mask(void) {
+    uint8_t area[512] __attribute__((aligned(16)));
+    uint32_t mask;
+    __asm__ volatile("fxsave %0" : "=m"(area));
+    memcpy(&mask, area + 28, sizeof(mask));
+    return mask != 0 ? mask : 0xFFBF;
+}
+
+int ckvm_compare_exchange_u64(uint64_t *address, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(address, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+int ckvm_compare_exchange_u32(uint32_t *address, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(address, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
 static void ckvm_kick_handler(int signal) {

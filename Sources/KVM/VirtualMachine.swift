@@ -5,7 +5,7 @@ import Glibc
 ///
 /// VM ioctls: `KVM_SET_USER_MEMORY_REGION`, `KVM_SET_TSS_ADDR`,
 /// `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`, `KVM_IRQ_LINE`,
-/// `KVM_SIGNAL_MSI` and `KVM_CREATE_VCPU`. Each is safe to call from any thread.
+/// `KVM_SIGNAL_MSI`, `KVM_ENABLE_CAP` and `KVM_CREATE_VCPU`. Each is safe to call from any thread.
 public final class VirtualMachine: Sendable {
     let fd: KVMFileDescriptor
     public let system: KVMSystem
@@ -81,6 +81,19 @@ public final class VirtualMachine: Sendable {
         level.irq = gsi
         level.level = high ? 1 : 0
         try fd.ioctl("KVM_IRQ_LINE", CKVM_IRQ_LINE, &level)
+    }
+
+    /// Turns on a VM capability that must be asked for (`KVM_CAP_EXIT_ON_EMULATION_FAILURE`
+    /// ...), with its arguments. The corresponding ioctl is `KVM_ENABLE_CAP`.
+    public func enable(_ capability: KVMCapability, arguments: [UInt64] = []) throws(KVMError) {
+        var request = kvm_enable_cap()
+        request.cap = UInt32(capability.rawValue)
+        withUnsafeMutableBytes(of: &request.args) { slots in
+            for (index, value) in arguments.prefix(4).enumerated() {
+                slots.storeBytes(of: value, toByteOffset: index * 8, as: UInt64.self)
+            }
+        }
+        try fd.ioctl("KVM_ENABLE_CAP", CKVM_ENABLE_CAP, &request)
     }
 
     /// Creates vCPU `id` (its initial APIC ID). The corresponding ioctl is `KVM_CREATE_VCPU`.

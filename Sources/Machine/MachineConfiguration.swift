@@ -87,6 +87,10 @@ public struct MachineConfiguration: Sendable {
     public var traceExits = false
     /// What a triple fault does.
     public var tripleFault: TripleFaultAction = .stop
+    /// Complete, in Swiftlet, the instructions KVM's emulator fails on when that can be done
+    /// exactly (int3, int n, fwait, ldmxcsr, stmxcsr, clac, stac, popcnt; see
+    /// docs/instruction-completion.md). Off: every such failure stops the VM (status 4).
+    public var completeInstructions = true
     /// The KVM device to open.
     public var kvmPath = KVMSystem.defaultPath
 

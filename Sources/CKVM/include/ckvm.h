@@ -47,6 +47,8 @@ static const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
 static const unsigned long CKVM_GET_LAPIC = KVM_GET_LAPIC;
 static const unsigned long CKVM_SET_LAPIC = KVM_SET_LAPIC;
 static const unsigned long CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+static const unsigned long CKVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+static const unsigned long CKVM_TRANSLATE = KVM_TRANSLATE;
 static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
@@ -68,6 +70,9 @@ static const int CKVM_CAP_X2APIC_API = KVM_CAP_X2APIC_API;
 static const int CKVM_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI;
 static const int CKVM_CAP_READONLY_MEM = KVM_CAP_READONLY_MEM;
 static const int CKVM_CAP_XSAVE = KVM_CAP_XSAVE;
+static const int CKVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
+static const int CKVM_CAP_INTERNAL_ERROR_DATA = KVM_CAP_INTERNAL_ERROR_DATA;
+static const int CKVM_CAP_EXIT_ON_EMULATION_FAILURE = KVM_CAP_EXIT_ON_EMULATION_FAILURE;
 
 static const int CKVM_API_VERSION_EXPECTED = KVM_API_VERSION;
 
@@ -96,6 +101,14 @@ static const uint32_t CKVM_MP_STATE_UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED;
 static const uint32_t CKVM_MP_STATE_INIT_RECEIVED = KVM_MP_STATE_INIT_RECEIVED;
 static const uint32_t CKVM_MP_STATE_HALTED = KVM_MP_STATE_HALTED;
 static const uint32_t CKVM_MP_STATE_SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED;
+
+// KVM_EXIT_INTERNAL_ERROR suberror for "the instruction emulator failed", and the flag
+// saying its data carries the instruction bytes (struct kvm_run.emulation_failure).
+static const uint32_t CKVM_INTERNAL_ERROR_EMULATION = KVM_INTERNAL_ERROR_EMULATION;
+static const uint64_t CKVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES;
+
+// struct kvm_vcpu_events.flags: which optional fields KVM_SET_VCPU_EVENTS applies.
+static const uint32_t CKVM_VCPUEVENT_VALID_SHADOW = KVM_VCPUEVENT_VALID_SHADOW;
 
 static const uint32_t CKVM_PIT_SPEAKER_DUMMY = KVM_PIT_SPEAKER_DUMMY;
 static const uint32_t CKVM_IRQCHIP_PIC_MASTER = KVM_IRQCHIP_PIC_MASTER;
@@ -140,6 +153,20 @@ static inline uint8_t *ckvm_run_mmio_data(struct kvm_run *run) {
 int ckvm_install_kick_handler(int signal);
 /// The signal Swiftlet uses to kick vCPU threads out of KVM_RUN (SIGRTMIN + 1).
 int ckvm_kick_signal(void);
+
+// --- Host CPU ----------------------------------------------------------------------------------
+/// The MXCSR bits this CPU lets software set (the MXCSR_MASK field FXSAVE stores, or the
+/// architectural default 0xFFBF when it stores 0). A guest's LDMXCSR runs on this CPU, so
+/// these are the bits hardware accepts from the guest too.
+uint32_t ckvm_host_mxcsr_mask(void);
+
+// --- Guest memory shared with running vCPUs -------------------------------------------------
+/// Atomically replaces the naturally aligned 8-byte word at `address` with `desired` if it
+/// still holds `expected` (a locked CMPXCHG, as a CPU updates page-table accessed and
+/// dirty bits). Returns 1 when it did, 0 when the word had changed.
+int ckvm_compare_exchange_u64(uint64_t *address, uint64_t expected, uint64_t desired);
+/// The same for a naturally aligned 4-byte word (32-bit paging entries).
+int ckvm_compare_exchange_u32(uint32_t *address, uint32_t expected, uint32_t desired);
 
 /// Names the calling thread (at most 15 characters are kept), for `top -H` and `ps -L`.
 int ckvm_set_thread_name(const char *name);

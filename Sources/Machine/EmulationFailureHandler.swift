@@ -1,0 +1,214 @@
+import Basics
+import KVM
+import Memory
+import X86
+
+/// Facts about the host CPU that decide how an instruction completes, read once per VM.
+struct HostCPUFacts: Sendable {
+    /// FXSAVE's MXCSR_MASK: the MXCSR bits LDMXCSR accepts on this CPU.
+    let mxcsrMask: UInt32
+    /// MAXPHYADDR (CPUID 0x80000008 EAX[7:0]; 36 when KVM does not report the leaf).
+    let physicalAddressBits: Int
+    /// CLAC/STAC exist (CPUID.(EAX=7,ECX=0):EBX.SMAP[bit 20]).
+    let supportsCLACAndSTAC: Bool
+
+    /// From KVM's supported CPUID: what the CPU (not the guest's CPUID model) implements,
+    /// which is what decides how hardware runs the guest's instructions.
+    init(supportedCPUID: [CPUIDEntry]) {
+        mxcsrMask = ckvm_host_mxcsr_mask()
+        let addressLeaf = supportedCPUID.first { $0.function == 0x8000_0008 }
+        physicalAddressBits = addressLeaf.map { Int($0.eax & 0xFF) } ?? 36
+        let features = supportedCPUID.first { $0.function == 7 && $0.index == 0 }
+        supportsCLACAndSTAC = (features?.ebx ?? 0) & (1 << 20) != 0
+    }
+}
+
+/// What to do about one `KVM_EXIT_INTERNAL_ERROR` emulation failure.
+enum EmulationFailureAction {
+    /// The instruction was completed (or raised its exception in the guest); `label` is the
+    /// `--trace-exits` row.
+    case resumed(label: String)
+    /// Stop the VM as a crash with this message.
+    case crash(String)
+}
+
+/// Handles KVM's emulation failures for one vCPU: reads the failing instruction (from the
+/// exit data, else from guest memory through `KVM_TRANSLATE`), decodes it, asks
+/// ``InstructionCompleter`` what it does, and applies that with `KVM_SET_REGS`,
+/// `KVM_SET_SREGS`, `KVM_GET/SET_FPU` and `KVM_SET_VCPU_EVENTS`. What cannot be completed
+/// exactly is reported with its bytes and name.
+///
+/// Used only by the vCPU's own thread.
+struct EmulationFailureHandler {
+    let vcpu: VCPU
+    let memory: GuestMemory
+    let host: HostCPUFacts
+    /// Off with `--no-complete-instructions`: every failure stops the VM, as KVM reports it.
+    let completeInstructions: Bool
+    /// `KVM_CAP_EXIT_ON_EMULATION_FAILURE` is on: failures at CPL > 0 come here too (KVM
+    /// would otherwise inject #UD for them itself), and KVM queues no #UD at CPL 0.
+    let exitOnEveryFailure: Bool
+
+    func handle(_ failure: EmulationFailure) -> EmulationFailureAction {
+        do {
+            return try handleThrowing(failure)
+        } catch {
+            return .crash("KVM could not emulate an instruction, and reading or changing the vCPU's state failed: \(error)")
+        }
+    }
+
+    private func handleThrowing(_ failure: EmulationFailure) throws(KVMError) -> EmulationFailureAction {
+        let registers = try vcpu.registers()
+        let special = try vcpu.specialRegisters()
+        let mode = ExecutionMode(registers: registers, special: special)
+        let bytes = failure.instructionBytes ?? fetchInstructionBytes(registers: registers, special: special)
+        let instruction = InstructionDecoder.decode(bytes, codeSize: mode.codeSize)
+        let what = Self.describe(instruction, bytes: bytes, rip: registers.rip)
+
+        guard completeInstructions else {
+            return .crash("KVM could not emulate \(what) (KVM_EXIT_INTERNAL_ERROR, emulation failure); "
+                + "completing instructions is off (--no-complete-instructions)")
+        }
+        var events = try vcpu.events()
+        if !exitOnEveryFailure && events.exception.injected != 0 && events.exception.nr == 6 {
+            // Without KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM queues a #UD before it exits
+            // at CPL 0: that is its fallback, not the guest's exception.
+            events.exception.injected = 0
+        }
+        guard events.exception.injected == 0, events.interrupt.injected == 0, events.nmi.injected == 0 else {
+            return .crash("KVM could not emulate \(what) while an event was being delivered; Swiftlet does not complete it")
+        }
+
+        let outcome: CompletionOutcome
+        if let instruction {
+            outcome = try InstructionCompleter(environment: VCPUCompletionEnvironment(vcpu: vcpu, memory: memory, host: host))
+                .complete(instruction, registers: registers, special: special)
+        } else {
+            outcome = .notCompleted("Swiftlet does not decode it")
+        }
+        let mnemonic = instruction?.mnemonic ?? "an unknown instruction"
+
+        switch outcome {
+        case let .completed(newRegisters, newSpecial, mxcsr):
+            try vcpu.setRegisters(newRegisters)
+            if let newSpecial { try vcpu.setSpecialRegisters(newSpecial) }
+            if let mxcsr {
+                var fpu = try vcpu.fpu()
+                fpu.mxcsr = mxcsr
+                try vcpu.setFPU(fpu)
+            }
+            try setEvents(events, exception: nil)
+            return .resumed(label: "completed \(mnemonic) (KVM could not emulate it)")
+        case let .exception(exception):
+            if let address = exception.faultAddress {
+                var withCR2 = special
+                withCR2.cr2 = address
+                try vcpu.setSpecialRegisters(withCR2)
+            }
+            try setEvents(events, exception: exception)
+            return .resumed(label: "completed \(mnemonic) by raising \(exception.name) (KVM could not emulate it)")
+        case let .notCompleted(reason):
+            if exitOnEveryFailure && mode.cpl > 0 {
+                // What KVM does on its own without the capability: a #UD for the guest
+                // (user) program rather than stopping the whole VM.
+                try setEvents(events, exception: .invalidOpcode)
+                return .resumed(label: "#UD injected for \(mnemonic) at CPL \(mode.cpl), as KVM does (KVM could not emulate it)")
+            }
+            return .crash("KVM could not emulate \(what) (KVM_EXIT_INTERNAL_ERROR, emulation failure), "
+                + "and Swiftlet cannot complete it: \(reason)")
+        }
+    }
+
+    /// Writes back the event state with no interrupt shadow (an instruction that completes
+    /// or faults ends it) and `exception`, if any, to be delivered at the next entry. Hardware
+    /// exceptions are injected the same way by every KVM: RIP stays at the instruction.
+    private func setEvents(_ current: kvm_vcpu_events, exception: X86Exception?) throws(KVMError) {
+        var events = current
+        events.flags = CKVM_VCPUEVENT_VALID_SHADOW
+        events.interrupt.shadow = 0
+        events.exception.injected = exception == nil ? 0 : 1
+        events.exception.pending = 0
+        events.exception.nr = exception?.vector ?? 0
+        events.exception.has_error_code = exception?.errorCode == nil ? 0 : 1
+        events.exception.error_code = exception?.errorCode ?? 0
+        events.exception_has_payload = 0
+        events.exception_payload = 0
+        try vcpu.setEvents(events)
+    }
+
+    /// Up to 15 bytes at CS:RIP, read through the vCPU's page tables (`KVM_TRANSLATE`) and
+    /// guest memory's checked access; shorter when a page is unmapped or not RAM.
+    private func fetchInstructionBytes(registers: kvm_regs, special: kvm_sregs) -> [UInt8] {
+        var bytes: [UInt8] = []
+        var linear = ExecutionMode.instructionPointer(registers: registers, special: special)
+        while bytes.count < InstructionDecoder.maximumLength {
+            let inPage = min(InstructionDecoder.maximumLength - bytes.count, Int(4096 - (linear & 0xFFF)))
+            guard let physical = try? vcpu.translate(linearAddress: linear),
+                  let chunk = try? memory.read(at: physical, count: inPage) else { break }
+            bytes += chunk
+            linear &+= UInt64(inPage)
+        }
+        return bytes
+    }
+
+    /// "`ldmxcsr [rsp+0x4]` (bytes 0f ae 54 24 04) at RIP 0x..." or, undecoded, the bytes alone.
+    static func describe(_ instruction: Instruction?, bytes: [UInt8], rip: UInt64) -> String {
+        let location = "at RIP \(Hex.prefixed(rip))"
+        guard let instruction else {
+            if bytes.isEmpty { return "the instruction \(location) (its bytes could not be read)" }
+            return "the instruction \(location) (bytes \(hexBytes(bytes)); not one Swiftlet's decoder knows)"
+        }
+        return "\(instruction.text) \(location) (bytes \(hexBytes(Array(bytes.prefix(instruction.length)))))"
+    }
+
+    static func hexBytes(_ bytes: [UInt8]) -> String {
+        bytes.map { Hex.digits($0, width: 2) }.joined(separator: " ")
+    }
+}
+
+/// ``CompletionEnvironment`` for a real vCPU: guest RAM and `KVM_GET_FPU`.
+private struct VCPUCompletionEnvironment: CompletionEnvironment {
+    let vcpu: VCPU
+    let ram: GuestRAM
+    let host: HostCPUFacts
+
+    init(vcpu: VCPU, memory: GuestMemory, host: HostCPUFacts) {
+        self.vcpu = vcpu
+        self.ram = GuestRAM(memory: memory)
+        self.host = host
+    }
+
+    var memory: any GuestPhysicalMemory { ram }
+    var mxcsrMask: UInt32 { host.mxcsrMask }
+    var physicalAddressBits: Int { host.physicalAddressBits }
+    var supportsCLACAndSTAC: Bool { host.supportsCLACAndSTAC }
+
+    func floatingPointControl() throws(KVMError) -> FloatingPointControl {
+        let fpu = try vcpu.fpu()
+        return FloatingPointControl(mxcsr: fpu.mxcsr, x87StatusWord: fpu.fsw)
+    }
+}
+
+/// Guest RAM as ``GuestPhysicalMemory``: every access goes through GuestMemory's checked
+/// translation; anything outside RAM (the MMIO hole, beyond the end) is refused.
+struct GuestRAM: GuestPhysicalMemory {
+    let memory: GuestMemory
+
+    func read(at address: UInt64, count: Int) -> [UInt8]? {
+        try? memory.read(at: address, count: count)
+    }
+
+    func write(_ bytes: [UInt8], at address: UInt64) -> Bool {
+        (try? memory.write(bytes, at: address)) != nil
+    }
+
+    func compareExchange(at address: UInt64, size: Int, expected: UInt64, desired: UInt64) -> Bool? {
+        guard size == 4 || size == 8, address % UInt64(size) == 0,
+              let buffer = memory.hostBuffer(at: address, count: UInt64(size)), let base = buffer.baseAddress else { return nil }
+        if size == 8 {
+            return ckvm_compare_exchange_u64(base.assumingMemoryBound(to: UInt64.self), expected.littleEndian, desired.littleEndian) != 0
+        }
+        return ckvm_compare_exchange_u32(base.assumingMemoryBound(to: UInt32.self), UInt32(truncatingIfNeeded: expected).littleEndian,
+                                         UInt32(truncatingIfNeeded: desired).littleEndian) != 0
+    }
+}
