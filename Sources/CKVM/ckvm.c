@@ -4,6 +4,7 @@
 #include <sys/ioctl.h>
 #include <string.h>
 #include <pthread.h>
+#include <cpuid.h>
 
 // The Swift side mirrors none of these structs field by field (it uses the imported C
 // types directly); these asserts pin the ABI the wrappers rely on.
@@ -21,6 +22,7 @@ _Static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip layout");
 _Static_assert(sizeof(struct kvm_vcpu_events) == 64, "kvm_vcpu_events layout");
 _Static_assert(sizeof(struct kvm_translation) == 24, "kvm_translation layout");
 _Static_assert(sizeof(struct kvm_fpu) == 416, "kvm_fpu layout");
+_Static_assert(sizeof(struct kvm_xsave) == 4096, "kvm_xsave layout (KVM_GET_XSAVE's fixed size)");
 _Static_assert(sizeof(struct kvm_enable_cap) == 104, "kvm_enable_cap layout");
 // The emulation-failure view of kvm_run's union: flags in data[0], then insn_size and up
 // to 15 instruction bytes in data[1..2] (KVM's ABI, see <linux/kvm.h>).
@@ -57,6 +59,12 @@ uint32_t ckvm_host_mxcsr_mask(void) {
     __asm__ volatile("fxsave %0" : "=m"(area));
     memcpy(&mask, area + 28, sizeof(mask));
     return mask != 0 ? mask : 0xFFBF;
+}
+
+void ckvm_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t registers[4]) {
+    unsigned int a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(leaf, subleaf, &a, &b, &c, &d)) { a = b = c = d = 0; }
+    registers[0] = a; registers[1] = b; registers[2] = c; registers[3] = d;
 }
 
 int ckvm_compare_exchange_u64(uint64_t *address, uint64_t expected, uint64_t desired) {

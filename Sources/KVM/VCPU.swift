@@ -33,7 +33,8 @@ public enum VCPUExit {
 ///
 /// vCPU ioctls: `KVM_RUN`, `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, `KVM_SET_CPUID2`,
 /// `KVM_GET/SET_MSRS`, `KVM_GET/SET_FPU`, `KVM_GET/SET_LAPIC`, `KVM_GET/SET_MP_STATE`,
-/// `KVM_GET/SET_VCPU_EVENTS`, `KVM_TRANSLATE`, `KVM_GET_TSC_KHZ`. KVM requires these to come from the thread that runs the vCPU
+/// `KVM_GET/SET_XSAVE`, `KVM_GET_XSAVE2`, `KVM_GET/SET_VCPU_EVENTS`, `KVM_TRANSLATE`,
+/// `KVM_GET_TSC_KHZ`. KVM requires these to come from the thread that runs the vCPU
 /// once it has started; Swiftlet sets the vCPU up, then hands it to its thread.
 public final class VCPU: @unchecked Sendable {
     // @unchecked Sendable: the run area is only touched by the vCPU's own thread, except
@@ -187,6 +188,31 @@ public final class VCPU: @unchecked Sendable {
     /// The corresponding ioctl is `KVM_SET_FPU`.
     public func setFPU(_ state: kvm_fpu) throws(KVMError) {
         try fd.set("KVM_SET_FPU", CKVM_SET_FPU, state)
+    }
+
+    /// The x87, SSE and extended state in XSAVE's standard (uncompacted) layout: `size`
+    /// bytes, the value of `KVM_CAP_XSAVE2` on the VM, or 4096 without it. Components the
+    /// guest has not used read as their initial values (MXCSR 0x1F80 at byte 24).
+    /// The corresponding ioctl is `KVM_GET_XSAVE2`, or `KVM_GET_XSAVE` for 4096 bytes.
+    public func xsave(size: Int) throws(KVMError) -> [UInt8] {
+        let bytes = max(size, 4096)
+        return try withZeroedBuffer(size: bytes) { (buffer) throws(KVMError) -> [UInt8] in
+            if size > 4096 {
+                try fd.ioctl("KVM_GET_XSAVE2", CKVM_GET_XSAVE2, buffer: buffer)
+            } else {
+                try fd.ioctl("KVM_GET_XSAVE", CKVM_GET_XSAVE, buffer: buffer)
+            }
+            return Array(UnsafeRawBufferPointer(start: buffer, count: bytes))
+        }
+    }
+
+    /// Replaces the XSAVE state with `area` (what ``xsave(size:)`` returned, changed), which
+    /// KVM checks (reserved MXCSR bits, unsupported components). The ioctl is `KVM_SET_XSAVE`.
+    public func setXSAVE(_ area: [UInt8]) throws(KVMError) {
+        try withZeroedBuffer(size: max(area.count, 4096)) { (buffer) throws(KVMError) in
+            buffer.copyMemory(from: area, byteCount: area.count)
+            try fd.ioctl("KVM_SET_XSAVE", CKVM_SET_XSAVE, buffer: buffer)
+        }
     }
 
     /// Exceptions, interrupts and NMIs being delivered or pending, and the interrupt

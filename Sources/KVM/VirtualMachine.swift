@@ -5,7 +5,7 @@ import Glibc
 ///
 /// VM ioctls: `KVM_SET_USER_MEMORY_REGION`, `KVM_SET_TSS_ADDR`,
 /// `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`, `KVM_IRQ_LINE`,
-/// `KVM_SIGNAL_MSI`, `KVM_ENABLE_CAP` and `KVM_CREATE_VCPU`. Each is safe to call from any thread.
+/// `KVM_SIGNAL_MSI`, `KVM_CHECK_EXTENSION`, `KVM_ENABLE_CAP` and `KVM_CREATE_VCPU`. Each is safe to call from any thread.
 public final class VirtualMachine: Sendable {
     let fd: KVMFileDescriptor
     public let system: KVMSystem
@@ -81,6 +81,12 @@ public final class VirtualMachine: Sendable {
         level.irq = gsi
         level.level = high ? 1 : 0
         try fd.ioctl("KVM_IRQ_LINE", CKVM_IRQ_LINE, &level)
+    }
+
+    /// `KVM_CHECK_EXTENSION` on the VM: 0 when absent, else a capability-specific value.
+    /// Some answers depend on the VM (`KVM_CAP_XSAVE2`'s size).
+    public func check(_ capability: KVMCapability) -> Int32 {
+        (try? fd.ioctl("KVM_CHECK_EXTENSION", CKVM_CHECK_EXTENSION, value: UInt(capability.rawValue))) ?? 0
     }
 
     /// Turns on a VM capability that must be asked for (`KVM_CAP_EXIT_ON_EMULATION_FAILURE`

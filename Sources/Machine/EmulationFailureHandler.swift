@@ -3,23 +3,85 @@ import KVM
 import Memory
 import X86
 
-/// Facts about the host CPU that decide how an instruction completes, read once per VM.
+/// Facts about the host CPU that decide how an instruction completes: what the CPU itself
+/// implements (its own CPUID, FXSAVE's mask), which is what hardware would apply to the
+/// guest's instruction whatever CPUID the guest is shown.
 struct HostCPUFacts: Sendable {
     /// FXSAVE's MXCSR_MASK: the MXCSR bits LDMXCSR accepts on this CPU.
     let mxcsrMask: UInt32
-    /// MAXPHYADDR (CPUID 0x80000008 EAX[7:0]; 36 when KVM does not report the leaf).
+    /// MAXPHYADDR (CPUID 0x80000008 EAX[7:0]; 36 when the CPU lacks the leaf).
     let physicalAddressBits: Int
     /// CLAC/STAC exist (CPUID.(EAX=7,ECX=0):EBX.SMAP[bit 20]).
     let supportsCLACAndSTAC: Bool
 
-    /// From KVM's supported CPUID: what the CPU (not the guest's CPUID model) implements,
-    /// which is what decides how hardware runs the guest's instructions.
-    init(supportedCPUID: [CPUIDEntry]) {
+    init() {
         mxcsrMask = ckvm_host_mxcsr_mask()
-        let addressLeaf = supportedCPUID.first { $0.function == 0x8000_0008 }
-        physicalAddressBits = addressLeaf.map { Int($0.eax & 0xFF) } ?? 36
-        let features = supportedCPUID.first { $0.function == 7 && $0.index == 0 }
-        supportsCLACAndSTAC = (features?.ebx ?? 0) & (1 << 20) != 0
+        let addressBits = Self.cpuid(0x8000_0008)[0] & 0xFF
+        physicalAddressBits = addressBits != 0 ? Int(addressBits) : 36
+        supportsCLACAndSTAC = Self.cpuid(7)[1] & (1 << 20) != 0
+    }
+
+    private static func cpuid(_ leaf: UInt32) -> [UInt32] {
+        var registers: [UInt32] = [0, 0, 0, 0]
+        registers.withUnsafeMutableBufferPointer { ckvm_host_cpuid(leaf, 0, $0.baseAddress) }
+        return registers
+    }
+}
+
+/// How the guest's MXCSR and x87 status word are read and written.
+///
+/// With XSAVE, KVM keeps the guest's state in an XSAVE area, and only `KVM_GET_XSAVE`
+/// reports a component the guest has not touched as its initial value; `KVM_GET_FPU`
+/// copies the raw legacy area, whose MXCSR need not have been saved (measured: 0 after
+/// `KVM_SET_FPU` of 0x1F80), and `KVM_SET_FPU` of MXCSR does not reach the guest there.
+enum GuestFPUAccess: Sendable {
+    /// `KVM_GET_XSAVE`/`KVM_GET_XSAVE2` and `KVM_SET_XSAVE` (`size`: `KVM_CAP_XSAVE2`, or 0).
+    case xsave(size: Int)
+    /// `KVM_GET_FPU`/`KVM_SET_FPU`, on a KVM without XSAVE (FXSAVE always stores MXCSR).
+    case fpu
+
+    /// Byte offsets in the XSAVE area (Intel SDM volume 1, 13.4.1).
+    static let statusWordOffset = 2
+    static let mxcsrOffset = 24
+    static let stateBitmapOffset = 512
+
+    func control(_ vcpu: VCPU) throws(KVMError) -> FloatingPointControl {
+        switch self {
+        case let .xsave(size):
+            let area = try vcpu.xsave(size: size)
+            return FloatingPointControl(mxcsr: area.loadLittleEndian(UInt32.self, at: Self.mxcsrOffset),
+                                        x87StatusWord: area.loadLittleEndian(UInt16.self, at: Self.statusWordOffset))
+        case .fpu:
+            let fpu = try vcpu.fpu()
+            return FloatingPointControl(mxcsr: fpu.mxcsr, x87StatusWord: fpu.fsw)
+        }
+    }
+
+    func setMXCSR(_ value: UInt32, _ vcpu: VCPU) throws(KVMError) {
+        switch self {
+        case let .xsave(size):
+            var area = try vcpu.xsave(size: size)
+            area.storeLittleEndian(value, at: Self.mxcsrOffset)
+            // MXCSR counts only when the SSE (or AVX) component is marked in use: mark SSE.
+            // Its XMM registers are then the ones in the area, which KVM filled in.
+            let inUse = area.loadLittleEndian(UInt64.self, at: Self.stateBitmapOffset)
+            area.storeLittleEndian(inUse | 2, at: Self.stateBitmapOffset)
+            try vcpu.setXSAVE(area)
+        case .fpu:
+            var fpu = try vcpu.fpu()
+            fpu.mxcsr = value
+            try vcpu.setFPU(fpu)
+        }
+    }
+}
+
+extension Array where Element == UInt8 {
+    func loadLittleEndian<T: FixedWidthInteger>(_ type: T.Type, at offset: Int) -> T {
+        (0..<MemoryLayout<T>.size).reduce(T.zero) { $0 | T(self[offset + $1]) << (8 * $1) }
+    }
+
+    mutating func storeLittleEndian<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+        for index in 0..<MemoryLayout<T>.size { self[offset + index] = UInt8(truncatingIfNeeded: value >> (8 * index)) }
     }
 }
 
@@ -35,7 +97,7 @@ enum EmulationFailureAction {
 /// Handles KVM's emulation failures for one vCPU: reads the failing instruction (from the
 /// exit data, else from guest memory through `KVM_TRANSLATE`), decodes it, asks
 /// ``InstructionCompleter`` what it does, and applies that with `KVM_SET_REGS`,
-/// `KVM_SET_SREGS`, `KVM_GET/SET_FPU` and `KVM_SET_VCPU_EVENTS`. What cannot be completed
+/// `KVM_SET_SREGS`, `KVM_GET/SET_XSAVE` (or `KVM_GET/SET_FPU`) and `KVM_SET_VCPU_EVENTS`. What cannot be completed
 /// exactly is reported with its bytes and name.
 ///
 /// Used only by the vCPU's own thread.
@@ -43,6 +105,7 @@ struct EmulationFailureHandler {
     let vcpu: VCPU
     let memory: GuestMemory
     let host: HostCPUFacts
+    let fpuAccess: GuestFPUAccess
     /// Off with `--no-complete-instructions`: every failure stops the VM, as KVM reports it.
     let completeInstructions: Bool
     /// `KVM_CAP_EXIT_ON_EMULATION_FAILURE` is on: failures at CPL > 0 come here too (KVM
@@ -81,7 +144,8 @@ struct EmulationFailureHandler {
 
         let outcome: CompletionOutcome
         if let instruction {
-            outcome = try InstructionCompleter(environment: VCPUCompletionEnvironment(vcpu: vcpu, memory: memory, host: host))
+            let environment = VCPUCompletionEnvironment(vcpu: vcpu, ram: GuestRAM(memory: memory), host: host, fpuAccess: fpuAccess)
+            outcome = try InstructionCompleter(environment: environment)
                 .complete(instruction, registers: registers, special: special)
         } else {
             outcome = .notCompleted("Swiftlet does not decode it")
@@ -92,11 +156,7 @@ struct EmulationFailureHandler {
         case let .completed(newRegisters, newSpecial, mxcsr):
             try vcpu.setRegisters(newRegisters)
             if let newSpecial { try vcpu.setSpecialRegisters(newSpecial) }
-            if let mxcsr {
-                var fpu = try vcpu.fpu()
-                fpu.mxcsr = mxcsr
-                try vcpu.setFPU(fpu)
-            }
+            if let mxcsr { try fpuAccess.setMXCSR(mxcsr, vcpu) }
             try setEvents(events, exception: nil)
             return .resumed(label: "completed \(mnemonic) (KVM could not emulate it)")
         case let .exception(exception):
@@ -151,14 +211,14 @@ struct EmulationFailureHandler {
         return bytes
     }
 
-    /// "`ldmxcsr [rsp+0x4]` (bytes 0f ae 54 24 04) at RIP 0x..." or, undecoded, the bytes alone.
+    /// "ldmxcsr [rsp+0x4] at RIP 0x..., bytes 0f ae 54 24 04" or, undecoded, the bytes alone.
     static func describe(_ instruction: Instruction?, bytes: [UInt8], rip: UInt64) -> String {
         let location = "at RIP \(Hex.prefixed(rip))"
         guard let instruction else {
-            if bytes.isEmpty { return "the instruction \(location) (its bytes could not be read)" }
-            return "the instruction \(location) (bytes \(hexBytes(bytes)); not one Swiftlet's decoder knows)"
+            if bytes.isEmpty { return "the instruction \(location), whose bytes could not be read" }
+            return "the instruction \(location), bytes \(hexBytes(bytes)) (not one Swiftlet's decoder knows)"
         }
-        return "\(instruction.text) \(location) (bytes \(hexBytes(Array(bytes.prefix(instruction.length)))))"
+        return "\(instruction.text) \(location), bytes \(hexBytes(Array(bytes.prefix(instruction.length))))"
     }
 
     static func hexBytes(_ bytes: [UInt8]) -> String {
@@ -166,17 +226,12 @@ struct EmulationFailureHandler {
     }
 }
 
-/// ``CompletionEnvironment`` for a real vCPU: guest RAM and `KVM_GET_FPU`.
+/// ``CompletionEnvironment`` for a real vCPU: guest RAM, and its FPU state through KVM.
 private struct VCPUCompletionEnvironment: CompletionEnvironment {
     let vcpu: VCPU
     let ram: GuestRAM
     let host: HostCPUFacts
-
-    init(vcpu: VCPU, memory: GuestMemory, host: HostCPUFacts) {
-        self.vcpu = vcpu
-        self.ram = GuestRAM(memory: memory)
-        self.host = host
-    }
+    let fpuAccess: GuestFPUAccess
 
     var memory: any GuestPhysicalMemory { ram }
     var mxcsrMask: UInt32 { host.mxcsrMask }
@@ -184,8 +239,7 @@ private struct VCPUCompletionEnvironment: CompletionEnvironment {
     var supportsCLACAndSTAC: Bool { host.supportsCLACAndSTAC }
 
     func floatingPointControl() throws(KVMError) -> FloatingPointControl {
-        let fpu = try vcpu.fpu()
-        return FloatingPointControl(mxcsr: fpu.mxcsr, x87StatusWord: fpu.fsw)
+        try fpuAccess.control(vcpu)
     }
 }
 

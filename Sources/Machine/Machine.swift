@@ -63,7 +63,8 @@ public final class Machine: Sendable {
             // inject #UD at CPL > 0 itself) and queue no #UD of its own at CPL 0.
             let exitOnEveryFailure = configuration.completeInstructions && board.system.check(.exitOnEmulationFailure) > 0
             if exitOnEveryFailure { try board.vm.enable(.exitOnEmulationFailure, arguments: [1]) }
-            let host = HostCPUFacts(supportedCPUID: supportedCPUID)
+            let host = HostCPUFacts()
+            let fpuAccess: GuestFPUAccess = board.system.check(.xsave) > 0 ? .xsave(size: Int(board.vm.check(.xsave2))) : .fpu
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
             for id in 0..<configuration.cpuCount {
@@ -72,7 +73,7 @@ public final class Machine: Sendable {
                 let model = cpuModel ?? CPUModel(supported: supportedCPUID, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
                 cpuModel = model
                 try VCPUSetup.configure(vcpu, cpuid: model.entries(forAPICID: UInt32(id)))
-                let emulationFailures = EmulationFailureHandler(vcpu: vcpu, memory: board.memory, host: host,
+                let emulationFailures = EmulationFailureHandler(vcpu: vcpu, memory: board.memory, host: host, fpuAccess: fpuAccess,
                                                                 completeInstructions: configuration.completeInstructions,
                                                                 exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,

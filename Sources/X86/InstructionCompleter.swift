@@ -236,7 +236,7 @@ private struct Execution {
             try populationCount(size: size, destination: destination, source: source)
             advance()
         case .other:
-            throw .notCompleted("Swiftlet does not complete \(instruction.mnemonic)")
+            throw .notCompleted("\(instruction.mnemonic) is not among the instructions it completes")
         }
     }
 
@@ -443,7 +443,8 @@ private struct Execution {
         guard isCanonical(stack), isCanonical(stack &- 40) else { throw .exception(.stackFault(0)) }
         let frame: [UInt64] = [nextRIP, UInt64(special.cs.selector), registers.rflags, registers.rsp, UInt64(special.ss.selector)]
         let frameBytes = frame.flatMap { value in (0..<8).map { UInt8(truncatingIfNeeded: value >> (8 * UInt64($0))) } }
-        try write(frameBytes, at: stack &- 40, access: .system(.write))
+        // Pushes to the stack are user-mode accesses when the handler runs at CPL 3.
+        try write(frameBytes, at: stack &- 40, access: mode.cpl == 3 ? MemoryAccess(kind: .write, user: true) : .system(.write))
 
         // Loading CS sets the descriptor's accessed bit, as any segment load does.
         if type & 1 == 0 {

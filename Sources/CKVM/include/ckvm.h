@@ -49,6 +49,9 @@ static const unsigned long CKVM_SET_LAPIC = KVM_SET_LAPIC;
 static const unsigned long CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
 static const unsigned long CKVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
 static const unsigned long CKVM_TRANSLATE = KVM_TRANSLATE;
+static const unsigned long CKVM_GET_XSAVE = KVM_GET_XSAVE;
+static const unsigned long CKVM_GET_XSAVE2 = KVM_GET_XSAVE2;
+static const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
 static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
@@ -70,6 +73,7 @@ static const int CKVM_CAP_X2APIC_API = KVM_CAP_X2APIC_API;
 static const int CKVM_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI;
 static const int CKVM_CAP_READONLY_MEM = KVM_CAP_READONLY_MEM;
 static const int CKVM_CAP_XSAVE = KVM_CAP_XSAVE;
+static const int CKVM_CAP_XSAVE2 = KVM_CAP_XSAVE2;
 static const int CKVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
 static const int CKVM_CAP_INTERNAL_ERROR_DATA = KVM_CAP_INTERNAL_ERROR_DATA;
 static const int CKVM_CAP_EXIT_ON_EMULATION_FAILURE = KVM_CAP_EXIT_ON_EMULATION_FAILURE;
@@ -159,6 +163,10 @@ int ckvm_kick_signal(void);
 /// architectural default 0xFFBF when it stores 0). A guest's LDMXCSR runs on this CPU, so
 /// these are the bits hardware accepts from the guest too.
 uint32_t ckvm_host_mxcsr_mask(void);
+/// CPUID of the host CPU for `leaf`/`subleaf` into registers[0..3] = EAX, EBX, ECX, EDX
+/// (all zero above the highest leaf). What the CPU itself implements, which is what
+/// decides how hardware runs a guest's instructions, whatever the guest's CPUID says.
+void ckvm_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t registers[4]);
 
 // --- Guest memory shared with running vCPUs -------------------------------------------------
 /// Atomically replaces the naturally aligned 8-byte word at `address` with `desired` if it
