@@ -60,7 +60,7 @@ let package = Package(
         .testTarget(name: "BootTests", dependencies: ["Boot", "Memory", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
-        .testTarget(name: "X86Tests", dependencies: ["X86", "KVM"]),
+        .testTarget(name: "X86Tests", dependencies: ["X86", "KVM", "Memory"]),
     ],
     swiftLanguageModes: [.v6]
 )
