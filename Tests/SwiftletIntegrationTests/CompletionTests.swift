@@ -84,4 +84,30 @@ struct CompletionTests {
         #expect(result.stderr.contains("mode: 64-bit long mode, CPL 0"))
         #expect(result.stderr.contains("RDI=00000000d0000000"))
     }
+
+    @Test("The same instruction at CPL 3: the guest gets the #UD KVM gives it by default, and goes on")
+    func userModeKeepsKVMsAnswer() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("cmpxchg16b-user"), "--trace-exits", "--timeout", "120"])
+        #expect(result.status == 1, "\(result.stdout)\n\(result.stderr)")
+        #expect(result.stdout.contains("cmpxchg16b: #UD at CPL 3, reported at the instruction"))
+        // KVM_CAP_EXIT_ON_EMULATION_FAILURE brings the failure to Swiftlet, which injects the
+        // #UD; a KVM without the capability injects it itself.
+        if result.stderr.contains("#UD injected") {
+            #expect(result.stderr.contains("#UD injected for cmpxchg16b at CPL 3, as KVM does (KVM could not emulate it)"))
+        }
+    }
+
+    @Test("--no-complete-instructions at CPL 3: KVM's own #UD, or a stop where KVM reports the failure instead")
+    func userModeWithoutCompletion() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("cmpxchg16b-user"), "--no-complete-instructions", "--timeout", "120"])
+        if result.status == 1 {
+            // Upstream KVM without KVM_CAP_EXIT_ON_EMULATION_FAILURE: #UD at CPL > 0, no exit.
+            #expect(result.stdout.contains("cmpxchg16b: #UD at CPL 3, reported at the instruction"))
+        } else {
+            // This project's hosts report the failure to user space at CPL 3 as well.
+            #expect(result.status == 4)
+            #expect(result.stderr.contains("KVM could not emulate lock cmpxchg16b [rdi] at RIP 0x"))
+            #expect(result.stderr.contains("mode: 64-bit long mode, CPL 3"))
+        }
+    }
 }
