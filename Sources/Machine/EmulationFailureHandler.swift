@@ -13,17 +13,22 @@ struct HostCPUFacts: Sendable {
     let physicalAddressBits: Int
     /// CLAC/STAC exist (CPUID.(EAX=7,ECX=0):EBX.SMAP[bit 20]).
     let supportsCLACAndSTAC: Bool
+    /// Where PKRU (XSAVE state component 9) lies in the standard XSAVE layout
+    /// (CPUID.(EAX=0xD,ECX=9):EBX), when the CPU has it.
+    let protectionKeyOffset: Int?
 
     init() {
         mxcsrMask = ckvm_host_mxcsr_mask()
         let addressBits = Self.cpuid(0x8000_0008)[0] & 0xFF
         physicalAddressBits = addressBits != 0 ? Int(addressBits) : 36
         supportsCLACAndSTAC = Self.cpuid(7)[1] & (1 << 20) != 0
+        let pkru = Self.cpuid(0xD, 9)
+        protectionKeyOffset = pkru[0] >= 4 && pkru[1] >= 512 ? Int(pkru[1]) : nil
     }
 
-    private static func cpuid(_ leaf: UInt32) -> [UInt32] {
+    private static func cpuid(_ leaf: UInt32, _ subleaf: UInt32 = 0) -> [UInt32] {
         var registers: [UInt32] = [0, 0, 0, 0]
-        registers.withUnsafeMutableBufferPointer { ckvm_host_cpuid(leaf, 0, $0.baseAddress) }
+        registers.withUnsafeMutableBufferPointer { ckvm_host_cpuid(leaf, subleaf, $0.baseAddress) }
         return registers
     }
 }
@@ -55,6 +60,14 @@ enum GuestFPUAccess: Sendable {
             let fpu = try vcpu.fpu()
             return FloatingPointControl(mxcsr: fpu.mxcsr, x87StatusWord: fpu.fsw)
         }
+    }
+
+    /// PKRU from the XSAVE area at `offset`; `nil` without XSAVE or outside the area.
+    func protectionKeyRights(_ vcpu: VCPU, offset: Int?) throws(KVMError) -> UInt32? {
+        guard case let .xsave(size) = self, let offset else { return nil }
+        let area = try vcpu.xsave(size: size)
+        guard offset + 4 <= area.count else { return nil }
+        return area.loadLittleEndian(UInt32.self, at: offset)
     }
 
     func setMXCSR(_ value: UInt32, _ vcpu: VCPU) throws(KVMError) {
@@ -240,6 +253,10 @@ private struct VCPUCompletionEnvironment: CompletionEnvironment {
 
     func floatingPointControl() throws(KVMError) -> FloatingPointControl {
         try fpuAccess.control(vcpu)
+    }
+
+    func protectionKeyRights() throws(KVMError) -> UInt32? {
+        try fpuAccess.protectionKeyRights(vcpu, offset: host.protectionKeyOffset)
     }
 }
 

@@ -117,6 +117,8 @@ public protocol CompletionEnvironment {
     var supportsCLACAndSTAC: Bool { get }
     /// The guest's MXCSR and x87 status word (read when an instruction needs them).
     func floatingPointControl() throws(KVMError) -> FloatingPointControl
+    /// The guest's PKRU (read when a protection-key check needs it); `nil` when unknown.
+    func protectionKeyRights() throws(KVMError) -> UInt32?
 }
 
 /// The CPU mode at RIP, as far as decoding and completing need it.
@@ -179,7 +181,8 @@ private struct Execution {
         mode = ExecutionMode(registers: registers, special: special)
         walker = PageWalker(paging: PagingState(cr0: special.cr0, cr3: special.cr3, cr4: special.cr4, efer: special.efer,
                                                 physicalAddressBits: environment.physicalAddressBits),
-                            memory: environment.memory)
+                            memory: environment.memory,
+                            protectionKeyRights: { try? environment.protectionKeyRights() })
     }
 
     /// The address of the next instruction, wrapped as IP/EIP wrap in 16/32-bit code.

@@ -109,22 +109,27 @@ enum X86Bits {
     static let faultWrite: UInt32 = 1 << 1
     static let faultUser: UInt32 = 1 << 2
     static let faultReserved: UInt32 = 1 << 3
+    static let faultProtectionKey: UInt32 = 1 << 5
 }
 
 /// Walks the guest's page tables the way the CPU does for a data access: checks presence,
-/// reserved bits and access rights (U/S, R/W with CR0.WP, SMAP), and sets the accessed and
-/// dirty bits with a locked compare-and-exchange. Paging off, 32-bit paging (with 4 MiB
-/// pages) and 4- or 5-level paging are modelled; PAE paging outside long mode and
-/// protection keys are reported as unsupported.
+/// reserved bits and access rights (U/S, R/W with CR0.WP, SMAP, protection keys), and sets
+/// the accessed and dirty bits with a locked compare-and-exchange. Paging off, 32-bit
+/// paging (with 4 MiB pages) and 4- or 5-level paging are modelled; PAE paging outside long
+/// mode and supervisor protection keys (CR4.PKS) are reported as unsupported.
 ///
 /// A walk translates one byte's page; callers split accesses at 4 KiB boundaries.
 public struct PageWalker {
     public let paging: PagingState
     public let memory: any GuestPhysicalMemory
+    /// PKRU, read only when a walk needs it (CR4.PKE and a user page); `nil` when it cannot
+    /// be read, which makes such a walk unsupported.
+    public let protectionKeyRights: () -> UInt32?
 
-    public init(paging: PagingState, memory: any GuestPhysicalMemory) {
+    public init(paging: PagingState, memory: any GuestPhysicalMemory, protectionKeyRights: @escaping () -> UInt32? = { nil }) {
         self.paging = paging
         self.memory = memory
+        self.protectionKeyRights = protectionKeyRights
     }
 
     /// One page-table entry the walk went through.
@@ -239,6 +244,24 @@ public struct PageWalker {
         let userPage = steps.allSatisfy { $0.value & X86Bits.pageUser != 0 }
         let writable = steps.allSatisfy { $0.value & X86Bits.pageWritable != 0 }
         let protectionFault = WalkResult.done(.pageFault(errorCode: X86Bits.faultPresent | accessBits(access)))
+        if paging.longMode && !userPage && paging.cr4 & X86Bits.cr4PKS != 0 {
+            return .done(.unsupported("supervisor protection keys (CR4.PKS) are not modelled"))
+        }
+        // Protection keys (4- and 5-level paging, CR4.PKE): PKRU's access-disable bit for the
+        // page's key forbids every data access to a user page, supervisor ones too; its
+        // write-disable bit forbids writes, except supervisor writes with CR0.WP clear. The
+        // check comes before the others: a fault that fails both reports PK.
+        if paging.longMode && userPage && paging.cr4 & X86Bits.cr4PKE != 0 {
+            guard let rights = protectionKeyRights() else {
+                return .done(.unsupported("PKRU could not be read for a protection-key check"))
+            }
+            let key = UInt32((steps[steps.count - 1].value >> 59) & 0xF)
+            let accessDisabled = (rights >> (2 * key)) & 1 != 0
+            let writeDisabled = (rights >> (2 * key + 1)) & 1 != 0
+            if accessDisabled || (access.kind == .write && writeDisabled && (access.user || paging.cr0 & X86Bits.cr0WP != 0)) {
+                return .done(.pageFault(errorCode: X86Bits.faultPresent | X86Bits.faultProtectionKey | accessBits(access)))
+            }
+        }
         if access.user {
             guard userPage else { return protectionFault }
             if access.kind == .write && !writable { return protectionFault }
@@ -247,14 +270,6 @@ public struct PageWalker {
                 return protectionFault
             }
             if access.kind == .write && !writable && paging.cr0 & X86Bits.cr0WP != 0 { return protectionFault }
-        }
-        if paging.longMode { // protection keys exist only with 4- and 5-level paging
-            if userPage && paging.cr4 & X86Bits.cr4PKE != 0 {
-                return .done(.unsupported("protection keys (CR4.PKE) on a user page are not modelled"))
-            }
-            if !userPage && paging.cr4 & X86Bits.cr4PKS != 0 {
-                return .done(.unsupported("supervisor protection keys (CR4.PKS) are not modelled"))
-            }
         }
         // Set A in every entry used, and D in the last one for a write, as the CPU does,
         // without losing a concurrent change by another vCPU.

@@ -7,7 +7,9 @@ struct TestEnvironment: CompletionEnvironment {
     let ram: TestRAM
     var control = FloatingPointControl(mxcsr: 0x1F80, x87StatusWord: 0)
     var supportsCLACAndSTAC = true
+    var pkru: UInt32? = 0
     var memory: any GuestPhysicalMemory { ram }
+    func protectionKeyRights() throws(KVMError) -> UInt32? { pkru }
     var mxcsrMask: UInt32 { 0xFFFF }
     var physicalAddressBits: Int { 46 }
     func floatingPointControl() throws(KVMError) -> FloatingPointControl { control }

@@ -191,13 +191,32 @@ struct LongModeWalkTests {
         }
     }
 
-    @Test("Protection keys on a user page are not modelled")
+    @Test("Protection keys: AD forbids any data access to a user page, WD writes (supervisor ones only with CR0.WP)")
     func protectionKeys() {
         let ram = TestRAM()
         longModeTables(ram)
-        let pke = PageWalker(paging: longMode(cr4: 0x20 | (1 << 22)), memory: ram)
-        if case .unsupported = pke.translate(0x202000, MemoryAccess(kind: .read)) {} else { Issue.record("PKE on a user page") }
-        #expect(pke.translate(0x200000, MemoryAccess(kind: .read)) == .physical(0x8000))
+        ram.store(0xA000 | P | W | U | (5 << 59), at: 0x4010) // the user page, key 5
+        let pke: UInt64 = 0x20 | (1 << 22)
+        func walk(_ pkru: UInt32?, cr0: UInt64 = cr0Paging | wp, _ access: MemoryAccess) -> Translation {
+            PageWalker(paging: longMode(cr0: cr0, cr4: pke), memory: ram, protectionKeyRights: { pkru }).translate(0x202000, access)
+        }
+        let accessDisable: UInt32 = 1 << 10, writeDisable: UInt32 = 1 << 11
+        #expect(walk(0, MemoryAccess(kind: .write, user: true)) == .physical(0xA000))
+        #expect(walk(accessDisable, MemoryAccess(kind: .read, user: true)) == .pageFault(errorCode: 0x20 | 5))
+        #expect(walk(accessDisable, MemoryAccess(kind: .read)) == .pageFault(errorCode: 0x20 | 1), "supervisor reads too")
+        #expect(walk(writeDisable, MemoryAccess(kind: .read, user: true)) == .physical(0xA000))
+        #expect(walk(writeDisable, MemoryAccess(kind: .write, user: true)) == .pageFault(errorCode: 0x20 | 7))
+        #expect(walk(writeDisable, MemoryAccess(kind: .write)) == .pageFault(errorCode: 0x20 | 3))
+        #expect(walk(writeDisable, cr0: cr0Paging, MemoryAccess(kind: .write)) == .physical(0xA000), "CR0.WP = 0")
+        #expect(walk(1 << 0, MemoryAccess(kind: .read, user: true)) == .physical(0xA000), "another key's bits")
+        // Supervisor pages have no key; PKRU unknown on a user page: not completed.
+        #expect(PageWalker(paging: longMode(cr4: pke), memory: ram, protectionKeyRights: { ~0 }).translate(0x200000, MemoryAccess(kind: .read))
+            == .physical(0x8000))
+        if case .unsupported = walk(nil, MemoryAccess(kind: .read)) {} else { Issue.record("PKRU unknown") }
+        // Supervisor protection keys are not modelled.
+        if case .unsupported = PageWalker(paging: longMode(cr4: 0x20 | (1 << 24)), memory: ram).translate(0x200000, MemoryAccess(kind: .read)) {} else {
+            Issue.record("PKS")
+        }
     }
 }
 
