@@ -72,6 +72,12 @@ public final class Machine: Sendable {
                 throw MachineError.invalidConfiguration("the kernel is entered in 64-bit mode, but CPU model "
                     + "\(configuration.cpuModel) has no long mode (lm); use a 32-bit entry or keep lm")
             }
+            // With completion on, have KVM report emulation failures at every CPL (it would
+            // inject #UD at CPL > 0 itself) and queue no #UD of its own at CPL 0.
+            let exitOnEveryFailure = configuration.completeInstructions && board.system.check(.exitOnEmulationFailure) > 0
+            if exitOnEveryFailure { try board.vm.enable(.exitOnEmulationFailure, arguments: [1]) }
+            let host = HostCPUFacts()
+            let fpuAccess: GuestFPUAccess = board.system.check(.xsave) > 0 ? .xsave(size: Int(board.vm.check(.xsave2))) : .fpu
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
             for id in 0..<configuration.cpuCount {
@@ -80,8 +86,12 @@ public final class Machine: Sendable {
                 let model = cpuModel ?? CPUModel(base: cpu.table.entries, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
                 cpuModel = model
                 try VCPUSetup.configure(vcpu, cpuid: model.entries(forAPICID: UInt32(id)))
+                let emulationFailures = EmulationFailureHandler(vcpu: vcpu, memory: board.memory, host: host, fpuAccess: fpuAccess,
+                                                                completeInstructions: configuration.completeInstructions,
+                                                                exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
-                                          traceExits: configuration.traceExits, tripleFault: configuration.tripleFault))
+                                          traceExits: configuration.traceExits, tripleFault: configuration.tripleFault,
+                                          emulationFailures: emulationFailures))
             }
             self.runners = runners
             // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local

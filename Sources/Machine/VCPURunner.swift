@@ -23,6 +23,7 @@ final class VCPURunner: @unchecked Sendable {
     private let stop: StopController
     private let traceExits: Bool
     private let tripleFault: TripleFaultAction
+    private let emulationFailures: EmulationFailureHandler
     private let thread = Mutex<NamedThread?>(nil)
     private let finished = DispatchSemaphore(value: 0)
 
@@ -30,13 +31,15 @@ final class VCPURunner: @unchecked Sendable {
     /// CLOCK_MONOTONIC time of the first `KVM_RUN`.
     private(set) var firstRunAt: UInt64?
 
-    init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool, tripleFault: TripleFaultAction) {
+    init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool, tripleFault: TripleFaultAction,
+         emulationFailures: EmulationFailureHandler) {
         self.vcpu = vcpu
         self.portBus = portBus
         self.mmioBus = mmioBus
         self.stop = stop
         self.traceExits = traceExits
         self.tripleFault = tripleFault
+        self.emulationFailures = emulationFailures
     }
 
     /// Starts the thread `vcpu<N>` and arranges for it to be kicked on stop. The thread
@@ -129,6 +132,17 @@ final class VCPURunner: @unchecked Sendable {
         case let .failEntry(reason, cpu):
             crash("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason 0x\(Hex.digits(reason)), CPU \(cpu)): the vCPU state is invalid")
         case let .internalError(suberror, data):
+            if let failure = EmulationFailure(suberror: suberror, data: data) {
+                // KVM's instruction emulator gave up: complete the instruction if it can be
+                // done exactly (see EmulationFailureHandler), else stop with its bytes.
+                switch emulationFailures.handle(failure) {
+                case let .resumed(label):
+                    if counting { statistics.recordEvent(label, nanoseconds: MonotonicClock.nanoseconds() - start) }
+                case let .crash(message):
+                    crash(message)
+                }
+                return
+            }
             let what = suberror == 1 ? "emulation failure: KVM could not emulate an instruction" : "suberror \(suberror)"
             crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR, \(what)); data: \(data.map { Hex.prefixed($0) }.joined(separator: " "))")
         case let .systemEvent(type, _):

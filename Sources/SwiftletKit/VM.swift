@@ -119,6 +119,7 @@ public final class VM: Sendable {
         machineConfiguration.traceExits = configuration.traceExits
         machineConfiguration.tripleFault = configuration.tripleFault == .reset ? .reset : .stop
         machineConfiguration.kvmPath = configuration.kvmDevice
+        machineConfiguration.completeInstructions = configuration.completeInstructions
         machineConfiguration.forwardStandardInput = configuration.forwardStandardInput
         machineConfiguration.handleTerminationSignals = configuration.handleTerminationSignals
         machineConfiguration.virtioTransport = configuration.virtioTransport == .mmio ? .mmio : .pci
