@@ -48,13 +48,16 @@ public struct BootOptions: Sendable {
     public var decompressOnHost: Bool
     /// Entry point choice for a Linux ELF (also a host-decompressed bzImage).
     public var linuxEntry: LinuxEntry
-    /// Write the MP table and ACPI tables (RSDP, XSDT, RSDT, MADT, FADT, DSDT).
+    /// Write the MP table and ACPI tables (RSDP, XSDT, RSDT, MADT, FADT, DSDT, MCFG).
     public var firmwareTables: Bool
+    /// The virtio-mmio devices and the PCI host bridge the firmware tables announce.
+    public var platformDevices: PlatformDevices
 
     public init(cmdline: String = "", initrd: [UInt8]? = nil, cpuCount: Int = 1, decompressOnHost: Bool = true,
-                linuxEntry: LinuxEntry = .automatic, firmwareTables: Bool = true) {
+                linuxEntry: LinuxEntry = .automatic, firmwareTables: Bool = true, platformDevices: PlatformDevices = .none) {
         self.cmdline = cmdline; self.initrd = initrd; self.cpuCount = cpuCount
         self.decompressOnHost = decompressOnHost; self.linuxEntry = linuxEntry; self.firmwareTables = firmwareTables
+        self.platformDevices = platformDevices
     }
 }
 
@@ -156,6 +159,6 @@ public enum KernelImage {
 
     static func writeFirmware(_ memory: GuestMemory, _ options: BootOptions) throws(BootError) -> GuestAddress? {
         guard options.firmwareTables else { return nil }
-        return try FirmwareTables.write(into: memory, cpuCount: options.cpuCount)
+        return try FirmwareTables.write(into: memory, cpuCount: options.cpuCount, devices: options.platformDevices)
     }
 }
