@@ -36,7 +36,8 @@ extension FirmwareTables {
     /// ```
     /// as QEMU's `microvm` and Firecracker write it. `_CCA` (DMA is cache-coherent) is
     /// what x86 assumes anyway; arm64 kernels require it. The interrupt is an edge, active
-    /// high: the machine raises it through an irqfd, a pulse on the IOAPIC pin.
+    /// high, as Firecracker declares it: the machine raises it through an irqfd, a pulse
+    /// on the IOAPIC pin (QEMU's `microvm` declares a level line, which its device holds).
     static func virtioMMIODevice(_ device: VirtioMMIODevice, index: Int) -> AML {
         .device(virtioMMIOName(index), [
             .name("_HID", .string("LNRO0005")),

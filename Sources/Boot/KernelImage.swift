@@ -61,6 +61,16 @@ public struct BootOptions: Sendable {
     }
 }
 
+extension BootOptions {
+    /// Ranges the memory map reserves besides the BIOS area: the PCI ECAM, when the
+    /// firmware tables announce a PCI host bridge. Linux uses the MCFG's ECAM from its
+    /// early PCI setup on only when the e820 map reserves it, as PC firmware does.
+    var reservedRanges: [Range<UInt64>] {
+        guard firmwareTables, let pci = platformDevices.pci else { return [] }
+        return [pci.ecamRange]
+    }
+}
+
 /// The result of loading a kernel: the boot vCPU's entry state plus where everything
 /// went, for logging and tests.
 public struct LoadedKernel: Sendable, Equatable {

@@ -87,9 +87,12 @@ public struct PCIHostDescription: Sendable, Equatable {
             slots: deviceSlots.map { PCISlotInterrupts.swizzled(device: $0) })
     }
 
-    /// The ECAM range of the buses in ``busRange``.
+    /// The ECAM range of the buses in ``busRange`` (empty for a base so high that the
+    /// range wraps, which the firmware tables refuse).
     public var ecamRange: Range<UInt64> {
-        (ecamBase + UInt64(busRange.lowerBound) << 20)..<(ecamBase + (UInt64(busRange.upperBound) + 1) << 20)
+        let start = ecamBase &+ UInt64(busRange.lowerBound) << 20
+        let end = ecamBase &+ (UInt64(busRange.upperBound) + 1) << 20
+        return start < end ? start..<end : start..<start
     }
 }
 

@@ -251,6 +251,44 @@ struct PlatformDevicesTests {
         #expect(try memory.read(at: BootLayout.mpTable, count: 0x100).allSatisfy { $0 == 0 })
     }
 
+    @Test("With a PCI host the e820 map reserves the ECAM: zero page, PVH memory map, Multiboot mmap")
+    func e820ReservesTheECAM() throws {
+        let ecam = E820Entry(address: 0xE000_0000, size: 0x10_0000, kind: .reserved)
+        func zeroPageMap(_ memory: GuestMemory) throws -> [E820Entry] {
+            let count = Int(try memory.load(UInt8.self, at: BootLayout.zeroPage + 0x1E8))
+            return try (0..<count).map { index in
+                let entry = BootLayout.zeroPage + 0x2D0 + UInt64(index) * 20
+                return E820Entry(address: try memory.load(UInt64.self, at: entry), size: try memory.load(UInt64.self, at: entry + 8),
+                                 kind: try #require(E820Entry.Kind(rawValue: try memory.load(UInt32.self, at: entry + 16))))
+            }
+        }
+        func pvhMap(_ memory: GuestMemory) throws -> [E820Entry] {
+            let count = Int(try memory.load(UInt32.self, at: BootLayout.pvhStartInfo + 48))
+            return try (0..<count).map { index in
+                let entry = BootLayout.pvhMemoryMap + UInt64(index) * 24
+                return E820Entry(address: try memory.load(UInt64.self, at: entry), size: try memory.load(UInt64.self, at: entry + 8),
+                                 kind: try #require(E820Entry.Kind(rawValue: try memory.load(UInt32.self, at: entry + 16))))
+            }
+        }
+        let memory = try Images.memory()
+        let plain = E820Map.build(for: memory)
+        // 64-bit entry through the zero page.
+        _ = try KernelImage.load(VmlinuxTests.vmlinux(), into: memory, options: BootOptions(linuxEntry: .linux64, platformDevices: Self.devices))
+        #expect(try zeroPageMap(memory) == plain + [ecam])
+        _ = try KernelImage.load(VmlinuxTests.vmlinux(), into: memory, options: BootOptions(linuxEntry: .linux64))
+        #expect(try zeroPageMap(memory) == plain)
+        // PVH.
+        _ = try KernelImage.load(VmlinuxTests.vmlinux(pvh: 0x100_0850), into: memory, options: BootOptions(platformDevices: Self.devices))
+        #expect(try pvhMap(memory) == plain + [ecam])
+        // Only virtio-mmio devices, or no firmware tables: nothing reserved.
+        _ = try KernelImage.load(VmlinuxTests.vmlinux(pvh: 0x100_0850), into: memory,
+                                 options: BootOptions(platformDevices: PlatformDevices(virtioMMIO: Self.devices.virtioMMIO)))
+        #expect(try pvhMap(memory) == plain)
+        _ = try KernelImage.load(VmlinuxTests.vmlinux(pvh: 0x100_0850), into: memory,
+                                 options: BootOptions(firmwareTables: false, platformDevices: Self.devices))
+        #expect(try pvhMap(memory) == plain)
+    }
+
     @Test("BootOptions carry the devices to the tables a loaded kernel finds")
     func bootOptionsCarryTheDevices() throws {
         let memory = try Images.memory()
