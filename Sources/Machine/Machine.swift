@@ -53,8 +53,9 @@ public final class Machine: Sendable {
         // Read (and check) the payload before touching /dev/kvm: a wrong file is reported
         // at once. The bytes live only until they are copied into guest RAM.
         let virtioWords = Board.virtioCommandLine(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
+        let platform = Board.platformDevices(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
         var payload: Payload? = try Payload.read(configuration.boot, memorySize: configuration.memorySize,
-                                                 cpuCount: configuration.cpuCount, extraCommandLine: virtioWords)
+                                                 cpuCount: configuration.cpuCount, platform: platform, mmioCommandLine: virtioWords)
         do { loop = try EventLoop() } catch { throw .invalidConfiguration("cannot make the VM's event loop: \(error)") }
         board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: payload?.format == .multiboot)
         let entry: EntryState
