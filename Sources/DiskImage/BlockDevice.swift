@@ -30,6 +30,9 @@ public enum ImageFormat: String, Sendable, CaseIterable, CustomStringConvertible
 }
 
 /// A raw image: the file's bytes are the disk's bytes. Owns its `ImageFile`.
+///
+/// Like QEMU, the disk is a whole number of 512-byte sectors: a file whose size is not a
+/// multiple of 512 gets a last sector completed with zeros (which a write fills in).
 public final class RawImage: BlockDevice {
     public let file: ImageFile
     public let virtualSize: UInt64
@@ -37,7 +40,7 @@ public final class RawImage: BlockDevice {
 
     public init(file: ImageFile) throws {
         self.file = file
-        self.virtualSize = try file.size()
+        self.virtualSize = (try file.size() + 511) & ~511
         self.isReadOnly = !file.writable
     }
 

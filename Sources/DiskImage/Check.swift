@@ -116,7 +116,7 @@ extension QCOW2Image {
         // Persistent bitmaps: the directory, each bitmap's table, and the table's data clusters.
         if h.bitmapCount > 0 {
             reference(h.bitmapDirectoryOffset, h.bitmapDirectorySize, "bitmap directory")
-            for b in try BitmapDirectoryEntry.read(file: file, header: h) {
+            for b in h.bitmapDirectory {
                 reference(b.tableOffset, UInt64(b.tableEntries) * 8, "bitmap table")
                 for e in try readTable(b.tableOffset, Int(b.tableEntries)) where e & Self.offsetMask != 0 {
                     let data = e & Self.offsetMask

@@ -23,6 +23,8 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
     case tableOutsideFile(table: String, offset: UInt64, length: UInt64, fileSize: UInt64)
     case tableTooLarge(table: String, entries: UInt64, limit: UInt64)
     case tableOverlapsHeader(table: String)
+    case tableOffsetTooLarge(table: String, offset: UInt64)
+    case noRefcountTable
     case l1TooSmall(entries: UInt32, needed: UInt64)
     case virtualSizeTooLarge(UInt64)
     case backingNameTooLong(UInt32)
@@ -35,6 +37,10 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
     case extendedL2NeedsLargerClusters(clusterBits: UInt32)
     case tooManySnapshots(UInt32)
     case badSnapshot(index: Int, reason: String)
+    case snapshotTableTooLarge(entries: Int, bytes: UInt64)
+    case rawDataFileWithoutDataFile
+    case badBitmapDirectory(String)
+    case badBitmap(index: Int, name: String, reason: String)
     case snapshotNotFound(String)
 
     // State bits that forbid writing.
@@ -88,6 +94,10 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
             return "qcow2 header: \(table) has \(entries) entries, more than the limit of \(limit)"
         case let .tableOverlapsHeader(table):
             return "qcow2 header: \(table) overlaps the header cluster"
+        case let .tableOffsetTooLarge(table, offset):
+            return "qcow2 header: \(table) offset 0x\(hex(offset)) is beyond 2^63 (the table is empty, but QEMU refuses it too)"
+        case .noRefcountTable:
+            return "qcow2 header: refcount_table_clusters is 0, so the image has no reference count table"
         case let .l1TooSmall(entries, needed):
             return "qcow2 header: L1 table has \(entries) entries but the virtual size needs \(needed)"
         case let .virtualSizeTooLarge(size):
@@ -112,6 +122,14 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
             return "qcow2 header: \(n) snapshots is more than the limit of 65536"
         case let .badSnapshot(index, reason):
             return "qcow2 snapshot table entry \(index): \(reason)"
+        case let .snapshotTableTooLarge(entries, bytes):
+            return "qcow2 snapshot table: its first \(entries) entries take \(bytes) bytes, more than the limit of 64 MiB"
+        case .rawDataFileWithoutDataFile:
+            return "qcow2 header: autoclear bit 1 (raw external data) is set, but the image has no external data file"
+        case let .badBitmapDirectory(reason):
+            return "qcow2 bitmap directory: \(reason)"
+        case let .badBitmap(index, name, reason):
+            return "qcow2 bitmap directory entry \(index) ('\(name)'): \(reason)"
         case let .snapshotNotFound(name):
             return "qcow2: no snapshot named '\(name)'"
         case let .imageCorrupt(path):
