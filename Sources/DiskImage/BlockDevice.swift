@@ -98,7 +98,7 @@ public enum DiskImage {
     }
 
     static func open(path: String, format: ImageFormat?, readOnly: Bool, snapshot: String?,
-                     chain: inout BackingChainState) throws -> any BlockDevice {
+                     chain: inout BackingChainState, forCheck: Bool = false) throws -> any BlockDevice {
         let ro = readOnly || snapshot != nil
         let file = try ImageFile(path: path, writable: !ro)
         let id = try file.identity()
@@ -110,7 +110,7 @@ public enum DiskImage {
             guard snapshot == nil else { throw DiskImageError.invalidArgument("raw images have no snapshots") }
             return try RawImage(file: file)
         case .qcow2:
-            return try QCOW2Image(file: file, snapshot: snapshot, chain: &chain)
+            return try QCOW2Image(file: file, snapshot: snapshot, chain: &chain, forCheck: forCheck)
         }
     }
 

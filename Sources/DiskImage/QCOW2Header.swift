@@ -69,6 +69,8 @@ public struct QCOW2Header: Sendable {
     /// (which Swiftlet refuses), ignored otherwise, as by QEMU.
     public var dataFileName: String?
     public var snapshots: [QCOW2Snapshot] = []
+    /// Bytes from the start of the snapshot table to the end of its last entry.
+    public var snapshotTableSize: UInt64 = 0
 
     /// One entry of the feature name table extension.
     public struct FeatureName: Sendable, Equatable {
@@ -107,7 +109,11 @@ public struct QCOW2Header: Sendable {
     }
 
     /// Reads and validates the header of `file`.
-    public static func parse(file: ImageFile) throws -> QCOW2Header {
+    ///
+    /// With `forCheck`, what `qemu-img check` opens but then reports is let through, as QEMU's
+    /// check mode (`BDRV_O_CHECK`) does: a missing refcount table, and snapshots whose L1 table
+    /// is misaligned or too large (checked by `QCOW2Image.check`).
+    public static func parse(file: ImageFile, forCheck: Bool = false) throws -> QCOW2Header {
         let fileSize = try file.size()
         guard fileSize >= 72 else { throw DiskImageError.shortFile(path: file.path, needed: 72, size: fileSize) }
         let fixed = try file.readBytes(72, at: 0, what: "header")
@@ -218,7 +224,7 @@ public struct QCOW2Header: Sendable {
         guard UInt64(h.l1Size) >= needed else { throw DiskImageError.l1TooSmall(entries: h.l1Size, needed: needed) }
         try validateTable("L1 table", offset: h.l1TableOffset, bytes: UInt64(h.l1Size) * 8,
                           clusterSize: clusterSize, fileSize: fileSize)
-        guard h.refcountTableClusters > 0 else { throw DiskImageError.noRefcountTable }
+        guard h.refcountTableClusters > 0 || forCheck else { throw DiskImageError.noRefcountTable }
         let maxRefClusters = maxRefcountTableBytes / clusterSize
         guard UInt64(h.refcountTableClusters) <= maxRefClusters else {
             throw DiskImageError.tableTooLarge(table: "refcount table", entries: UInt64(h.refcountTableClusters) * clusterSize / 8,
@@ -232,9 +238,10 @@ public struct QCOW2Header: Sendable {
         try validateTable("snapshot table", offset: h.snapshotsOffset, bytes: UInt64(h.snapshotCount) * 40,
                           clusterSize: clusterSize, fileSize: fileSize)
         if h.snapshotCount > 0 {
-            h.snapshots = try QCOW2Snapshot.readTable(file: file, header: h, fileSize: fileSize)
+            (h.snapshots, h.snapshotTableSize) = try QCOW2Snapshot.readTable(file: file, header: h, fileSize: fileSize,
+                                                                             checkL1Tables: !forCheck)
             // Each snapshot's L1 table is bounded; so is their sum (1 GiB of entries), so walking them all stays cheap.
-            let total = h.snapshots.reduce(UInt64(0)) { $0 + UInt64($1.l1Size) }
+            let total = h.snapshots.lazy.map { UInt64($0.l1Size) }.filter { $0 <= maxL1Entries }.reduce(0, +)
             guard total <= maxTotalSnapshotL1Entries else {
                 throw DiskImageError.tableTooLarge(table: "snapshot L1 tables (all together)", entries: total,
                                                    limit: maxTotalSnapshotL1Entries)
@@ -369,10 +376,16 @@ public struct QCOW2Snapshot: Sendable, Equatable {
     public var vmStateSize: UInt64
     /// The virtual disk size when the snapshot was taken, if recorded (extra data).
     public var diskSize: UInt64?
+    /// Bytes of extra data (version 3 images need at least 16: the large VM state size and the disk size).
+    public var extraDataSize: UInt32 = 0
 
-    static func readTable(file: ImageFile, header h: QCOW2Header, fileSize: UInt64) throws -> [QCOW2Snapshot] {
+    /// Reads the snapshot table; returns the snapshots and the table's length. With `checkL1Tables`
+    /// off (for `check`, which reports them), snapshot L1 tables are not validated here.
+    static func readTable(file: ImageFile, header h: QCOW2Header, fileSize: UInt64,
+                          checkL1Tables: Bool = true) throws -> ([QCOW2Snapshot], UInt64) {
         var result: [QCOW2Snapshot] = []
         var offset = h.snapshotsOffset
+        var end = offset
         for index in 0..<Int(h.snapshotCount) {
             guard offset <= fileSize, fileSize - offset >= 40 else {
                 throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(hex(offset)) runs past the end of the file")
@@ -398,9 +411,13 @@ public struct QCOW2Snapshot: Sendable, Equatable {
                 id: String(decoding: rest[Int(extraLen)..<Int(UInt64(extraLen) + idLen)], as: UTF8.self),
                 name: String(decoding: rest[Int(UInt64(extraLen) + idLen)...], as: UTF8.self),
                 l1TableOffset: fixed.be(0), l1Size: fixed.be(8), dateSeconds: fixed.be(16),
-                vmStateSize: UInt64(fixed.be(32, as: UInt32.self)), diskSize: nil)
+                vmStateSize: UInt64(fixed.be(32, as: UInt32.self)), diskSize: nil, extraDataSize: extraLen)
             if extraLen >= 8 { snap.vmStateSize = rest.be(0) }
             if extraLen >= 16 { snap.diskSize = rest.be(8) }
+            end = offset + 40 + varLen
+            result.append(snap)
+            offset += (40 + varLen + 7) & ~7
+            guard checkL1Tables else { continue }
             guard UInt64(snap.l1Size) <= QCOW2Header.maxL1Entries else {
                 throw DiskImageError.badSnapshot(index: index, reason: "L1 table of \(snap.l1Size) entries is too large")
             }
@@ -417,9 +434,7 @@ public struct QCOW2Snapshot: Sendable, Equatable {
                     throw DiskImageError.badSnapshot(index: index, reason: "L1 table is too small for the disk size \(size)")
                 }
             }
-            result.append(snap)
-            offset += (40 + varLen + 7) & ~7
         }
-        return result
+        return (result, end - h.snapshotsOffset)
     }
 }

@@ -52,8 +52,8 @@ public final class QCOW2Image: BlockDevice {
     }
 
     /// Opens a validated qcow2 image and its backing chain.
-    init(file: ImageFile, snapshot snapshotName: String?, chain: inout BackingChainState) throws {
-        let h = try QCOW2Header.parse(file: file)
+    init(file: ImageFile, snapshot snapshotName: String?, chain: inout BackingChainState, forCheck: Bool = false) throws {
+        let h = try QCOW2Header.parse(file: file, forCheck: forCheck)
         self.file = file
         self.header = h
         self.clusterBits = UInt64(h.clusterBits)

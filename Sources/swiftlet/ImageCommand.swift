@@ -102,12 +102,17 @@ extension ImageCommand {
             discussion: """
                 Walks the L1/L2 tables of the image and its snapshots, counts the references \
                 to every cluster of the file and compares them with the stored reference \
-                counts. A reference count that is too low, or a reference outside the file, \
-                is a corruption (data can be lost); one that is too high is a leak (wasted \
-                space only).
+                counts, as 'qemu-img check' does. A reference count that is too low, a reference \
+                outside the file, a misaligned table or cluster, reserved bits, or a wrong COPIED \
+                flag is a corruption (data can be lost); a reference count that is too high is a \
+                leak (wasted space only). It also reports everything a read would refuse, such \
+                as compressed clusters that do not decompress.
 
-                Exit status, as for 'qemu-img check': 0 no problems, 1 the check could not \
-                run, 2 corruptions found, 3 only leaks found.
+                Each problem is one line on stderr, in qemu-img's words; the summary is on stdout.
+
+                Exit status, as for 'qemu-img check': 0 no problems, 1 the check could not run \
+                or complete, 2 corruptions found, 3 only leaks found, 63 the format (raw) has \
+                nothing to check.
                 """)
 
         @Argument(help: "The image file.") var path: String
@@ -115,23 +120,13 @@ extension ImageCommand {
         var format: ImageFormat?
 
         func run() throws {
-            let dev = try imageCommand { try DiskImage.open(path: path, format: format, readOnly: true) }
-            guard let q = dev as? QCOW2Image else {
-                print("\(path): raw images have no metadata to check.")
-                return
+            guard let result = try imageCommand({ try DiskImage.check(path: path, format: format) }) else {
+                FileHandleOutput.standardError("swiftlet: \(path): raw images have no metadata to check")
+                throw ExitCode(63)
             }
-            let result = try imageCommand { try q.check() }
-            for m in result.messages { print(m) }
-            if result.corruptions > 0 {
-                print("\n\(result.corruptions) errors were found on the image.")
-                print("Data may be corrupted, or further writes to the image may corrupt it.")
-            }
-            if result.leaks > 0 {
-                print("\n\(result.leaks) leaked clusters were found on the image.")
-                print("This means waste of disk space, but no harm to data.")
-            }
-            if result.corruptions == 0 && result.leaks == 0 { print("No errors were found on the image.") }
-            print("\(result.allocatedClusters) host clusters in use; the disk is \(result.totalClusters) clusters.")
+            for m in result.messages { FileHandleOutput.standardError(m) }
+            for line in result.summary { print(line) }
+            if result.checkErrors > 0 { FileHandleOutput.standardError("swiftlet: Check failed") }
             if result.exitStatus != 0 { throw ExitCode(result.exitStatus) }
         }
     }

@@ -349,6 +349,24 @@ struct BrokenImageTests {
         #expect(!expected.description.isEmpty && !expected.description.contains("\n"))
     }
 
+    @Test("every corpus image that opens but cannot be read fails check with corruptions")
+    func checkFindsWhatReadsRefuse() throws {
+        var opened = 0
+        for c in brokenCorpus {
+            let dir = try Support.TempDir()
+            let path = dir.file("broken.qcow2")
+            var img = TestImage()
+            c.mutate(&img)
+            try img.write(to: path)
+            guard let dev = try? DiskImage.open(path: path) as? QCOW2Image else { continue }
+            opened += 1
+            #expect(throws: DiskImageError.self, "\(c.name)") { _ = try Support.readAll(dev) }
+            let result = try #require(try DiskImage.check(path: path))
+            #expect(result.exitStatus == 2, "\(c.name): \(result.messages)")
+        }
+        #expect(opened >= 10)
+    }
+
     @Test("QEMU refuses each broken image too, or accepts it where Swiftlet is stricter, as recorded",
           .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)), arguments: brokenCorpus)
     func qemuVerdict(_ c: BrokenCase) throws {
