@@ -72,7 +72,7 @@ extension QCOW2Image {
         for c in 0..<Int(metadataClusters) {
             image.setBE(UInt16(1), at: Int(2 * cs) + 2 * c)
         }
-        let file = try ImageFile(path: path, writable: true, create: true)
+        let file = try ImageFile(path: path, writable: true, create: .new)
         try file.write(bytes: image, at: 0)
         try file.sync()
     }

@@ -11,6 +11,8 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
     case readOnly(path: String)
     case invalidArgument(String)
     case notQcow2(path: String)
+    case imageInUse(path: String, reason: String)
+    case sameFile(source: String, destination: String)
 
     // qcow2 header validation (before any data is read).
     case unsupportedVersion(UInt32)
@@ -72,6 +74,11 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
             return "\(path): image is open read-only"
         case let .invalidArgument(what):
             return what
+        case let .imageInUse(path, reason):
+            return "\(path): the image is in use by another process, which \(reason)"
+        case let .sameFile(source, destination):
+            let what = source == destination ? "the image being converted" : "the same file as \(source), which is being converted"
+            return "\(destination): this is \(what); writing it would destroy what is being read"
         case let .notQcow2(path):
             return "\(path): not a qcow2 image (no QFI\\xfb magic)"
         case let .unsupportedVersion(v):

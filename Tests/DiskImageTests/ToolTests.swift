@@ -19,6 +19,25 @@ struct ToolTests {
         }
     }
 
+    @Test("convert onto an existing file (larger, smaller, full of data) gives qemu-img's bytes and holes",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)),
+          arguments: ["v3-c64k.qcow2", "comp-zlib-c64k.qcow2", "top.qcow2", "ext-l2-overlay.qcow2", "c512.qcow2"])
+    func convertOntoExistingFile(_ name: String) throws {
+        let dir = try Support.TempDir()
+        let theirs = dir.file("theirs.raw"), fresh = dir.file("fresh.raw"), ours = dir.file("ours.raw")
+        try Support.qemuImg("convert", "-O", "raw", Support.fixture(name), theirs)
+        let expected = try Support.readFile(theirs)
+        try RawConverter.convert(try DiskImage.open(path: Support.fixture(name)), to: fresh)
+        for size in [expected.count * 2, expected.count / 2, expected.count] {
+            try Data(repeating: 0xa5, count: size).write(to: URL(fileURLWithPath: ours))
+            try RawConverter.convert(try DiskImage.open(path: Support.fixture(name)), to: ours, threads: 3)
+            #expect(try Support.readFile(ours) == expected, "over an existing file of \(size) bytes")
+            var a = stat(), b = stat()
+            #expect(stat(ours, &a) == 0 && stat(fresh, &b) == 0)
+            #expect(a.st_blocks <= b.st_blocks + 8, "zeros are holes, as in a new file: \(a.st_blocks) vs \(b.st_blocks) blocks")
+        }
+    }
+
     /// QEMU counts whole sectors: a qcow2 virtual size is rounded down (`header.size / 512`),
     /// a raw file's size up (its last partial sector reads as zeros), and `create` rounds up.
     @Test("sizes that are not a multiple of 512 give what qemu-img gives",
