@@ -142,7 +142,8 @@ public enum RawConverter {
         let clearZeros: Bool
         /// One writer at a time: concurrent pwrites to one file contend on its inode lock in the
         /// kernel, which spins and burns the cores the other workers need for reading and inflating.
-        let lock = Mutex<Void>(())
+        /// It also guards the last hole found (or punched), so runs of zeros inside it cost nothing.
+        let lock = Mutex<Range<UInt64>>(0..<0)
 
         init(fd: Int32, path: String, clearZeros: Bool) {
             self.fd = fd
@@ -151,19 +152,32 @@ public enum RawConverter {
         }
 
         func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
-            try lock.withLock { _ in try writeAll(fd: fd, bytes, at: offset, path: path) }
+            try lock.withLock { hole in
+                try writeAll(fd: fd, bytes, at: offset, path: path)
+                if hole.overlaps(offset..<(offset + UInt64(bytes.count))) { hole = 0..<0 }
+            }
         }
 
         /// Makes `[offset, offset + length)` read as zeros: nothing to do in a new file, else a hole
         /// punched where the file has data there (zeros written where holes cannot be punched).
         func zero(at offset: UInt64, length: UInt64) throws {
             guard clearZeros, length > 0 else { return }
-            try lock.withLock { _ in
+            try lock.withLock { hole in
+                if hole.lowerBound <= offset && offset + length <= hole.upperBound { return }
                 let data = lseek(fd, off_t(offset), 3)  // SEEK_DATA (Linux), not exported by Glibc's module.
-                if data < 0 && errno == ENXIO { return }  // Nothing but holes after offset.
-                if data >= 0 && UInt64(data) >= offset + length { return }  // A hole already.
+                if data < 0 && errno == ENXIO {  // Nothing but holes after offset.
+                    hole = offset..<UInt64.max
+                    return
+                }
+                if data >= 0 && UInt64(data) >= offset + length {  // A hole already.
+                    hole = offset..<UInt64(data)
+                    return
+                }
                 if let punch = HolePunch.function,
-                   punch(fd, HolePunch.punchHoleKeepSize, off_t(offset), off_t(length)) == 0 { return }
+                   punch(fd, HolePunch.punchHoleKeepSize, off_t(offset), off_t(length)) == 0 {
+                    hole = offset..<(offset + length)
+                    return
+                }
                 let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: min(Int(length), chunkSize), alignment: 4096)
                 defer { zeros.deallocate() }
                 zeros.initializeMemory(as: UInt8.self, repeating: 0)
@@ -242,21 +256,24 @@ public enum RawConverter {
         }
     }
 
-    /// True if every byte is zero. Checked 4 KiB at a time with an OR over words that the
-    /// compiler vectorizes, stopping at the first block that is not zero.
+    /// True if every byte is zero. The first word is tried alone (data rarely starts with eight
+    /// zero bytes, so a block of data costs one load), then 64 bytes at a time with an OR over words
+    /// that the compiler vectorizes, stopping at the first group that is not zero.
     public static func isAllZero(_ buffer: UnsafeRawBufferPointer) -> Bool {
         let words = buffer.count / 8
+        if words > 0 && buffer.loadUnaligned(fromByteOffset: 0, as: UInt64.self) != 0 { return false }
         var i = 0
-        while i < words {
-            let end = min(words, i + 512)
+        while i + 8 <= words {
             var acc: UInt64 = 0
-            for w in i..<end { acc |= buffer.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self) }
+            for w in i..<(i + 8) { acc |= buffer.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self) }
             if acc != 0 { return false }
-            i = end
+            i += 8
         }
+        var acc: UInt64 = 0
+        for w in i..<words { acc |= buffer.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self) }
         var tail: UInt8 = 0
         for j in (words * 8)..<buffer.count { tail |= buffer[j] }
-        return tail == 0
+        return acc == 0 && tail == 0
     }
 }
 

@@ -46,7 +46,8 @@ public final class ImageFile: Sendable {
         self.path = path
         self.fd = fd
         self.writable = writable
-        try self.lock(lock ?? (writable ? .exclusive : .shared))
+        let mode = lock ?? (writable ? .exclusive : .shared)
+        if mode != .none { try self.lock(mode) }
     }
 
     deinit { close(fd) }
