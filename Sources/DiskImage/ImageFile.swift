@@ -191,14 +191,14 @@ extension ImageFile {
         var wanted = Set<off_t>()
         for p in used { wanted.insert(Self.permissionLockBase + off_t(p)) }
         for p in unshared { wanted.insert(Self.sharedLockBase + off_t(p)) }
-        // Lock first, then check, as QEMU does: two openers racing both see each other.
-        for p in 0..<ImageLock.permissionCount {
-            for base in [Self.permissionLockBase, Self.sharedLockBase] {
-                let byte = base + off_t(p)
-                guard try setLock(byte: byte, type: wanted.contains(byte) ? F_RDLCK : F_UNLCK) else { return }
-            }
-        }
         do {
+            // Lock first, then check, as QEMU does: two openers racing both see each other.
+            for p in 0..<ImageLock.permissionCount {
+                for base in [Self.permissionLockBase, Self.sharedLockBase] {
+                    let byte = base + off_t(p)
+                    guard try setLock(byte: byte, type: wanted.contains(byte) ? F_RDLCK : F_UNLCK) else { return }
+                }
+            }
             for p in used where try isLocked(byte: Self.sharedLockBase + off_t(p)) {
                 throw DiskImageError.imageInUse(path: path, reason: "does not let others \(ImageLock.verbs[p].0) it")
             }

@@ -70,7 +70,7 @@ extension ImageCommand {
             discussion: """
                 The result has the disk's virtual size and is byte-identical to \
                 'qemu-img convert -O raw'. Zero ranges are left as holes (sparse file). \
-                Chunks are read and decompressed in parallel, one thread per core. An existing \
+                Chunks are read and decompressed in parallel (two threads per core). An existing \
                 output file is overwritten in place (its blocks reused, zero ranges punched out).
 
                 The output must not be the source or a file of its backing chain, under any \
@@ -88,7 +88,7 @@ extension ImageCommand {
         var format: ImageFormat?
         @Option(help: "Read this internal snapshot of the source instead of its current state.")
         var snapshot: String?
-        @Option(help: "Worker threads (default: one per core).") var threads: Int = 0
+        @Option(help: "Worker threads (default: two per core, at least 4).") var threads: Int = 0
         @Flag(name: .shortAndLong, inversion: .prefixedNo,
               help: "Show progress as qemu-img -p does, when standard error is a terminal.")
         var progress: Bool = false
