@@ -30,7 +30,7 @@ public struct CheckResult: Sendable {
     /// One past the last host cluster that has a refcount or a reference.
     public var imageEndOffset: UInt64 = 0
     /// Per host cluster: references found, and refcount stored (used to repair a dirty image).
-    var references: [UInt64] = []
+    var references: [UInt32] = []
     var storedRefcounts: [UInt64] = []
 
     /// The exit status `qemu-img check` would use: 0 clean, 1 the check could not complete,
@@ -101,8 +101,8 @@ extension QCOW2Image {
         let before = try check(verifyCompressed: false)
         try writer.withLock { w in
             for (c, r) in before.references.enumerated() where c < before.storedRefcounts.count
-                && r != before.storedRefcounts[c] {
-                try setRefcount(cluster: UInt64(c), r, w: &w)
+                && UInt64(r) != before.storedRefcounts[c] {
+                try setRefcount(cluster: UInt64(c), UInt64(r), w: &w)
             }
         }
         try file.sync()
@@ -127,12 +127,20 @@ struct CheckWalk {
     let clusterBits: UInt64
     let fileSize: UInt64
     let refcountMax: UInt64
-    var refs: [UInt64]
+    /// References found per host cluster (saturating: more than 2^32 - 1 cannot be stored anyway
+    /// but in 64-bit refcounts, and no image has that many).
+    var refs: [UInt32]
     var result = CheckResult()
     /// Compressed clusters to decompress, as their L2 entries describe them.
     var compressed = Set<CompressedData>()
-    /// Stored refcounts; nil where the refcount block cannot be read.
-    var stored: [UInt64?] = []
+    /// Stored refcounts, and the refcount blocks (refcount table indices) that cannot be read.
+    var stored: [UInt64] = []
+    var unreadableBlocks = Set<Int>()
+
+    /// Refcounts per refcount block.
+    var refcountsPerBlock: Int { Int(cs * 8 / h.refcountBits) }
+    /// True if cluster `c`'s refcount cannot be read.
+    func isUnreadable(_ c: Int) -> Bool { !unreadableBlocks.isEmpty && unreadableBlocks.contains(c / refcountsPerBlock) }
     /// The on-disk refcount table, as loaded by QEMU at open.
     var refcountTable: [UInt64] = []
 
@@ -140,6 +148,8 @@ struct CheckWalk {
     static let l2Reserved: UInt64 = 0x3f00_0000_0000_01fe
     static let refcountTableReserved: UInt64 = 0x1ff
     static let allAllocated: UInt64 = 0xffff_ffff
+    /// 2^27 clusters: an 8 TiB file of 64 KiB clusters, 1.5 GiB of bookkeeping.
+    static let maxClusters: UInt64 = 1 << 27
 
     init(image: QCOW2Image) throws {
         self.image = image
@@ -150,7 +160,12 @@ struct CheckWalk {
         clusterBits = UInt64(h.clusterBits)
         fileSize = try file.size()
         refcountMax = h.refcountBits == 64 ? .max : (1 << h.refcountBits) - 1
-        refs = [UInt64](repeating: 0, count: Int((fileSize + cs - 1) / cs))
+        let clusters = (fileSize + cs - 1) / cs
+        // 12 bytes of bookkeeping per cluster: a bound keeps a hostile sparse file from exhausting memory.
+        guard clusters <= Self.maxClusters else {
+            throw DiskImageError.tooLargeToCheck(clusters: clusters, limit: Self.maxClusters)
+        }
+        refs = [UInt32](repeating: 0, count: Int(clusters))
     }
 
     mutating func problem(_ message: String) {
@@ -178,13 +193,13 @@ struct CheckWalk {
         }
         var c = offset >> clusterBits
         while c <= (end - 1) >> clusterBits {
-            if c >= UInt64(refs.count) { refs += [UInt64](repeating: 0, count: Int(c) + 1 - refs.count) }
-            let (sum, over) = refs[Int(c)].addingReportingOverflow(times)
-            if over || sum > refcountMax {
+            if c >= UInt64(refs.count) { refs += [UInt32](repeating: 0, count: Int(c) + 1 - refs.count) }
+            let sum = UInt64(refs[Int(c)]) + times
+            if sum > min(refcountMax, UInt64(UInt32.max)) {
                 problem("ERROR: overflow cluster offset=0x\(hex(c << clusterBits))")
-                refs[Int(c)] = refcountMax
+                refs[Int(c)] = UInt32(min(refcountMax, UInt64(UInt32.max)))
             } else {
-                refs[Int(c)] = sum
+                refs[Int(c)] = UInt32(sum)
             }
             c += 1
         }
@@ -370,10 +385,11 @@ struct CheckWalk {
         }
     }
 
-    /// Refcounts as stored, one refcount block at a time; nil for a cluster whose block
-    /// cannot be read (a misaligned block offset: QEMU's "Can't get refcount").
-    func storedRefcounts(count: Int) throws -> [UInt64?] {
-        var stored = [UInt64?](repeating: 0, count: count)
+    /// Refcounts as stored, one refcount block at a time, and the blocks that cannot be read
+    /// (a misaligned block offset: QEMU's "Can't get refcount").
+    func storedRefcounts(count: Int) throws -> ([UInt64], Set<Int>) {
+        var stored = [UInt64](repeating: 0, count: count)
+        var unreadable = Set<Int>()
         let perBlock = cs * 8 / h.refcountBits
         let bits = h.refcountBits
         for (t, e) in refcountTable.enumerated() {
@@ -383,7 +399,7 @@ struct CheckWalk {
             let offset = e & ~Self.refcountTableReserved
             guard offset != 0 else { continue }
             guard offset & (cs - 1) == 0 else {
-                for i in 0..<n { stored[Int(first) + i] = nil }
+                unreadable.insert(t)
                 continue
             }
             var block = [UInt8](repeating: 0, count: Int(cs))
@@ -399,12 +415,12 @@ struct CheckWalk {
                 stored[Int(first + i)] = v
             }
         }
-        return stored
+        return (stored, unreadable)
     }
 
     /// Compares stored refcounts with the references found (QEMU's `compare_refcounts`).
     mutating func compareRefcounts() throws {
-        stored = try storedRefcounts(count: refs.count)
+        (stored, unreadableBlocks) = try storedRefcounts(count: refs.count)
         if let bad = refcountTable.firstIndex(where: { $0 & ~Self.refcountTableReserved & (cs - 1) != 0 }),
            UInt64(bad) * (cs * 8 / h.refcountBits) < UInt64(refs.count) {
             result.messages.append("qcow2: Image is corrupt: Refblock offset 0x\(hex(refcountTable[bad] & ~Self.refcountTableReserved)) "
@@ -412,12 +428,12 @@ struct CheckWalk {
         }
         var highest = 0
         for c in refs.indices {
-            guard let s = stored[c] else {
+            guard !isUnreadable(c) else {
                 result.checkErrors += 1
                 result.messages.append("Can't get refcount for cluster \(c): Input/output error")
                 continue
             }
-            let r = refs[c]
+            let s = stored[c], r = UInt64(refs[c])
             if s > 0 || r > 0 { highest = c }
             if s < r {
                 problem("ERROR cluster \(c) refcount=\(s) reference=\(r)")
@@ -428,16 +444,17 @@ struct CheckWalk {
         }
         result.imageEndOffset = UInt64(highest + 1) * cs
         result.references = refs
-        result.storedRefcounts = stored.map { $0 ?? 0 }
+        result.storedRefcounts = stored
     }
 
     /// The COPIED flag of each active L1 entry and data cluster must say "refcount is 1"
     /// exactly when the stored refcount is 1 (QEMU's `check_oflag_copied`).
     mutating func checkCopiedFlags() throws {
-        let stored = self.stored
+        let stored = self.stored, walk = self
         func refcount(_ offset: UInt64) -> UInt64? {
             let c = Int(offset >> clusterBits)
-            return c < stored.count ? stored[c] : 0  // Past the refcount table: refcount 0.
+            if walk.isUnreadable(c) { return nil }  // Not reported twice, as in QEMU.
+            return c < stored.count ? stored[c] : 0  // Past the file: refcount 0.
         }
         let l1 = try readTable(h.l1TableOffset, Int(h.l1Size))
         for (i, e) in l1.enumerated() {

@@ -51,6 +51,7 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
     // Metadata read at run time.
     case corruptMetadata(String)
     case decompressionFailed(hostOffset: UInt64, reason: String)
+    case tooLargeToCheck(clusters: UInt64, limit: UInt64)
 
     // Backing chains.
     case backingChainTooDeep(limit: Int)
@@ -143,6 +144,8 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
             return "\(path): image is marked corrupt; it can only be opened read-only (repair: qemu-img check -r all)"
         case let .corruptMetadata(what):
             return "qcow2 metadata is corrupt: \(what)"
+        case let .tooLargeToCheck(clusters, limit):
+            return "qcow2 check: the file has \(clusters) clusters, more than the \(limit) a check can count"
         case let .decompressionFailed(offset, reason):
             return "qcow2: compressed cluster at host offset 0x\(hex(offset)) cannot be decompressed: \(reason)"
         case let .backingChainTooDeep(limit):

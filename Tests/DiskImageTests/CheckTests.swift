@@ -119,6 +119,18 @@ struct CheckTests {
         }
     }
 
+    @Test("a sparse file too large to count is refused, not allocated for")
+    func tooLargeToCheck() throws {
+        let dir = try Support.TempDir()
+        let path = dir.file("huge.qcow2")
+        try TestImage().write(to: path)
+        let clusters = CheckWalk.maxClusters + 1
+        #expect(truncate(path, off_t(clusters * UInt64(Self.cs))) == 0)  // 512 GiB, all hole.
+        #expect(throws: DiskImageError.tooLargeToCheck(clusters: clusters, limit: CheckWalk.maxClusters)) {
+            _ = try DiskImage.check(path: path)
+        }
+    }
+
     @Test("check prints exactly what qemu-img check prints on every fixture",
           .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)), arguments: Support.qcow2Fixtures)
     func sameReportAsQemu(_ name: String) throws {
