@@ -74,7 +74,7 @@ public enum DiskImage {
 
     /// The format indicated by the file's first bytes: qcow2 if it starts with `QFI\xfb`, raw otherwise.
     public static func detectFormat(path: String) throws -> ImageFormat {
-        let file = try ImageFile(path: path, writable: false, lock: ImageLock.none)
+        let file = try ImageFile(path: path, writable: false, lock: ImageLock.unlocked)
         return try detectFormat(file: file)
     }
 
@@ -100,7 +100,7 @@ public enum DiskImage {
     static func open(path: String, format: ImageFormat?, readOnly: Bool, snapshot: String?,
                      chain: inout BackingChainState, forCheck: Bool = false) throws -> any BlockDevice {
         let ro = readOnly || snapshot != nil
-        let file = try ImageFile(path: path, writable: !ro, lock: ImageLock.none)
+        let file = try ImageFile(path: path, writable: !ro, lock: ImageLock.unlocked)
         let id = try file.identity()
         // A loop is reported as such, before the lock would report the chain's own open of the file.
         guard chain.seen.insert(id).inserted else { throw DiskImageError.backingLoop(path: path) }

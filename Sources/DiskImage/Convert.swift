@@ -78,7 +78,7 @@ public enum RawConverter {
     /// `progress` is called (from any worker) with bytes done and total.
     public static func convert(_ source: any BlockDevice, to path: String, threads: Int = 0,
                                progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws {
-        let out = try ImageFile(path: path, writable: true, create: .ifMissing, lock: ImageLock.none)
+        let out = try ImageFile(path: path, writable: true, create: .ifMissing, lock: ImageLock.unlocked)
         let target = try out.identity()
         for file in source.imageFiles() where try file.identity() == target {
             throw DiskImageError.sameFile(source: file.path, destination: path)

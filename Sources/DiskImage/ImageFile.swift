@@ -47,7 +47,7 @@ public final class ImageFile: Sendable {
         self.fd = fd
         self.writable = writable
         let mode = lock ?? (writable ? .exclusive : .shared)
-        if mode != .none { try self.lock(mode) }
+        if mode != .unlocked { try self.lock(mode) }
     }
 
     deinit { close(fd) }
@@ -152,7 +152,7 @@ public final class ImageFile: Sendable {
 /// checks that nobody holds byte 200 + p; before refusing to share p, that nobody holds 100 + p.
 public enum ImageLock: Sendable, Equatable {
     /// No lock (only to peek at a file, as format detection does).
-    case none
+    case unlocked
     /// For reading: uses consistent read; refuses to share write and resize (as `qemu-img info`
     /// and a read-only QEMU drive do). Readers share with readers.
     case shared
@@ -168,7 +168,7 @@ public enum ImageLock: Sendable, Equatable {
     /// Permissions used, and permissions not shared with others.
     var permissions: (used: [Int], unshared: [Int]) {
         switch self {
-        case .none: return ([], [])
+        case .unlocked: return ([], [])
         case .shared: return ([Self.readPermission], [Self.writePermission, Self.resizePermission])
         case .exclusive: return ([Self.readPermission, Self.writePermission, Self.resizePermission],
                                  [Self.writePermission, Self.resizePermission])
@@ -183,7 +183,7 @@ extension ImageFile {
     static let getOFDLock: Int32 = 36  // F_OFD_GETLK
     static let setOFDLock: Int32 = 37  // F_OFD_SETLK
 
-    /// Takes the locks of `mode` (or drops them all for `.none`), after checking that no other
+    /// Takes the locks of `mode` (or drops them all for `.unlocked`), after checking that no other
     /// open file description holds conflicting ones. Throws `imageInUse` on a conflict. Where the
     /// kernel or file system has no OFD locks, nothing is locked (as QEMU's `locking=auto`).
     public func lock(_ mode: ImageLock) throws {

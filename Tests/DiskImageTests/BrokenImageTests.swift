@@ -458,7 +458,7 @@ struct BrokenImageTests {
         var img = TestImage()
         img.put64(1 << 1, at: TestImage.incompatible)
         try img.write(to: path)
-        #expect(throws: DiskImageError.imageCorrupt(path: path)) { _ = try DiskImage.open(path: path, readOnly: false) }
+        #expect(throws: DiskImageError.imageCorrupt(path: path)) { _ = try Support.open(path, readOnly: false) }
         let dev = try DiskImage.open(path: path)
         #expect(dev.isReadOnly)
         #expect(try Support.readAll(dev) == TestImage.expectedContents)
@@ -474,7 +474,7 @@ struct BrokenImageTests {
         try img.write(to: path)
         #expect(try Support.readAll(try DiskImage.open(path: path)) == TestImage.expectedContents)
         do {
-            let dev = try #require(try DiskImage.open(path: path, readOnly: false) as? QCOW2Image)
+            let dev = try #require(try Support.open(path, readOnly: false) as? QCOW2Image)
             #expect(try dev.check().exitStatus == 0)
             #expect(try QCOW2Header.parse(file: dev.file).isDirty == false)
             #expect(try Support.readAll(dev) == TestImage.expectedContents)

@@ -67,7 +67,7 @@ struct FuzzTests {
     static func exercise(_ path: String, _ rng: inout SeededRandom) -> Error? {
         do {
             try read(path, &rng)
-            let rw = try DiskImage.open(path: path, readOnly: false)
+            let rw = try Support.open(path, readOnly: false)
             for i in 0..<4 where rw.virtualSize > 0 {
                 let len = Int(min(rw.virtualSize, UInt64.random(in: 1...10000, using: &rng)))
                 let off = UInt64.random(in: 0...(rw.virtualSize - UInt64(len)), using: &rng)

@@ -29,7 +29,7 @@ struct LockTests {
             }
         }
         do {
-            let w = try DiskImage.open(path: path, readOnly: false)
+            let w = try Support.open(path, readOnly: false)
             #expect(!w.isReadOnly)
             #expect(throws: Self.inUse(path, "is writing to it")) { _ = try DiskImage.open(path: path) }
             #expect(throws: Self.inUse(path, "does not let others write to it")) {
@@ -37,8 +37,8 @@ struct LockTests {
             }
         }
         // Closing drops the locks.
-        _ = try DiskImage.open(path: path, readOnly: false)
-        _ = try DiskImage.open(path: path, readOnly: false)
+        _ = try Support.open(path, readOnly: false)
+        _ = try Support.open(path, readOnly: false)
     }
 
     @Test("a backing file in use by an open overlay cannot be opened for writing")
@@ -97,7 +97,7 @@ struct LockTests {
         }
         #expect(throws: Self.inUse(path, "does not let others write to it")) { _ = try DiskImage.open(path: path, readOnly: false) }
         Self.stop(reader)
-        _ = try DiskImage.open(path: path, readOnly: false)
+        _ = try Support.open(path, readOnly: false)
     }
 
     @Test("qemu-img and qemu-io respect Swiftlet's locks",
@@ -108,20 +108,20 @@ struct LockTests {
         do {
             let writer = try DiskImage.open(path: path, readOnly: false)
             #expect(!writer.isReadOnly)
-            let info = try Support.qemuImg("info", path)
+            let info = try Support.qemuExpectingLockConflict("qemu-img", "info", path)
             #expect(info.status != 0)
             #expect(info.stderr.contains("Failed to get shared \"write\" lock"), "\(info.stderr)")
-            let write = try Support.qemuIO("-f", "qcow2", "-c", "write 0 512", path)
+            let write = try Support.qemuExpectingLockConflict("qemu-io", "-f", "qcow2", "-c", "write 0 512", path)
             #expect(write.stderr.contains("Failed to get \"write\" lock"), "\(write.stderr)")
         }
         do {
-            let reader = try DiskImage.open(path: path)
+            let reader = try Support.open(path)
             #expect(reader.isReadOnly)
             #expect(try Support.qemuImg("info", path).status == 0)
             #expect(try Support.qemuImg("convert", "-O", "raw", path, dir.file("copy.raw")).status == 0)
-            let write = try Support.qemuIO("-f", "qcow2", "-c", "write 0 512", path)
+            let write = try Support.qemuExpectingLockConflict("qemu-io", "-f", "qcow2", "-c", "write 0 512", path)
             #expect(write.stderr.contains("Failed to get \"write\" lock"), "\(write.stderr)")
-            let onto = try Support.qemuImg("convert", "-O", "qcow2", Support.fixture("base.raw"), path)
+            let onto = try Support.qemuExpectingLockConflict("qemu-img", "convert", "-O", "qcow2", Support.fixture("base.raw"), path)
             #expect(onto.status != 0, "qemu-img convert overwrote an image Swiftlet reads")
         }
         #expect(try Support.qemuImg("check", path).status == 0)
