@@ -52,8 +52,8 @@ public final class QCOW2Image: BlockDevice {
     }
 
     /// Opens a validated qcow2 image and its backing chain.
-    init(file: ImageFile, snapshot snapshotName: String?, chain: inout BackingChainState) throws {
-        let h = try QCOW2Header.parse(file: file)
+    init(file: ImageFile, snapshot snapshotName: String?, chain: inout BackingChainState, forCheck: Bool = false) throws {
+        let h = try QCOW2Header.parse(file: file, forCheck: forCheck)
         self.file = file
         self.header = h
         self.clusterBits = UInt64(h.clusterBits)
@@ -70,24 +70,21 @@ public final class QCOW2Image: BlockDevice {
 
         var l1Offset = h.l1TableOffset
         var l1Count = UInt64(h.l1Size)
-        var size = h.size
         if let snapshotName {
             guard let snap = h.snapshots.first(where: { $0.name == snapshotName })
                 ?? h.snapshots.first(where: { $0.id == snapshotName }) else {
                 throw DiskImageError.snapshotNotFound(snapshotName)
             }
+            // Like `qemu-img convert -l`: the snapshot's L1 table in place of the active one, at the
+            // image's current size (clusters past the snapshot's L1 table are unallocated).
             self.snapshot = snap
             l1Offset = snap.l1TableOffset
             l1Count = UInt64(snap.l1Size)
-            size = snap.diskSize ?? h.size
-            let perL1 = h.clusterSize * h.l2Entries
-            guard l1Count >= size / perL1 + (size % perL1 == 0 ? 0 : 1) else {
-                throw DiskImageError.l1TooSmall(entries: snap.l1Size, needed: size / perL1 + 1)
-            }
         } else {
             self.snapshot = nil
         }
-        self.virtualSize = size
+        // QEMU counts whole 512-byte sectors: a partial last sector is not part of the disk.
+        self.virtualSize = h.diskSize
 
         // The L1 table was bounds-checked against the file and the 32 MiB limit by parse().
         var l1 = [UInt64](repeating: 0, count: Int(l1Count))

@@ -46,7 +46,7 @@ extension QCOW2Image {
         // while it has an image open), so their clusters stay referenced and QEMU knows not to trust them.
         var keep: UInt64 = 0
         if h.autoclearFeatures & QCOW2Header.autoclearBitmaps != 0 && h.bitmapCount > 0 {
-            for e in try BitmapDirectoryEntry.read(file: file, header: h) where e.flags & BitmapDirectoryEntry.inUse == 0 {
+            for e in h.bitmapDirectory where !e.isInUse {
                 var flags = [UInt8](repeating: 0, count: 4)
                 flags.setBE(e.flags | BitmapDirectoryEntry.inUse, at: 0)
                 try file.write(bytes: flags, at: e.entryOffset + 12)
