@@ -1,3 +1,4 @@
+import Basics
 import Synchronization
 
 #if canImport(Glibc)
@@ -188,7 +189,7 @@ struct CheckWalk {
         let (end, overflow) = offset.addingReportingOverflow(size)
         guard !overflow, end <= UInt64(Int64.max), end < fileSize || end - fileSize < cs else {
             problem("ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
-                    + "offset 0x\(hex(offset)) size 0x\(hex(size))")
+                    + "offset 0x\(Hex.digits(offset)) size 0x\(Hex.digits(size))")
             return false
         }
         var c = offset >> clusterBits
@@ -196,7 +197,7 @@ struct CheckWalk {
             if c >= UInt64(refs.count) { refs += [UInt32](repeating: 0, count: Int(c) + 1 - refs.count) }
             let sum = UInt64(refs[Int(c)]) + times
             if sum > min(refcountMax, UInt64(UInt32.max)) {
-                problem("ERROR: overflow cluster offset=0x\(hex(c << clusterBits))")
+                problem("ERROR: overflow cluster offset=0x\(Hex.digits(c << clusterBits))")
                 refs[Int(c)] = UInt32(min(refcountMax, UInt64(UInt32.max)))
             } else {
                 refs[Int(c)] = UInt32(sum)
@@ -250,7 +251,7 @@ struct CheckWalk {
     }
 
     /// QEMU's `%#x`: 0x-prefixed lowercase hex, or 0.
-    func alt(_ v: UInt64) -> String { v == 0 ? "0" : "0x" + hex(v) }
+    func alt(_ v: UInt64) -> String { v == 0 ? "0" : "0x" + Hex.digits(v) }
 
     /// References an L1 table and its L2 tables, checking the L1 entries.
     mutating func walkL1(offset: UInt64, size: UInt32, active: Bool, l2Users: inout [UInt64: UInt64],
@@ -258,11 +259,11 @@ struct CheckWalk {
         guard size > 0 else { return }
         reference(offset, UInt64(size) * 8)
         for e in try readTable(offset, Int(size)) where e != 0 {
-            if e & Self.l1Reserved != 0 { problem("ERROR found L1 entry with reserved bits set: \(hex(e))") }
+            if e & Self.l1Reserved != 0 { problem("ERROR found L1 entry with reserved bits set: \(Hex.digits(e))") }
             let l2 = e & QCOW2Image.offsetMask
             let inFile = reference(l2, cs)
             guard l2 & (cs - 1) == 0 else {
-                problem("ERROR l2_offset=\(hex(l2)): Table is not cluster aligned; L1 entry corrupted")
+                problem("ERROR l2_offset=\(Hex.digits(l2)): Table is not cluster aligned; L1 entry corrupted")
                 continue
             }
             // QEMU also reads an L2 table at offset 0 (the header) or past the end of the file
@@ -288,11 +289,11 @@ struct CheckWalk {
             if entry & QCOW2Image.compressedFlag != 0 {
                 var e = entry
                 if e & QCOW2Image.copiedFlag != 0 {
-                    problem("ERROR: coffset=0x\(hex(e & ((1 << shift) - 1))): copied flag must never be set for compressed clusters")
+                    problem("ERROR: coffset=0x\(Hex.digits(e & ((1 << shift) - 1))): copied flag must never be set for compressed clusters")
                     e &= ~QCOW2Image.copiedFlag
                 }
                 if bitmap != 0 {
-                    problem("ERROR compressed cluster \(i) with non-zero subcluster allocation bitmap, entry=0x\(hex(e))")
+                    problem("ERROR compressed cluster \(i) with non-zero subcluster allocation bitmap, entry=0x\(Hex.digits(e))")
                     continue
                 }
                 let coffset = e & ((1 << shift) - 1)
@@ -307,7 +308,7 @@ struct CheckWalk {
                 // Swiftlet refuses to read compressed data in the header cluster or past the end of the file.
                 if coffset < cs || coffset >= fileSize {
                     if counted {
-                        problem("ERROR compressed cluster \(i) of L2 table 0x\(hex(l2)): its data at 0x\(hex(coffset)) "
+                        problem("ERROR compressed cluster \(i) of L2 table 0x\(Hex.digits(l2)): its data at 0x\(Hex.digits(coffset)) "
                                 + "is \(coffset < cs ? "in the header cluster" : "past the end of the file")")
                     }
                 } else {
@@ -315,7 +316,7 @@ struct CheckWalk {
                 }
                 continue
             }
-            if entry & Self.l2Reserved != 0 { problem("ERROR found l2 entry with reserved bits set: \(hex(entry))") }
+            if entry & Self.l2Reserved != 0 { problem("ERROR found l2 entry with reserved bits set: \(Hex.digits(entry))") }
             let zeroFlag = !extended && entry & QCOW2Image.zeroFlag != 0
             if host == 0 {
                 if extended && bitmap & Self.allAllocated != 0 {
@@ -324,13 +325,13 @@ struct CheckWalk {
                 continue
             }
             if (bitmap >> 32) & bitmap != 0 {
-                problem("ERROR offset=\(hex(host)): Allocated cluster has corrupted subcluster allocation bitmap")
+                problem("ERROR offset=\(Hex.digits(host)): Allocated cluster has corrupted subcluster allocation bitmap")
             }
             if host & (cs - 1) != 0 {
                 let containsData = extended ? bitmap & Self.allAllocated != 0 : !zeroFlag
                 problem(containsData
-                    ? "ERROR offset=\(hex(host)): Data cluster is not properly aligned; L2 entry corrupted."
-                    : "ERROR offset=\(hex(host)): Preallocated cluster is not properly aligned; L2 entry corrupted.")
+                    ? "ERROR offset=\(Hex.digits(host)): Data cluster is not properly aligned; L2 entry corrupted."
+                    : "ERROR offset=\(Hex.digits(host)): Preallocated cluster is not properly aligned; L2 entry corrupted.")
             }
             if active {
                 result.allocatedClusters += 1
@@ -352,7 +353,7 @@ struct CheckWalk {
             guard b.tableOffset <= fileSize, UInt64(b.tableEntries) * 8 <= fileSize - b.tableOffset else { continue }
             for (i, e) in try readTable(b.tableOffset, Int(b.tableEntries)).enumerated() {
                 if let why = BitmapDirectoryEntry.tableEntryProblem(e, clusterSize: cs) {
-                    problem("ERROR bitmap '\(b.name)': table entry \(i) (0x\(hex(e))) \(why)")
+                    problem("ERROR bitmap '\(b.name)': table entry \(i) (0x\(Hex.digits(e))) \(why)")
                     continue
                 }
                 let data = e & BitmapDirectoryEntry.tableEntryOffsetMask
@@ -423,7 +424,7 @@ struct CheckWalk {
         (stored, unreadableBlocks) = try storedRefcounts(count: refs.count)
         if let bad = refcountTable.firstIndex(where: { $0 & ~Self.refcountTableReserved & (cs - 1) != 0 }),
            UInt64(bad) * (cs * 8 / h.refcountBits) < UInt64(refs.count) {
-            result.messages.append("qcow2: Image is corrupt: Refblock offset 0x\(hex(refcountTable[bad] & ~Self.refcountTableReserved)) "
+            result.messages.append("qcow2: Image is corrupt: Refblock offset 0x\(Hex.digits(refcountTable[bad] & ~Self.refcountTableReserved)) "
                                    + "unaligned (reftable index: \(alt(UInt64(bad)))); further non-fatal corruption events will be suppressed")
         }
         var highest = 0
@@ -461,7 +462,7 @@ struct CheckWalk {
             let l2 = e & QCOW2Image.offsetMask
             guard l2 != 0 else { continue }
             if let r = refcount(l2), (r == 1) != (e & QCOW2Image.copiedFlag != 0) {
-                problem("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(e)) refcount=\(r)")
+                problem("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(Hex.digits(e)) refcount=\(r)")
             }
             let table = try readTable(l2, Int(cs / 8))
             for j in stride(from: 0, to: table.count, by: h.extendedL2 ? 2 : 1) {
@@ -469,7 +470,7 @@ struct CheckWalk {
                 let data = entry & QCOW2Image.offsetMask
                 guard entry & QCOW2Image.compressedFlag == 0, data != 0 else { continue }
                 if let r = refcount(data), (r == 1) != (entry & QCOW2Image.copiedFlag != 0) {
-                    problem("ERROR OFLAG_COPIED data cluster: l2_entry=\(hex(entry)) refcount=\(r)")
+                    problem("ERROR OFLAG_COPIED data cluster: l2_entry=\(Hex.digits(entry)) refcount=\(r)")
                 }
             }
         }
@@ -498,7 +499,7 @@ struct CheckWalk {
             }
         }
         for (host, reason) in failures.withLock({ $0 }).sorted(by: { $0.0 < $1.0 }) {
-            problem("ERROR compressed cluster at host offset 0x\(hex(host)) cannot be decompressed: \(reason)")
+            problem("ERROR compressed cluster at host offset 0x\(Hex.digits(host)) cannot be decompressed: \(reason)")
         }
     }
 

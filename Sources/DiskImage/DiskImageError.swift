@@ -1,3 +1,4 @@
+import Basics
 /// Everything that can go wrong opening, reading, writing or checking a disk image.
 ///
 /// Each case carries the values that identify the problem, and `description`
@@ -95,15 +96,15 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
         case let .refcountOrderTooLarge(order):
             return "qcow2 header: refcount_order \(order) is above 6 (refcounts wider than 64 bits)"
         case let .tableMisaligned(table, offset):
-            return "qcow2 header: \(table) offset 0x\(hex(offset)) is not cluster-aligned"
+            return "qcow2 header: \(table) offset 0x\(Hex.digits(offset)) is not cluster-aligned"
         case let .tableOutsideFile(table, offset, length, fileSize):
-            return "qcow2 header: \(table) at 0x\(hex(offset)) (\(length) bytes) lies outside the \(fileSize)-byte file"
+            return "qcow2 header: \(table) at 0x\(Hex.digits(offset)) (\(length) bytes) lies outside the \(fileSize)-byte file"
         case let .tableTooLarge(table, entries, limit):
             return "qcow2 header: \(table) has \(entries) entries, more than the limit of \(limit)"
         case let .tableOverlapsHeader(table):
             return "qcow2 header: \(table) overlaps the header cluster"
         case let .tableOffsetTooLarge(table, offset):
-            return "qcow2 header: \(table) offset 0x\(hex(offset)) is beyond 2^63 (the table is empty, but QEMU refuses it too)"
+            return "qcow2 header: \(table) offset 0x\(Hex.digits(offset)) is beyond 2^63 (the table is empty, but QEMU refuses it too)"
         case .noRefcountTable:
             return "qcow2 header: refcount_table_clusters is 0, so the image has no reference count table"
         case let .l1TooSmall(entries, needed):
@@ -113,9 +114,9 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
         case let .backingNameTooLong(len):
             return "qcow2 header: backing file name length \(len) exceeds 1023 bytes"
         case let .backingOffsetInvalid(offset, cs):
-            return "qcow2 header: backing file name at 0x\(hex(offset)) does not fit in the first cluster (\(cs) bytes)"
+            return "qcow2 header: backing file name at 0x\(Hex.digits(offset)) does not fit in the first cluster (\(cs) bytes)"
         case let .extensionTooLarge(type, length):
-            return "qcow2 header extension 0x\(hex(UInt64(type))): length \(length) runs past the end of the header area"
+            return "qcow2 header extension 0x\(Hex.digits(UInt64(type))): length \(length) runs past the end of the header area"
         case let .badExtension(name, reason):
             return "qcow2 header extension '\(name)': \(reason)"
         case let .unsupportedFeature(what):
@@ -147,7 +148,7 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
         case let .tooLargeToCheck(clusters, limit):
             return "qcow2 check: the file has \(clusters) clusters, more than the \(limit) a check can count"
         case let .decompressionFailed(offset, reason):
-            return "qcow2: compressed cluster at host offset 0x\(hex(offset)) cannot be decompressed: \(reason)"
+            return "qcow2: compressed cluster at host offset 0x\(Hex.digits(offset)) cannot be decompressed: \(reason)"
         case let .backingChainTooDeep(limit):
             return "backing chain is deeper than \(limit) images"
         case let .backingLoop(path):
@@ -164,7 +165,6 @@ public enum DiskImageError: Error, Equatable, Sendable, CustomStringConvertible 
     }
 }
 
-func hex(_ v: UInt64) -> String { String(v, radix: 16) }
 
 #if canImport(Glibc)
 import Glibc

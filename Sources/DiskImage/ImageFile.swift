@@ -1,3 +1,4 @@
+import Basics
 import Synchronization
 
 import Dispatch
@@ -99,7 +100,7 @@ public final class ImageFile: Sendable {
         var bytes = [UInt8](repeating: 0, count: count)
         let n = try bytes.withUnsafeMutableBytes { try read(into: $0, at: offset) }
         guard n == count else {
-            throw DiskImageError.corruptMetadata("\(what) at 0x\(hex(offset)) runs past the end of the file")
+            throw DiskImageError.corruptMetadata("\(what) at 0x\(Hex.digits(offset)) runs past the end of the file")
         }
         return bytes
     }
@@ -269,23 +270,4 @@ extension ImageFile {
 struct FileIdentity: Hashable, Sendable {
     var device: UInt64
     var inode: UInt64
-}
-
-// MARK: - Big-endian field access
-
-extension Array where Element == UInt8 {
-    /// Reads a big-endian integer at `offset`; the caller has checked the bounds.
-    func be<T: FixedWidthInteger>(_ offset: Int, as: T.Type = T.self) -> T {
-        withUnsafeBytes { T(bigEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
-    }
-
-    mutating func setBE<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-        withUnsafeMutableBytes { $0.storeBytes(of: value.bigEndian, toByteOffset: offset, as: T.self) }
-    }
-}
-
-extension UnsafeRawBufferPointer {
-    func be<T: FixedWidthInteger>(_ offset: Int, as: T.Type = T.self) -> T {
-        T(bigEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
-    }
 }

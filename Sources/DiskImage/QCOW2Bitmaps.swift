@@ -1,3 +1,4 @@
+import Basics
 /// One entry of the persistent-bitmap directory (a dirty bitmap QEMU keeps for incremental backup).
 ///
 /// Swiftlet never uses bitmap contents, but QEMU refuses to open an image whose bitmap
@@ -67,7 +68,7 @@ struct BitmapDirectoryEntry: Sendable, Equatable {
             guard e.tableEntries > 0 else { throw bad("its bitmap table has no entries") }
             guard e.tableOffset != 0 else { throw bad("its bitmap table is at offset 0") }
             guard e.tableOffset & (cs - 1) == 0 else {
-                throw bad("its bitmap table at 0x\(hex(e.tableOffset)) is not cluster-aligned")
+                throw bad("its bitmap table at 0x\(Hex.digits(e.tableOffset)) is not cluster-aligned")
             }
             guard e.tableEntries <= maxTableEntries else {
                 throw bad("its bitmap table has \(e.tableEntries) entries, more than \(maxTableEntries)")
@@ -75,7 +76,7 @@ struct BitmapDirectoryEntry: Sendable, Equatable {
             guard granularityBits.contains(e.granularityBits) else {
                 throw bad("granularity 2^\(e.granularityBits) is outside 2^9...2^31")
             }
-            guard e.flags & reservedFlags == 0 else { throw bad("reserved flag bits 0x\(hex(UInt64(e.flags))) are set") }
+            guard e.flags & reservedFlags == 0 else { throw bad("reserved flag bits 0x\(Hex.digits(UInt64(e.flags))) are set") }
             guard nameSize <= maxNameLength else { throw bad("its name is \(nameSize) bytes, more than \(maxNameLength)") }
             guard e.type == dirtyTrackingType else { throw bad("type \(e.type) is not 1 (dirty tracking)") }
             let bitmapBytes = UInt64(e.tableEntries) * cs
@@ -113,13 +114,13 @@ struct BitmapDirectoryEntry: Sendable, Equatable {
             let bytes = UInt64(e.tableEntries) * 8
             guard e.tableOffset <= fileSize, bytes <= fileSize - e.tableOffset else {
                 throw DiskImageError.badBitmap(
-                    index: index, name: e.name, reason: "its bitmap table at 0x\(hex(e.tableOffset)) runs past the end of the file")
+                    index: index, name: e.name, reason: "its bitmap table at 0x\(Hex.digits(e.tableOffset)) runs past the end of the file")
             }
             if let bad = try checked.firstBadEntry(file: file, offset: e.tableOffset, count: UInt64(e.tableEntries),
                                                    clusterSize: cs) {
                 throw DiskImageError.badBitmap(
                     index: index, name: e.name,
-                    reason: "bitmap table entry \(bad.index) (0x\(hex(bad.entry))) \(tableEntryProblem(bad.entry, clusterSize: cs) ?? "")")
+                    reason: "bitmap table entry \(bad.index) (0x\(Hex.digits(bad.entry))) \(tableEntryProblem(bad.entry, clusterSize: cs) ?? "")")
             }
         }
         return entries
@@ -139,7 +140,7 @@ struct BitmapDirectoryEntry: Sendable, Equatable {
         let offset = entry & tableEntryOffsetMask
         guard offset != 0 else { return nil }
         if entry & tableEntryAllOnes != 0 { return "has both a data offset and the all-ones flag" }
-        if offset & (clusterSize - 1) != 0 { return "points at 0x\(hex(offset)), which is not cluster-aligned" }
+        if offset & (clusterSize - 1) != 0 { return "points at 0x\(Hex.digits(offset)), which is not cluster-aligned" }
         return nil
     }
 

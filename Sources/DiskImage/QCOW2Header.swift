@@ -1,3 +1,4 @@
+import Basics
 /// The parsed and validated qcow2 header, its extensions, backing file name and snapshot table.
 ///
 /// Owns no file: `parse` reads what it needs and checks every field the way
@@ -325,7 +326,7 @@ public struct QCOW2Header: Sendable {
                     }
                     guard dirOffset & (clusterSize - 1) == 0 else {
                         throw DiskImageError.badExtension(
-                            name: "bitmaps", reason: "directory offset 0x\(hex(dirOffset)) is not cluster-aligned")
+                            name: "bitmaps", reason: "directory offset 0x\(Hex.digits(dirOffset)) is not cluster-aligned")
                     }
                     guard dirSize <= Self.maxBitmapDirectoryBytes else {
                         throw DiskImageError.badExtension(
@@ -336,7 +337,7 @@ public struct QCOW2Header: Sendable {
                     }
                     guard dirOffset <= fileSize, dirSize <= fileSize - dirOffset else {
                         throw DiskImageError.badExtension(
-                            name: "bitmaps", reason: "directory at 0x\(hex(dirOffset)) runs past the end of the file")
+                            name: "bitmaps", reason: "directory at 0x\(Hex.digits(dirOffset)) runs past the end of the file")
                     }
                     bitmapCount = count
                     bitmapDirectoryOffset = dirOffset
@@ -361,7 +362,7 @@ public struct QCOW2Header: Sendable {
         case extBitmaps: return "bitmaps"
         case extEncryption: return "full disk encryption header"
         case extDataFile: return "external data file name"
-        default: return "0x" + hex(UInt64(type))
+        default: return "0x" + Hex.digits(UInt64(type))
         }
     }
 }
@@ -388,7 +389,7 @@ public struct QCOW2Snapshot: Sendable, Equatable {
         var end = offset
         for index in 0..<Int(h.snapshotCount) {
             guard offset <= fileSize, fileSize - offset >= 40 else {
-                throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(hex(offset)) runs past the end of the file")
+                throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(Hex.digits(offset)) runs past the end of the file")
             }
             let fixed = try file.readBytes(40, at: offset, what: "snapshot entry")
             let idLen = UInt64(fixed.be(12, as: UInt16.self))
@@ -404,7 +405,7 @@ public struct QCOW2Snapshot: Sendable, Equatable {
                 throw DiskImageError.snapshotTableTooLarge(entries: index + 1, bytes: tableLength)
             }
             guard fileSize - offset - 40 >= varLen else {
-                throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(hex(offset)) runs past the end of the file")
+                throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(Hex.digits(offset)) runs past the end of the file")
             }
             let rest = try file.readBytes(Int(varLen), at: offset + 40, what: "snapshot entry")
             var snap = QCOW2Snapshot(

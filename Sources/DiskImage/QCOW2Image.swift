@@ -1,3 +1,4 @@
+import Basics
 import Synchronization
 
 #if canImport(Glibc)
@@ -180,17 +181,17 @@ public final class QCOW2Image: BlockDevice {
             let fileSize = state.withLock { $0.fileSize }
             guard host >= clusterSize, host < fileSize else {
                 throw DiskImageError.corruptMetadata(
-                    "compressed data for guest cluster \(index) at 0x\(hex(host)) is outside the file")
+                    "compressed data for guest cluster \(index) at 0x\(Hex.digits(host)) is outside the file")
             }
             return .compressed(offset: host, size: min(size, fileSize - host))
         }
         if entry & Self.l2ReservedMask != 0 {
             throw DiskImageError.corruptMetadata(
-                "L2 entry 0x\(hex(entry)) for guest cluster \(index) has reserved bits set")
+                "L2 entry 0x\(Hex.digits(entry)) for guest cluster \(index) has reserved bits set")
         }
         let host = entry & Self.offsetMask
         if host != 0 {
-            try checkClusterOffset(host, "data cluster offset 0x\(hex(host)) for guest cluster \(index)")
+            try checkClusterOffset(host, "data cluster offset 0x\(Hex.digits(host)) for guest cluster \(index)")
         }
         if extended {
             let allocated = UInt32(truncatingIfNeeded: bitmap)
@@ -246,9 +247,9 @@ public final class QCOW2Image: BlockDevice {
     /// Reads, checks and caches the L2 table at `offset`.
     func loadL2(offset: UInt64, l1Entry: UInt64, l1Index: UInt64) throws -> [UInt64] {
         guard l1Entry & Self.l1ReservedMask == 0 else {
-            throw DiskImageError.corruptMetadata("L1 entry \(l1Index) (0x\(hex(l1Entry))) has reserved bits set")
+            throw DiskImageError.corruptMetadata("L1 entry \(l1Index) (0x\(Hex.digits(l1Entry))) has reserved bits set")
         }
-        try checkClusterOffset(offset, "L2 table offset 0x\(hex(offset)) in L1 entry \(l1Index)")
+        try checkClusterOffset(offset, "L2 table offset 0x\(Hex.digits(offset)) in L1 entry \(l1Index)")
         var table = [UInt64](repeating: 0, count: Int(clusterSize / 8))
         try table.withUnsafeMutableBytes { try file.readZeroFilled(into: $0, at: offset) }
         for i in table.indices { table[i] = UInt64(bigEndian: table[i]) }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Basics
 import DiskImage
 import Synchronization
 
@@ -208,9 +209,9 @@ extension ImageCommand {
             }
             try imageCommand {
                 for _ in 0..<reads { try dev.read(into: buffer, at: nextOffset()) }  // Warm the caches.
-                let start = monotonicNanoseconds()
+                let start = MonotonicClock.nanoseconds()
                 for _ in 0..<reads { try dev.read(into: buffer, at: nextOffset()) }
-                let ns = Double(monotonicNanoseconds() - start) / Double(reads)
+                let ns = Double(MonotonicClock.nanoseconds() - start) / Double(reads)
                 let cache = (dev as? QCOW2Image).map { " (L2 cache: \($0.cachedL2Tables) of \($0.l2CacheLimit) tables)" } ?? ""
                 print("\(reads) random \(size)-byte reads: \(Int(ns)) ns per read\(cache)")
             }
@@ -218,11 +219,6 @@ extension ImageCommand {
     }
 }
 
-private func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}
 
 /// Runs `body`; a DiskImage error becomes one line on stderr and exit status 1 (or `status`).
 func imageCommand<T>(status: Int32 = 1, _ body: () throws -> T) throws -> T {
@@ -238,35 +234,17 @@ func imageCommand<T>(status: Int32 = 1, _ body: () throws -> T) throws -> T {
 }
 
 
-/// Parses "4096", "512K", "10G", "2T" or "1GiB": an integer with an optional binary suffix
-/// (K, M, G, T, P, E in either case, optionally followed by "iB" or "B"; a lone "b" means bytes).
+/// Parses a size as qemu-img takes one: "4096", "512K", "10G", "2T" or "1GiB"; a bare
+/// number is bytes.
 func parseSize(_ text: String) throws -> UInt64 {
-    var digits = Substring(text)
-    var multiplier: UInt64 = 1
-    for suffix in ["iB", "B", "b"] where digits.hasSuffix(suffix) && digits.count > suffix.count {
-        digits = digits.dropLast(suffix.count)
-        break
+    do {
+        return try ByteSize.parse(text, defaultUnit: .bytes)
+    } catch {
+        throw DiskImageError.invalidArgument("\(error) (try 10G, 512M or 4096)")
     }
-    let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60]
-    if let last = digits.last, let shift = shifts[Character(last.uppercased())] {
-        multiplier = 1 << shift
-        digits = digits.dropLast()
-    }
-    guard !digits.isEmpty, digits.allSatisfy(\.isASCII), let n = UInt64(digits) else {
-        throw DiskImageError.invalidArgument("'\(text)' is not a size (try 10G, 512M or 4096)")
-    }
-    let (v, overflow) = n.multipliedReportingOverflow(by: multiplier)
-    guard !overflow else { throw DiskImageError.invalidArgument("size '\(text)' is too large") }
-    return v
 }
 
-private func human(_ bytes: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    var v = Double(bytes), i = 0
-    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-    if i == 0 { return "\(bytes) B" }
-    return "\(Double(Int(v * 100)) / 100) \(units[i])"
-}
+private func human(_ bytes: UInt64) -> String { ByteSize.human(bytes) }
 
 private func printInfo(_ info: ImageInfo) {
     print("image: \(info.path)")

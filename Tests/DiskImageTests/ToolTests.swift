@@ -1,4 +1,5 @@
 @testable import DiskImage
+import Compression
 import Foundation
 import Testing
 
