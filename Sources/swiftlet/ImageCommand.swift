@@ -239,8 +239,10 @@ func imageCommand<T>(status: Int32 = 1, _ body: () throws -> T) throws -> T {
 func parseSize(_ text: String) throws -> UInt64 {
     do {
         return try ByteSize.parse(text, defaultUnit: .bytes)
+    } catch .tooLarge {
+        throw DiskImageError.invalidArgument("size '\(text)' is too large")
     } catch {
-        throw DiskImageError.invalidArgument("\(error) (try 10G, 512M or 4096)")
+        throw DiskImageError.invalidArgument("'\(text)' is not a size (try 10G, 512M or 4096)")
     }
 }
 
