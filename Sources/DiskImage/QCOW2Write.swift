@@ -174,20 +174,28 @@ extension QCOW2Image {
         let inCluster = Int(guest & (clusterSize - 1))
         let cs = Int(clusterSize)
         let l1Index = Int(index / l2Entries)
-        let (host, got) = try metadata.exclusive { m -> (UInt64, Int) in
+        let (host, got, fresh) = try metadata.exclusive { m -> (UInt64, Int, Bool) in
             _ = try writableL2(l1Index: l1Index, m: &m)
             let run = try allocateClusters(upTo: UInt64(clusters), m: &m)
-            return (run.offset, Int(run.count))
+            // Past the end of the file: never written, so it reads as zeros already.
+            let fresh = run.offset >= fileSize.load(ordering: .relaxed)
+            noteFileEnd(run.offset + run.count * clusterSize)
+            return (run.offset, Int(run.count), fresh)
         }
         let bytes = min(source.count, got * cs - inCluster)
         do {
-            // The clusters this write covers only in part: current contents, merged.
+            // The clusters this write covers only in part: current contents, merged; when they
+            // read as zeros and the new cluster is fresh space, only the new bytes are written.
             let headPartial = inCluster != 0 || bytes < cs
             let lastCluster = (inCluster + bytes - 1) / cs
             let tailPartial = lastCluster > 0 && (inCluster + bytes) % cs != 0
             if headPartial {
-                let part = min(bytes, cs - inCluster)
-                try writeMerged(UnsafeRawBufferPointer(rebasing: source[0..<part]), guestCluster: index, at: inCluster, host: host)
+                let part = UnsafeRawBufferPointer(rebasing: source[0..<min(bytes, cs - inCluster)])
+                if try fresh && isKnownZero(at: index << clusterBits, length: clusterSize) {
+                    try file.write(part, at: host + UInt64(inCluster))
+                } else {
+                    try writeMerged(part, guestCluster: index, at: inCluster, host: host)
+                }
             }
             let middleStart = headPartial ? 1 : 0
             let middleEnd = tailPartial ? lastCluster : lastCluster + 1
@@ -196,11 +204,14 @@ extension QCOW2Image {
                 try file.write(UnsafeRawBufferPointer(rebasing: source[from..<to]), at: host + UInt64(middleStart * cs))
             }
             if tailPartial {
-                let from = lastCluster * cs - inCluster
-                try writeMerged(UnsafeRawBufferPointer(rebasing: source[from..<bytes]), guestCluster: index + UInt64(lastCluster),
-                                at: 0, host: host + UInt64(lastCluster * cs))
+                let part = UnsafeRawBufferPointer(rebasing: source[(lastCluster * cs - inCluster)..<bytes])
+                let tail = index + UInt64(lastCluster)
+                if try fresh && isKnownZero(at: tail << clusterBits, length: clusterSize) {
+                    try file.write(part, at: host + UInt64(lastCluster * cs))
+                } else {
+                    try writeMerged(part, guestCluster: tail, at: 0, host: host + UInt64(lastCluster * cs))
+                }
             }
-            noteFileEnd(host + UInt64(got * cs))
         } catch {
             // Nothing points at the new clusters yet: they are free again at once.
             try? metadata.exclusive { m in
