@@ -104,6 +104,14 @@ public final class VCPU: @unchecked Sendable {
         }
     }
 
+    /// Lets the next `KVM_RUN` enter the guest again after ``requestImmediateExit()``
+    /// (a resumed vCPU). Call it from the vCPU's thread.
+    public func clearImmediateExit() {
+        withUnsafeMutablePointer(to: &runArea.pointee.immediate_exit) { pointer in
+            UnsafeMutableRawPointer(pointer).storeBytes(of: 0, as: UInt8.self)
+        }
+    }
+
     // MARK: Registers
 
     /// The corresponding ioctl is `KVM_GET_REGS`.

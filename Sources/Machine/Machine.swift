@@ -24,6 +24,8 @@ public final class Machine: Sendable {
 
     let board: Board
     let stop = StopController()
+    let pauseControl = PauseControl()
+    private let lifecycle = Mutex(LifecycleState.created)
     /// The machine's event loop: made with the board (devices register with it), run on
     /// its own thread by ``run()``.
     let loop: EventLoop
@@ -92,7 +94,7 @@ public final class Machine: Sendable {
                                                                 exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
                                           traceExits: configuration.traceExits, tripleFault: configuration.tripleFault,
-                                          emulationFailures: emulationFailures))
+                                          emulationFailures: emulationFailures, pause: pauseControl))
             }
             self.runners = runners
             // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local
@@ -137,6 +139,8 @@ public final class Machine: Sendable {
     /// timerfd, the termination signals' signalfd and standard input. The calling thread
     /// waits for the stop decision.
     public func run() throws(MachineError) -> StopReason {
+        try move(from: [.created], to: .running, doing: "run")
+        defer { lifecycle.withLock { $0 = .stopped } }
         Signals.installKickHandler()
         var loopThread: NamedThread?
         // vCPU threads wait here until all of them exist: a machine that cannot get its
@@ -147,6 +151,8 @@ public final class Machine: Sendable {
             try watchStopSources(on: loop)
             loopThread = try loop.start(name: "events")
             stop.onStop { [loop] in loop.stop() }
+            // A stop while paused lets the parked vCPU threads go, so they can end.
+            stop.onStop { [pauseControl] in pauseControl.resumeAll() }
             for runner in runners { try runner.start(after: gate) }
             gate.leave()
         } catch {
@@ -220,5 +226,47 @@ extension Machine {
     /// reason came first).
     public func requestStop(_ reason: StopReason) {
         stop.stop(reason)
+    }
+}
+
+/// Where a machine is in its life: built, running, paused, or stopped for good.
+public enum LifecycleState: String, Sendable, Equatable {
+    case created, running, paused, stopped
+}
+
+extension Machine {
+    /// The machine's state now.
+    public var state: LifecycleState { lifecycle.withLock { $0 } }
+
+    /// Moves to `next` if the state is one of `allowed`, or throws naming both.
+    private func move(from allowed: Set<LifecycleState>, to next: LifecycleState, doing action: String) throws(MachineError) {
+        try lifecycle.withLock { (state) throws(MachineError) in
+            guard allowed.contains(state) else { throw .invalidTransition(action: action, state: state.rawValue) }
+            state = next
+        }
+    }
+
+    /// How long a pause may wait for a vCPU to leave `KVM_RUN`.
+    static let pauseTimeout = 5.0
+
+    /// Parks every vCPU outside `KVM_RUN`, at an instruction boundary, then quiesces the
+    /// devices (no request half-done). Returns once the machine is still. From `running`
+    /// only.
+    public func pause() throws(MachineError) {
+        try move(from: [.running], to: .paused, doing: "pause")
+        pauseControl.requestPause()
+        for runner in runners { runner.kick() }
+        guard pauseControl.awaitParked(count: runners.count, timeout: Self.pauseTimeout) else {
+            stop.stop(.crash("a vCPU did not stop for a pause within \(Int(Self.pauseTimeout)) s"))
+            throw .invalidConfiguration("the VM could not be paused: a vCPU did not leave KVM_RUN")
+        }
+        for core in board.virtioTransports { core.device.pause() }
+    }
+
+    /// Lets the devices and the vCPUs go on exactly where they stopped. From `paused` only.
+    public func resume() throws(MachineError) {
+        try move(from: [.paused], to: .running, doing: "resume")
+        for core in board.virtioTransports { core.device.resume() }
+        pauseControl.resumeAll()
     }
 }
