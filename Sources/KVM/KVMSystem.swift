@@ -16,6 +16,10 @@ public struct KVMCapability: Sendable, Hashable, CustomStringConvertible {
     public static let recommendedVCPUs = KVMCapability(rawValue: CKVM_CAP_NR_VCPUS, name: "KVM_CAP_NR_VCPUS")
     public static let maximumVCPUs = KVMCapability(rawValue: CKVM_CAP_MAX_VCPUS, name: "KVM_CAP_MAX_VCPUS")
     public static let tscFrequency = KVMCapability(rawValue: CKVM_CAP_GET_TSC_KHZ, name: "KVM_CAP_GET_TSC_KHZ")
+    /// The guest's TSC frequency can be set (`KVM_SET_TSC_KHZ`, TSC scaling).
+    public static let tscControl = KVMCapability(rawValue: CKVM_CAP_TSC_CONTROL, name: "KVM_CAP_TSC_CONTROL")
+    /// A paused guest can be told so through kvmclock (`KVM_KVMCLOCK_CTRL`).
+    public static let kvmclockControl = KVMCapability(rawValue: CKVM_CAP_KVMCLOCK_CTRL, name: "KVM_CAP_KVMCLOCK_CTRL")
     public static let extendedCPUID = KVMCapability(rawValue: CKVM_CAP_EXT_CPUID, name: "KVM_CAP_EXT_CPUID")
     public static let signalMSI = KVMCapability(rawValue: CKVM_CAP_SIGNAL_MSI, name: "KVM_CAP_SIGNAL_MSI")
     public static let xsave = KVMCapability(rawValue: CKVM_CAP_XSAVE, name: "KVM_CAP_XSAVE")

@@ -31,17 +31,24 @@ final class Board: Sendable {
 
     /// Builds the VM with `memorySize` bytes of RAM and the PC devices. `withTestDevice`
     /// adds QEMU's pc-testdev (kvm-unit-tests expect it next to Multiboot kernels).
-    init(configuration: MachineConfiguration, stop: StopController, loop: EventLoop, withTestDevice: Bool) throws(MachineError) {
+    /// `memory` is RAM made beforehand (a snapshot's memory file mapped); without it, fresh
+    /// RAM of the configured size.
+    init(configuration: MachineConfiguration, stop: StopController, loop: EventLoop, withTestDevice: Bool,
+         memory existing: GuestMemory? = nil) throws(MachineError) {
         do {
             system = try KVMSystem(path: configuration.kvmPath)
             vm = try system.createVM()
         } catch {
             throw .kvm(error)
         }
-        do {
-            memory = try GuestMemory(size: configuration.memorySize, transparentHugePages: configuration.transparentHugePages)
-        } catch {
-            throw .invalidConfiguration(error.description)
+        if let existing {
+            memory = existing
+        } else {
+            do {
+                memory = try GuestMemory(size: configuration.memorySize, transparentHugePages: configuration.transparentHugePages)
+            } catch {
+                throw .invalidConfiguration(error.description)
+            }
         }
         do {
             for (slot, region) in memory.regions.enumerated() {

@@ -50,6 +50,10 @@ public enum BootSource: Sendable {
     /// A kernel whose format is detected from its content: a Linux bzImage or vmlinux
     /// (64-bit or PVH entry), or a Multiboot kernel (see ``KernelImage``).
     case kernel(KernelBoot)
+    /// A snapshot directory (``Machine/snapshot(to:)`` wrote it): the machine it describes
+    /// continues where it was saved. The configuration's machine shape (RAM, vCPUs, disks,
+    /// transport) comes from the snapshot; its run-time options (console, timeout) apply.
+    case snapshot(String)
 }
 
 /// What a triple fault does. On a PC the chipset turns a triple fault into a CPU reset;

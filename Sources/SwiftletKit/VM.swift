@@ -57,6 +57,10 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// What a snapshot wrote: its directory, the state file's size, the pages of RAM written
+/// (zero pages are holes) and how long it took.
+public typealias SnapshotSummary = MachineSnapshotSummary
+
 /// Where a VM is in its life.
 public enum VMState: String, Sendable, Equatable {
     /// Built, not yet run.
@@ -116,6 +120,8 @@ public final class VM: Sendable {
             case .pvh: kernel.linuxEntry = .pvh
             }
             boot = .kernel(kernel)
+        case let .snapshot(directory):
+            boot = .snapshot(directory)
         }
         var machineConfiguration = MachineConfiguration(boot: boot)
         machineConfiguration.memorySize = configuration.memorySize
@@ -192,6 +198,14 @@ public final class VM: Sendable {
     /// Continues a paused VM exactly where it stopped. Throws when it is not paused.
     public func resume() throws(SwiftletError) {
         do { try machine.resume() } catch { throw SwiftletError(message: error.description) }
+    }
+
+    /// Writes the paused VM to `directory` (made if missing): a state file and a memory
+    /// file, which ``VMConfiguration/Boot/snapshot(directory:)`` restores in this or
+    /// another process. The VM stays paused.
+    @discardableResult
+    public func snapshot(to directory: String) throws(SwiftletError) -> SnapshotSummary {
+        do { return try machine.snapshot(to: directory) } catch { throw SwiftletError(message: error.description) }
     }
 
     /// Stops a running VM from another thread; ``run()`` then returns `exit`.

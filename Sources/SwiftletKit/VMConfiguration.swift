@@ -26,6 +26,10 @@ public struct VMConfiguration: Sendable {
         /// Multiboot kernel (kvm-unit-tests' `.flat` files are Multiboot ELFs). `nil`
         /// `commandLine` gives Linux Swiftlet's default (serial console on ttyS0).
         case kernel(Image, initrd: Image? = nil, commandLine: String? = nil)
+        /// A snapshot directory written by ``VM/snapshot(to:)`` (or `swiftlet`): the
+        /// machine continues where it was saved. Its RAM, vCPUs, disks and transport come
+        /// from the snapshot; the console, timeout and tracing options here apply.
+        case snapshot(directory: String)
     }
 
     /// Where the guest's serial console (COM1) goes.

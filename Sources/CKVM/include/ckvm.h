@@ -65,6 +65,8 @@ static const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
 static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+static const unsigned long CKVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
+static const unsigned long CKVM_KVMCLOCK_CTRL = KVM_KVMCLOCK_CTRL;
 
 // --- Capabilities we ask about -------------------------------------------------------
 static const int CKVM_CAP_IRQCHIP = KVM_CAP_IRQCHIP;
@@ -77,6 +79,8 @@ static const int CKVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
 static const int CKVM_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS;
 static const int CKVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
 static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
+static const int CKVM_CAP_TSC_CONTROL = KVM_CAP_TSC_CONTROL;
+static const int CKVM_CAP_KVMCLOCK_CTRL = KVM_CAP_KVMCLOCK_CTRL;
 static const int CKVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
 static const int CKVM_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI;
 static const int CKVM_CAP_READONLY_MEM = KVM_CAP_READONLY_MEM;

@@ -72,6 +72,13 @@ static inline int clinux_compare_exchange_64(void *address, uint64_t expected, u
     return __atomic_compare_exchange_n((uint64_t *)address, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 /// A full barrier: no load or store moves across it (mb() in the virtio specification).
+// Bitmaps shared between threads (the log of pages Swiftlet writes into guest RAM).
+static inline void clinux_atomic_or_64(void *address, uint64_t bits) {
+    __atomic_fetch_or((uint64_t *)address, bits, __ATOMIC_RELAXED);
+}
+static inline uint64_t clinux_atomic_exchange_64(void *address, uint64_t value) {
+    return __atomic_exchange_n((uint64_t *)address, value, __ATOMIC_ACQ_REL);
+}
 static inline void clinux_fence(void) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
