@@ -221,15 +221,13 @@ final class NetDataPath: Sendable {
     private func transmit(_ state: inout State) {
         guard !state.halted, let queue = transmitQueue else { return }
         var completed: [(head: UInt16, writtenLength: UInt32)] = []
-        var statistics = VirtioNetStatistics()
-        defer { counters.update { $0.add(statistics) } }
         do {
             if let blocked = state.blockedTransmit {
                 let outcome = send(blocked)
                 if case .wouldBlock = outcome { return }
                 state.blockedTransmit = nil
                 watch(&state, state.watching.subtracting(.writable))
-                count(outcome, into: &statistics)
+                count(outcome)
                 completed.append((blocked.head, 0))
             }
             try queue.disableNotifications()
@@ -247,7 +245,7 @@ final class NetDataPath: Sendable {
                     watch(&state, state.watching.union(.writable))
                     break
                 }
-                count(outcome, into: &statistics)
+                count(outcome)
                 completed.append((chain.head, 0))
             }
             if completed.count >= Self.roundLimit && state.blockedTransmit == nil {
@@ -262,15 +260,19 @@ final class NetDataPath: Sendable {
         }
     }
 
-    private func count(_ outcome: TransmitOutcome, into statistics: inout VirtioNetStatistics) {
-        switch outcome {
-        case let .sent(bytes):
-            statistics.transmittedFrames += 1
-            statistics.transmittedBytes += UInt64(bytes)
-        case .malformed: statistics.transmitMalformed += 1
-        case .oversized: statistics.transmitOversized += 1
-        case .refused: statistics.transmitBackendErrors += 1
-        case .wouldBlock: break
+    /// Counts a frame's fate (before its chain goes back, so that a driver that sees the
+    /// chain sees the count).
+    private func count(_ outcome: TransmitOutcome) {
+        counters.update { statistics in
+            switch outcome {
+            case let .sent(bytes):
+                statistics.transmittedFrames += 1
+                statistics.transmittedBytes += UInt64(bytes)
+            case .malformed: statistics.transmitMalformed += 1
+            case .oversized: statistics.transmitOversized += 1
+            case .refused: statistics.transmitBackendErrors += 1
+            case .wouldBlock: break
+            }
         }
     }
 
@@ -339,8 +341,7 @@ final class NetDataPath: Sendable {
     /// Takes receive chains until a frame of the largest size fits. Chains too small for a
     /// header go straight back, empty. Returns whether a frame fits; if not, the driver's
     /// notification is on.
-    private func takeReceiveChains(_ state: inout State, queue: Virtqueue, returned: inout [(head: UInt16, writtenLength: UInt32)],
-                                   statistics: inout VirtioNetStatistics) throws(VirtioError) -> Bool {
+    private func takeReceiveChains(_ state: inout State, queue: Virtqueue, returned: inout [(head: UInt16, writtenLength: UInt32)]) throws(VirtioError) -> Bool {
         while !canReceive(state, queue: queue) {
             guard let chain = try queue.popAvailable() else {
                 if try queue.enableNotifications() { continue }
@@ -348,7 +349,7 @@ final class NetDataPath: Sendable {
             }
             let capacity = chain.writableLength
             guard capacity >= UInt64(VirtioNetHeader.size) else {
-                statistics.receiveUnusableBuffers += 1
+                counters.update { $0.receiveUnusableBuffers += 1 }
                 returned.append((chain.head, 0))
                 continue
             }
@@ -363,10 +364,8 @@ final class NetDataPath: Sendable {
     private func refillReceiveBuffers(_ state: inout State) {
         guard !state.halted, let queue = receiveQueue else { return }
         var returned: [(head: UInt16, writtenLength: UInt32)] = []
-        var statistics = VirtioNetStatistics()
-        defer { counters.update { $0.add(statistics) } }
         do {
-            let ready = try takeReceiveChains(&state, queue: queue, returned: &returned, statistics: &statistics)
+            let ready = try takeReceiveChains(&state, queue: queue, returned: &returned)
             if ready && !state.watching.contains(.readable) {
                 try queue.disableNotifications()
                 watch(&state, state.watching.union(.readable))
@@ -385,18 +384,16 @@ final class NetDataPath: Sendable {
             return watch(&state, state.watching.subtracting(.readable))
         }
         var returned: [(head: UInt16, writtenLength: UInt32)] = []
-        var statistics = VirtioNetStatistics()
-        defer { counters.update { $0.add(statistics) } }
         do {
             var frames = 0
             while frames < Self.roundLimit {
-                guard try takeReceiveChains(&state, queue: queue, returned: &returned, statistics: &statistics) else {
+                guard try takeReceiveChains(&state, queue: queue, returned: &returned) else {
                     // Out of buffers: leave the frames in the TAP until the driver adds some.
-                    statistics.receivePauses += 1
+                    counters.update { $0.receivePauses += 1 }
                     watch(&state, state.watching.subtracting(.readable))
                     break
                 }
-                guard let entries = try receiveOne(&state, queue: queue, statistics: &statistics) else { break }
+                guard let entries = try receiveOne(&state, queue: queue) else { break }
                 guard !entries.isEmpty else { continue }
                 // The whole frame is in: its chains go back together, behind one index update.
                 try queue.pushUsed(entries)
@@ -424,48 +421,54 @@ final class NetDataPath: Sendable {
     /// Reads one frame into the held chains. Returns the used entries of the chains it
     /// filled; an empty list when the frame was dropped (the chains stay for the next
     /// one); `nil` when the TAP has nothing more now.
-    private func receiveOne(_ state: inout State, queue: Virtqueue,
-                            statistics: inout VirtioNetStatistics) throws -> [(head: UInt16, writtenLength: UInt32)]? {
+    private func receiveOne(_ state: inout State, queue: Virtqueue) throws -> [(head: UInt16, writtenLength: UInt32)]? {
         // The vectors: every held chain with MRG_RXBUF, the first one without; at most
-        // UIO_MAXIOV of them, and `covered` says how much of each chain they reach.
+        // UIO_MAXIOV of them, and `covered` says how much of each chain they reach. One
+        // more, a byte of the device's own, catches a frame longer than the chains: a TAP
+        // reports such a frame's whole length anyway, a socket fills that byte.
+        let guestVectors = Self.maximumVectors - 1
         var ranges: [(address: GuestAddress, count: UInt64)] = []
         var covered: [UInt64] = []
         for chain in state.receiveChains {
             var reach: UInt64 = 0
             for buffer in chain.writable where buffer.length > 0 {
-                guard ranges.count < Self.maximumVectors else { break }
+                guard ranges.count < guestVectors else { break }
                 ranges.append((buffer.address, UInt64(buffer.length)))
                 reach += UInt64(buffer.length)
             }
             covered.append(reach)
-            if !negotiation.mergeable || ranges.count >= Self.maximumVectors { break }
+            if !negotiation.mergeable || ranges.count >= guestVectors { break }
         }
+        var overflow: UInt8 = 0
         let result = try memory.withBytes(of: ranges) { buffers in
-            withUnsafeTemporaryAllocation(of: iovec.self, capacity: buffers.count) { vectors in
-                for (index, buffer) in buffers.enumerated() {
-                    vectors[index] = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+            withUnsafeMutableBytes(of: &overflow) { overflowByte in
+                withUnsafeTemporaryAllocation(of: iovec.self, capacity: buffers.count + 1) { vectors in
+                    for (index, buffer) in buffers.enumerated() {
+                        vectors[index] = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+                    }
+                    vectors[buffers.count] = iovec(iov_base: overflowByte.baseAddress, iov_len: 1)
+                    return retryingInterrupts { readv(backend.descriptor, vectors.baseAddress, Int32(vectors.count)) }
                 }
-                return retryingInterrupts { readv(backend.descriptor, vectors.baseAddress, Int32(vectors.count)) }
             }
         }
         let length = result.value
         if length < 0 {
             let error = result.error
             if error == EAGAIN || error == EWOULDBLOCK { return nil }
-            statistics.receiveErrors += 1
+            counters.update { $0.receiveErrors += 1 }
             throw BackendFailure(description: "reading the TAP '\(backend.name)' failed: \(String(cString: strerror(error)))")
         }
         if length == 0 { throw BackendFailure(description: "the TAP '\(backend.name)' was closed") }
         let headerSize = VirtioNetHeader.size
         guard length >= headerSize else {
-            statistics.receiveErrors += 1
+            counters.update { $0.receiveErrors += 1 }
             return []
         }
-        // A TAP reports a frame's whole length even when the vectors were shorter: such a
-        // frame, and one longer than the features allow, is dropped unseen.
+        // A frame longer than the chains (it reached the overflow byte), or than the
+        // features allow, is dropped unseen: the chains stay for the next one.
         let frameLength = length - headerSize
         guard frameLength <= negotiation.receiveLimit, UInt64(length) <= covered.reduce(0, +) else {
-            statistics.receiveOversized += 1
+            counters.update { $0.receiveOversized += 1 }
             return []
         }
         var entries: [(head: UInt16, writtenLength: UInt32)] = []
@@ -483,8 +486,10 @@ final class NetDataPath: Sendable {
         if !negotiation.guestChecksum { try header.write([0], at: UInt64(VirtioNetHeader.flagsOffset), memory: memory) }
         for chain in state.receiveChains.prefix(entries.count) { state.receiveCapacity -= chain.writableLength }
         state.receiveChains.removeFirst(entries.count)
-        statistics.receivedFrames += 1
-        statistics.receivedBytes += UInt64(frameLength)
+        counters.update {
+            $0.receivedFrames += 1
+            $0.receivedBytes += UInt64(frameLength)
+        }
         return entries
     }
 }
@@ -502,22 +507,5 @@ private func retryingInterrupts(_ call: () -> Int) -> CallResult {
         if result >= 0 { return CallResult(value: result, error: 0) }
         let error = errno
         if error != EINTR { return CallResult(value: result, error: error) }
-    }
-}
-
-extension VirtioNetStatistics {
-    mutating func add(_ other: VirtioNetStatistics) {
-        transmittedFrames += other.transmittedFrames
-        transmittedBytes += other.transmittedBytes
-        receivedFrames += other.receivedFrames
-        receivedBytes += other.receivedBytes
-        transmitMalformed += other.transmitMalformed
-        transmitOversized += other.transmitOversized
-        transmitBackendErrors += other.transmitBackendErrors
-        receiveOversized += other.receiveOversized
-        receiveErrors += other.receiveErrors
-        receiveUnusableBuffers += other.receiveUnusableBuffers
-        receivePauses += other.receivePauses
-        backendWakeups += other.backendWakeups
     }
 }
