@@ -53,7 +53,7 @@ let package = Package(
         .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage",
                                          .product(name: "DequeModule", package: "swift-collections")]),
         .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot"]),
-        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "DiskImage", "X86", "KVM"]),
+        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
