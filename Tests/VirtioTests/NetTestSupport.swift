@@ -112,7 +112,10 @@ struct ReceivedFrame {
 final class NetHarness {
     static let memorySize: UInt64 = 64 << 20
     let memory: GuestMemory
-    let backend: SocketPairBackend
+    /// The backend: a socket pair unless the test gave another (a real TAP).
+    let netBackend: any NetBackend
+    /// The socket pair, for the tests that use one.
+    var backend: SocketPairBackend { netBackend as! SocketPairBackend }
     let device: VirtioNet
     let interrupt = RecordingInterrupt()
     var drivers: [TestDriver]
@@ -127,10 +130,10 @@ final class NetHarness {
 
     /// - Parameters:
     ///   - features: what the driver accepts (masked to the offer); by default everything offered.
-    init(backend: SocketPairBackend? = nil, features: UInt64? = nil, queueSize: UInt16 = 256, activate: Bool = true) throws {
+    init(backend: (any NetBackend)? = nil, features: UInt64? = nil, queueSize: UInt16 = 256, activate: Bool = true) throws {
         memory = try GuestMemory(size: Self.memorySize, transparentHugePages: false)
-        self.backend = try backend ?? SocketPairBackend()
-        device = try VirtioNet(backend: self.backend, options: VirtioNetOptions(mac: MACAddress(bytes: Frames.guestMAC)!, index: 7))
+        netBackend = try backend ?? SocketPairBackend()
+        device = try VirtioNet(backend: netBackend, options: VirtioNetOptions(mac: MACAddress(bytes: Frames.guestMAC)!, index: 7))
         self.features = (features ?? device.offeredFeatures) & device.offeredFeatures | VirtioFeature.version1
         let eventIndex = self.features & VirtioFeature.ringEventIndex != 0
         drivers = [TestDriver(memory: memory, size: queueSize, base: 0x10000),
