@@ -248,3 +248,21 @@ struct NetworkSyntaxTests {
         #expect(result.stdout.contains("ip tuntap add dev NAME mode tap"))
     }
 }
+
+@Suite("--net cleanup", .enabled(if: NetworkNamespace.available, Comment(rawValue: noNamespaces)))
+struct NetworkCleanupTests {
+    @Test("Killed outright (SIGKILL), Swiftlet still leaves no TAP behind: the kernel removes it with the descriptor")
+    func killed() throws {
+        let namespace = try NetworkNamespace()
+        var wasUp = false
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("idle"), "--net", "tap=swt0", "--timeout", "20"],
+                                      namespace: namespace.name) { process, _ in
+            wasUp = namespace.wait(seconds: 5) { namespace.isUp("swt0") }
+            // `ip netns exec` execs Swiftlet: the process is Swiftlet itself.
+            kill(process.processIdentifier, SIGKILL)
+        }
+        #expect(wasUp)
+        #expect(result.signal == SIGKILL)
+        #expect(namespace.wait(seconds: 5) { namespace.link("swt0") == nil })
+    }
+}
