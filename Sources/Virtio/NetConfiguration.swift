@@ -233,7 +233,8 @@ public struct VirtioNetStatistics: Sendable, Equatable {
     /// One line for `--trace-exits`.
     public var summary: String {
         "tx \(transmittedFrames) frames (\(transmittedBytes) bytes), rx \(receivedFrames) frames (\(receivedBytes) bytes); "
-            + "dropped: tx malformed \(transmitMalformed), tx oversized \(transmitOversized), tx refused by the TAP \(transmitBackendErrors), "
+            + "dropped: tx malformed \(transmitMalformed), tx oversized \(transmitOversized), "
+            + "tx refused by the TAP \(transmitBackendErrors), "
             + "rx oversized \(receiveOversized), rx errors \(receiveErrors); rx buffers unusable \(receiveUnusableBuffers), "
             + "rx paused for buffers \(receivePauses) times"
     }

@@ -74,6 +74,9 @@ final class NetCounters: Sendable {
 /// A hostile driver's frames are dropped and counted (``VirtioNetStatistics``); a ring it
 /// broke stops the device until a reset (``VirtioActivation/needsReset``).
 final class NetDataPath: Sendable {
+    /// A chain going back to the driver, and the bytes written into it.
+    typealias UsedEntry = (head: UInt16, writtenLength: UInt32)
+
     /// Frames read or written in one round before the loop serves other descriptors.
     static let roundLimit = 64
     /// `writev`/`readv` take at most this many vectors (Linux's UIO_MAXIOV).
@@ -220,7 +223,7 @@ final class NetDataPath: Sendable {
     /// for now is tried first; if it still cannot go, nothing else does.
     private func transmit(_ state: inout State) {
         guard !state.halted, let queue = transmitQueue else { return }
-        var completed: [(head: UInt16, writtenLength: UInt32)] = []
+        var completed: [UsedEntry] = []
         do {
             if let blocked = state.blockedTransmit {
                 let outcome = send(blocked)
@@ -291,9 +294,8 @@ final class NetDataPath: Sendable {
         } catch {
             return .malformed
         }
-        guard negotiation.permitsTransmit(flags: header[VirtioNetHeader.flagsOffset], gsoType: header[VirtioNetHeader.gsoTypeOffset]) else {
-            return .malformed
-        }
+        let flags = header[VirtioNetHeader.flagsOffset]
+        guard negotiation.permitsTransmit(flags: flags, gsoType: header[VirtioNetHeader.gsoTypeOffset]) else { return .malformed }
         let pieces = run.slice(from: headerSize, count: frameLength)
         let expected = Int(total)
         let written: CallResult
@@ -316,7 +318,9 @@ final class NetDataPath: Sendable {
                 var frame = header
                 frame.reserveCapacity(expected)
                 for piece in pieces { frame += try memory.read(at: piece.address, count: Int(piece.length)) }
-                written = frame.withUnsafeBytes { bytes in retryingInterrupts { write(backend.descriptor, bytes.baseAddress, bytes.count) } }
+                written = frame.withUnsafeBytes { bytes in
+                    retryingInterrupts { write(backend.descriptor, bytes.baseAddress, bytes.count) }
+                }
             }
         } catch {
             return .malformed
@@ -341,7 +345,7 @@ final class NetDataPath: Sendable {
     /// Takes receive chains until a frame of the largest size fits. Chains too small for a
     /// header go straight back, empty. Returns whether a frame fits; if not, the driver's
     /// notification is on.
-    private func takeReceiveChains(_ state: inout State, queue: Virtqueue, returned: inout [(head: UInt16, writtenLength: UInt32)]) throws(VirtioError) -> Bool {
+    private func takeReceiveChains(_ state: inout State, queue: Virtqueue, returned: inout [UsedEntry]) throws(VirtioError) -> Bool {
         while !canReceive(state, queue: queue) {
             guard let chain = try queue.popAvailable() else {
                 if try queue.enableNotifications() { continue }
@@ -363,7 +367,7 @@ final class NetDataPath: Sendable {
     /// watch the TAP again if they are enough for a frame.
     private func refillReceiveBuffers(_ state: inout State) {
         guard !state.halted, let queue = receiveQueue else { return }
-        var returned: [(head: UInt16, writtenLength: UInt32)] = []
+        var returned: [UsedEntry] = []
         do {
             let ready = try takeReceiveChains(&state, queue: queue, returned: &returned)
             if ready && !state.watching.contains(.readable) {
@@ -376,17 +380,20 @@ final class NetDataPath: Sendable {
         }
     }
 
-    /// The TAP is readable: moves frames into the held chains, up to ``roundLimit``.
+    /// The TAP is readable: moves frames into the held chains, up to ``roundLimit`` of them
+    /// (the loop calls again while the TAP stays readable).
     private func receive(_ state: inout State) {
         guard !state.halted else { return }
         guard let queue = receiveQueue else {
             // No receive queue: nothing can be received; stop watching.
             return watch(&state, state.watching.subtracting(.readable))
         }
-        var returned: [(head: UInt16, writtenLength: UInt32)] = []
+        var returned: [UsedEntry] = []
         do {
-            var frames = 0
-            while frames < Self.roundLimit {
+            var delivered = false
+            // Frames read, delivered or dropped: a TAP that keeps sending cannot hold the
+            // thread longer than a round.
+            for _ in 0..<Self.roundLimit {
                 guard try takeReceiveChains(&state, queue: queue, returned: &returned) else {
                     // Out of buffers: leave the frames in the TAP until the driver adds some.
                     counters.update { $0.receivePauses += 1 }
@@ -397,9 +404,9 @@ final class NetDataPath: Sendable {
                 guard !entries.isEmpty else { continue }
                 // The whole frame is in: its chains go back together, behind one index update.
                 try queue.pushUsed(entries)
-                frames += 1
+                delivered = true
             }
-            try finishReceive(queue, returned: returned, delivered: frames > 0)
+            try finishReceive(queue, returned: returned, delivered: delivered)
         } catch let error as VirtioError {
             halt(&state, "virtio-net: receive queue: \(error)")
         } catch {
@@ -408,7 +415,8 @@ final class NetDataPath: Sendable {
     }
 
     /// Returns the chains put aside as unusable, and interrupts the driver if it wants.
-    private func finishReceive(_ queue: Virtqueue, returned: [(head: UInt16, writtenLength: UInt32)], delivered: Bool = false) throws(VirtioError) {
+    private func finishReceive(_ queue: Virtqueue, returned: [UsedEntry],
+                               delivered: Bool = false) throws(VirtioError) {
         try queue.pushUsed(returned)
         guard delivered || !returned.isEmpty else { return }
         if try queue.shouldNotifyDriver() { interrupt.signalQueue(Self.receiveIndex) }
@@ -421,7 +429,7 @@ final class NetDataPath: Sendable {
     /// Reads one frame into the held chains. Returns the used entries of the chains it
     /// filled; an empty list when the frame was dropped (the chains stay for the next
     /// one); `nil` when the TAP has nothing more now.
-    private func receiveOne(_ state: inout State, queue: Virtqueue) throws -> [(head: UInt16, writtenLength: UInt32)]? {
+    private func receiveOne(_ state: inout State, queue: Virtqueue) throws -> [UsedEntry]? {
         // The vectors: every held chain with MRG_RXBUF, the first one without; at most
         // UIO_MAXIOV of them, and `covered` says how much of each chain they reach. One
         // more, a byte of the device's own, catches a frame longer than the chains: a TAP
@@ -471,7 +479,7 @@ final class NetDataPath: Sendable {
             counters.update { $0.receiveOversized += 1 }
             return []
         }
-        var entries: [(head: UInt16, writtenLength: UInt32)] = []
+        var entries: [UsedEntry] = []
         var remaining = UInt64(length)
         for (chain, reach) in zip(state.receiveChains, covered) where remaining > 0 {
             let take = min(reach, remaining)
@@ -482,7 +490,8 @@ final class NetDataPath: Sendable {
         // must be 0 (5.1.6.4.1).
         let header = GuestBufferRun(state.receiveChains[0].writable)
         let count = UInt16(entries.count)
-        try header.write([UInt8(truncatingIfNeeded: count), UInt8(count >> 8)], at: UInt64(VirtioNetHeader.numBuffersOffset), memory: memory)
+        try header.write([UInt8(truncatingIfNeeded: count), UInt8(count >> 8)], at: UInt64(VirtioNetHeader.numBuffersOffset),
+                         memory: memory)
         if !negotiation.guestChecksum { try header.write([0], at: UInt64(VirtioNetHeader.flagsOffset), memory: memory) }
         for chain in state.receiveChains.prefix(entries.count) { state.receiveCapacity -= chain.writableLength }
         state.receiveChains.removeFirst(entries.count)
