@@ -53,10 +53,11 @@ let package = Package(
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
         .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "Compression", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
-        .target(name: "Virtio", dependencies: ["Basics", "Memory", "EventLoop", "Devices", "DiskImage"]),
+        .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage",
+                                         .product(name: "DequeModule", package: "swift-collections")]),
         .target(name: "Snapshot", dependencies: ["Basics", "CZlib"]),
         .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot"]),
-        .target(name: "SwiftletKit", dependencies: ["Basics", "Machine", "Devices", "DiskImage", "X86", "KVM"]),
+        .target(name: "SwiftletKit", dependencies: ["Basics", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [

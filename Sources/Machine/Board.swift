@@ -26,8 +26,11 @@ final class Board: Sendable {
     let serial: Serial16550
     let portBus: IOBus
     let mmioBus: IOBus
-    /// The transports of the virtio devices, in device order.
+    /// The transports of the virtio devices, in device order: the disks, then the
+    /// network interfaces.
     let virtioTransports: [VirtioTransportCore]
+    /// The network interfaces, in order.
+    let networkInterfaces: [NetworkInterface]
 
     /// Builds the VM with `memorySize` bytes of RAM and the PC devices. `withTestDevice`
     /// adds QEMU's pc-testdev (kvm-unit-tests expect it next to Multiboot kernels).
@@ -63,7 +66,14 @@ final class Board: Sendable {
             throw .kvm(error)
         }
 
+        let capacity = Self.virtioCapacity(configuration.virtioTransport)
+        guard configuration.networks.isEmpty || configuration.disks.count + configuration.networks.count <= capacity else {
+            throw .invalidConfiguration("\(configuration.disks.count) disks and \(configuration.networks.count) network interfaces are "
+                + "more than the \(capacity) slots of the \(configuration.virtioTransport.rawValue) transport")
+        }
         let disks = try Self.openDisks(configuration.disks, transport: configuration.virtioTransport)
+        networkInterfaces = try Self.openNetworks(configuration.networks)
+        let attachments = disks + networkInterfaces.map(\.attachment)
         serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: InterruptMap.com1))
         var ports = IOBus.Builder()
         var mmio = IOBus.Builder()
@@ -72,9 +82,9 @@ final class Board: Sendable {
                                                                 cpuCount: configuration.cpuCount)
             if withTestDevice { try Self.registerTestDevice(&ports, &mmio, vm: vm) }
             let services = KVMVirtioServices(vm: vm, loop: loop)
-            virtioTransports = try Self.attachVirtio(disks, transport: configuration.virtioTransport, vm: vm, memory: memory,
+            virtioTransports = try Self.attachVirtio(attachments, transport: configuration.virtioTransport, vm: vm, memory: memory,
                                                      services: services, resetControl: resetControl, ports: &ports, mmio: &mmio)
-            for (core, attachment) in zip(virtioTransports, disks) {
+            for (core, attachment) in zip(virtioTransports, attachments) {
                 let name = attachment.name
                 let warn = configuration.onWarning
                 core.onNeedsReset { reason in warn?("\(name): \(reason); the device needs a reset") }

@@ -71,8 +71,9 @@ public final class Machine: Sendable {
         } else {
             // Read (and check) the payload before touching /dev/kvm: a wrong file is
             // reported at once. The bytes live only until they are copied into guest RAM.
-            let virtioWords = Board.virtioCommandLine(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
-            let platform = Board.platformDevices(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
+            let virtioDevices = configuration.disks.count + configuration.networks.count
+            let virtioWords = Board.virtioCommandLine(deviceCount: virtioDevices, transport: configuration.virtioTransport)
+            let platform = Board.platformDevices(deviceCount: virtioDevices, transport: configuration.virtioTransport)
             start = .boot(try Payload.read(configuration.boot, memorySize: configuration.memorySize,
                                            cpuCount: configuration.cpuCount, platform: platform, mmioCommandLine: virtioWords))
         }
@@ -262,6 +263,9 @@ public final class Machine: Sendable {
         if let first = finished.compactMap(\.firstRunAt).min() {
             report += "\nfirst KVM_RUN: monotonic \(first) ns"
         }
+        for interface in board.networkInterfaces {
+            report += "\nvirtio-net \(interface.name) (TAP \(interface.tap.name)): \(interface.device.statistics.summary)"
+        }
         if !late.isEmpty {
             report += "\nnot counted: vCPU \(late.sorted().map(String.init).joined(separator: ", ")) did not stop within \(Int(Self.stopGracePeriod)) s"
         }
@@ -280,6 +284,9 @@ final class SendableBox<Value: Sendable>: Sendable {
 }
 
 extension Machine {
+    /// The guest's network interfaces: names, TAPs and MAC addresses.
+    public var networkInterfaces: [NetworkInterface] { board.networkInterfaces }
+
     /// Stops the machine from any thread; ``run()`` returns `reason` (unless another
     /// reason came first).
     public func requestStop(_ reason: StopReason) {

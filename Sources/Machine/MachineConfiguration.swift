@@ -2,6 +2,7 @@ import Boot
 import DiskImage
 import Devices
 import KVM
+import Virtio
 import X86
 
 /// Where the bytes of a kernel, initrd or flat image come from.
@@ -86,6 +87,21 @@ public struct DiskConfiguration: Sendable, Equatable {
     }
 }
 
+/// A network interface for the guest: a Linux TAP device presented as a virtio-net device.
+public struct NetworkConfiguration: Sendable, Equatable {
+    /// The TAP interface. One that exists is opened (and left as it is); a missing one is
+    /// created when the process may (root or CAP_NET_ADMIN), brought up, and removed again
+    /// when the machine goes away.
+    public var tap: String
+    /// The guest's MAC address; `nil` gives a random locally administered one.
+    public var mac: MACAddress?
+
+    public init(tap: String, mac: MACAddress? = nil) {
+        self.tap = tap
+        self.mac = mac
+    }
+}
+
 /// Everything that decides how a machine is built and run.
 public struct MachineConfiguration: Sendable {
     /// Serial console on COM1, early messages too, reboot through the keyboard controller,
@@ -123,6 +139,9 @@ public struct MachineConfiguration: Sendable {
     public var virtioTransport: VirtioTransportKind = .pci
     /// Disks, each a virtio-blk device, in order (the first is the guest's vda).
     public var disks: [DiskConfiguration] = []
+    /// Network interfaces, each a virtio-net device over a TAP, in order (net0 first). They
+    /// come after the disks on the PCI bus or in the virtio-mmio slots.
+    public var networks: [NetworkConfiguration] = []
     /// Called with a one-line message when something goes wrong that does not stop the
     /// VM: a guest driver that broke a device's rules (the device then needs a reset).
     public var onWarning: (@Sendable (String) -> Void)?

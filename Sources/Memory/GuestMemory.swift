@@ -241,6 +241,19 @@ public final class GuestMemory: @unchecked Sendable {
         try body(try writableBuffer(at: address, count: count))
     }
 
+    /// Runs `body` with the host bytes behind each of the guest-physical `ranges`, in
+    /// order, or throws ``GuestMemoryError/outOfRange(address:length:)`` for the first one
+    /// that is not all RAM: for vectored I/O (`readv`/`writev` straight into or out of
+    /// guest memory). The same rules as ``withBytes(at:count:_:)``: the buffers are valid
+    /// only inside `body`, and the guest may change the bytes at any moment.
+    public func withBytes<Result>(of ranges: some Sequence<(address: GuestAddress, count: UInt64)>,
+                                  _ body: ([UnsafeMutableRawBufferPointer]) throws -> Result) throws -> Result {
+        var buffers: [UnsafeMutableRawBufferPointer] = []
+        buffers.reserveCapacity(ranges.underestimatedCount)
+        for range in ranges { buffers.append(try checkedBuffer(at: range.address, count: range.count)) }
+        return try body(buffers)
+    }
+
     /// Returns `true` when every byte of the range is RAM.
     public func contains(_ address: GuestAddress, count: UInt64) -> Bool {
         hostBuffer(at: address, count: count) != nil

@@ -1,6 +1,7 @@
 import Devices
 import DiskImage
 import Machine
+import Virtio
 import X86
 
 /// Why a VM stopped. Each case has the exit status `swiftlet run` uses for it: a guest's
@@ -86,6 +87,18 @@ public struct VMResult: Sendable {
     public var consoleText: String { String(decoding: console, as: UTF8.self) }
 }
 
+/// One of the guest's network interfaces, as built.
+public struct VMNetworkInterface: Sendable, Equatable {
+    /// `net0`, `net1`, ...
+    public let name: String
+    /// The TAP interface on the host.
+    public let tap: String
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`.
+    public let mac: String
+    /// Swiftlet created the TAP (it did not exist): it goes away with the VM.
+    public let createdTAP: Bool
+}
+
 /// Swiftlet could not build or run the VM: a missing or wrong file, no usable
 /// `/dev/kvm`, a configuration out of range. The message is one line for a user.
 public struct SwiftletError: Error, CustomStringConvertible, Sendable {
@@ -146,6 +159,17 @@ public final class VM: Sendable {
             converted.queues = disk.queues
             return converted
         }
+        machineConfiguration.networks = try configuration.networks.enumerated().map { (index, network) throws(SwiftletError) in
+            guard VMConfiguration.Network.isValidInterfaceName(network.tap) else {
+                throw SwiftletError(message: "net\(index): '\(network.tap)' is not an interface name (1 to 15 bytes, "
+                                    + "no '/', ':' or spaces)")
+            }
+            guard let text = network.mac else { return NetworkConfiguration(tap: network.tap) }
+            guard VMConfiguration.Network.isValidMAC(text), let mac = MACAddress(text) else {
+                throw SwiftletError(message: "net\(index): '\(text)' is not a unicast MAC address (like 02:00:00:00:00:01)")
+            }
+            return NetworkConfiguration(tap: network.tap, mac: mac)
+        }
         machineConfiguration.onWarning = configuration.onWarning
         if let timeout = machineConfiguration.timeout, !(timeout > 0) {
             throw SwiftletError(message: "the timeout must be positive")
@@ -176,6 +200,13 @@ public final class VM: Sendable {
         } catch {
             throw SwiftletError(message: error.description)
         }
+    }
+
+    /// The guest's network interfaces, in the order of ``VMConfiguration/networks``, with
+    /// the MAC address each got.
+    public var networkInterfaces: [VMNetworkInterface] {
+        machine.networkInterfaces.map { VMNetworkInterface(name: $0.name, tap: $0.tap.name, mac: $0.mac.description,
+                                                           createdTAP: $0.tap.created) }
     }
 
     /// Runs the guest until it stops, and says why.
