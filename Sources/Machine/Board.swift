@@ -58,8 +58,8 @@ final class Board: Sendable {
 
         let disks = try Self.openDisks(configuration.disks, transport: configuration.virtioTransport)
         serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: InterruptMap.com1))
-        var ports = IOBus.Builder()
-        var mmio = IOBus.Builder()
+        var ports = IOBus.Builder.portBus()
+        var mmio = IOBus.Builder.mmioBus()
         do {
             let resetControl = try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory,
                                                                 cpuCount: configuration.cpuCount)
@@ -117,7 +117,10 @@ final class Board: Sendable {
             + "at port \(Hex.prefixed(ACPILayout.pm1aControlBlock))"
         let powerManagement = ACPIPowerManagement(clock: { MonotonicClock.nanoseconds() }) { stop.stop(.powerOff(how: s5)) }
 
-        try ports.register(keyboardController, name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
+        // Data port 0x60 and status/command port 0x64: 0x61 between them is KVM's (the PIT's speaker bits).
+        try ports.register(keyboardController, name: "i8042 keyboard controller", base: I8042.basePort, length: 1)
+        try ports.register(RegisterWindow(keyboardController, offset: I8042.commandOffset), name: "i8042 keyboard controller",
+                           base: I8042.basePort + I8042.commandOffset, length: 1)
         try ports.register(portA, name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
         try ports.register(powerManagement, name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
                            length: ACPILayout.powerManagementLength)
