@@ -198,10 +198,26 @@ public final class Machine: Sendable {
         if let first = finished.compactMap(\.firstRunAt).min() {
             report += "\nfirst KVM_RUN: monotonic \(first) ns"
         }
+        report += "\ninterrupt lines Swiftlet drove (KVM_IRQ_LINE): "
+            + board.interruptLines.map(\.summary).joined(separator: "; ")
+        report += "\n(the PIT's timer ticks, the PIC, IOAPIC and local APIC registers, EOIs and hlt stay inside KVM: they never appear above)"
         if !late.isEmpty {
             report += "\nnot counted: vCPU \(late.sorted().map(String.init).joined(separator: ", ")) did not stop within \(Int(Self.stopGracePeriod)) s"
         }
         return report
+    }
+}
+
+extension Machine {
+    /// The memory slots as KVM has them now, one line each (`--show-memory`).
+    public func memorySlotTable() -> String {
+        board.slots.slotTable(withSlotDevice: board.slots.logDirtyPages)
+    }
+
+    /// Every memory slot with the guest pages written in it during the run (`--show-memory`;
+    /// call it once ``run()`` returned).
+    public func writtenPagesReport() -> String {
+        board.slots.writtenPagesReport()
     }
 }
 

@@ -51,6 +51,16 @@ struct RunCommand: ParsableCommand {
             (virtio_mmio.device=, which some distribution kernels, Debian's among them, \
             do not read). See docs/virtio.md.
 
+            MEMORY SLOTS
+              --show-memory prints the memory slots (KVM_SET_USER_MEMORY_REGION: \
+            guest-physical range, host address, flags) before the guest starts and, at \
+            the end, the guest pages written in each slot, as runs of addresses \
+            (KVM_GET_DIRTY_LOG; every slot logs dirty pages). It also gives the guest the \
+            memory slot device at ports 0x5A0-0x5A7, with which a guest asks for 2 MiB of \
+            RAM at 0xF0000000 and 2 MiB of read-only memory (KVM_MEM_READONLY) at \
+            0xF0200000 while it runs, and reads the dirty log. See docs/memory.md and \
+            guests/memory-slots.s.
+
             CPU MODEL
               --cpu MODEL[,+feature,-feature...] chooses what the guest sees through \
             CPUID, as QEMU's -cpu. 'host' (the default) is everything this host's KVM \
@@ -139,6 +149,9 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .long, help: "At the end, print a table of VM exits by reason, device and address, with the time spent handling them.")
     var traceExits = false
 
+    @Flag(name: .customLong("show-memory"), help: "Print the memory slots at the start and, at the end, the guest pages written in each (dirty log); give the guest the memory slot device at port 0x5A0 (see MEMORY SLOTS).")
+    var showMemory = false
+
     @Flag(name: .customLong("no-complete-instructions"), help: "Stop (status 4) when KVM cannot emulate an instruction, instead of completing the ones Swiftlet can complete exactly (int3, int n, fwait, ldmxcsr, stmxcsr, clac, stac, popcnt).")
     var noCompleteInstructions = false
 
@@ -187,6 +200,7 @@ struct RunCommand: ParsableCommand {
         configuration.cpu = cpu
         configuration.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
         configuration.traceExits = traceExits
+        configuration.showMemory = showMemory
         configuration.transparentHugePages = !noHugePages
         configuration.kvmDevice = kvmDevice
         configuration.disks = disk.map(\.disk)
@@ -206,11 +220,14 @@ struct RunCommand: ParsableCommand {
 
         let result: VMResult
         do {
-            result = try VM(configuration).run()
+            let vm = try VM(configuration)
+            if showMemory { FileHandleOutput.standardError(vm.memorySlotTable) }
+            result = try vm.run()
         } catch {
             throw SwiftletCommand.fail(error.message)
         }
         if let table = result.exitTable { FileHandleOutput.standardError(table) }
+        if let report = result.memoryReport { FileHandleOutput.standardError(report) }
         switch result.exit {
         case .crash, .timeout, .reset, .powerOff, .signal:
             FileHandleOutput.standardError("swiftlet: \(result.exit)")
