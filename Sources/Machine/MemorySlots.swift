@@ -88,7 +88,7 @@ final class MemorySlots: MemorySlotHost {
             return (state.slots.map(\.number).max() ?? 0) + 1
         }
         let slot = Slot(number: number, guestBase: guestBase, size: size, hostAddress: address,
-                        flags: flags.union(logDirtyPages ? .logDirtyPages : []), purpose: purpose)
+                        flags: flags.union(logDirtyPages && !flags.contains(.readOnly) ? .logDirtyPages : []), purpose: purpose)
         try register(slot)
         return slot
     }
