@@ -60,6 +60,7 @@ public final class Machine: Sendable {
         board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: payload?.format == .multiboot)
         let entry: EntryState
         (entry, loadSummary) = try payload!.load(into: board.memory)
+        let guestImage = Self.guestImage(configuration.boot, format: payload?.format)
         payload = nil
 
         do {
@@ -92,7 +93,7 @@ public final class Machine: Sendable {
                                                                 exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
                                           traceExits: configuration.traceExits, tripleFault: configuration.tripleFault,
-                                          emulationFailures: emulationFailures))
+                                          emulationFailures: emulationFailures, guestImage: guestImage))
             }
             self.runners = runners
             // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local
@@ -104,6 +105,16 @@ public final class Machine: Sendable {
             throw .kvm(error)
         } catch {
             throw .invalidConfiguration("\(error)")
+        }
+    }
+
+    /// The file the guest was booted from, as the crash report's disassembly hint names it.
+    static func guestImage(_ boot: BootSource, format: KernelFormat?) -> GuestImage? {
+        switch boot {
+        case let .flat(source):
+            return .flat(path: source.name, loadAddress: FlatBinary.loadAddress)
+        case let .kernel(kernel):
+            return format == .bzImage ? .bzImage(path: kernel.kernel.name) : .elf(path: kernel.kernel.name)
         }
     }
 

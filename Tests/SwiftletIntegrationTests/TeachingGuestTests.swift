@@ -81,3 +81,21 @@ struct TeachingGuestTests {
         #expect(lines.last?.contains("pages written: 0x1000-0x7fff, 0x20000-0x20fff") == true, "\(result.stderr)")
     }
 }
+
+@Suite("Debugging a guest")
+struct DebuggingTests {
+    @Test("A crash report names the objdump command that shows the faulting instruction, and it does")
+    func objdumpHint() throws {
+        let result = try Swiftlet.run(["run", "--flat", Swiftlet.guest("cmpxchg16b"), "--timeout", "60"])
+        #expect(result.status == 4)
+        let command = result.stderr.split(separator: "\n").first { $0.hasPrefix("    objdump -D -b binary -m i386:x86-64 --adjust-vma=0x7c00 ") }
+        guard let command else {
+            Issue.record("no objdump line in:\n\(result.stderr)")
+            return
+        }
+        let disassembly = try Swiftlet.runShell(String(command))
+        #expect(disassembly.status == 0)
+        let first = disassembly.stdout.split(separator: "\n").first { $0.contains(":\t") }
+        #expect(first?.contains("lock cmpxchg16b (%rdi)") == true, "\(disassembly.stdout)")
+    }
+}
