@@ -49,18 +49,26 @@ public struct DirtyPageBitmap: Sendable, Equatable {
     /// How many pages were written.
     public var dirtyCount: Int { words.reduce(0) { $0 + $1.nonzeroBitCount } }
 
-    /// The written pages as runs of consecutive page numbers, in order.
+    /// The written pages as runs of consecutive page numbers, in order. Words with no
+    /// page written are skipped whole, so a large, mostly clean slot is quick.
     public var dirtyRuns: [Range<Int>] {
         var runs: [Range<Int>] = []
         var start: Int?
-        for page in 0...pageCount {
-            let dirty = page < pageCount && isDirty(page)
-            if dirty, start == nil { start = page }
-            if !dirty, let first = start {
-                runs.append(first..<page)
-                start = nil
+        for (index, word) in words.enumerated() {
+            if word == 0 && start == nil { continue }
+            if word == UInt64.max && start != nil { continue }
+            for bit in 0..<64 {
+                let page = index * 64 + bit
+                guard page < pageCount else { break }
+                let dirty = word & (1 << UInt64(bit)) != 0
+                if dirty, start == nil { start = page }
+                if !dirty, let first = start {
+                    runs.append(first..<page)
+                    start = nil
+                }
             }
         }
+        if let first = start { runs.append(first..<pageCount) }
         return runs
     }
 

@@ -41,6 +41,9 @@ final class MemorySlots: MemorySlotHost {
     /// Whether every slot logs the pages the guest writes.
     let logDirtyPages: Bool
     private let state = Mutex(State())
+    /// Held while a slot is added at run time, so that the check "is it there already"
+    /// and the addition are one step.
+    private let adding = Mutex(())
 
     /// Registers guest RAM with KVM, one slot per region of `memory`.
     init(vm: VirtualMachine, memory: GuestMemory, logDirtyPages: Bool) throws(KVMError) {
@@ -73,8 +76,9 @@ final class MemorySlots: MemorySlotHost {
     // MARK: Slots added while the guest runs
 
     /// Adds `size` bytes of new host memory at `guestBase` as the next slot, holding
-    /// `contents` at its start. Called on a vCPU thread while the guest runs; KVM makes the
-    /// slot visible to every vCPU at once.
+    /// `contents` at its start. Called on a vCPU thread while the guest runs (callers
+    /// serialize: ``addSlot(_:)``); KVM makes the slot visible to every vCPU at once. The
+    /// memory is unmapped again if KVM refuses the slot.
     func add(at guestBase: UInt64, size: UInt64, flags: MemorySlotFlags, purpose: String, contents: [UInt8]) throws -> Slot {
         guard let length = Int(exactly: size), size % DirtyPageBitmap.pageSize == 0, contents.count <= length else {
             throw MachineError.invalidConfiguration("a memory slot of \(size) bytes cannot hold its \(contents.count) bytes")
@@ -83,13 +87,16 @@ final class MemorySlots: MemorySlotHost {
         guard let pointer, pointer != MAP_FAILED else { throw KVMError.mmapFailed(errno: errno) }
         contents.withUnsafeBytes { pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         let address = UInt(bitPattern: pointer)
-        let number = state.withLock { state -> UInt32 in
-            state.mappings.append((address, length))
-            return (state.slots.map(\.number).max() ?? 0) + 1
-        }
+        let number = (slots.map(\.number).max() ?? 0) + 1
         let slot = Slot(number: number, guestBase: guestBase, size: size, hostAddress: address,
                         flags: flags.union(logDirtyPages && !flags.contains(.readOnly) ? .logDirtyPages : []), purpose: purpose)
-        try register(slot)
+        do {
+            try register(slot)
+        } catch {
+            munmap(pointer, length)
+            throw error
+        }
+        state.withLock { $0.mappings.append((address, length)) }
         return slot
     }
 
@@ -102,6 +109,11 @@ final class MemorySlots: MemorySlotHost {
     }
 
     func addSlot(_ kind: SlotControl.SlotKind) -> UInt32? {
+        // One at a time: two vCPUs asking at once get the same slot.
+        adding.withLock { _ in addSlotOnce(kind) }
+    }
+
+    private func addSlotOnce(_ kind: SlotControl.SlotKind) -> UInt32? {
         let base = kind == .ram ? AddressMap.runtimeSlotRAM : AddressMap.runtimeSlotReadOnly
         if let existing = slots.first(where: { $0.guestBase == base }) { return existing.number }
         let purpose = kind == .ram ? "RAM added at run time" : "read-only, added at run time"

@@ -123,6 +123,13 @@ struct DirtyPageBitmapTests {
         #expect(!bitmap.isDirty(104) && !bitmap.isDirty(-1))
     }
 
+    @Test("Runs across whole words of written pages, up to the end of the slot")
+    func longRuns() {
+        #expect(DirtyPageBitmap(pageCount: 130, words: [.max, .max, .max]).dirtyRuns == [0..<130])
+        #expect(DirtyPageBitmap(pageCount: 200, words: [1 << 63, .max, 1, 0]).dirtyRuns == [63..<129])
+        #expect(DirtyPageBitmap(pageCount: 256, words: [0, 0, 0, 1 << 63]).dirtyRuns == [255..<256])
+    }
+
     @Test("A union keeps the pages of every read")
     func union() {
         var total = DirtyPageBitmap(pageCount: 10, words: [0b11])
