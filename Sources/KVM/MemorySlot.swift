@@ -7,8 +7,8 @@ public struct MemorySlotFlags: OptionSet, Sendable, Hashable {
 
     /// `KVM_MEM_LOG_DIRTY_PAGES`: KVM records every page the guest writes, for
     /// ``VirtualMachine/dirtyLog(slot:pageCount:)``. KVM then maps the slot with 4 KiB
-    /// pages and write-protects them, so the first write to each page after a read of the
-    /// log costs a trip into KVM (not to user space).
+    /// pages, and write-protects them or has the processor log the writes (Intel PML):
+    /// logging costs guest time in KVM, never an exit to user space.
     public static let logDirtyPages = MemorySlotFlags(rawValue: CKVM_MEM_LOG_DIRTY_PAGES)
     /// `KVM_MEM_READONLY`: the guest reads the memory directly, and each write leaves the
     /// guest as a `KVM_EXIT_MMIO` exit instead of changing it (ROM, flash). Needs
