@@ -70,7 +70,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "Memory", "EventLoop"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Memory", "EventLoop", "Devices", "DiskImage"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory", "Layout"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Compression"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "X86Tests", dependencies: ["X86", "KVM", "Memory"], exclude: ["Fixtures"]),

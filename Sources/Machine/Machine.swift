@@ -99,9 +99,11 @@ public final class Machine: Sendable {
                               memory: try snapshot.mapMemory(transparentHugePages: configuration.transparentHugePages))
         }
         var entry: EntryState?
+        var guestImage: GuestImage?
         switch start {
         case let .boot(payload):
             (entry, loadSummary) = try payload.load(into: board.memory)
+            guestImage = Self.guestImage(configuration.boot, format: payload.format)
         case let .restore(snapshot):
             loadSummary = "restored the snapshot in \(snapshot.directory) (\(configuration.cpuCount) vCPU, "
                 + "\(ByteSize.exact(configuration.memorySize)) of RAM, taken by Swiftlet \(snapshot.manifest.swiftletVersion))"
@@ -147,7 +149,7 @@ public final class Machine: Sendable {
                                                                 exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
                                           traceExits: configuration.traceExits, tripleFault: configuration.tripleFault,
-                                          emulationFailures: emulationFailures, pause: pauseControl))
+                                          emulationFailures: emulationFailures, pause: pauseControl, guestImage: guestImage))
             }
             self.runners = runners
             cpuidTables = tables
@@ -165,6 +167,18 @@ public final class Machine: Sendable {
             throw .kvm(error)
         } catch {
             throw .invalidConfiguration("\(error)")
+        }
+    }
+
+    /// The file the guest was booted from, as the crash report's disassembly hint names it.
+    static func guestImage(_ boot: BootSource, format: KernelFormat?) -> GuestImage? {
+        switch boot {
+        case let .flat(source):
+            return .flat(path: source.name, loadAddress: FlatBinary.loadAddress)
+        case let .kernel(kernel):
+            return format == .bzImage ? .bzImage(path: kernel.kernel.name) : .elf(path: kernel.kernel.name)
+        case .snapshot:
+            return nil
         }
     }
 
@@ -266,10 +280,26 @@ public final class Machine: Sendable {
         for interface in board.networkInterfaces {
             report += "\nvirtio-net \(interface.name) (TAP \(interface.tap.name)): \(interface.device.statistics.summary)"
         }
+        report += "\ninterrupt lines Swiftlet drove (KVM_IRQ_LINE): "
+            + board.interruptLines.map(\.summary).joined(separator: "; ")
+        report += "\n(the PIT's timer ticks, the PIC, IOAPIC and local APIC registers, EOIs and hlt stay inside KVM: they never appear above)"
         if !late.isEmpty {
             report += "\nnot counted: vCPU \(late.sorted().map(String.init).joined(separator: ", ")) did not stop within \(Int(Self.stopGracePeriod)) s"
         }
         return report
+    }
+}
+
+extension Machine {
+    /// The memory slots as KVM has them now, one line each (`--show-memory`).
+    public func memorySlotTable() -> String {
+        board.slots.slotTable(withSlotDevice: board.slots.logDirtyPages)
+    }
+
+    /// Every memory slot with the guest pages written in it during the run (`--show-memory`;
+    /// call it once ``run()`` returned).
+    public func writtenPagesReport() -> String {
+        board.slots.writtenPagesReport()
     }
 }
 

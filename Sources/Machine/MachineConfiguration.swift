@@ -132,6 +132,10 @@ public struct MachineConfiguration: Sendable {
     public var traceExits = false
     /// What a triple fault does.
     public var tripleFault: TripleFaultAction = .stop
+    /// Log the pages the guest writes in every memory slot (`KVM_MEM_LOG_DIRTY_PAGES`), for
+    /// ``Machine/memorySlotTable()`` and ``Machine/writtenPagesReport()``, and give the guest
+    /// the ``SlotControl`` device, which adds memory slots while it runs.
+    public var showMemory = false
     /// How virtio devices are presented. PCI by default: every stock kernel finds PCI
     /// devices by enumerating the bus, while virtio-mmio needs `virtio_mmio.device=` on the
     /// command line (a kernel option some distributions leave out: Debian's cloud kernel

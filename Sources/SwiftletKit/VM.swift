@@ -80,6 +80,9 @@ public struct VMResult: Sendable {
     public let console: [UInt8]
     /// The exit table, with ``VMConfiguration/traceExits``.
     public let exitTable: String?
+    /// With ``VMConfiguration/showMemory``: every memory slot and the guest pages written
+    /// in it during the run, as runs of addresses.
+    public var memoryReport: String? = nil
     /// Why console output stopped, if writing it failed.
     public let consoleFailure: String?
 
@@ -115,9 +118,14 @@ public final class VM: Sendable {
     private let capture: CapturingSink?
     private let fileSink: FileDescriptorSink?
     private let traceExits: Bool
+    private let showMemory: Bool
 
     /// One line saying what was loaded and how it is entered.
     public var loadSummary: String { machine.loadSummary }
+
+    /// The memory slots KVM has now (guest-physical range, size, host address, flags),
+    /// one line each: before ``run()``, guest RAM.
+    public var memorySlotTable: String { machine.memorySlotTable() }
 
     public init(_ configuration: VMConfiguration) throws(SwiftletError) {
         var boot: BootSource
@@ -147,6 +155,7 @@ public final class VM: Sendable {
         machineConfiguration.transparentHugePages = configuration.transparentHugePages
         machineConfiguration.timeout = configuration.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
         machineConfiguration.traceExits = configuration.traceExits
+        machineConfiguration.showMemory = configuration.showMemory
         machineConfiguration.tripleFault = configuration.tripleFault == .reset ? .reset : .stop
         machineConfiguration.kvmPath = configuration.kvmDevice
         machineConfiguration.completeInstructions = configuration.completeInstructions
@@ -195,6 +204,7 @@ public final class VM: Sendable {
         self.capture = capture
         self.fileSink = fileSink
         self.traceExits = configuration.traceExits
+        self.showMemory = configuration.showMemory
         do {
             machine = try Machine(configuration: machineConfiguration)
         } catch {
@@ -213,8 +223,10 @@ public final class VM: Sendable {
     public func run() throws(SwiftletError) -> VMResult {
         let reason: StopReason
         do { reason = try machine.run() } catch { throw SwiftletError(message: error.description) }
-        return VMResult(exit: VMExit(reason), console: capture?.bytes ?? [],
-                        exitTable: traceExits ? machine.exitReport() : nil, consoleFailure: fileSink?.failure)
+        var result = VMResult(exit: VMExit(reason), console: capture?.bytes ?? [],
+                              exitTable: traceExits ? machine.exitReport() : nil, consoleFailure: fileSink?.failure)
+        if showMemory { result.memoryReport = machine.writtenPagesReport() }
+        return result
     }
 
     /// Where the VM is in its life: `created` (built), `running`, `paused` or `stopped`.

@@ -147,6 +147,10 @@ public struct VMConfiguration: Sendable {
     public var tripleFault: TripleFault = .stop
     /// Count VM exits by kind, device and address; the table is in ``VMResult/exitTable``.
     public var traceExits = false
+    /// Log the pages the guest writes in each memory slot (``VM/memorySlotTable``,
+    /// ``VMResult/memoryReport``) and give the guest the memory slot device at port 0x5A0,
+    /// which adds slots while it runs (docs/memory.md).
+    public var showMemory = false
     /// Ask the host for transparent huge pages for guest RAM.
     public var transparentHugePages = true
     /// Complete the instructions some KVMs cannot emulate (int3, int n, fwait, ldmxcsr,

@@ -65,6 +65,16 @@ struct RunCommand: ParsableCommand {
             vhost-net). --trace-exits adds each interface's frame counters, dropped \
             frames among them. See docs/virtio.md.
 
+            MEMORY SLOTS
+              --show-memory prints the memory slots (KVM_SET_USER_MEMORY_REGION: \
+            guest-physical range, host address, flags) before the guest starts and, at \
+            the end, the guest pages written in each slot, as runs of addresses \
+            (KVM_GET_DIRTY_LOG; every slot logs dirty pages). It also gives the guest the \
+            memory slot device at ports 0x5A0-0x5A7, with which a guest asks for 2 MiB of \
+            RAM at 0xF0000000 and 2 MiB of read-only memory (KVM_MEM_READONLY) at \
+            0xF0200000 while it runs, and reads the dirty log. See docs/memory.md and \
+            guests/memory-slots.s.
+
             CPU MODEL
               --cpu MODEL[,+feature,-feature...] chooses what the guest sees through \
             CPUID, as QEMU's -cpu. 'host' (the default) is everything this host's KVM \
@@ -154,6 +164,9 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .long, help: "At the end, print a table of VM exits by reason, device and address, with the time spent handling them.")
     var traceExits = false
 
+    @Flag(name: .customLong("show-memory"), help: "Print the memory slots at the start and, at the end, the guest pages written in each (dirty log); give the guest the memory slot device at port 0x5A0 (see MEMORY SLOTS).")
+    var showMemory = false
+
     @Flag(name: .customLong("no-complete-instructions"), help: "Stop (status 4) when KVM cannot emulate an instruction, instead of completing the ones Swiftlet can complete exactly (int3, int n, fwait, ldmxcsr, stmxcsr, clac, stac, popcnt).")
     var noCompleteInstructions = false
 
@@ -206,6 +219,7 @@ struct RunCommand: ParsableCommand {
         configuration.cpu = cpu
         configuration.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
         configuration.traceExits = traceExits
+        configuration.showMemory = showMemory
         configuration.transparentHugePages = !noHugePages
         configuration.kvmDevice = kvmDevice
         configuration.disks = disk.map(\.disk)
@@ -230,11 +244,13 @@ struct RunCommand: ParsableCommand {
             for interface in vm.networkInterfaces {
                 FileHandleOutput.standardError("swiftlet: \(interface.name): \(interface.tap), MAC \(interface.mac)")
             }
+            if showMemory { FileHandleOutput.standardError(vm.memorySlotTable) }
             result = try vm.run()
         } catch {
             throw SwiftletCommand.fail(error.message)
         }
         if let table = result.exitTable { FileHandleOutput.standardError(table) }
+        if let report = result.memoryReport { FileHandleOutput.standardError(report) }
         switch result.exit {
         case .crash, .timeout, .reset, .powerOff, .signal:
             FileHandleOutput.standardError("swiftlet: \(result.exit)")

@@ -5,7 +5,7 @@
  *
  * Why ring 3? On the project's nested build hosts, guest code at CPL 0 is emulated one
  * instruction at a time (about 1 us each), while CPL 3 code with paging on runs natively
- * (docs: HOST-KVM.md). A driver that polls a ring and computes a CRC over megabytes belongs
+ * (docs/host-kvm.md). A driver that polls a ring and computes a CRC over megabytes belongs
  * at CPL 3. On real hardware both run natively, and this set-up is simply correct.
  *
  * What ring 3 needs, and how each need is met:
