@@ -11,9 +11,9 @@ in one run mean much):
   guest to host  The guest's "send COUNT SIZE PORT" command (UDP control port 5555) makes
                  it send COUNT frames as fast as the device takes them, to a UDP socket of
                  the host that is never read (the kernel takes each datagram through IP and
-                 UDP, then drops it at the full socket). Rate: COUNT over the time from the
-                 first to the last frame arriving, read from the TAP's receive counter in
-                 /proc/net/dev (polled every 0.5 ms).
+                 UDP, then drops it at the full socket). Rate: the frames counted by the
+                 TAP's receive counter in /proc/net/dev (polled every 0.5 ms) between the
+                 first poll that sees some and the one that sees all COUNT.
                  Floor: bench/tap-floor.c writes the same frames into the same TAP (opened
                  as a VMM opens it: IFF_VNET_HDR, 12-byte header, no offloads), one write(2)
                  each, measured the same way: the cost of a TAP write and of the host's
@@ -25,9 +25,13 @@ in one run mean much):
                  Floor: tap-floor reads the TAP (one read(2) per frame) while the same
                  sender runs, and counts the datagrams to port 9.
   Both directions report packets/s and Mbit/s (frame bytes x 8), the ratio VMM / floor,
-  the guest's own view (its TSC), and each VMM thread's CPU use during the run (from
-  /proc/PID/task/*/stat), which says where the time goes. Target: at least 50% of the
-  floor for 1400-byte frames, in each direction, for Swiftlet.
+  and where the time goes: the CPU time per frame of the floor program (getrusage) and of
+  the VMM's threads other than its vCPUs (the device's cost, from /proc/PID/task/*/stat;
+  the guest's vCPU spins at 100% anyway, it polls), each VMM thread's share of a CPU, and
+  the guest's own view of its sending rate (its TSC, calibrated against the PIT: not on
+  microvm, which has no port 0x61). The CPU per frame is steadier than the rates on a
+  loaded host: a rate drops when a thread is preempted, its CPU cost does not.
+  Target: at least 50% of the floor for 1400-byte frames, in each direction, for Swiftlet.
 
 VMMs: QEMU (pc + virtio-net-pci and microvm + virtio-net-device, TAP netdev, the
 reference), and Swiftlet (--net tap=NAME, both transports) when `swiftlet run --help`
@@ -52,6 +56,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -160,27 +165,35 @@ class Guest:
 
 def wait_for_frames(tap, base, count, timeout):
     """Polls the TAP's receive counter until count frames past base arrived; returns the
-    seconds from the first to the last."""
+    rate between the first poll that saw frames and the one that saw them all."""
     first = None
     deadline = time.monotonic() + timeout
     while True:
         now = time.monotonic()
         arrived = tap_counters(tap)[0] - base
         if first is None and arrived > 0:
-            first = now
+            first = (now, arrived)
         if arrived >= count:
-            # Frames n and count both arrived in the last polling interval at the latest:
-            # at high rates, a few arrive before the first poll sees any. Count those too.
-            return now - first, arrived
+            if now <= first[0]:
+                raise BenchError(f"{count} frames arrived between two polls: too few to time (--frames)")
+            return (arrived - first[1]) / (now - first[0])
         if now > deadline:
             raise BenchError(f"only {arrived} of {count} frames reached the TAP within {timeout:.0f} s")
         time.sleep(0.0005)
 
 
-def g2h_rate(elapsed, arrived):
-    """Frames per second, allowing for the poll that saw the first frames (they arrived
-    during the 0.5 ms before it)."""
-    return arrived / max(elapsed + 0.0005, 1e-6)
+def children_cpu():
+    """CPU seconds (user + system) of this process's children reaped so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Measurement:
+    """One run: the rate, and the CPU the mover spent per frame (the floor program, or the
+    VMM's threads other than its vCPUs: what the device costs), with notes."""
+
+    def __init__(self, pps, cpu_per_frame=None, note=""):
+        self.pps, self.cpu_per_frame, self.note = pps, cpu_per_frame, note
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,15 +202,16 @@ def g2h_rate(elapsed, arrived):
 
 def floor_g2h(floor, tap, tap_mac, size, frames):
     base = tap_counters(tap)[0]
+    cpu = children_cpu()
     proc = subprocess.Popen([floor, "write", tap, str(frames), str(size), GUEST_MAC, tap_mac, GUEST_IP, HOST_IP,
                              str(CONTROL_PORT), str(SINK_PORT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        elapsed, arrived = wait_for_frames(tap, base, frames, 120)
+        pps = wait_for_frames(tap, base, frames, 120)
     finally:
         out, err = proc.communicate(timeout=120)
     if proc.returncode != 0:
         raise BenchError(f"tap-floor write: {err.decode(errors='replace')}")
-    return g2h_rate(elapsed, arrived)
+    return Measurement(pps, (children_cpu() - cpu) / frames)
 
 
 def run_sender(floor, size, seconds):
@@ -216,15 +230,18 @@ def floor_h2g(floor, tap, size, seconds):
         if reader.stdout.readline().strip() != b"ready":
             raise BenchError(f"tap-floor read did not start: {reader.stderr.read()!r}")
         sent, elapsed = run_sender(floor, size, seconds)
+        cpu = children_cpu()  # the sender's is in; the reader's comes when it is reaped
         out, err = reader.communicate(timeout=60)
+        reader_cpu = children_cpu() - cpu
     finally:
         if reader.poll() is None:
             reader.kill()
             reader.wait()
     match = re.search(rb"read \d+ frames, (\d+) to port", out)
-    if not match:
+    if not match or int(match.group(1)) == 0:
         raise BenchError(f"tap-floor read: {out!r} {err!r}")
-    return int(match.group(1)) / elapsed, sent / elapsed
+    received = int(match.group(1))
+    return Measurement(received / elapsed, reader_cpu / received, f"sender offered {sent / elapsed / 1000:.0f} kpps")
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,33 +311,38 @@ class Running:
         self.log.close()
 
 
+VCPU_THREAD = re.compile(r"^(CPU \d+/KVM|vcpu\d+)$")  # QEMU's and Swiftlet's vCPU threads
+
+
+def device_cpu(before, after):
+    """CPU seconds of the threads that are not vCPUs, between two thread_cpu samples."""
+    return sum(seconds - before.get(name, 0) for name, seconds in after.items() if not VCPU_THREAD.match(name))
+
+
 def vmm_g2h(running, guest, tap, size, frames):
-    """Returns (pps at the TAP, pps by the guest's TSC, CPU shares)."""
     guest.ask("stats")  # the guest answers: the link is quiet, the command will not be lost
     base = tap_counters(tap)[0]
     cpu_before = thread_cpu(running.proc.pid)
     guest.sock.sendto(f"send {frames} {size} {SINK_PORT}".encode(), (GUEST_IP, CONTROL_PORT))
     start = time.monotonic()
-    elapsed, arrived = wait_for_frames(tap, base, frames, 300)
+    pps = wait_for_frames(tap, base, frames, 300)
     cpu_after = thread_cpu(running.proc.pid)
     wall = time.monotonic() - start
     guest.sock.settimeout(60)
     reply = guest.sock.recvfrom(4096)[0].decode()
     match = re.match(r"sent (\d+) frames of \d+ bytes in (\d+) TSC ticks, TSC (\d+) Hz", reply)
-    guest_pps = None
+    note = ""
     if match and int(match.group(3)) > 0:
-        guest_pps = int(match.group(1)) / (int(match.group(2)) / int(match.group(3)))
-    return g2h_rate(elapsed, arrived), guest_pps, cpu_share(cpu_before, cpu_after, wall)
+        note = f"guest's TSC: {int(match.group(1)) / (int(match.group(2)) / int(match.group(3))) / 1000:.1f} kpps; "
+    note += "CPU: " + cpu_share(cpu_before, cpu_after, wall)
+    return Measurement(pps, device_cpu(cpu_before, cpu_after) / frames, note)
 
 
 def vmm_h2g(running, guest, floor, size, seconds):
-    """Returns (pps counted by the guest, pps offered by the sender, CPU shares)."""
     before = guest.counter("discard")
     cpu_before = thread_cpu(running.proc.pid)
     start = time.monotonic()
     sent, elapsed = run_sender(floor, size, seconds)
-    cpu_after = thread_cpu(running.proc.pid)
-    wall = time.monotonic() - start
     # Let the guest finish what is queued, until its count stands still.
     count = guest.counter("discard")
     while True:
@@ -329,7 +351,14 @@ def vmm_h2g(running, guest, floor, size, seconds):
         if again == count:
             break
         count = again
-    return (count - before) / elapsed, sent / elapsed, cpu_share(cpu_before, cpu_after, wall)
+    cpu_after = thread_cpu(running.proc.pid)
+    wall = time.monotonic() - start
+    received = count - before
+    if received == 0:
+        raise BenchError(f"{size}-byte frames: the guest counted none of {sent}")
+    shares = cpu_share(cpu_before, cpu_after, wall)
+    return Measurement(received / elapsed, device_cpu(cpu_before, cpu_after) / received,
+                       f"sender offered {sent / elapsed / 1000:.0f} kpps; CPU: {shares}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,32 +413,24 @@ def inner(args):
     if args.swiftlet_has_net:
         vmms += [swiftlet_vmm(args.swiftlet, "pci"), swiftlet_vmm(args.swiftlet, "mmio")]
 
-    # results[(direction, size)][who] = list of pps; extra[...] = guest view and CPU notes
-    results, guest_view, cpu = {}, {}, {}
+    # runs[(direction, size)][who] = [Measurement, one per repetition]
+    runs = {}
 
-    def record(key, who, value):
-        results.setdefault(key, {}).setdefault(who, []).append(value)
+    def record(direction, size, who, measurement):
+        runs.setdefault((direction, size), {}).setdefault(who, []).append(measurement)
 
     for rep in range(args.reps):
         print(f"repetition {rep + 1} of {args.reps}", flush=True)
         for size in SIZES:
-            record(("g2h", size), "floor", floor_g2h(floor, tap, tap_mac, size, args.frames))
-            received, offered = floor_h2g(floor, tap, size, args.seconds)
-            record(("h2g", size), "floor", received)
-            record(("h2g-offered", size), "floor", offered)
+            record("g2h", size, "floor", floor_g2h(floor, tap, tap_mac, size, args.frames))
+            record("h2g", size, "floor", floor_h2g(floor, tap, size, args.seconds))
         for vmm in vmms:
             running = Running(vmm, kernel, tap, workdir)
             guest = Guest()
             try:
                 for size in SIZES:
-                    pps, gpps, shares = vmm_g2h(running, guest, tap, size, args.frames)
-                    record(("g2h", size), vmm.name, pps)
-                    guest_view.setdefault(("g2h", size, vmm.name), []).append(gpps)
-                    cpu[("g2h", size, vmm.name)] = shares
-                    received, offered, shares = vmm_h2g(running, guest, floor, size, args.seconds)
-                    record(("h2g", size), vmm.name, received)
-                    record(("h2g-offered", size), vmm.name, offered)
-                    cpu[("h2g", size, vmm.name)] = shares
+                    record("g2h", size, vmm.name, vmm_g2h(running, guest, tap, size, args.frames))
+                    record("h2g", size, vmm.name, vmm_h2g(running, guest, floor, size, args.seconds))
                 stats = guest.ask("stats")
             finally:
                 guest.close()
@@ -421,31 +442,29 @@ def inner(args):
     for direction, title in (("g2h", "guest to host"), ("h2g", "host to guest")):
         rows = []
         for size in SIZES:
-            floor_pps = median(results[(direction, size)]["floor"])
+            floor_runs = runs[(direction, size)]["floor"]
+            floor_pps = median([m.pps for m in floor_runs])
+            floor_cpu = median([m.cpu_per_frame for m in floor_runs])
             for who in names:
-                pps = median(results[(direction, size)].get(who, []))
-                if pps is None:
+                measured = runs[(direction, size)].get(who)
+                if not measured:
                     continue
+                pps = median([m.pps for m in measured])
+                cpu = median([m.cpu_per_frame for m in measured])
                 ratio = pps / floor_pps if floor_pps else None
                 target = ""
-                if who != "floor" and size == 1400 and who.startswith("Swiftlet"):
+                if size == 1400 and who.startswith("Swiftlet"):
                     target = "met" if ratio is not None and ratio >= TARGET else "MISSED"
                     if target == "MISSED":
                         args.missed.append(f"{who} {title} {size} B: {ratio:.2f} of the floor")
-                note = ""
-                if direction == "g2h" and who != "floor":
-                    g = median(guest_view.get((direction, size, who), []))
-                    note = f"guest's TSC: {g / 1000:.1f} kpps; " if g else ""
-                    note += "CPU: " + cpu.get((direction, size, who), "-")
-                elif direction == "h2g":
-                    offered = median(results[("h2g-offered", size)].get(who, []))
-                    note = f"sender offered {offered / 1000:.0f} kpps"
-                    if who != "floor":
-                        note += "; CPU: " + cpu.get((direction, size, who), "-")
+                cpu_text = "n/a" if cpu is None else f"{cpu * 1e6:.2f} µs"
+                if who != "floor" and cpu is not None and floor_cpu:
+                    cpu_text += f" ({cpu / floor_cpu:.1f}x)"
                 rows.append([f"{size} B", who, fmt_rate(pps, size), "" if who == "floor" else f"{ratio:.2f}",
-                             target, note])
-        markdown.append(table(f"virtio-net, {title} (UDP, medians of {args.reps})",
-                              ["frame", "who", "rate", "ratio to floor", "target (1400 B: >= 0.50)", "notes"], rows))
+                             target, cpu_text, measured[-1].note])
+        markdown.append(table(f"virtio-net, {title} (UDP, medians of {args.reps}; notes from the last)",
+                              ["frame", "who", "rate", "ratio to floor", "target (1400 B: >= 0.50)",
+                               "CPU per frame (floor's process; VMM's threads but vCPUs)", "notes"], rows))
     if args.markdown:
         with open(args.markdown, "w") as out:
             out.write("\n".join(markdown))
@@ -483,7 +502,7 @@ def main(argv=None):
                                      epilog="See the top of bench/virtio-net.py for what is measured and how.")
     parser.add_argument("swiftlet", nargs="?", default=os.path.join(ROOT, ".build", "release", "swiftlet"),
                         help="the swiftlet binary (default: .build/release/swiftlet)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
     parser.add_argument("--frames", type=int, default=200000,
                         help="frames per guest-to-host measurement (default 200000)")
     parser.add_argument("--seconds", type=int, default=2, help="seconds per host-to-guest measurement (default 2)")

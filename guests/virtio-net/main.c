@@ -153,15 +153,15 @@ static void calibrate_tsc(void)
     outb(0x42, PIT_CALIBRATION_TICKS & 0xFF);
     uint64_t start = rdtsc();
     outb(0x42, PIT_CALIBRATION_TICKS >> 8); /* counting starts with the high byte */
+    /* In mode 0 the output is low from the mode write until the count runs out. High
+     * already: nothing answers at port 0x61 (a read of all ones), so there is no clock. */
+    if (inb(0x61) & 0x20)
+        return;
     while (!(inb(0x61) & 0x20)) {       /* output 2 high: terminal count */
         if (rdtsc() - start > (1ull << 36))
-            return;                     /* never: no PIT behind port 0x61 */
+            return;                     /* never: the PIT does not count */
     }
     uint64_t ticks = rdtsc() - start;
-    /* Under 5 million TSC ticks in 50 ms would be a 100 MHz CPU: rather, port 0x61 read
-     * all ones (nothing there) and the loop did not wait at all. */
-    if (ticks < 5000000)
-        return;
     tsc_hz = ticks * PIT_HZ / PIT_CALIBRATION_TICKS;
 }
 
