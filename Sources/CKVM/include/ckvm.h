@@ -26,6 +26,15 @@ static const unsigned long CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
 static const unsigned long CKVM_IRQ_LINE = KVM_IRQ_LINE;
 static const unsigned long CKVM_CREATE_PIT2 = KVM_CREATE_PIT2;
 static const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+static const unsigned long CKVM_GET_PIT2 = KVM_GET_PIT2;
+static const unsigned long CKVM_SET_PIT2 = KVM_SET_PIT2;
+static const unsigned long CKVM_GET_CLOCK = KVM_GET_CLOCK;
+static const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
+static const unsigned long CKVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long CKVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long CKVM_GET_XCRS = KVM_GET_XCRS;
+static const unsigned long CKVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
 static const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
 static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
 static const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;
@@ -87,6 +96,7 @@ static const uint32_t CKVM_IOEVENTFD_FLAG_DEASSIGN = KVM_IOEVENTFD_FLAG_DEASSIGN
 static const uint32_t CKVM_IRQFD_FLAG_DEASSIGN = KVM_IRQFD_FLAG_DEASSIGN;
 static const uint32_t CKVM_IRQFD_FLAG_RESAMPLE = KVM_IRQFD_FLAG_RESAMPLE;
 static const uint32_t CKVM_IRQCHIP_IOAPIC = KVM_IRQCHIP_IOAPIC;
+static const uint32_t CKVM_CLOCK_TSC_STABLE = KVM_CLOCK_TSC_STABLE;
 
 // --- Exit reasons ----------------------------------------------------------------------
 static const uint32_t CKVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN;
@@ -140,6 +150,8 @@ int ckvm_ioctl_pointer(int fd, unsigned long request, void *argument);
 
 /// Size in bytes of a struct kvm_cpuid2 with room for `count` entries.
 size_t ckvm_cpuid2_size(uint32_t count);
+/// Size in bytes of a struct kvm_msr_list with room for `count` indices.
+size_t ckvm_msr_list_size(uint32_t count);
 /// Size in bytes of a struct kvm_msrs with room for `count` entries.
 size_t ckvm_msrs_size(uint32_t count);
 
