@@ -69,7 +69,7 @@ enum VirtioNetGuest {
 
 /// A network namespace holding one TAP device with 192.0.2.1/24. `remove()` (also run by
 /// deinit) deletes the TAP and the namespace; kill the VMM that opened the TAP first.
-final class NetworkNamespace {
+final class NetGuestNamespace {
     let name: String
     let tap: String
     private let ip: String
@@ -230,7 +230,7 @@ enum NetGuestVMM: Sendable {
     case swiftlet
 
     /// Boots the guest inside `namespace` on its TAP and waits until it says it is ready.
-    func start(in namespace: NetworkNamespace, transport: VirtioTransport, options: NetGuestOptions = NetGuestOptions()) throws -> BackgroundVMM {
+    func start(in namespace: NetGuestNamespace, transport: VirtioTransport, options: NetGuestOptions = NetGuestOptions()) throws -> BackgroundVMM {
         let kernel = options.pvh ? VirtioNetGuest.pvhKernel : VirtioNetGuest.kernel
         var command: [String]
         switch self {
@@ -362,7 +362,7 @@ enum VirtioNetScenario {
     /// the namespace's kernel), and full-size pings (1472 bytes of data, 1514-byte frames, Don't
     /// Fragment) come back too.
     static func ping(_ vmm: NetGuestVMM, _ transport: VirtioTransport, _ options: NetGuestOptions = NetGuestOptions()) throws {
-        let namespace = try NetworkNamespace()
+        let namespace = try NetGuestNamespace()
         defer { namespace.remove() }
         let guest = try vmm.start(in: namespace, transport: transport, options: options)
         defer { guest.stop() }
@@ -389,7 +389,7 @@ enum VirtioNetScenario {
     /// (twice the queue) leaves the guest answering; the guest saw no bad checksum, no
     /// malformed packet and no header out of spec.
     static func udpEcho(_ vmm: NetGuestVMM, _ transport: VirtioTransport, _ options: NetGuestOptions = NetGuestOptions()) throws {
-        let namespace = try NetworkNamespace()
+        let namespace = try NetGuestNamespace()
         defer { namespace.remove() }
         let guest = try vmm.start(in: namespace, transport: transport, options: options)
         defer { guest.stop() }
@@ -423,7 +423,7 @@ enum VirtioNetScenario {
     /// from the ARP reply.
     static func macAddress(_ vmm: NetGuestVMM, _ transport: VirtioTransport, _ options: NetGuestOptions, expect mac: String,
                            origin: String) throws {
-        let namespace = try NetworkNamespace()
+        let namespace = try NetGuestNamespace()
         defer { namespace.remove() }
         let guest = try vmm.start(in: namespace, transport: transport, options: options)
         defer { guest.stop() }
