@@ -254,6 +254,65 @@ struct SnapshotTests {
         #expect(checkCounting(first.text + second.text) >= last.0 + 5)
     }
 
+    /// The `swiftlet` binary next to the test runner.
+    static let binary: String = {
+        var directory = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
+            .deletingLastPathComponent()
+        while !FileManager.default.isExecutableFile(atPath: directory.appendingPathComponent("swiftlet").path),
+              directory.pathComponents.count > 2 {
+            directory.deleteLastPathComponent()
+        }
+        return directory.appendingPathComponent("swiftlet").path
+    }()
+
+    /// Runs the binary; returns the status, stdout and stderr.
+    func runBinary(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
+    }
+
+    @Test("swiftlet run --restore continues a snapshot in a new process, and refuses options that would build another machine")
+    func restoreFromTheCommandLine() throws {
+        let directory = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var configuration = VMConfiguration(boot: .flat(.file(guests.appendingPathComponent("counter.bin").path)))
+        configuration.memorySize = 16 << 20
+        let console = LiveConsole()
+        configuration.console = .file(console.path)
+        let vm = try VM(configuration)
+        let finished = start(vm)
+        #expect(console.wait(forCountAbove: 3))
+        try vm.pause()
+        try vm.snapshot(to: directory)
+        let last = try #require(console.counts.last)
+        vm.stop()
+        _ = finished()
+
+        let restored = try runBinary(["run", "--restore", directory, "--timeout", "1"])
+        #expect(restored.status == 124, "\(restored.stderr)")
+        #expect(checkCounting(console.text + restored.stdout) > last.0)
+        // The state file alone names its memory file.
+        let byStateFile = try runBinary(["run", "--restore", directory + "/state", "--timeout", "0.5"])
+        #expect(byStateFile.status == 124, "\(byStateFile.stderr)")
+
+        let conflicting = try runBinary(["run", "--restore", directory, "--memory", "1G"])
+        #expect(conflicting.status == 2)
+        #expect(conflicting.stderr.contains("--memory cannot be used with --restore"))
+        let missing = try runBinary(["run", "--restore", directory + "/nothing-here"])
+        #expect(missing.status == 2)
+        #expect(missing.stderr.split(separator: "\n").count == 1, "one line: \(missing.stderr)")
+    }
+
     @Test("A diff needs dirty tracking")
     func diffNeedsTracking() throws {
         let full = temporaryDirectory(), diff = temporaryDirectory()
