@@ -365,6 +365,14 @@ extension Machine {
             throw .invalidConfiguration("the VM could not be paused: a vCPU did not leave KVM_RUN")
         }
         for core in board.virtioTransports { core.device.pause() }
+        // A guest with kvmclock learns it was paused (KVM_KVMCLOCK_CTRL), so its watchdogs
+        // do not take the pause for a hung CPU. EINVAL (no kvmclock set up) is expected.
+        if board.vm.check(.kvmclockControl) > 0 {
+            for runner in runners {
+                let vcpu = runner.vcpu
+                _ = pauseControl.perform(onRunner: vcpu.id) { () -> Bool in (try? vcpu.notifyPaused()) != nil }
+            }
+        }
     }
 
     /// Lets the devices and the vCPUs go on exactly where they stopped. From `paused` only.
