@@ -8,6 +8,7 @@
 // The Swift side mirrors none of these structs field by field (it uses the imported C
 // types directly); these asserts pin the ABI the wrappers rely on.
 _Static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "kvm_userspace_memory_region layout");
+_Static_assert(sizeof(struct kvm_dirty_log) == 16, "kvm_dirty_log layout");
 _Static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs layout");
 _Static_assert(sizeof(struct kvm_segment) == 24, "kvm_segment layout");
 _Static_assert(sizeof(struct kvm_sregs) == 312, "kvm_sregs layout");
@@ -18,6 +19,11 @@ _Static_assert(sizeof(struct kvm_pit_config) == 64, "kvm_pit_config layout");
 _Static_assert(sizeof(struct kvm_mp_state) == 4, "kvm_mp_state layout");
 _Static_assert(sizeof(struct kvm_pic_state) == 16, "kvm_pic_state layout");
 _Static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip layout");
+_Static_assert(sizeof(struct kvm_debugregs) == 128, "kvm_debugregs layout");
+_Static_assert(sizeof(struct kvm_xcrs) == 392, "kvm_xcrs layout");
+_Static_assert(sizeof(struct kvm_pit_state2) == 112, "kvm_pit_state2 layout");
+_Static_assert(sizeof(struct kvm_clock_data) == 48, "kvm_clock_data layout");
+_Static_assert(sizeof(struct kvm_lapic_state) == 1024, "kvm_lapic_state layout");
 _Static_assert(sizeof(struct kvm_ioeventfd) == 64, "kvm_ioeventfd layout");
 _Static_assert(sizeof(struct kvm_irqfd) == 32, "kvm_irqfd layout");
 _Static_assert(sizeof(struct kvm_irq_routing_entry) == 48, "kvm_irq_routing_entry layout");
@@ -42,6 +48,10 @@ int ckvm_ioctl_pointer(int fd, unsigned long request, void *argument) {
 
 size_t ckvm_cpuid2_size(uint32_t count) {
     return sizeof(struct kvm_cpuid2) + (size_t)count * sizeof(struct kvm_cpuid_entry2);
+}
+
+size_t ckvm_msr_list_size(uint32_t count) {
+    return sizeof(struct kvm_msr_list) + (size_t)count * sizeof(uint32_t);
 }
 
 size_t ckvm_msrs_size(uint32_t count) {

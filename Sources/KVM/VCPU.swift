@@ -104,6 +104,14 @@ public final class VCPU: @unchecked Sendable {
         }
     }
 
+    /// Lets the next `KVM_RUN` enter the guest again after ``requestImmediateExit()``
+    /// (a resumed vCPU). Call it from the vCPU's thread.
+    public func clearImmediateExit() {
+        withUnsafeMutablePointer(to: &runArea.pointee.immediate_exit) { pointer in
+            UnsafeMutableRawPointer(pointer).storeBytes(of: 0, as: UInt8.self)
+        }
+    }
+
     // MARK: Registers
 
     /// The corresponding ioctl is `KVM_GET_REGS`.
@@ -287,6 +295,19 @@ public final class VCPU: @unchecked Sendable {
     public func tscKHz() -> UInt32? {
         let result = fd.issue(CKVM_GET_TSC_KHZ, value: 0)
         return result > 0 ? UInt32(result) : nil
+    }
+
+    /// Makes the guest's TSC tick at `kHz` (KVM scales it when the host's differs; a
+    /// restored guest keeps the frequency it calibrated). The ioctl is `KVM_SET_TSC_KHZ`.
+    public func setTSCKHz(_ kHz: UInt32) throws(KVMError) {
+        _ = try fd.ioctl("KVM_SET_TSC_KHZ", CKVM_SET_TSC_KHZ, value: UInt(kHz))
+    }
+
+    /// Tells a guest using kvmclock that it was paused, so its soft-lockup watchdog does
+    /// not count the pause. Fails with `EINVAL` when the guest has not set kvmclock up.
+    /// The ioctl is `KVM_KVMCLOCK_CTRL`.
+    public func notifyPaused() throws(KVMError) {
+        _ = try fd.ioctl("KVM_KVMCLOCK_CTRL", CKVM_KVMCLOCK_CTRL)
     }
 }
 

@@ -24,6 +24,8 @@ public final class Machine: Sendable {
 
     let board: Board
     let stop = StopController()
+    let pauseControl = PauseControl()
+    private let lifecycle = Mutex(LifecycleState.created)
     /// The machine's event loop: made with the board (devices register with it), run on
     /// its own thread by ``run()``.
     let loop: EventLoop
@@ -38,38 +40,86 @@ public final class Machine: Sendable {
     /// not read).
     private let unfinished = SendableBox<[Int]>([])
 
-    /// Builds the VM. Nothing runs yet.
-    public init(configuration: MachineConfiguration) throws(MachineError) {
+    /// Size of the XSAVE area of this KVM's vCPUs (`KVM_CAP_XSAVE2`), for snapshots.
+    let xsaveSize: Int
+    /// The configuration the machine was built with (after a restore: the snapshot's).
+    let configuration: MachineConfiguration
+    /// With the pc-testdev (a Multiboot kernel): a restore builds it again.
+    let hasTestDevice: Bool
+    /// The CPUID leaves each vCPU was given (`KVM_SET_CPUID2`), by vCPU id: a snapshot
+    /// records these rather than what `KVM_GET_CPUID2` reads back, which some KVMs fill
+    /// with bits of their own.
+    let cpuidTables: [[CPUIDEntry]]
+    /// Whether written pages are being tracked, and the snapshot a diff would build on.
+    let tracking = Mutex(DirtyTracking())
+
+    /// How the machine starts: a payload booted from its entry point, or a snapshot
+    /// continued where it was taken.
+    private enum Start {
+        case boot(Payload)
+        case restore(LoadedSnapshot)
+    }
+
+    /// Builds the VM. Nothing runs yet. With ``BootSource/snapshot(_:)``, the machine is the
+    /// one the snapshot describes, in the state it was saved in; the snapshot is checked
+    /// (format, checksum, CPU features, memory file) before any vCPU exists.
+    public init(configuration given: MachineConfiguration) throws(MachineError) {
+        var configuration = given
+        let start: Start
+        if case let .snapshot(paths) = given.boot {
+            let snapshot = try LoadedSnapshot.load(paths: paths)
+            do { configuration = try given.applying(snapshot.manifest.machine) } catch { throw .snapshot(path: paths.description, error) }
+            start = .restore(snapshot)
+        } else {
+            // Read (and check) the payload before touching /dev/kvm: a wrong file is
+            // reported at once. The bytes live only until they are copied into guest RAM.
+            let virtioDevices = configuration.disks.count + configuration.networks.count
+            let virtioWords = Board.virtioCommandLine(deviceCount: virtioDevices, transport: configuration.virtioTransport)
+            let platform = Board.platformDevices(deviceCount: virtioDevices, transport: configuration.virtioTransport)
+            start = .boot(try Payload.read(configuration.boot, memorySize: configuration.memorySize,
+                                           cpuCount: configuration.cpuCount, platform: platform, mmioCommandLine: virtioWords))
+        }
         guard configuration.cpuCount >= 1 else { throw .invalidConfiguration("the machine needs at least one vCPU") }
         guard configuration.cpuCount <= Self.maximumCPUs else {
             throw .invalidConfiguration("\(configuration.cpuCount) vCPUs are more than Swiftlet supports (\(Self.maximumCPUs): "
                 + "APIC IDs are 8 bits, 255 is the broadcast ID and the IOAPIC takes one)")
         }
+        self.configuration = configuration
         timeout = configuration.timeout
         forwardStandardInput = configuration.forwardStandardInput
         handleTerminationSignals = configuration.handleTerminationSignals
         serialOutput = configuration.serialOutput
 
-        // Read (and check) the payload before touching /dev/kvm: a wrong file is reported
-        // at once. The bytes live only until they are copied into guest RAM.
-        let virtioWords = Board.virtioCommandLine(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
-        let platform = Board.platformDevices(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
-        var payload: Payload? = try Payload.read(configuration.boot, memorySize: configuration.memorySize,
-                                                 cpuCount: configuration.cpuCount, platform: platform, mmioCommandLine: virtioWords)
         do { loop = try EventLoop() } catch { throw .invalidConfiguration("cannot make the VM's event loop: \(error)") }
-        board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: payload?.format == .multiboot)
-        let entry: EntryState
-        (entry, loadSummary) = try payload!.load(into: board.memory)
-        payload = nil
+        switch start {
+        case let .boot(payload):
+            hasTestDevice = payload.format == .multiboot
+            board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: hasTestDevice)
+        case let .restore(snapshot):
+            hasTestDevice = snapshot.manifest.machine.testDevice
+            board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: hasTestDevice,
+                              memory: try snapshot.mapMemory(transparentHugePages: configuration.transparentHugePages))
+        }
+        var entry: EntryState?
+        var guestImage: GuestImage?
+        switch start {
+        case let .boot(payload):
+            (entry, loadSummary) = try payload.load(into: board.memory)
+            guestImage = Self.guestImage(configuration.boot, format: payload.format)
+        case let .restore(snapshot):
+            loadSummary = "restored the snapshot \(snapshot.paths) (\(configuration.cpuCount) vCPU, "
+                + "\(ByteSize.exact(configuration.memorySize)) of RAM, taken by Swiftlet \(snapshot.manifest.swiftletVersion))"
+        }
 
         do {
             let maximum = board.system.maximumVCPUs
             guard configuration.cpuCount <= maximum else {
                 throw MachineError.invalidConfiguration("\(configuration.cpuCount) vCPUs are more than this KVM allows (\(maximum))")
             }
+            if case let .restore(snapshot) = start { try snapshot.checkCPUFeatures(supported: try board.system.supportedCPUID()) }
             let cpu = try Self.resolveCPU(configuration.cpuModel, system: board.system, memoryEnd: board.memory.end)
             // KVM refuses EFER.LME for a vCPU whose CPUID lacks long mode; say why first.
-            if entry.efer & Boot.X86.eferLME != 0, !cpu.hasLongMode {
+            if let entry, entry.efer & Boot.X86.eferLME != 0, !cpu.hasLongMode {
                 throw MachineError.invalidConfiguration("the kernel is entered in 64-bit mode, but CPU model "
                     + "\(configuration.cpuModel) has no long mode (lm); use a 32-bit entry or keep lm")
             }
@@ -78,32 +128,66 @@ public final class Machine: Sendable {
             let exitOnEveryFailure = configuration.completeInstructions && board.system.check(.exitOnEmulationFailure) > 0
             if exitOnEveryFailure { try board.vm.enable(.exitOnEmulationFailure, arguments: [1]) }
             let host = HostCPUFacts()
-            let fpuAccess: GuestFPUAccess = board.system.check(.xsave) > 0 ? .xsave(size: Int(board.vm.check(.xsave2))) : .fpu
+            xsaveSize = board.system.check(.xsave) > 0 ? max(4096, Int(board.vm.check(.xsave2))) : 0
+            let fpuAccess: GuestFPUAccess = xsaveSize > 0 ? .xsave(size: xsaveSize) : .fpu
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
+            var tables: [[CPUIDEntry]] = []
             for id in 0..<configuration.cpuCount {
                 let vcpu = try board.vm.createVCPU(id: id)
-                // The TSC frequency is a vCPU ioctl: ask the first vCPU, once.
-                let model = cpuModel ?? CPUModel(base: cpu.table.entries, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
-                cpuModel = model
-                try VCPUSetup.configure(vcpu, cpuid: model.entries(forAPICID: UInt32(id)))
+                switch start {
+                case .boot:
+                    // The TSC frequency is a vCPU ioctl: ask the first vCPU, once.
+                    let model = cpuModel ?? CPUModel(base: cpu.table.entries, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
+                    cpuModel = model
+                    let entries = model.entries(forAPICID: UInt32(id))
+                    try VCPUSetup.configure(vcpu, cpuid: entries)
+                    tables.append(entries)
+                case let .restore(snapshot):
+                    tables.append(snapshot.manifest.vcpus[id].cpuid.map(\.entry))
+                }
                 let emulationFailures = EmulationFailureHandler(vcpu: vcpu, memory: board.memory, host: host, fpuAccess: fpuAccess,
                                                                 completeInstructions: configuration.completeInstructions,
                                                                 exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
                                           traceExits: configuration.traceExits, tripleFault: configuration.tripleFault,
-                                          emulationFailures: emulationFailures))
+                                          emulationFailures: emulationFailures, pause: pauseControl, guestImage: guestImage))
             }
             self.runners = runners
-            // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local
-            // APIC for INIT and Startup IPIs from it, as on a PC.
-            try EntryStateApplier.apply(entry, to: runners[0].vcpu)
+            cpuidTables = tables
+            switch start {
+            case .boot:
+                // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local
+                // APIC for INIT and Startup IPIs from it, as on a PC.
+                try EntryStateApplier.apply(entry!, to: runners[0].vcpu)
+            case let .restore(snapshot):
+                try snapshot.restore(vm: board.vm, vcpus: runners.map(\.vcpu), board: board)
+            }
         } catch let error as MachineError {
             throw error
         } catch let error as KVMError {
             throw .kvm(error)
         } catch {
             throw .invalidConfiguration("\(error)")
+        }
+        if configuration.trackDirtyPages {
+            try startDirtyTracking()
+            // A restored machine's RAM is its snapshot's: the first diff builds on that.
+            if case let .restore(snapshot) = start {
+                tracking.withLock { $0.base = (snapshot.absoluteStatePath, snapshot.manifest.id) }
+            }
+        }
+    }
+
+    /// The file the guest was booted from, as the crash report's disassembly hint names it.
+    static func guestImage(_ boot: BootSource, format: KernelFormat?) -> GuestImage? {
+        switch boot {
+        case let .flat(source):
+            return .flat(path: source.name, loadAddress: FlatBinary.loadAddress)
+        case let .kernel(kernel):
+            return format == .bzImage ? .bzImage(path: kernel.kernel.name) : .elf(path: kernel.kernel.name)
+        case .snapshot:
+            return nil
         }
     }
 
@@ -137,6 +221,8 @@ public final class Machine: Sendable {
     /// timerfd, the termination signals' signalfd and standard input. The calling thread
     /// waits for the stop decision.
     public func run() throws(MachineError) -> StopReason {
+        try move(from: [.created], to: .running, doing: "run")
+        defer { lifecycle.withLock { $0 = .stopped } }
         Signals.installKickHandler()
         var loopThread: NamedThread?
         // vCPU threads wait here until all of them exist: a machine that cannot get its
@@ -147,6 +233,8 @@ public final class Machine: Sendable {
             try watchStopSources(on: loop)
             loopThread = try loop.start(name: "events")
             stop.onStop { [loop] in loop.stop() }
+            // A stop while paused lets the parked vCPU threads go, so they can end.
+            stop.onStop { [pauseControl] in pauseControl.resumeAll() }
             for runner in runners { try runner.start(after: gate) }
             gate.leave()
         } catch {
@@ -198,10 +286,29 @@ public final class Machine: Sendable {
         if let first = finished.compactMap(\.firstRunAt).min() {
             report += "\nfirst KVM_RUN: monotonic \(first) ns"
         }
+        for interface in board.networkInterfaces {
+            report += "\nvirtio-net \(interface.name) (TAP \(interface.tap.name)): \(interface.device.statistics.summary)"
+        }
+        report += "\ninterrupt lines Swiftlet drove (KVM_IRQ_LINE): "
+            + board.interruptLines.map(\.summary).joined(separator: "; ")
+        report += "\n(the PIT's timer ticks, the PIC, IOAPIC and local APIC registers, EOIs and hlt stay inside KVM: they never appear above)"
         if !late.isEmpty {
             report += "\nnot counted: vCPU \(late.sorted().map(String.init).joined(separator: ", ")) did not stop within \(Int(Self.stopGracePeriod)) s"
         }
         return report
+    }
+}
+
+extension Machine {
+    /// The memory slots as KVM has them now, one line each (`--show-memory`).
+    public func memorySlotTable() -> String {
+        board.slots.slotTable(withSlotDevice: board.slots.logDirtyPages)
+    }
+
+    /// Every memory slot with the guest pages written in it during the run (`--show-memory`;
+    /// call it once ``run()`` returned).
+    public func writtenPagesReport() -> String {
+        board.slots.writtenPagesReport()
     }
 }
 
@@ -216,9 +323,62 @@ final class SendableBox<Value: Sendable>: Sendable {
 }
 
 extension Machine {
+    /// The guest's network interfaces: names, TAPs and MAC addresses.
+    public var networkInterfaces: [NetworkInterface] { board.networkInterfaces }
+
     /// Stops the machine from any thread; ``run()`` returns `reason` (unless another
     /// reason came first).
     public func requestStop(_ reason: StopReason) {
         stop.stop(reason)
+    }
+}
+
+/// Where a machine is in its life: built, running, paused, or stopped for good.
+public enum LifecycleState: String, Sendable, Equatable {
+    case created, running, paused, stopped
+}
+
+extension Machine {
+    /// The machine's state now.
+    public var state: LifecycleState { lifecycle.withLock { $0 } }
+
+    /// Moves to `next` if the state is one of `allowed`, or throws naming both.
+    private func move(from allowed: Set<LifecycleState>, to next: LifecycleState, doing action: String) throws(MachineError) {
+        try lifecycle.withLock { (state) throws(MachineError) in
+            guard allowed.contains(state) else { throw .invalidTransition(action: action, state: state.rawValue) }
+            state = next
+        }
+    }
+
+    /// How long a pause may wait for a vCPU to leave `KVM_RUN`.
+    static let pauseTimeout = 5.0
+
+    /// Parks every vCPU outside `KVM_RUN`, at an instruction boundary, then quiesces the
+    /// devices (no request half-done). Returns once the machine is still. From `running`
+    /// only.
+    public func pause() throws(MachineError) {
+        try move(from: [.running], to: .paused, doing: "pause")
+        pauseControl.requestPause()
+        for runner in runners { runner.kick() }
+        guard pauseControl.awaitParked(count: runners.count, timeout: Self.pauseTimeout) else {
+            stop.stop(.crash("a vCPU did not stop for a pause within \(Int(Self.pauseTimeout)) s"))
+            throw .invalidConfiguration("the VM could not be paused: a vCPU did not leave KVM_RUN")
+        }
+        for core in board.virtioTransports { core.device.pause() }
+        // A guest with kvmclock learns it was paused (KVM_KVMCLOCK_CTRL), so its watchdogs
+        // do not take the pause for a hung CPU. EINVAL (no kvmclock set up) is expected.
+        if board.vm.check(.kvmclockControl) > 0 {
+            for runner in runners {
+                let vcpu = runner.vcpu
+                _ = pauseControl.perform(onRunner: vcpu.id) { () -> Bool in (try? vcpu.notifyPaused()) != nil }
+            }
+        }
+    }
+
+    /// Lets the devices and the vCPUs go on exactly where they stopped. From `paused` only.
+    public func resume() throws(MachineError) {
+        try move(from: [.paused], to: .running, doing: "resume")
+        for core in board.virtioTransports { core.device.resume() }
+        pauseControl.resumeAll()
     }
 }

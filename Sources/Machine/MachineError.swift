@@ -1,6 +1,7 @@
 import Basics
 import Glibc
 import KVM
+import Snapshot
 
 /// An error that stops a VM from being built or started. Each prints as one line that
 /// tells the user what to fix.
@@ -10,6 +11,10 @@ public enum MachineError: Error, CustomStringConvertible {
     case kvm(KVMError)
     case load(String)
     case thread(ThreadStartError)
+    /// A lifecycle move the machine's state does not allow (resume a running VM, ...).
+    case invalidTransition(action: String, state: String)
+    /// A snapshot that cannot be written, read or run here.
+    case snapshot(path: String, SnapshotError)
 
     public var description: String {
         switch self {
@@ -19,6 +24,8 @@ public enum MachineError: Error, CustomStringConvertible {
         case let .kvm(error): return error.description
         case let .load(message): return message
         case let .thread(error): return error.description
+        case let .invalidTransition(action, state): return "cannot \(action) the VM: it is \(state)"
+        case let .snapshot(path, error): return "snapshot '\(path)': \(error)"
         }
     }
 }

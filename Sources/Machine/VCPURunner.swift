@@ -24,6 +24,9 @@ final class VCPURunner: @unchecked Sendable {
     private let traceExits: Bool
     private let tripleFault: TripleFaultAction
     private let emulationFailures: EmulationFailureHandler
+    private let pause: PauseControl
+    /// The file the guest came from, for the crash report's disassembly hint.
+    private let guestImage: GuestImage?
     private let thread = Mutex<NamedThread?>(nil)
     private let finished = DispatchSemaphore(value: 0)
 
@@ -32,7 +35,8 @@ final class VCPURunner: @unchecked Sendable {
     private(set) var firstRunAt: UInt64?
 
     init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool, tripleFault: TripleFaultAction,
-         emulationFailures: EmulationFailureHandler) {
+         emulationFailures: EmulationFailureHandler, pause: PauseControl, guestImage: GuestImage? = nil) {
+        self.pause = pause
         self.vcpu = vcpu
         self.portBus = portBus
         self.mmioBus = mmioBus
@@ -40,6 +44,7 @@ final class VCPURunner: @unchecked Sendable {
         self.traceExits = traceExits
         self.tripleFault = tripleFault
         self.emulationFailures = emulationFailures
+        self.guestImage = guestImage
     }
 
     /// Starts the thread `vcpu<N>` and arranges for it to be kicked on stop. The thread
@@ -50,6 +55,7 @@ final class VCPURunner: @unchecked Sendable {
             Signals.unblockKick()
             gate.wait()
             runLoop()
+            pause.runnerEnded()
             finished.signal()
         }
         thread.withLock { $0 = started }
@@ -69,7 +75,7 @@ final class VCPURunner: @unchecked Sendable {
     /// Makes `KVM_RUN` return now or at its next entry. `immediate_exit` covers a thread
     /// that has not entered the guest yet; the signal one that is inside it. The thread
     /// is joinable, so its handle stays valid even after its loop ended.
-    private func kick() {
+    func kick() {
         vcpu.requestImmediateExit()
         thread.withLock { $0?.signal(Signals.kick) }
     }
@@ -83,6 +89,17 @@ final class VCPURunner: @unchecked Sendable {
             } catch {
                 crash("KVM_RUN failed: \(error)")
                 return
+            }
+            if case .interrupted = exit, pause.pauseRequested, !stop.isStopping {
+                // Kicked for a pause: this KVM_RUN completed any I/O the previous exit left
+                // pending, so the vCPU is at an instruction boundary. Park until resumed;
+                // the next KVM_RUN must not return at once.
+                pause.park(runner: vcpu.id)
+                vcpu.clearImmediateExit()
+                // A pause requested between the resume and the line above had its kick
+                // undone by the clear: ask for the exit again.
+                if pause.pauseRequested || stop.isStopping { vcpu.requestImmediateExit() }
+                continue
             }
             if traceExits {
                 let start = MonotonicClock.nanoseconds()
@@ -161,8 +178,12 @@ final class VCPURunner: @unchecked Sendable {
     private func crash(_ message: String) {
         var report = "vCPU \(vcpu.id): \(message)"
         if let regs = try? vcpu.registers(), let sregs = try? vcpu.specialRegisters() {
-            report += "\n" + RegisterDump.format(regs, sregs)
+            // Where RIP lies in guest memory: through the guest's page tables when paging is on.
+            let linear = RegisterDump.linearRIP(regs, sregs)
+            let physical = sregs.cr0 & (1 << 31) != 0 ? ((try? vcpu.translate(linearAddress: linear)) ?? nil) : linear
+            report += "\n" + RegisterDump.format(regs, sregs, image: guestImage, physicalRIP: physical)
         }
         stop.stop(.crash(report))
     }
 }
+

@@ -51,6 +51,49 @@ struct RunCommand: ParsableCommand {
             (virtio_mmio.device=, which some distribution kernels, Debian's among them, \
             do not read). See docs/virtio.md.
 
+            NETWORK
+              --net tap=NAME[,mac=XX:XX:XX:XX:XX:XX] gives the guest a virtio-net \
+            interface backed by the Linux TAP device NAME; repeat it for more interfaces \
+            (net0, net1, ... after the disks on the bus). A TAP that exists is opened and \
+            left as it is: make one for your user with 'ip tuntap add dev NAME mode tap \
+            user $USER' and 'ip link set NAME up'. A missing one is created when Swiftlet \
+            may (root or CAP_NET_ADMIN), brought up, and removed again when Swiftlet \
+            exits. Without mac=, a random locally administered MAC is generated; each \
+            interface's MAC is printed on stderr ('swiftlet: net0: tap0, MAC 02:...'). \
+            Checksum and segmentation offloads are negotiated with the TAP, so large \
+            transfers are not cut up in software. Frames move in Swiftlet itself (no \
+            vhost-net). --trace-exits adds each interface's frame counters, dropped \
+            frames among them. See docs/virtio.md.
+
+            MEMORY SLOTS
+              --show-memory prints the memory slots (KVM_SET_USER_MEMORY_REGION: \
+            guest-physical range, host address, flags) before the guest starts and, at \
+            the end, the guest pages written in each slot, as runs of addresses \
+            (KVM_GET_DIRTY_LOG; every slot logs dirty pages). It also gives the guest the \
+            memory slot device at ports 0x5A0-0x5A7, with which a guest asks for 2 MiB of \
+            RAM at 0xF0000000 and 2 MiB of read-only memory (KVM_MEM_READONLY) at \
+            0xF0200000 while it runs, and reads the dirty log. See docs/memory.md and \
+            guests/memory-slots.s.
+
+            SNAPSHOTS
+              A snapshot is the whole machine on disk: every vCPU's registers, the \
+            in-kernel interrupt controllers and timer, every device's state, and guest RAM \
+            as a separate memory file (zero pages are holes). --restore DIR continues it \
+            where it was taken, in this new process: RAM is mapped from the memory file \
+            (MAP_PRIVATE: pages are read when the guest first touches them, and the file is \
+            never changed), so a restore does not read all of RAM first. The snapshot \
+            decides the machine (RAM, vCPUs, CPU model, disks, network interfaces, \
+            transport), so --restore refuses the options that would build another one; the \
+            console, --timeout and tracing options apply. A snapshot from a newer Swiftlet, \
+            for a CPU feature this host lacks, damaged or truncated, is refused before the \
+            guest runs. Disks are not copied: the restored VM continues with the same image \
+            files, so restore a snapshot once, or copy the disks with it.
+              --track-dirty-pages has KVM log the pages the guest writes from the start \
+            (and Swiftlet the pages its devices write), so that a later snapshot can be a \
+            diff: only the pages written since the snapshot before, naming that one as its \
+            parent. It costs guest time on writes. Take snapshots with the monitor \
+            (--monitor) or the API (--api-sock). See docs/lifecycle.md.
+
             CPU MODEL
               --cpu MODEL[,+feature,-feature...] chooses what the guest sees through \
             CPUID, as QEMU's -cpu. 'host' (the default) is everything this host's KVM \
@@ -96,6 +139,8 @@ struct RunCommand: ParsableCommand {
               swiftlet run --kernel vmlinuz --initrd initrd.img --memory 1G --cpus 2
               swiftlet run --kernel x86/smptest.flat --cpus 2      (kvm-unit-tests)
               swiftlet run --kernel vmlinux --cpu x86-64-v3,-avx2,+pcid
+              swiftlet run --kernel bzImage --disk root.qcow2 --net tap=tap0
+              swiftlet run --restore /var/tmp/vm1-snapshot
             """
     )
 
@@ -118,14 +163,20 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("linux-entry"), help: ArgumentHelp("How to enter a Linux ELF: auto (PVH when the kernel has the note), linux64 or pvh (--kernel only).", valueName: "entry"))
     var linuxEntry: VMConfiguration.LinuxEntry?
 
-    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, like 64M, 1G or 1536M (a bare number means MiB).", valueName: "size"))
-    var memory: MemorySizeArgument = MemorySizeArgument(bytes: 256 << 20)
+    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, like 64M, 1G or 1536M (a bare number means MiB; default 256M).", valueName: "size"))
+    var memory: MemorySizeArgument?
 
-    @Option(name: .long, help: ArgumentHelp("Number of virtual CPUs (1 to 254).", valueName: "n"))
-    var cpus: Int = 1
+    @Option(name: .long, help: ArgumentHelp("Number of virtual CPUs (1 to 254; default 1).", valueName: "n"))
+    var cpus: Int?
 
-    @Option(name: .long, help: ArgumentHelp("The CPU the guest sees: host, x86-64-v1 ... x86-64-v4, then +feature/-feature edits (see CPU MODEL).", valueName: "model"))
-    var cpu: String = "host"
+    @Option(name: .long, help: ArgumentHelp("The CPU the guest sees: host (the default), x86-64-v1 ... x86-64-v4, then +feature/-feature edits (see CPU MODEL).", valueName: "model"))
+    var cpu: String?
+
+    @Option(name: .long, help: ArgumentHelp("Continue the VM saved in a snapshot (a directory, or its state file) instead of booting one (see SNAPSHOTS).", valueName: "snapshot"))
+    var restore: String?
+
+    @Flag(name: .customLong("track-dirty-pages"), help: "Track the guest pages written from the start, so that a snapshot can be a diff over the one before (see SNAPSHOTS).")
+    var trackDirtyPages = false
 
     @Option(name: .long, help: ArgumentHelp("Where the serial console writes: 'stdio' or 'file:PATH' (a regular file or a character device).", valueName: "target"))
     var serial: SerialTarget = .stdio
@@ -134,10 +185,13 @@ struct RunCommand: ParsableCommand {
     var timeout: Double?
 
     @Option(name: .customLong("triple-fault"), help: ArgumentHelp("What a triple fault does: stop (a crash, status 4, with the registers) or reset (the guest's reset, status 6, like QEMU's -no-reboot).", valueName: "action"))
-    var tripleFault: VMConfiguration.TripleFault = .stop
+    var tripleFault: VMConfiguration.TripleFault?
 
     @Flag(name: .long, help: "At the end, print a table of VM exits by reason, device and address, with the time spent handling them.")
     var traceExits = false
+
+    @Flag(name: .customLong("show-memory"), help: "Print the memory slots at the start and, at the end, the guest pages written in each (dirty log); give the guest the memory slot device at port 0x5A0 (see MEMORY SLOTS).")
+    var showMemory = false
 
     @Flag(name: .customLong("no-complete-instructions"), help: "Stop (status 4) when KVM cannot emulate an instruction, instead of completing the ones Swiftlet can complete exactly (int3, int n, fwait, ldmxcsr, stmxcsr, clac, stac, popcnt).")
     var noCompleteInstructions = false
@@ -152,12 +206,27 @@ struct RunCommand: ParsableCommand {
                                             valueName: "path[,readonly][,format=raw|qcow2][,serial=text][,queues=n]"))
     var disk: [DiskArgument] = []
 
+    @Option(name: .long, help: ArgumentHelp("A network interface for the guest, as a virtio-net device over a TAP; repeatable (see NETWORK).",
+                                            valueName: "tap=name[,mac=xx:xx:xx:xx:xx:xx]"))
+    var net: [NetArgument] = []
+
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
-    var virtioTransport: VMConfiguration.VirtioTransport = .pci
+    var virtioTransport: VMConfiguration.VirtioTransport?
 
     func validate() throws {
-        guard cpus >= 1 else { throw ValidationError("--cpus must be at least 1") }
+        if let cpus, cpus < 1 { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
+        if restore != nil {
+            // The snapshot is the machine: what would build another one contradicts it.
+            let machineOptions: [(Bool, String)] = [
+                (kernel != nil, "--kernel"), (flat != nil, "--flat"), (memory != nil, "--memory"), (cpus != nil, "--cpus"),
+                (cpu != nil, "--cpu"), (!disk.isEmpty, "--disk"), (!net.isEmpty, "--net"), (virtioTransport != nil, "--virtio-transport"),
+                (tripleFault != nil, "--triple-fault"), (noCompleteInstructions, "--no-complete-instructions"), (showMemory, "--show-memory"),
+            ]
+            for (given, option) in machineOptions where given {
+                throw ValidationError("\(option) cannot be used with --restore: the snapshot records the machine it continues")
+            }
+        }
         if kernel == nil {
             for (given, option) in [(initrd != nil, "--initrd"), (cmdline != nil, "--cmdline"),
                                     (linuxEntry != nil, "--linux-entry"), (decompressOnHost != nil, "--[no-]decompress-on-host")] where given {
@@ -165,7 +234,7 @@ struct RunCommand: ParsableCommand {
             }
         }
         // The names are checked before any file is read; what KVM supports, when the VM is built.
-        do { try CPUModels.validate(cpu) } catch { throw ValidationError(error.message) }
+        do { try CPUModels.validate(cpu ?? "host") } catch { throw ValidationError(error.message) }
         if let timeout, !(timeout > 0) || !timeout.isFinite {
             throw ValidationError("--timeout must be a positive number of seconds")
         }
@@ -173,7 +242,14 @@ struct RunCommand: ParsableCommand {
 
     func run() throws {
         let boot: VMConfiguration.Boot
-        if let kernel {
+        if let restore {
+            var status = stat()
+            if stat(restore, &status) == 0, status.st_mode & S_IFMT == S_IFDIR {
+                boot = .snapshot(directory: restore)
+            } else {
+                boot = .snapshot(SnapshotPaths(state: restore, memory: nil))
+            }
+        } else if let kernel {
             boot = .kernel(.file(kernel), initrd: initrd.map { .file($0) }, commandLine: cmdline)
         } else if let flat {
             boot = .flat(.file(flat))
@@ -182,17 +258,20 @@ struct RunCommand: ParsableCommand {
         }
 
         var configuration = VMConfiguration(boot: boot)
-        configuration.memorySize = memory.bytes
-        configuration.cpus = cpus
-        configuration.cpu = cpu
+        configuration.memorySize = memory?.bytes ?? 256 << 20
+        configuration.cpus = cpus ?? 1
+        configuration.cpu = cpu ?? "host"
+        configuration.trackDirtyPages = trackDirtyPages
         configuration.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
         configuration.traceExits = traceExits
+        configuration.showMemory = showMemory
         configuration.transparentHugePages = !noHugePages
         configuration.kvmDevice = kvmDevice
         configuration.disks = disk.map(\.disk)
-        configuration.virtioTransport = virtioTransport
+        configuration.networks = net.map(\.network)
+        configuration.virtioTransport = virtioTransport ?? .pci
         configuration.onWarning = { message in FileHandleOutput.standardError("swiftlet: warning: \(message)") }
-        configuration.tripleFault = tripleFault
+        configuration.tripleFault = tripleFault ?? .stop
         configuration.completeInstructions = !noCompleteInstructions
         configuration.decompressKernelOnHost = decompressOnHost ?? true
         configuration.linuxEntry = linuxEntry ?? .automatic
@@ -206,11 +285,17 @@ struct RunCommand: ParsableCommand {
 
         let result: VMResult
         do {
-            result = try VM(configuration).run()
+            let vm = try VM(configuration)
+            for interface in vm.networkInterfaces {
+                FileHandleOutput.standardError("swiftlet: \(interface.name): \(interface.tap), MAC \(interface.mac)")
+            }
+            if showMemory { FileHandleOutput.standardError(vm.memorySlotTable) }
+            result = try vm.run()
         } catch {
             throw SwiftletCommand.fail(error.message)
         }
         if let table = result.exitTable { FileHandleOutput.standardError(table) }
+        if let report = result.memoryReport { FileHandleOutput.standardError(report) }
         switch result.exit {
         case .crash, .timeout, .reset, .powerOff, .signal:
             FileHandleOutput.standardError("swiftlet: \(result.exit)")
@@ -304,6 +389,32 @@ struct DiskArgument: ExpressibleByArgument {
 
     static var defaultCompletionKind: CompletionKind { .file() }
 }
+/// `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`: options separated by commas, `tap=` required.
+struct NetArgument: ExpressibleByArgument {
+    let network: VMConfiguration.Network
+
+    init?(argument: String) {
+        guard let parsed = Self.parse(argument) else { return nil }
+        network = parsed
+    }
+
+    static func parse(_ text: String) -> VMConfiguration.Network? {
+        var tap: String?
+        var mac: String?
+        for option in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let pieces = option.split(separator: "=", maxSplits: 1).map(String.init)
+            guard pieces.count == 2 else { return nil }
+            switch pieces[0] {
+            case "tap" where tap == nil && VMConfiguration.Network.isValidInterfaceName(pieces[1]): tap = pieces[1]
+            case "mac" where mac == nil && VMConfiguration.Network.isValidMAC(pieces[1]): mac = pieces[1]
+            default: return nil
+            }
+        }
+        guard let tap else { return nil }
+        return VMConfiguration.Network(tap: tap, mac: mac)
+    }
+}
+
 extension VMConfiguration.TripleFault: ExpressibleByArgument {}
 
 /// `--serial`: where COM1's output goes.
