@@ -207,7 +207,7 @@ final class BlockSession: Sendable {
             for server in servers {
                 let prefix = "blk\(options.diskIndex)q\(server.index)"
                 for worker in 0..<server.workerCount {
-                    threads.append(try NamedThread(name: "\(prefix)w\(worker)") { server.runWorker() })
+                    threads.append(try NamedThread(name: "\(prefix)w\(worker)") { server.runWorker(worker) })
                 }
                 threads.append(try NamedThread(name: prefix) { server.dispatch() })
             }

@@ -24,6 +24,22 @@ private func openRaw(_ path: String, readOnly: Bool = false) throws -> any Block
     try DiskImage.open(path: path, format: .raw, readOnly: readOnly)
 }
 
+/// `voluntary_ctxt_switches` of this process's threads whose names start with `prefix`,
+/// by thread id: how often each went to sleep.
+private func voluntarySwitches(ofThreadsNamed prefix: String) -> [String: Int] {
+    var result: [String: Int] = [:]
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+    for task in tasks {
+        guard let name = try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8),
+              name.hasPrefix(prefix),
+              let status = try? String(contentsOfFile: "/proc/self/task/\(task)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("voluntary_ctxt_switches:") }),
+              let count = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) else { continue }
+        result[task] = count
+    }
+    return result
+}
+
 @Suite("virtio-blk: requests on raw and qcow2 images")
 struct BlockTests {
     @Test("The configuration space follows virtio 1.2, 5.2.4, and the features match the disk")
@@ -367,6 +383,28 @@ struct BlockTests {
         for (index, read) in reads.enumerated() {
             #expect(try harness.data(of: read) == Array(image[(index * 4096)..<(index * 4096 + 4096)]))
         }
+    }
+
+    @Test("A request wakes one idle worker, not every worker of the queue")
+    func oneWorkerWokenPerRequest() throws {
+        let folder = try ImageFolder()
+        let path = try folder.raw("disk.raw", size: 1 << 20)
+        // A disk index no other test uses: the threads are found by name ("blk77q0w0"...).
+        let harness = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 77, workersPerQueue: 4))
+        #expect(try harness.complete(try harness.read(sector: 0, count: 512)) == ok)
+        usleep(50_000)  // every worker asleep
+        let before = voluntarySwitches(ofThreadsNamed: "blk77q0w")
+        #expect(before.count == 4)
+        let requests = 40
+        for index in 1...requests {
+            #expect(try harness.complete(try harness.read(sector: UInt64(index), count: 512)) == ok)
+        }
+        let after = voluntarySwitches(ofThreadsNamed: "blk77q0w")
+        let sleeps = after.values.reduce(0, +) - before.values.reduce(0, +)
+        // Each request wakes one worker, which serves it and sleeps again: one switch per
+        // request. Waking every worker (one eventfd they all read) would give four.
+        #expect(sleeps >= requests)
+        #expect(sleeps < 2 * requests, "\(sleeps) times a worker went to sleep for \(requests) requests")
     }
 
     @Test("Reset while requests are in flight returns only once they are done, and returns none of them")
