@@ -50,7 +50,7 @@ let package = Package(
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
         .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
-        .target(name: "Virtio", dependencies: ["Basics", "Memory", "EventLoop", "Devices", "DiskImage"]),
+        .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage"]),
         .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot"]),
         .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "DiskImage", "X86", "KVM"]),
         .executableTarget(

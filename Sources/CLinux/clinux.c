@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 
 _Static_assert(EPOLLIN == 0x001 && EPOLLOUT == 0x004 && EPOLLERR == 0x008 && EPOLLHUP == 0x010, "epoll bits");
 _Static_assert(EPOLLRDHUP == 0x2000 && EPOLLET == (1u << 31), "epoll bits");
@@ -59,4 +60,9 @@ int clinux_memfd_create(const char *name) {
 
 int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length);
+}
+
+int64_t clinux_pread_nowait(int fd, void *buffer, uint64_t length, int64_t offset) {
+    struct iovec vector = { buffer, (size_t)length };
+    return preadv2(fd, &vector, 1, (off_t)offset, RWF_NOWAIT);
 }

@@ -127,6 +127,12 @@ final class BlockQueueServer: Sendable {
                     guard try queue.enableNotifications() else { return false }
                     continue
                 }
+                // A small read the page cache holds costs less to copy here than to hand
+                // off (a worker's wake-up): it is answered at once.
+                if let outcome = control.handler.serveIfCached(chain) {
+                    complete(chain, outcome)
+                    continue
+                }
                 inFlight.add(1, ordering: .sequentiallyConsistent)
                 taken.append(chain)
             }
@@ -229,3 +235,4 @@ final class BlockQueueServer: Sendable {
         }
     }
 }
+

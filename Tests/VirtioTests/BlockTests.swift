@@ -397,7 +397,8 @@ struct BlockTests {
         #expect(before.count == 4)
         let requests = 40
         for index in 1...requests {
-            #expect(try harness.complete(try harness.read(sector: UInt64(index), count: 512)) == ok)
+            // Writes: cached reads of a raw image never reach a worker (next test).
+            #expect(try harness.complete(try harness.write(sector: UInt64(index), ImageFolder.pattern(sector))) == ok)
         }
         let after = voluntarySwitches(ofThreadsNamed: "blk77q0w")
         let sleeps = after.values.reduce(0, +) - before.values.reduce(0, +)
@@ -405,6 +406,60 @@ struct BlockTests {
         // request. Waking every worker (one eventfd they all read) would give four.
         #expect(sleeps >= requests)
         #expect(sleeps < 2 * requests, "\(sleeps) times a worker went to sleep for \(requests) requests")
+    }
+
+    @Test("Reads of a raw image that the page cache holds are answered without waking a worker")
+    func cachedReadsServedAtOnce() throws {
+        let folder = try ImageFolder()
+        let path = try folder.raw("disk.raw", size: 1 << 20)
+        let harness = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 78, workersPerQueue: 4))
+        #expect(try harness.complete(try harness.write(sector: 0, ImageFolder.pattern(sector))) == ok)
+        usleep(50_000)  // every worker asleep
+        let before = voluntarySwitches(ofThreadsNamed: "blk78q0w")
+        let image = ImageFolder.pattern(1 << 20)
+        // 4 KiB and 16 KiB reads, the largest answered at once, in one batch.
+        var reads: [SubmittedRequest] = []
+        for index in 0..<8 {
+            let count: UInt32 = index % 2 == 0 ? 4096 : 16384
+            reads.append(try harness.read(sector: UInt64(8 + index * 128), count: count))
+        }
+        #expect(try harness.complete(reads) == [UInt8](repeating: ok, count: 8))
+        for (index, read) in reads.enumerated() {
+            let start = (8 + index * 128) * sector
+            #expect(try harness.data(of: read) == Array(image[start..<(start + Int(read.dataLength))]))
+        }
+        let lengths: [UInt32] = try harness.usedEntries().suffix(8).map { $0.1 }.sorted()
+        let expected: [UInt32] = [4097, 4097, 4097, 4097, 16385, 16385, 16385, 16385]
+        #expect(lengths == expected)
+        let after = voluntarySwitches(ofThreadsNamed: "blk78q0w")
+        #expect(after.values.reduce(0, +) == before.values.reduce(0, +), "no worker woke")
+        // Bigger than 16 KiB: a worker's.
+        let large = try harness.read(sector: 0, count: 16384 + 4096)
+        #expect(try harness.complete(large) == ok)
+        #expect(try harness.data(of: large) == Array(image[0..<(16384 + 4096)]))
+        #expect(voluntarySwitches(ofThreadsNamed: "blk78q0w").values.reduce(0, +) > after.values.reduce(0, +))
+    }
+
+    @Test("A read whose data is not in the page cache goes to a worker and returns the right data")
+    func uncachedReadGoesToWorker() throws {
+        let folder = try ImageFolder()
+        let path = try folder.raw("disk.raw", size: 1 << 20)
+        let harness = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 79, workersPerQueue: 2))
+        #expect(try harness.complete(try harness.write(sector: 0, ImageFolder.pattern(sector))) == ok)
+        usleep(50_000)
+        // Drop the file's pages from the page cache (clean once synced).
+        let fd = open(path, O_RDONLY)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        #expect(fsync(fd) == 0)
+        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        let before = voluntarySwitches(ofThreadsNamed: "blk79q0w")
+        let read = try harness.read(sector: 256, count: 4096)
+        #expect(try harness.complete(read) == ok)
+        let image = ImageFolder.pattern(1 << 20)
+        #expect(try harness.data(of: read) == Array(image[(256 * sector)..<(256 * sector + 4096)]))
+        #expect(voluntarySwitches(ofThreadsNamed: "blk79q0w").values.reduce(0, +) > before.values.reduce(0, +),
+                "a worker served it")
     }
 
     @Test("Reset while requests are in flight returns only once they are done, and returns none of them")

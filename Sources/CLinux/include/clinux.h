@@ -86,3 +86,8 @@ static const int CLINUX_FALLOC_ZERO_RANGE = 0x10;
 /// fallocate(fd, mode, offset, length) with the CLINUX_FALLOC_* bits. Returns 0, or -1 with
 /// errno set (EOPNOTSUPP when the file system cannot do it).
 int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length);
+
+/// preadv2(fd, {buffer, length}, offset, RWF_NOWAIT): reads only what the page cache
+/// holds, without waiting for the disk. Returns the bytes read, or -1 with errno set
+/// (EAGAIN: the data is not cached; EOPNOTSUPP: the file or kernel cannot say).
+int64_t clinux_pread_nowait(int fd, void *buffer, uint64_t length, int64_t offset);
