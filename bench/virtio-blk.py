@@ -73,7 +73,7 @@ GUEST_OK_STATUS = 1  # the guest writes 0 to port 0xF4: status (0 << 1) | 1
 TARGETS = {"raw": 0.70, "qcow2": 0.60}
 RESULT_RE = re.compile(r"^bench (\w+): depth (\d+), (\d+) requests of (\d+) bytes, (\d+) bytes in (\d+) us"
                        r"(?:, flush (\d+) us)?", re.MULTILINE)
-NOTIFY_RE = re.compile(r"bench \w+: (\d+) notifications sent, (\d+) skipped")
+NOTIFY_RE = re.compile(r"bench \w+: (\d+) notifications sent, (\d+) skipped \(VIRTQ_USED_F_NO_NOTIFY\), (\d+) ns each")
 TSC_RE = re.compile(r"TSC at ([0-9.]+) MHz \(([^)]*)\)")
 JOBS = {
     # name: (fio --rw, request bytes, unit)
@@ -167,8 +167,9 @@ class Guest:
             "value": figure(job, total, requests, micros / 1e6),
             "requests": requests,
             "notifications": int(notify.group(1)) if notify else None,
+            "notify_ns": int(notify.group(3)) if notify and int(notify.group(1)) else None,
             "flush_us": int(match.group(7)) if match.group(7) else None,
-            "tsc": f"{tsc.group(1)} MHz ({tsc.group(2)})" if tsc else "?",
+            "tsc": (tsc.group(2), float(tsc.group(1))) if tsc else ("not printed", 0.0),
             "out": out, "err": err,
         }
 
@@ -376,6 +377,7 @@ def main():
         results = {}  # (format, job, side) -> [values]; side: "pci", "mmio", "host"
         ratios = {}   # (format, job, transport) -> [paired ratios]
         notifications = {}  # (format, job, transport) -> [per request]
+        notify_cost = {}  # (format, job, transport) -> [ns per notification, as the guest timed it]
         flushes = {}  # (format, transport) -> [us]
         for fmt_name, image in images.items():
             for job in jobs:
@@ -398,6 +400,8 @@ def main():
                         if result["notifications"] is not None and result["requests"]:
                             notifications.setdefault((fmt_name, job, transport), []).append(
                                 result["notifications"] / result["requests"])
+                        if result["notify_ns"] is not None:
+                            notify_cost.setdefault((fmt_name, job, transport), []).append(result["notify_ns"])
                         if result["flush_us"] is not None:
                             flushes.setdefault((fmt_name, transport), []).append(result["flush_us"])
                     target = image["host_write"] if job == "seqwrite" else image["path"]
@@ -432,18 +436,27 @@ def main():
                         verdict = "MISSED"
                         missed.append(f"{fmt_name} {job} {transport}")
                     per_request = median(notifications.get((fmt_name, job, transport), []))
+                    cost = median(notify_cost.get((fmt_name, job, transport), []))
                     rows.append([fmt_name, f"{job} ({unit})", transport, fmt(value, unit), fmt(host, unit),
                                  "n/a" if ratio != ratio else f"{ratio:.2f}",
                                  " ".join(f"{r:.2f}" for r in pair), f">= {target:.2f}: {verdict}",
-                                 "n/a" if per_request != per_request else f"{per_request:.2f}"])
+                                 "n/a" if per_request != per_request else f"{per_request:.2f}",
+                                 "n/a" if cost != cost else f"{cost / 1000:.0f}"])
+        clocks = {}
+        for source, mhz in tsc_seen:
+            clocks.setdefault(source, []).append(mhz)
         notes = [f"guest: swiftlet run --kernel virtio-blk.elf --disk IMAGE,format=F --virtio-transport T "
-                 f"--cmdline 'bench JOB {args.depth} {args.seconds}'; TSC " + ", ".join(sorted(tsc_seen)),
+                 f"--cmdline 'bench JOB {args.depth} {args.seconds}'; TSC " + "; ".join(
+                     f"{source}: " + (f"{min(v):.3f} MHz" if min(v) == max(v) else f"{min(v):.3f} to {max(v):.3f} MHz")
+                     for source, v in sorted(clocks.items())),
                  "host: fio " + " ".join(fio.argv("IMAGE", "seqread", args.depth, args.seconds)[1:]).replace(
                      "--name=seqread ", "").replace("--rw=read --bs=65536", "--rw=read|write|randread --bs=65536|4096"),
                  f"ratio: guest / host per round, median over {args.reps} rounds (the rounds' ratios follow); "
                  f"figures are medians; {args.size_mib} MiB images, page cache warm, fully allocated",
-                 "notifications per request: the guest's notifications to the device (each one an MMIO "
-                 "write, handled by an ioeventfd in the kernel) per request completed"]
+                 "notify/req: the guest's notifications to the device (each an MMIO write that an "
+                 "ioeventfd handles in the kernel) per request completed; µs/notify: how long the guest's "
+                 "notifying write took, as the guest timed it (the exit, and the time the vCPU was off its "
+                 "CPU while the thread it woke ran), medians"]
         if qemu:
             notes.append("qemu pci: " + " ".join(qemu.argv({"path": "IMAGE", "format": "F"}, "pci", "JOB",
                                                            args.depth, args.seconds)[1:])
@@ -454,7 +467,8 @@ def main():
             notes.append("the guest's flush after seqwrite (not in the figures), median: " + ", ".join(
                 f"{f} {t} {median(v) / 1000:.0f} ms" for (f, t), v in sorted(flushes.items())))
         report.section("virtio-blk from the guest against fio on the host", [
-            "image", "job", "transport", "guest", "host (fio)", "ratio", "rounds", "target", "notify/req"],
+            "image", "job", "transport", "guest", "host (fio)", "ratio", "rounds", "target", "notify/req",
+            "µs/notify"],
             rows, notes)
 
         if not args.no_trace and "raw" in images:

@@ -26,8 +26,9 @@
  * when the TSC rate is known), and when that is missing from a calibration against the
  * 8254 PIT: channel 0 counts down at 1.193182 MHz; we program it (mode 2, the full 65536
  * count), latch and read it through ports 0x40/0x43 until 100 ms of PIT time have passed,
- * and divide the TSC ticks by that time. Each PIT access leaves the guest, which costs the
- * calibration a few tens of microseconds of error: well under 0.1%.
+ * and divide the TSC ticks by that time. Each PIT access leaves the guest; the two end
+ * points are the quickest of 5 reads each, so a vCPU descheduled in the middle of one does
+ * not skew the result: the error stays around a few tens of microseconds in 100 ms.
  */
 #include "bench.h"
 
@@ -66,6 +67,24 @@ static uint16_t pit_count(void)
     return (uint16_t)(low | high << 8);
 }
 
+/* One PIT reading and the TSC at that moment: the quickest of 5 reads (a read that took
+ * long, because the vCPU was descheduled in the middle, says little about when the count
+ * was latched), its TSC taken halfway. */
+static void pit_sample(uint16_t *count, uint64_t *tsc)
+{
+    uint64_t best = ~0ull;
+    for (int i = 0; i < 5; i++) {
+        uint64_t before = rdtsc();
+        uint16_t value = pit_count();
+        uint64_t took = rdtsc() - before;
+        if (took < best) {
+            best = took;
+            *count = value;
+            *tsc = before + took / 2;
+        }
+    }
+}
+
 /* The TSC frequency in Hz measured against the PIT, or 0 if the PIT does not count. */
 static uint64_t tsc_hz_from_pit(void)
 {
@@ -73,20 +92,25 @@ static uint64_t tsc_hz_from_pit(void)
     outb(PIT_COMMAND, 0x34);
     outb(PIT_CHANNEL0, 0);
     outb(PIT_CHANNEL0, 0);
-    uint16_t last = pit_count();
-    uint64_t start = rdtsc();
-    uint64_t ticks = 0, now = start;
+    uint16_t first, last;
+    uint64_t start, end;
+    pit_sample(&first, &start);
+    last = first;
+    uint64_t ticks = 0;
     /* The count wraps every 55 ms; reading it far more often than that, the difference of
      * two reads modulo 65536 is the time between them. */
     while (ticks < PIT_HZ / 10) {
         uint16_t count = pit_count();
-        now = rdtsc();
         ticks += (uint16_t)(last - count);
         last = count;
-        if (now - start > (1ull << 34))    /* 5 s or more of TSC and no 100 ms of PIT */
+        if (rdtsc() - start > (1ull << 34))    /* 5 s or more of TSC and no 100 ms of PIT */
             return 0;
     }
-    return (now - start) * PIT_HZ / ticks;
+    /* The end point, read carefully too: the ticks from the last loop read to it. */
+    uint16_t count;
+    pit_sample(&count, &end);
+    ticks += (uint16_t)(last - count);
+    return (end - start) * PIT_HZ / ticks;
 }
 
 static uint64_t tsc_hz;
@@ -194,6 +218,7 @@ void bench_run(struct blk *blk, enum bench_kind kind, uint32_t depth, uint32_t s
         blk_wait(blk, slot);
 
     uint32_t notifications = blk->vq.notifications, suppressed = blk->vq.suppressed;
+    uint64_t notify_ticks = blk->vq.notify_ticks;
     uint64_t completed = 0, in_flight = 0;
     uint64_t start = rdtsc();
     uint64_t stop_at = start + (uint64_t)seconds * tsc_hz;
@@ -229,8 +254,10 @@ void bench_run(struct blk *blk, enum bench_kind kind, uint32_t depth, uint32_t s
         flush_ticks = rdtsc() - flush_start;
     }
 
-    kprintf("virtio-blk: bench %s: %u notifications sent, %u skipped (VIRTQ_USED_F_NO_NOTIFY)\n", name,
-            blk->vq.notifications - notifications, blk->vq.suppressed - suppressed);
+    uint32_t sent = blk->vq.notifications - notifications;
+    kprintf("virtio-blk: bench %s: %u notifications sent, %u skipped (VIRTQ_USED_F_NO_NOTIFY), %lu ns each\n",
+            name, sent, blk->vq.suppressed - suppressed,
+            sent ? ticks_to_us((blk->vq.notify_ticks - notify_ticks) * 1000 / sent) : 0);
     kprintf("bench %s: depth %u, %lu requests of %u bytes, %lu bytes in %lu us", name, depth, completed, bytes,
             completed * bytes, ticks_to_us(elapsed));
     if (type == VIRTIO_BLK_T_OUT && (blk->features & VIRTIO_BLK_F_FLUSH))
