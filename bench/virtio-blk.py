@@ -61,6 +61,7 @@ import json
 import os
 import platform
 import re
+import select
 import shutil
 import statistics
 import subprocess
@@ -103,6 +104,77 @@ def run(argv, timeout, check_status=0):
         raise BenchError(f"{' '.join(argv)} exited with status {proc.returncode}, expected {check_status}\n"
                          f"  stdout: {out[-600:]!r}\n  stderr: {err[-600:]!r}")
     return out, err
+
+
+VCPU_THREAD = re.compile(r"^(vcpu\d+|CPU \d+/KVM)$")  # Swiftlet's and QEMU's vCPU threads
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def device_cpu(pid):
+    """CPU seconds (user + system) so far of the process `pid` less its vCPU threads: the
+    VMM's own work (device threads, event loop, threads that already ended), or None once
+    the process is gone."""
+    def times(path):
+        with open(path) as f:
+            stat = f.read()
+        fields = stat[stat.rindex(")") + 2:].split()
+        # utime and stime: fields 14 and 15 of stat(5); the name is field 2.
+        return stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12])
+
+    try:
+        _, ticks = times(f"/proc/{pid}/stat")
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            name, used = times(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:
+            continue
+        if VCPU_THREAD.match(name):
+            ticks -= used
+    return ticks / CLOCK_TICKS
+
+
+def run_watched(argv, timeout, marker, check_status):
+    """Runs a VMM like run() and, while it runs, samples device_cpu() every 50 ms. Returns
+    (stdout, stderr, CPU seconds of its non-vCPU threads from the moment `marker` appeared
+    on stdout to the last sample before the process ended, or None)."""
+    with tempfile.TemporaryFile() as err_file:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err_file)
+        except OSError as error:
+            raise BenchError(f"cannot run {argv[0]}: {error}")
+        out = b""
+        start_cpu = last_cpu = None
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                ready, _, _ = select.select([proc.stdout], [], [], 0.05)
+                if ready:
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    out += chunk
+                sample = device_cpu(proc.pid)
+                if sample is not None and proc.poll() is None:
+                    last_cpu = sample
+                    if start_cpu is None and marker.encode() in out:
+                        start_cpu = sample
+                if time.monotonic() > deadline:
+                    raise BenchError(f"did not finish within {timeout} s: {' '.join(argv)}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        err_file.seek(0)
+        err = err_file.read().decode("utf-8", "replace")
+    text = out.decode("utf-8", "replace")
+    if check_status is not None and proc.returncode != check_status:
+        raise BenchError(f"{' '.join(argv)} exited with status {proc.returncode}, expected {check_status}\n"
+                         f"  stdout: {text[-600:]!r}\n  stderr: {err[-600:]!r}")
+    cpu = last_cpu - start_cpu if start_cpu is not None and last_cpu is not None else None
+    return text, err, cpu
 
 
 def median(values):
@@ -152,8 +224,13 @@ class Guest:
         return argv + (["--trace-exits"] if trace else [])
 
     def measure(self, image, transport, job, depth, seconds, trace=False, prefix=()):
-        out, err = run(list(prefix) + self.argv(image, transport, job, depth, seconds, trace), seconds + 120,
-                       check_status=GUEST_OK_STATUS)
+        argv = list(prefix) + self.argv(image, transport, job, depth, seconds, trace)
+        if prefix:
+            out, err = run(argv, seconds + 120, check_status=GUEST_OK_STATUS)
+            cpu = None
+        else:
+            # The guest prints its TSC line just before its warm-up and the timed part.
+            out, err, cpu = run_watched(argv, seconds + 120, "TSC at", GUEST_OK_STATUS)
         match = RESULT_RE.search(out)
         if not match or match.group(1) != job:
             raise BenchError(f"the guest printed no 'bench {job}:' line\n  stdout: {out[-600:]!r}")
@@ -166,6 +243,7 @@ class Guest:
         return {
             "value": figure(job, total, requests, micros / 1e6),
             "requests": requests,
+            "device_us": cpu * 1e6 / requests if cpu is not None and requests else None,
             "notifications": int(notify.group(1)) if notify else None,
             "notify_ns": int(notify.group(3)) if notify and int(notify.group(1)) else None,
             "flush_us": int(match.group(7)) if match.group(7) else None,
@@ -378,6 +456,7 @@ def main():
         ratios = {}   # (format, job, transport) -> [paired ratios]
         notifications = {}  # (format, job, transport) -> [per request]
         notify_cost = {}  # (format, job, transport) -> [ns per notification, as the guest timed it]
+        device_cost = {}  # (format, job, transport) -> [µs of VMM CPU (not vCPU threads) per request]
         flushes = {}  # (format, transport) -> [us]
         for fmt_name, image in images.items():
             for job in jobs:
@@ -400,6 +479,8 @@ def main():
                         if result["notifications"] is not None and result["requests"]:
                             notifications.setdefault((fmt_name, job, transport), []).append(
                                 result["notifications"] / result["requests"])
+                        if result["device_us"] is not None:
+                            device_cost.setdefault((fmt_name, job, transport), []).append(result["device_us"])
                         if result["notify_ns"] is not None:
                             notify_cost.setdefault((fmt_name, job, transport), []).append(result["notify_ns"])
                         if result["flush_us"] is not None:
@@ -437,11 +518,13 @@ def main():
                         missed.append(f"{fmt_name} {job} {transport}")
                     per_request = median(notifications.get((fmt_name, job, transport), []))
                     cost = median(notify_cost.get((fmt_name, job, transport), []))
+                    device = median(device_cost.get((fmt_name, job, transport), []))
                     rows.append([fmt_name, f"{job} ({unit})", transport, fmt(value, unit), fmt(host, unit),
                                  "n/a" if ratio != ratio else f"{ratio:.2f}",
                                  " ".join(f"{r:.2f}" for r in pair), f">= {target:.2f}: {verdict}",
                                  "n/a" if per_request != per_request else f"{per_request:.2f}",
-                                 "n/a" if cost != cost else f"{cost / 1000:.0f}"])
+                                 "n/a" if cost != cost else f"{cost / 1000:.0f}",
+                                 "n/a" if device != device else f"{device:.1f}"])
         clocks = {}
         for source, mhz in tsc_seen:
             clocks.setdefault(source, []).append(mhz)
@@ -456,7 +539,10 @@ def main():
                  "notify/req: the guest's notifications to the device (each an MMIO write that an "
                  "ioeventfd handles in the kernel) per request completed; µs/notify: how long the guest's "
                  "notifying write took, as the guest timed it (the exit, and the time the vCPU was off its "
-                 "CPU while the thread it woke ran), medians"]
+                 "CPU while the thread it woke ran), medians; VMM CPU µs/req: CPU time (user + system) of "
+                 "the VMM's threads other than the vCPU's (device threads, event loop) during the timed "
+                 "part, per request, sampled from /proc every 50 ms: what the device costs the host, "
+                 "less disturbed by other load than the throughput"]
         if qemu:
             notes.append("qemu pci: " + " ".join(qemu.argv({"path": "IMAGE", "format": "F"}, "pci", "JOB",
                                                            args.depth, args.seconds)[1:])
@@ -468,7 +554,7 @@ def main():
                 f"{f} {t} {median(v) / 1000:.0f} ms" for (f, t), v in sorted(flushes.items())))
         report.section("virtio-blk from the guest against fio on the host", [
             "image", "job", "transport", "guest", "host (fio)", "ratio", "rounds", "target", "notify/req",
-            "µs/notify"],
+            "µs/notify", "VMM CPU µs/req"],
             rows, notes)
 
         if not args.no_trace and "raw" in images:
