@@ -25,10 +25,11 @@
  * hypervisor's timing leaf, CPUID 0x40000010 EAX (kHz; KVM-based VMMs and VMware set it
  * when the TSC rate is known), and when that is missing from a calibration against the
  * 8254 PIT: channel 0 counts down at 1.193182 MHz; we program it (mode 2, the full 65536
- * count), latch and read it through ports 0x40/0x43 until 100 ms of PIT time have passed,
- * and divide the TSC ticks by that time. Each PIT access leaves the guest; the two end
- * points are the quickest of 5 reads each, so a vCPU descheduled in the middle of one does
- * not skew the result: the error stays around a few tens of microseconds in 100 ms.
+ * count), latch and read it through ports 0x40/0x43 until 20 ms of PIT time have passed,
+ * and divide the TSC ticks by that time; five such windows, and the median counts. Each
+ * PIT access leaves the guest; a window's two end points are the quickest of 5 reads each,
+ * so a vCPU descheduled in the middle of one does not skew it, and the median drops a
+ * window in which the vCPU lost the CPU for longer than the PIT's 55 ms wrap.
  */
 #include "bench.h"
 
@@ -85,32 +86,50 @@ static void pit_sample(uint16_t *count, uint64_t *tsc)
     }
 }
 
-/* The TSC frequency in Hz measured against the PIT, or 0 if the PIT does not count. */
+/* One measurement: TSC ticks per PIT tick over 20 ms of PIT time, in Hz; 0 if the PIT
+ * does not count. The count wraps every 55 ms; reading it far more often than that, the
+ * difference of two reads modulo 65536 is the time between them. A vCPU descheduled for
+ * longer than 55 ms in between loses a wrap and makes the window's figure too high. */
+static uint64_t pit_window(void)
+{
+    uint16_t last, count;
+    uint64_t start, end;
+    pit_sample(&last, &start);
+    uint64_t ticks = 0;
+    while (ticks < PIT_HZ / 50) {
+        count = pit_count();
+        ticks += (uint16_t)(last - count);
+        last = count;
+        if (rdtsc() - start > (1ull << 34))    /* 5 s or more of TSC and no 20 ms of PIT */
+            return 0;
+    }
+    /* The end point, read carefully too: the ticks from the last loop read to it. */
+    pit_sample(&count, &end);
+    ticks += (uint16_t)(last - count);
+    return (end - start) * PIT_HZ / ticks;
+}
+
+/* The TSC frequency in Hz measured against the PIT: the median of 5 windows of 20 ms, so
+ * that one or two windows spoilt by a descheduled vCPU do not count; 0 if the PIT does not
+ * count. */
 static uint64_t tsc_hz_from_pit(void)
 {
     /* Channel 0, low then high byte, mode 2 (rate generator), binary; reload 0 = 65536. */
     outb(PIT_COMMAND, 0x34);
     outb(PIT_CHANNEL0, 0);
     outb(PIT_CHANNEL0, 0);
-    uint16_t first, last;
-    uint64_t start, end;
-    pit_sample(&first, &start);
-    last = first;
-    uint64_t ticks = 0;
-    /* The count wraps every 55 ms; reading it far more often than that, the difference of
-     * two reads modulo 65536 is the time between them. */
-    while (ticks < PIT_HZ / 10) {
-        uint16_t count = pit_count();
-        ticks += (uint16_t)(last - count);
-        last = count;
-        if (rdtsc() - start > (1ull << 34))    /* 5 s or more of TSC and no 100 ms of PIT */
+    uint64_t windows[5];
+    for (int i = 0; i < 5; i++) {
+        windows[i] = pit_window();
+        if (windows[i] == 0)
             return 0;
+        for (int j = i; j > 0 && windows[j] < windows[j - 1]; j--) {
+            uint64_t t = windows[j];
+            windows[j] = windows[j - 1];
+            windows[j - 1] = t;
+        }
     }
-    /* The end point, read carefully too: the ticks from the last loop read to it. */
-    uint16_t count;
-    pit_sample(&count, &end);
-    ticks += (uint16_t)(last - count);
-    return (end - start) * PIT_HZ / ticks;
+    return windows[2];
 }
 
 static uint64_t tsc_hz;
