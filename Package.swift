@@ -11,6 +11,8 @@
 //   KVM        Typed Swift layer over the KVM ioctls (system, VM, vCPU).
 //   Memory     Guest RAM: anonymous mmap, layout around the MMIO hole, checked translation.
 //   Devices    Device models and buses (UART, exit port, ...). No KVM: unit-testable.
+//   Compression  zlib and zstd decompression (with libdeflate when present): the one home for both.
+//   Compression  zlib and zstd decompression (with libdeflate when present): the one home for both.
 //   DiskImage  Raw and qcow2 disk images over file descriptors. No KVM.
 //   Boot       Kernel formats and boot protocols (flat, Linux, PVH, Multiboot), and the
 //              firmware tables that describe the Devices. No KVM.
@@ -45,14 +47,15 @@ let package = Package(
         .target(name: "Devices", dependencies: ["Basics", "Memory", "Layout", .product(name: "DequeModule", package: "swift-collections")]),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
-        .target(name: "DiskImage", dependencies: ["CLinux", "CZlib", "CZstd"]),
+        .target(name: "Compression", dependencies: ["CZlib", "CZstd"]),
+        .target(name: "DiskImage", dependencies: ["Basics", "CLinux", "Compression", "CZlib", "CZstd"]),
         .systemLibrary(name: "CLzma", path: "Sources/CLzma"),
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
-        .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
+        .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "Compression", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
         .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage"]),
         .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot"]),
-        .target(name: "SwiftletKit", dependencies: ["Machine", "Devices", "DiskImage", "X86", "KVM"]),
+        .target(name: "SwiftletKit", dependencies: ["Basics", "Machine", "Devices", "DiskImage", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
@@ -66,9 +69,9 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Memory", "EventLoop", "Devices", "DiskImage"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
-        .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"], exclude: ["Fixtures"]),
+        .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Compression"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
-        .testTarget(name: "X86Tests", dependencies: ["X86", "KVM"], exclude: ["Fixtures"]),
+        .testTarget(name: "X86Tests", dependencies: ["X86", "KVM", "Memory"], exclude: ["Fixtures"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
     ],

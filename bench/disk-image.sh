@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/disk-image.sh: `swiftlet image convert` against `qemu-img convert -O raw`, side by side
 # in one run, on the same 1 GiB images: fully allocated, sparse, compressed, and the top of a
-# backing chain of depth 3. Also the in-process cost of a 4 KiB random read through the L2 cache.
+# backing chain of depth 3, each to a new output file and over an existing one. Also the in-process
+# cost of a 4 KiB random read through the L2 cache.
 #
 # Self-contained: builds a release swiftlet with its own scratch path, makes the images in a
 # temporary folder with qemu-img/qemu-io (Debian: qemu-utils), and removes them afterwards.
@@ -73,32 +74,52 @@ min() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b) ? a : b }'; }
 
 load_before=$(cut -d' ' -f1 /proc/loadavg)
 images=(full sparse compressed chain)
-declare -A qr qc sr sc
+# Two cases per image: a new output file (removed before each run, outside the timing), and an
+# existing one: the same command run again over the output of its previous run, as a user re-running
+# a conversion does (qemu-img truncates the old file; Swiftlet overwrites it in place).
+declare -A qr qc sr sc qre qce sre sce
 for name in "${images[@]}"; do
     # Byte-identical check first.
     qemu-img convert -O raw "$name.qcow2" q.raw
-    "$SWIFTLET" image convert --no-progress "$name.qcow2" s.raw
+    "$SWIFTLET" image convert "$name.qcow2" s.raw
     cmp -s q.raw s.raw || { echo "disk-image.sh: $name: outputs differ" >&2; exit 1; }
+    "$SWIFTLET" image convert "$name.qcow2" q.raw   # Over an existing file (qemu-img's output).
+    cmp -s q.raw s.raw || { echo "disk-image.sh: $name: output over an existing file differs" >&2; exit 1; }
     rm -f q.raw s.raw
     qr[$name]=999 qc[$name]=999 sr[$name]=999 sc[$name]=999
+    qre[$name]=999 qce[$name]=999 sre[$name]=999 sce[$name]=999
     for ((r = 0; r < REPS; r++)); do
-        read -r real cpu < <(timed qemu-img convert -O raw "$name.qcow2" q.raw); rm -f q.raw
+        rm -f q.raw s.raw
+        read -r real cpu < <(timed qemu-img convert -O raw "$name.qcow2" q.raw)
         qr[$name]=$(min "${qr[$name]}" "$real"); qc[$name]=$(min "${qc[$name]}" "$cpu")
-        read -r real cpu < <(timed "$SWIFTLET" image convert --no-progress "$name.qcow2" s.raw); rm -f s.raw
+        read -r real cpu < <(timed "$SWIFTLET" image convert "$name.qcow2" s.raw)
         sr[$name]=$(min "${sr[$name]}" "$real"); sc[$name]=$(min "${sc[$name]}" "$cpu")
+        read -r real cpu < <(timed qemu-img convert -O raw "$name.qcow2" q.raw)
+        qre[$name]=$(min "${qre[$name]}" "$real"); qce[$name]=$(min "${qce[$name]}" "$cpu")
+        read -r real cpu < <(timed "$SWIFTLET" image convert "$name.qcow2" s.raw)
+        sre[$name]=$(min "${sre[$name]}" "$real"); sce[$name]=$(min "${sce[$name]}" "$cpu")
     done
+    rm -f q.raw s.raw
 done
 load_after=$(cut -d' ' -f1 /proc/loadavg)
 
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+table() {  # table TITLE qemu-real ours-real qemu-cpu ours-cpu (names of the arrays)
+    local -n q_r=$2 s_r=$3 q_c=$4 s_c=$5
+    echo
+    echo "== $1"
+    printf '%-12s %10s %10s %7s   %10s %10s %7s\n' image "qemu real" "ours real" ratio "qemu cpu" "ours cpu" ratio
+    for name in "${images[@]}"; do
+        printf '%-12s %10.4f %10.4f %7s   %10.2f %10.2f %7s\n' "$name" \
+            "${q_r[$name]}" "${s_r[$name]}" "$(ratio "${q_r[$name]}" "${s_r[$name]}")" \
+            "${q_c[$name]}" "${s_c[$name]}" "$(ratio "${q_c[$name]}" "${s_c[$name]}")"
+    done
+}
 echo
-echo "== convert to raw, $SIZE virtual, best of $REPS; seconds (ratio = qemu-img / swiftlet, > 1: swiftlet is faster)"
-echo "   load average before/after: $load_before / $load_after on $(nproc) cores"
-printf '%-12s %10s %10s %7s   %10s %10s %7s\n' image "qemu real" "ours real" ratio "qemu cpu" "ours cpu" ratio
-for name in "${images[@]}"; do
-    printf '%-12s %10.4f %10.4f %7.2f   %10.2f %10.2f %7s\n' "$name" \
-        "${qr[$name]}" "${sr[$name]}" "$(awk -v a="${qr[$name]}" -v b="${sr[$name]}" 'BEGIN { print a / b }')" \
-        "${qc[$name]}" "${sc[$name]}" "$(awk -v a="${qc[$name]}" -v b="${sc[$name]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
-done
+echo "convert to raw, $SIZE virtual, best of $REPS; seconds (ratio = qemu-img / swiftlet, > 1: swiftlet is faster)"
+echo "load average before/after: $load_before / $load_after on $(nproc) cores"
+table "to a new output file" qr sr qc sc
+table "over an existing output file (the previous run's)" qre sre qce sce
 
 echo
 echo "== 4 KiB random reads through the L2 cache (in process, warm)"

@@ -59,19 +59,54 @@ public enum ByteSize {
         return "\(bytes)B"
     }
 
-    /// A rounded, human-readable size like qemu-img prints: `1 GiB`, `192 KiB`, `1.5 MiB`, `512 B`.
+    /// A human-readable size as qemu-img prints it (QEMU's `size_to_str`): the largest
+    /// binary unit that keeps the figure under 1000, with three significant digits:
+    /// `512 B`, `192 KiB`, `1.5 MiB`, `0.977 MiB`, `1 GiB`.
     public static func human(_ bytes: UInt64) -> String {
         let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-        var value = Double(bytes)
-        var index = 0
-        while value >= 1024 && index < units.count - 1 {
-            value /= 1024
-            index += 1
+        // frexp(bytes / (1000 / 1024)) gives the binary exponent e; the unit is (e - 1) / 10.
+        let scaled = Double(bytes) / (1000.0 / 1024.0)
+        let exponent = scaled < 1 ? 0 : Int(scaled.exponent) + 1
+        let index = min(max((exponent - 1) / 10, 0), units.count - 1)
+        let value = Double(bytes) / Double(UInt64(1) << UInt64(index * 10))
+        return "\(threeSignificantDigits(value)) \(units[index])"
+    }
+
+    /// `%0.3g` for values from 0 to 1000: three significant digits, no trailing zeros.
+    static func threeSignificantDigits(_ value: Double) -> String {
+        guard value > 0 else { return "0" }
+        let magnitude = Int((value).rounded(.down)) >= 100 ? 0 : Int(value) >= 10 ? 1 : Int(value) >= 1 ? 2 : 3
+        var digits = magnitude
+        var rounded = (value * pow10(digits)).rounded() / pow10(digits)
+        // Rounding can carry into another digit (9.995 -> 10): three significant digits again.
+        if rounded >= 1000 { return "1e+03" }
+        if digits > 0 && rounded >= Double(pow10(3 - digits)) { digits -= 1; rounded = (value * pow10(digits)).rounded() / pow10(digits) }
+        var text = String(format3: rounded, digits: digits)
+        if text.contains(".") {
+            while text.hasSuffix("0") { text.removeLast() }
+            if text.hasSuffix(".") { text.removeLast() }
         }
-        if index == 0 { return "\(bytes) B" }
-        let rounded = (value * 100).rounded() / 100
-        let text = rounded == rounded.rounded() ? String(Int(rounded)) : String(rounded)
-        return "\(text) \(units[index])"
+        return text
+    }
+
+    private static func pow10(_ n: Int) -> Double {
+        var result = 1.0
+        for _ in 0..<n { result *= 10 }
+        return result
+    }
+}
+
+extension String {
+    /// `value` with exactly `digits` decimals, without Foundation.
+    init(format3 value: Double, digits: Int) {
+        var scale: UInt64 = 1
+        for _ in 0..<digits { scale *= 10 }
+        let total = UInt64((value * Double(scale)).rounded())
+        let whole = total / scale
+        guard digits > 0 else { self = "\(whole)"; return }
+        var fraction = String(total % scale)
+        while fraction.count < digits { fraction = "0" + fraction }
+        self = "\(whole).\(fraction)"
     }
 }
 

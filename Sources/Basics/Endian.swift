@@ -65,3 +65,29 @@ public func alignUp(_ value: UInt64, _ alignment: UInt64) -> UInt64? {
 public func alignDown(_ value: UInt64, _ alignment: UInt64) -> UInt64 {
     alignment > 0 ? value / alignment * alignment : value
 }
+
+// MARK: Fields the caller has already bounds-checked
+
+extension Array where Element == UInt8 {
+    /// The big-endian `T` at `offset`, which the caller has checked lies inside the array
+    /// (a parser that validated a structure's size first). Out of bounds is a Swiftlet bug,
+    /// and traps.
+    public func be<T: FixedWidthInteger>(_ offset: Int, as: T.Type = T.self) -> T {
+        precondition(offset >= 0 && offset <= count - MemoryLayout<T>.size, "big-endian read past the end")
+        return withUnsafeBytes { T(bigEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
+    }
+
+    /// Stores `value` big-endian at `offset`; same contract as ``be(_:as:)``.
+    public mutating func setBE<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+        precondition(offset >= 0 && offset <= count - MemoryLayout<T>.size, "big-endian write past the end")
+        withUnsafeMutableBytes { $0.storeBytes(of: value.bigEndian, toByteOffset: offset, as: T.self) }
+    }
+}
+
+extension UnsafeRawBufferPointer {
+    /// The big-endian `T` at `offset` of a buffer whose size the caller has checked.
+    public func be<T: FixedWidthInteger>(_ offset: Int, as: T.Type = T.self) -> T {
+        precondition(offset >= 0 && offset <= count - MemoryLayout<T>.size, "big-endian read past the end")
+        return T(bigEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
+    }
+}

@@ -22,6 +22,12 @@ public indirect enum AML: Equatable, Sendable {
     case name(String, AML)
     /// `Scope (path) { ... }`: opens a namespace scope (ScopeOp).
     case scope(String, [AML])
+    /// `Device (path) { ... }`: declares a device and the objects inside it (ExtOpPrefix,
+    /// DeviceOp).
+    case device(String, [AML])
+    /// `ResourceTemplate () { ... }`: a buffer of resource descriptors closed by an end tag
+    /// (BufferOp; the descriptors are in ``AMLResource``).
+    case resourceTemplate([AMLResource])
 
     // Opcodes and prefixes (ACPI 6.5, section 20.3).
     static let zeroOp: UInt8 = 0x00
@@ -35,6 +41,9 @@ public indirect enum AML: Equatable, Sendable {
     static let nameOp: UInt8 = 0x08
     static let scopeOp: UInt8 = 0x10
     static let packageOp: UInt8 = 0x12
+    static let bufferOp: UInt8 = 0x11
+    static let extOpPrefix: UInt8 = 0x5B
+    static let deviceOp: UInt8 = 0x82
     static let rootChar: UInt8 = 0x5C           // '\'
     static let parentPrefixChar: UInt8 = 0x5E   // '^'
     static let dualNamePrefix: UInt8 = 0x2E
@@ -67,7 +76,33 @@ public indirect enum AML: Equatable, Sendable {
         case let .scope(path, terms):
             let body = Self.nameString(path) + terms.flatMap(\.encoded)
             return [Self.scopeOp] + Self.packageLength(body.count) + body
+        case let .device(path, terms):
+            let body = Self.nameString(path) + terms.flatMap(\.encoded)
+            return [Self.extOpPrefix, Self.deviceOp] + Self.packageLength(body.count) + body
+        case let .resourceTemplate(descriptors):
+            // The end tag's checksum byte is 0: "the checksum is not computed", as iasl
+            // leaves it.
+            let contents = descriptors.flatMap(\.encoded) + [AMLResource.endTag, 0]
+            let body = AML.integer(UInt64(contents.count)).encoded + contents
+            return [Self.bufferOp] + Self.packageLength(body.count) + body
         }
+    }
+
+    /// `EisaId ("PNP0A08")`: a compressed EISA ID, three letters `A-Z` and four hex digits,
+    /// as the integer iasl makes of it (vendor letters in five bits each, big-endian,
+    /// then the product number's bytes; the shortest integer encoding).
+    public static func eisaID(_ id: String) -> AML {
+        let characters = Array(id.utf8)
+        let letters = UInt8(ascii: "A")...UInt8(ascii: "Z")
+        let digits = UInt8(ascii: "0")...UInt8(ascii: "9"), hexLetters = UInt8(ascii: "A")...UInt8(ascii: "F")
+        precondition(characters.count == 7 && characters.prefix(3).allSatisfy { letters.contains($0) }
+                     && characters.suffix(4).allSatisfy { digits.contains($0) || hexLetters.contains($0) },
+                     "not an EISA ID: \(id)")
+        let vendor = characters.prefix(3).reduce(UInt32(0)) { $0 << 5 | UInt32($1 - 0x40) }
+        let product = characters.suffix(4).reduce(UInt32(0)) { $0 << 4 | UInt32(digits.contains($1) ? $1 - 0x30 : $1 - 0x37) }
+        // Bytes in memory: vendor high, vendor low, product high, product low.
+        let value = (vendor >> 8) | (vendor & 0xFF) << 8 | (product >> 8) << 16 | (product & 0xFF) << 24
+        return .integer(UInt64(value))
     }
 
     /// PkgLength (section 20.2.4) for `count` bytes that follow it. The encoded length

@@ -36,6 +36,9 @@ public enum BootError: Error, Equatable, CustomStringConvertible {
     case decompressionFailed(format: String, reason: String)
     /// Guest RAM is too small for the fixed boot structures.
     case memoryTooSmall(needed: UInt64, available: UInt64)
+    /// The platform devices handed to the firmware tables cannot be announced as given
+    /// (overlapping ranges, a GSI used twice, ...): a fault in the machine's layout.
+    case invalidPlatform(String)
 
     public var description: String {
         switch self {
@@ -69,6 +72,8 @@ public enum BootError: Error, Equatable, CustomStringConvertible {
             return "cannot decompress the \(format) kernel payload on the host: \(reason)"
         case let .memoryTooSmall(needed, available):
             return "guest RAM (\(available) bytes) is too small to boot a kernel; at least \(needed) bytes are needed"
+        case let .invalidPlatform(reason):
+            return "the firmware tables cannot announce the machine's devices: \(reason)"
         }
     }
 }

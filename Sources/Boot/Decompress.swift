@@ -1,8 +1,7 @@
 import Basics
 import CLz4
 import CLzma
-import CZlib
-import CZstd
+import Compression
 
 /// Decompresses the payload of a bzImage on the host, with Debian's zlib, liblzma,
 /// liblz4 and libzstd. Owns nothing beyond one call: each function takes the compressed
@@ -59,38 +58,17 @@ public enum PayloadDecompressor {
     }
 
     static func gunzip(_ input: [UInt8], limit: Int, capacity: Int = 0) throws(BootError) -> [UInt8] {
-        var stream = z_stream()
-        // 15 + 16: a gzip wrapper with the largest window.
-        guard inflateInit2_(&stream, 15 + 16, zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
-            throw .decompressionFailed(format: "gzip", reason: "inflateInit2 failed")
+        do { return try Inflate.whole(input, format: .gzip, limit: limit, capacity: capacity) } catch { throw failure(.gzip, error) }
+    }
+
+    /// A `CompressionError` as the boot error naming the payload's format.
+    static func failure(_ format: Format, _ error: CompressionError) -> BootError {
+        switch error {
+        case .tooLarge: return tooLarge(format, (error.limit ?? 0))
+        case .truncated: return .decompressionFailed(format: format.rawValue, reason: "the data is truncated")
+        case let .corrupt(detail): return .decompressionFailed(format: format.rawValue, reason: "corrupt data (\(detail))")
+        case let .setupFailed(what): return .decompressionFailed(format: format.rawValue, reason: "\(what) failed")
         }
-        defer { inflateEnd(&stream) }
-        var output: [UInt8] = []
-        output.reserveCapacity(capacity)
-        var chunk = [UInt8](repeating: 0, count: chunkSize)
-        var input = input
-        let status: Int32 = input.withUnsafeMutableBufferPointer { inBuffer in
-            stream.next_in = inBuffer.baseAddress
-            stream.avail_in = UInt32(clamping: inBuffer.count)
-            while true {
-                let (ret, produced) = chunk.withUnsafeMutableBufferPointer { outBuffer -> (Int32, Int) in
-                    stream.next_out = outBuffer.baseAddress
-                    stream.avail_out = UInt32(outBuffer.count)
-                    let ret = inflate(&stream, Z_NO_FLUSH)
-                    return (ret, outBuffer.count - Int(stream.avail_out))
-                }
-                if output.count + produced > limit { return Z_MEM_ERROR }
-                output.append(contentsOf: chunk[0..<produced])
-                if ret == Z_STREAM_END { return Z_STREAM_END }
-                if ret != Z_OK { return ret }
-                if produced == 0 && stream.avail_in == 0 { return Z_BUF_ERROR }
-            }
-        }
-        if status == Z_MEM_ERROR { throw tooLarge(.gzip, limit) }
-        guard status == Z_STREAM_END else {
-            throw .decompressionFailed(format: "gzip", reason: status == Z_BUF_ERROR ? "the data is truncated" : "corrupt data (zlib error \(status))")
-        }
-        return output
     }
 
     static func unxz(_ input: [UInt8], limit: Int, capacity: Int = 0) throws(BootError) -> [UInt8] {
@@ -166,39 +144,6 @@ public enum PayloadDecompressor {
 
     /// Decodes the first zstd frame (the kernel appends a 4-byte size after it).
     static func unzstd(_ input: [UInt8], limit: Int, capacity: Int = 0) throws(BootError) -> [UInt8] {
-        guard let context = ZSTD_createDStream() else {
-            throw .decompressionFailed(format: "zstd", reason: "ZSTD_createDStream failed")
-        }
-        defer { ZSTD_freeDStream(context) }
-        ZSTD_initDStream(context)
-        // The kernel compresses with --ultra -22: allow the largest window.
-        ZSTD_DCtx_setParameter(context, ZSTD_d_windowLogMax, 31)
-        var output: [UInt8] = []
-        output.reserveCapacity(capacity)
-        var chunk = [UInt8](repeating: 0, count: chunkSize)
-        var failure: BootError?
-        input.withUnsafeBytes { inRaw in
-            var inBuffer = ZSTD_inBuffer(src: inRaw.baseAddress, size: inRaw.count, pos: 0)
-            while true {
-                let (ret, produced) = chunk.withUnsafeMutableBytes { outRaw -> (Int, Int) in
-                    var outBuffer = ZSTD_outBuffer(dst: outRaw.baseAddress, size: outRaw.count, pos: 0)
-                    let ret = ZSTD_decompressStream(context, &outBuffer, &inBuffer)
-                    return (ret, outBuffer.pos)
-                }
-                if ZSTD_isError(ret) != 0 {
-                    failure = .decompressionFailed(format: "zstd", reason: String(cString: ZSTD_getErrorName(ret)))
-                    return
-                }
-                if output.count + produced > limit { failure = tooLarge(.zstd, limit); return }
-                output.append(contentsOf: chunk[0..<produced])
-                if ret == 0 { return }    // frame complete
-                if inBuffer.pos == inBuffer.size && produced < chunk.count {
-                    failure = .decompressionFailed(format: "zstd", reason: "the data is truncated")
-                    return
-                }
-            }
-        }
-        if let failure { throw failure }
-        return output
+        do { return try Zstd.whole(input, limit: limit, capacity: capacity) } catch { throw failure(.zstd, error) }
     }
 }

@@ -4,17 +4,19 @@ import Devices
 import Memory
 
 /// The tables a PC BIOS leaves for the operating system to find the vCPUs, the IOAPIC,
-/// the interrupt wiring and the power management hardware, built without a BIOS: an
-/// Intel MP table (floating pointer and configuration table at ``BootLayout/mpTable``)
-/// and ACPI tables (RSDP at ``BootLayout/acpiTables``, then XSDT, RSDT, MADT, FADT, FACS
-/// and a DSDT with `\_S5`). Both lie in the e820-reserved area below 1 MiB, where
-/// kernels scan for them.
+/// the interrupt wiring, the power management hardware and the devices, built without a
+/// BIOS: an Intel MP table (floating pointer and configuration table at
+/// ``BootLayout/mpTable``) and ACPI tables (RSDP at ``BootLayout/acpiTables``, then XSDT,
+/// RSDT, MADT, FADT, FACS, a DSDT with `\_S5`, and with a PCI host bridge an MCFG). Both
+/// lie in the e820-reserved area below 1 MiB, where kernels scan for them.
 ///
 /// Platform described: vCPUs with local APIC IDs 0..N-1 at 0xFEE00000, one IOAPIC with
 /// ID N at 0xFEC00000 and 24 pins (GSI 0-23), ISA IRQs 0-15 wired to the IOAPIC pins of
 /// the same number, which is KVM's default in-kernel irqchip routing; ACPI fixed
 /// hardware (PM1a event and control blocks, PM timer, reset register) at the ports
-/// ``ACPILayout`` gives.
+/// ``ACPILayout`` gives; and the ``PlatformDevices`` the machine names: virtio-mmio
+/// devices and a PCI host bridge in the DSDT (and the MCFG), their interrupts also in the
+/// MP table for kernels booted with `acpi=off`.
 public enum FirmwareTables {
     public static let localAPICAddress = UInt32(AddressMap.localAPIC)
     public static let ioAPICAddress = UInt32(AddressMap.ioAPIC)
@@ -29,28 +31,46 @@ public enum FirmwareTables {
     static let fadtOffset: UInt64 = 0x1000
     /// The FACS must be 64-byte aligned; the FADT (276 bytes) ends at 0x1114.
     static let facsOffset: UInt64 = 0x1140
+    /// The MCFG (60 bytes with its one entry) fits between the FACS and the DSDT.
+    static let mcfgOffset: UInt64 = 0x1180
     static let dsdtOffset: UInt64 = 0x1200
 
     static let oemID = Array("SWIFTL".utf8)
     static let oemTableID = Array("SWIFTLET".utf8)
 
-    /// Writes the MP table and the ACPI tables for `cpuCount` vCPUs. Returns the RSDP's
-    /// address (for boot_params.acpi_rsdp_addr and hvm_start_info.rsdp_paddr).
+    /// Writes the MP table and the ACPI tables for `cpuCount` vCPUs and `devices`. Returns
+    /// the RSDP's address (for boot_params.acpi_rsdp_addr and hvm_start_info.rsdp_paddr).
+    /// Throws before writing anything when `devices` cannot be announced as given
+    /// (``PlatformDevices`` lists the checks).
     ///
+    /// - Parameter devices: virtio-mmio devices and the PCI host bridge to announce; with
+    ///   the default, ``PlatformDevices/none``, the tables are those of a machine without
+    ///   them.
     /// - Parameter irq0ToGSI2: add the ACPI interrupt source override ISA IRQ 0 -> GSI 2
     ///   (and the same wiring in the MP table), as QEMU does. Only correct when the machine
     ///   routes GSI 0 (the in-kernel PIT) to IOAPIC pin 2 with KVM_SET_GSI_ROUTING; with
     ///   KVM's default routing leave it off.
     @discardableResult
-    public static func write(into memory: GuestMemory, cpuCount: Int, irq0ToGSI2: Bool = false) throws(BootError) -> GuestAddress {
+    public static func write(into memory: GuestMemory, cpuCount: Int, devices: PlatformDevices = .none,
+                             irq0ToGSI2: Bool = false) throws(BootError) -> GuestAddress {
         guard cpuCount >= 1, cpuCount <= maximumCPUs else { throw .tooManyCPUs(cpuCount, maximum: maximumCPUs) }
-        try memory.put(mpTable(cpuCount: cpuCount, irq0ToGSI2: irq0ToGSI2), at: BootLayout.mpTable, what: "the MP table")
+        try devices.check(ram: memory.regions.map { $0.guestBase..<$0.guestEnd })
         let base = BootLayout.acpiTables
+        let dsdtBytes = dsdt(devices)
+        guard dsdtOffset + UInt64(dsdtBytes.count) <= BootLayout.mpTable - base else {
+            throw .invalidPlatform("the DSDT (\(dsdtBytes.count) bytes) does not fit below the MP table")
+        }
+        try memory.put(mpTable(cpuCount: cpuCount, irq0ToGSI2: irq0ToGSI2, devices: devices), at: BootLayout.mpTable,
+                       what: "the MP table")
         try memory.put(madt(cpuCount: cpuCount, irq0ToGSI2: irq0ToGSI2), at: base + madtOffset, what: "the ACPI MADT")
-        try memory.put(dsdt(), at: base + dsdtOffset, what: "the ACPI DSDT")
+        try memory.put(dsdtBytes, at: base + dsdtOffset, what: "the ACPI DSDT")
         try memory.put(facs(), at: base + facsOffset, what: "the ACPI FACS")
         try memory.put(fadt(dsdt: base + dsdtOffset, facs: base + facsOffset), at: base + fadtOffset, what: "the ACPI FADT")
-        let tables = [base + madtOffset, base + fadtOffset]
+        var tables = [base + madtOffset, base + fadtOffset]
+        if let pci = devices.pci {
+            try memory.put(mcfg(pci), at: base + mcfgOffset, what: "the ACPI MCFG")
+            tables.append(base + mcfgOffset)
+        }
         try memory.put(xsdt(tables), at: base + xsdtOffset, what: "the ACPI XSDT")
         try memory.put(rsdt(tables), at: base + rsdtOffset, what: "the ACPI RSDT")
         try memory.put(rsdp(rsdt: base + rsdtOffset, xsdt: base + xsdtOffset), at: base + rsdpOffset, what: "the ACPI RSDP")
@@ -64,7 +84,15 @@ public enum FirmwareTables {
 
     // MARK: MP table (Intel MultiProcessor Specification 1.4, chapter 4)
 
-    static func mpTable(cpuCount: Int, irq0ToGSI2: Bool) -> [UInt8] {
+    // I/O interrupt entry flags (MP 1.4, table 4-10): polarity in bits 0-1, trigger mode
+    // in bits 2-3; 0 conforms to the bus (ISA: edge, active high; PCI: level, active low).
+    static let mpEdgeActiveHigh: UInt16 = 0b0101
+    static let mpLevelActiveLow: UInt16 = 0b1111
+
+    /// With a PCI host bridge, its buses come first with IDs equal to their PCI bus
+    /// numbers (Linux matches an I/O interrupt's source bus ID against the PCI bus number)
+    /// and the ISA bus takes the next ID; without one, the ISA bus is bus 0.
+    static func mpTable(cpuCount: Int, irq0ToGSI2: Bool, devices: PlatformDevices = .none) -> [UInt8] {
         let ioapicID = UInt8(cpuCount)
         var entries: [[UInt8]] = []
         for cpu in 0..<cpuCount {
@@ -77,15 +105,38 @@ public enum FirmwareTables {
             entry.putLE(UInt32(0x201), at: 8)      // feature flags: FPU, APIC
             entries.append(entry)
         }
-        entries.append([1, 0] + Array("ISA   ".utf8))                              // bus 0: ISA
+        let pciBuses = devices.pci.map { Array($0.busRange) } ?? []
+        let isaBus = pciBuses.last.map { $0 + 1 } ?? 0
+        for bus in pciBuses { entries.append([1, bus] + Array("PCI   ".utf8)) }
+        entries.append([1, isaBus] + Array("ISA   ".utf8))
         var ioapic: [UInt8] = [2, ioapicID, 0x11, 0x1, 0, 0, 0, 0]                  // IOAPIC, enabled
         ioapic.putLE(ioAPICAddress, at: 4)
         entries.append(ioapic)
+        func interrupt(flags: UInt16, bus: UInt8, source: UInt8, pin: UInt32) -> [UInt8] {
+            var entry: [UInt8] = [3, 0, 0, 0, bus, source, ioapicID, UInt8(pin)]  // I/O interrupt, INT
+            entry.putLE(flags, at: 2)
+            return entry
+        }
         for irq in 0..<16 {
-            // I/O interrupt: INT, polarity/trigger conforming to the bus, ISA bus, IRQ -> pin.
+            // ISA IRQ -> pin, polarity and trigger conforming to the bus.
             let pin = irq == 0 && irq0ToGSI2 ? 2 : irq
             if irq == 2 && irq0ToGSI2 { continue }
-            entries.append([3, 0, 0, 0, 0, UInt8(irq), ioapicID, UInt8(pin)])
+            entries.append(interrupt(flags: 0, bus: isaBus, source: UInt8(irq), pin: UInt32(pin)))
+        }
+        // virtio-mmio lines above the ISA IRQs: Linux sets up only the pins the table
+        // lists, so a kernel that finds the devices on its command line (acpi=off) needs
+        // them here. On the ISA bus, edge-triggered and active high, as the DSDT says.
+        for device in devices.virtioMMIO where device.gsi >= 16 {
+            entries.append(interrupt(flags: mpEdgeActiveHigh, bus: isaBus, source: UInt8(device.gsi), pin: device.gsi))
+        }
+        // PCI INTx on the root bus: the source IRQ is the device number << 2 | pin (0 = INTA).
+        if let pci = devices.pci {
+            for slot in pci.slots {
+                for (pin, gsi) in slot.gsis.enumerated() {
+                    entries.append(interrupt(flags: mpLevelActiveLow, bus: pci.busRange.lowerBound,
+                                             source: slot.device << 2 | UInt8(pin), pin: gsi))
+                }
+            }
         }
         // Local interrupts: ExtINT on LINT0, NMI on LINT1, all local APICs.
         entries.append([4, 3, 0, 0, 0, 0, 0xFF, 0])
@@ -271,14 +322,31 @@ public enum FirmwareTables {
         return table
     }
 
-    /// The DSDT's AML: `Name (\_S5, Package (4) { SLP_TYPa, SLP_TYPb, 0, 0 })`, the sleep
-    /// type an operating system writes to PM1_CNT to power off. There is no `\_S3` or
-    /// `\_S4`: Swiftlet has no suspend and no wake-up path, so it offers neither (Linux
-    /// then reports "ACPI: PM: (supports S0 S5)").
-    static func dsdtTerms() -> [AML] {
-        let s5 = AML.integer(UInt64(ACPILayout.s5SleepType))
-        return [.name("\\_S5", .package([s5, s5, .integer(0), .integer(0)]))]
+    /// The MCFG (PCI Firmware Specification 3.2, 4.1.2): 8 reserved bytes, then one
+    /// 16-byte entry: the ECAM base, PCI segment 0, the first and the last bus number.
+    static func mcfg(_ pci: PCIHostDescription) -> [UInt8] {
+        var body = [UInt8](repeating: 0, count: 8 + 16)
+        body.putLE(pci.ecamBase, at: 8)
+        body.putLE(UInt16(0), at: 16)
+        body[18] = pci.busRange.lowerBound
+        body[19] = pci.busRange.upperBound
+        return sdt("MCFG", revision: 1, body: body)
     }
 
-    static func dsdt() -> [UInt8] { sdt("DSDT", revision: 2, body: dsdtTerms().flatMap(\.encoded)) }
+    /// The DSDT's AML: `Name (\_S5, Package (4) { SLP_TYPa, SLP_TYPb, 0, 0 })`, the sleep
+    /// type an operating system writes to PM1_CNT to power off, then the
+    /// ``PlatformDevices`` in `Scope (\_SB)` (``deviceTerms(_:)``). There is no `\_S3` or
+    /// `\_S4`: Swiftlet has no suspend and no wake-up path, so it offers neither (Linux
+    /// then reports "ACPI: PM: (supports S0 S5)").
+    static func dsdtTerms(_ devices: PlatformDevices = .none) -> [AML] {
+        let s5 = AML.integer(UInt64(ACPILayout.s5SleepType))
+        var terms: [AML] = [.name("\\_S5", .package([s5, s5, .integer(0), .integer(0)]))]
+        let system = deviceTerms(devices)
+        if !system.isEmpty { terms.append(.scope("\\_SB", system)) }
+        return terms
+    }
+
+    static func dsdt(_ devices: PlatformDevices = .none) -> [UInt8] {
+        sdt("DSDT", revision: 2, body: dsdtTerms(devices).flatMap(\.encoded))
+    }
 }

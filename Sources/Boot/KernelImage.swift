@@ -48,13 +48,26 @@ public struct BootOptions: Sendable {
     public var decompressOnHost: Bool
     /// Entry point choice for a Linux ELF (also a host-decompressed bzImage).
     public var linuxEntry: LinuxEntry
-    /// Write the MP table and ACPI tables (RSDP, XSDT, RSDT, MADT, FADT, DSDT).
+    /// Write the MP table and ACPI tables (RSDP, XSDT, RSDT, MADT, FADT, DSDT, MCFG).
     public var firmwareTables: Bool
+    /// The virtio-mmio devices and the PCI host bridge the firmware tables announce.
+    public var platformDevices: PlatformDevices
 
     public init(cmdline: String = "", initrd: [UInt8]? = nil, cpuCount: Int = 1, decompressOnHost: Bool = true,
-                linuxEntry: LinuxEntry = .automatic, firmwareTables: Bool = true) {
+                linuxEntry: LinuxEntry = .automatic, firmwareTables: Bool = true, platformDevices: PlatformDevices = .none) {
         self.cmdline = cmdline; self.initrd = initrd; self.cpuCount = cpuCount
         self.decompressOnHost = decompressOnHost; self.linuxEntry = linuxEntry; self.firmwareTables = firmwareTables
+        self.platformDevices = platformDevices
+    }
+}
+
+extension BootOptions {
+    /// Ranges the memory map reserves besides the BIOS area: the PCI ECAM, when the
+    /// firmware tables announce a PCI host bridge. Linux uses the MCFG's ECAM from its
+    /// early PCI setup on only when the e820 map reserves it, as PC firmware does.
+    var reservedRanges: [Range<UInt64>] {
+        guard firmwareTables, let pci = platformDevices.pci else { return [] }
+        return [pci.ecamRange]
     }
 }
 
@@ -156,6 +169,6 @@ public enum KernelImage {
 
     static func writeFirmware(_ memory: GuestMemory, _ options: BootOptions) throws(BootError) -> GuestAddress? {
         guard options.firmwareTables else { return nil }
-        return try FirmwareTables.write(into: memory, cpuCount: options.cpuCount)
+        return try FirmwareTables.write(into: memory, cpuCount: options.cpuCount, devices: options.platformDevices)
     }
 }

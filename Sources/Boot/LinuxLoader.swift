@@ -99,7 +99,8 @@ public enum LinuxLoader {
         var zeroPage = [UInt8](repeating: 0, count: ZeroPage.size)
         zeroPage.put(bytes: header.rawHeader, at: SetupHeader.setupSectsOffset)
         zeroPage.putLE(UInt32(truncatingIfNeeded: load), at: ZeroPage.code32Start)
-        try finishZeroPage(&zeroPage, memory: memory, cmdline: cmdline, initrd: initrd, rsdp: rsdp)
+        try finishZeroPage(&zeroPage, memory: memory, cmdline: cmdline, initrd: initrd, rsdp: rsdp,
+                               reserved: options.reservedRanges)
         let entry = try X86Tables.longModeEntry(memory, rip: load + 0x200)
         return LoadedKernel(entry: withZeroPage(entry), format: .bzImage, bootProtocol: .linux64,
                             kernelStart: load, kernelEnd: kernelEnd, initrd: initrd, cmdline: cmdline,
@@ -136,7 +137,8 @@ public enum LinuxLoader {
         let cmdline = try writeCmdline(options.cmdline, memory: memory)
         let entry: EntryState
         if usePVH, let pvh = elf.pvhEntry {
-            try writeStartInfo(memory: memory, cmdline: cmdline, initrd: initrd, rsdp: rsdp)
+            try writeStartInfo(memory: memory, cmdline: cmdline, initrd: initrd, rsdp: rsdp,
+                               reserved: options.reservedRanges)
             var state = try X86Tables.protectedModeEntry(memory, rip: UInt64(pvh))
             state.rbx = BootLayout.pvhStartInfo
             state.rsp = BootLayout.stackTop
@@ -157,7 +159,8 @@ public enum LinuxLoader {
                 zeroPage.putLE(UInt32(limits.cmdlineMax), at: SetupHeader.cmdlineSizeOffset)
             }
             zeroPage.putLE(UInt32(truncatingIfNeeded: start), at: ZeroPage.code32Start)
-            try finishZeroPage(&zeroPage, memory: memory, cmdline: cmdline, initrd: initrd, rsdp: rsdp)
+            try finishZeroPage(&zeroPage, memory: memory, cmdline: cmdline, initrd: initrd, rsdp: rsdp,
+                               reserved: options.reservedRanges)
             entry = withZeroPage(try X86Tables.longModeEntry(memory, rip: elf.physicalAddress(ofVirtual: elf.entry)))
         }
         return LoadedKernel(entry: entry, format: format, bootProtocol: usePVH ? .pvh : .linux64,
@@ -233,7 +236,7 @@ public enum LinuxLoader {
 
     /// Fills the loader-owned fields of a zero page and writes it at ``BootLayout/zeroPage``.
     static func finishZeroPage(_ page: inout [UInt8], memory: GuestMemory, cmdline: GuestAddress,
-                               initrd: InitrdPlacement?, rsdp: GuestAddress?) throws(BootError) {
+                               initrd: InitrdPlacement?, rsdp: GuestAddress?, reserved: [Range<UInt64>] = []) throws(BootError) {
         page[ZeroPage.typeOfLoader] = 0xFF
         page[ZeroPage.loadflags] |= SetupHeader.loadedHigh
         page.putLE(UInt32(truncatingIfNeeded: cmdline), at: ZeroPage.cmdLinePtr)
@@ -245,7 +248,7 @@ public enum LinuxLoader {
             page.putLE(UInt32(truncatingIfNeeded: initrd.size >> 32), at: ZeroPage.extRamdiskSize)
         }
         if let rsdp { page.putLE(rsdp, at: ZeroPage.acpiRSDPAddress) }
-        let map = E820Map.build(for: memory).prefix(ZeroPage.e820MaxEntries)
+        let map = E820Map.build(for: memory, reserving: reserved).prefix(ZeroPage.e820MaxEntries)
         page[ZeroPage.e820Entries] = UInt8(map.count)
         for (index, entry) in map.enumerated() {
             let offset = ZeroPage.e820Table + index * 20
@@ -265,8 +268,8 @@ public enum LinuxLoader {
     /// Writes `hvm_start_info` (version 1, with the memory map), its module list (the
     /// initrd) and memory map at their ``BootLayout`` addresses.
     static func writeStartInfo(memory: GuestMemory, cmdline: GuestAddress, initrd: InitrdPlacement?,
-                               rsdp: GuestAddress?) throws(BootError) {
-        let map = E820Map.build(for: memory)
+                               rsdp: GuestAddress?, reserved: [Range<UInt64>] = []) throws(BootError) {
+        let map = E820Map.build(for: memory, reserving: reserved)
         var info = [UInt8](repeating: 0, count: 56)
         info.putLE(pvhMagic, at: 0)
         info.putLE(UInt32(1), at: 4)                       // version

@@ -24,9 +24,16 @@ public struct E820Entry: Sendable, Equatable {
 public enum E820Map {
     /// RAM below the EBDA, the EBDA/VGA/BIOS area reserved, RAM from 1 MiB to the end of
     /// the low region, and RAM from 4 GiB when the layout has a high region. The MMIO hole
-    /// (3-4 GiB) is simply not listed.
-    public static func build(for memory: GuestMemory) -> [E820Entry] {
-        build(regions: memory.regions.map { ($0.guestBase, $0.size) })
+    /// (3-4 GiB) is not listed, except the ranges in `reserved` (device ranges outside RAM
+    /// that firmware reserves, such as the PCI ECAM), which are listed as reserved, the
+    /// whole map in address order.
+    public static func build(for memory: GuestMemory, reserving reserved: [Range<UInt64>] = []) -> [E820Entry] {
+        let map = build(regions: memory.regions.map { ($0.guestBase, $0.size) })
+        guard !reserved.isEmpty else { return map }
+        let extra = reserved.filter { !$0.isEmpty }.map {
+            E820Entry(address: $0.lowerBound, size: $0.upperBound - $0.lowerBound, kind: .reserved)
+        }
+        return (map + extra).sorted { $0.address < $1.address }
     }
 
     static func build(regions: [(base: UInt64, size: UInt64)]) -> [E820Entry] {

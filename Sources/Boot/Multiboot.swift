@@ -123,7 +123,7 @@ public enum MultibootLoader {
             module = InitrdPlacement(address: address, size: UInt64(initrd.count))
         }
         let cmdline = try LinuxLoader.writeCmdline(options.cmdline, memory: memory)
-        try writeInfo(memory: memory, cmdline: cmdline, module: module)
+        try writeInfo(memory: memory, cmdline: cmdline, module: module, reserved: options.reservedRanges)
 
         var state = try X86Tables.protectedModeEntry(memory, rip: entry)
         state.rax = UInt64(MultibootHeader.bootloaderMagic)
@@ -182,8 +182,9 @@ public enum MultibootLoader {
     }
 
     /// Writes the information structure and what it points to.
-    static func writeInfo(memory: GuestMemory, cmdline: GuestAddress, module: InitrdPlacement?) throws(BootError) {
-        let map = E820Map.build(for: memory).filter { $0.address < addressLimit }
+    static func writeInfo(memory: GuestMemory, cmdline: GuestAddress, module: InitrdPlacement?,
+                          reserved: [Range<UInt64>] = []) throws(BootError) {
+        let map = E820Map.build(for: memory, reserving: reserved).filter { $0.address < addressLimit }
         var info = [UInt8](repeating: 0, count: 128)
         var flags = infoMemory | infoCmdline | infoMemoryMap | infoLoaderName
         // mem_lower: KiB from 0 (at most 640); mem_upper: KiB from 1 MiB to the first hole.

@@ -3,6 +3,7 @@
 
 #include <sys/ioctl.h>
 #include <string.h>
+#include <cpuid.h>
 
 // The Swift side mirrors none of these structs field by field (it uses the imported C
 // types directly); these asserts pin the ABI the wrappers rely on.
@@ -17,10 +18,24 @@ _Static_assert(sizeof(struct kvm_pit_config) == 64, "kvm_pit_config layout");
 _Static_assert(sizeof(struct kvm_mp_state) == 4, "kvm_mp_state layout");
 _Static_assert(sizeof(struct kvm_pic_state) == 16, "kvm_pic_state layout");
 _Static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip layout");
+_Static_assert(sizeof(struct kvm_debugregs) == 128, "kvm_debugregs layout");
+_Static_assert(sizeof(struct kvm_xcrs) == 392, "kvm_xcrs layout");
+_Static_assert(sizeof(struct kvm_pit_state2) == 112, "kvm_pit_state2 layout");
+_Static_assert(sizeof(struct kvm_clock_data) == 48, "kvm_clock_data layout");
+_Static_assert(sizeof(struct kvm_lapic_state) == 1024, "kvm_lapic_state layout");
 _Static_assert(sizeof(struct kvm_ioeventfd) == 64, "kvm_ioeventfd layout");
 _Static_assert(sizeof(struct kvm_irqfd) == 32, "kvm_irqfd layout");
 _Static_assert(sizeof(struct kvm_irq_routing_entry) == 48, "kvm_irq_routing_entry layout");
 _Static_assert(sizeof(struct kvm_msi) == 32, "kvm_msi layout");
+_Static_assert(sizeof(struct kvm_vcpu_events) == 64, "kvm_vcpu_events layout");
+_Static_assert(sizeof(struct kvm_translation) == 24, "kvm_translation layout");
+_Static_assert(sizeof(struct kvm_fpu) == 416, "kvm_fpu layout");
+_Static_assert(sizeof(struct kvm_xsave) == 4096, "kvm_xsave layout (KVM_GET_XSAVE's fixed size)");
+_Static_assert(sizeof(struct kvm_enable_cap) == 104, "kvm_enable_cap layout");
+// The emulation-failure view of kvm_run's union: flags in data[0], then insn_size and up
+// to 15 instruction bytes in data[1..2] (KVM's ABI, see <linux/kvm.h>).
+_Static_assert(offsetof(struct kvm_run, emulation_failure.flags) == offsetof(struct kvm_run, internal.data[0]), "emulation_failure.flags");
+_Static_assert(offsetof(struct kvm_run, emulation_failure.insn_size) == offsetof(struct kvm_run, internal.data[1]), "emulation_failure.insn_size");
 
 int ckvm_ioctl_value(int fd, unsigned long request, unsigned long value) {
     return ioctl(fd, request, value);
@@ -34,9 +49,29 @@ size_t ckvm_cpuid2_size(uint32_t count) {
     return sizeof(struct kvm_cpuid2) + (size_t)count * sizeof(struct kvm_cpuid_entry2);
 }
 
+size_t ckvm_msr_list_size(uint32_t count) {
+    return sizeof(struct kvm_msr_list) + (size_t)count * sizeof(uint32_t);
+}
+
 size_t ckvm_msrs_size(uint32_t count) {
     return sizeof(struct kvm_msrs) + (size_t)count * sizeof(struct kvm_msr_entry);
 }
+
+uint32_t ckvm_host_mxcsr_mask(void) {
+    uint8_t area[512] __attribute__((aligned(16)));
+    uint32_t mask;
+    __asm__ volatile("fxsave %0" : "=m"(area));
+    memcpy(&mask, area + 28, sizeof(mask));
+    return mask != 0 ? mask : 0xFFBF;
+}
+
+void ckvm_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t registers[4]) {
+    unsigned int a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(leaf, subleaf, &a, &b, &c, &d)) { a = b = c = d = 0; }
+    registers[0] = a; registers[1] = b; registers[2] = c; registers[3] = d;
+}
+
+
 
 static void ckvm_kick_handler(int signal) {
     (void)signal;

@@ -1,3 +1,4 @@
+import Basics
 import Synchronization
 
 /// QEMU's firmware configuration device, legacy port interface only: a 16-bit selector
@@ -36,9 +37,7 @@ public final class FwCfg: IODevice {
     ///   - cpuCount: vCPUs (FW_CFG_NB_CPUS and FW_CFG_MAX_CPUS, 16-bit).
     ///   - ramSize: total guest RAM in bytes (FW_CFG_RAM_SIZE, 64-bit).
     public init(cpuCount: Int, ramSize: UInt64) {
-        func le<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
-            withUnsafeBytes(of: value.littleEndian) { Array($0) }
-        }
+        func le<T: FixedWidthInteger>(_ value: T) -> [UInt8] { [UInt8].littleEndian(value) }
         items = [
             Self.signature: Array("QEMU".utf8),
             Self.id: le(UInt32(1)),                       // traditional interface, no DMA

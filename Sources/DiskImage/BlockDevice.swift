@@ -39,6 +39,9 @@ public enum ImageFormat: String, Sendable, CaseIterable, CustomStringConvertible
 }
 
 /// A raw image: the file's bytes are the disk's bytes. Owns its `ImageFile`.
+///
+/// Like QEMU, the disk is a whole number of 512-byte sectors: a file whose size is not a
+/// multiple of 512 gets a last sector completed with zeros (which a write fills in).
 public final class RawImage: BlockDevice {
     public let file: ImageFile
     public let virtualSize: UInt64
@@ -46,7 +49,7 @@ public final class RawImage: BlockDevice {
 
     public init(file: ImageFile) throws {
         self.file = file
-        self.virtualSize = try file.size()
+        self.virtualSize = (try file.size() + 511) & ~511
         self.isReadOnly = !file.writable
     }
 
@@ -80,7 +83,7 @@ public enum DiskImage {
 
     /// The format indicated by the file's first bytes: qcow2 if it starts with `QFI\xfb`, raw otherwise.
     public static func detectFormat(path: String) throws -> ImageFormat {
-        let file = try ImageFile(path: path, writable: false)
+        let file = try ImageFile(path: path, writable: false, lock: ImageLock.unlocked)
         return try detectFormat(file: file)
     }
 
@@ -104,11 +107,13 @@ public enum DiskImage {
     }
 
     static func open(path: String, format: ImageFormat?, readOnly: Bool, snapshot: String?,
-                     chain: inout BackingChainState) throws -> any BlockDevice {
+                     chain: inout BackingChainState, forCheck: Bool = false) throws -> any BlockDevice {
         let ro = readOnly || snapshot != nil
-        let file = try ImageFile(path: path, writable: !ro)
+        let file = try ImageFile(path: path, writable: !ro, lock: ImageLock.unlocked)
         let id = try file.identity()
+        // A loop is reported as such, before the lock would report the chain's own open of the file.
         guard chain.seen.insert(id).inserted else { throw DiskImageError.backingLoop(path: path) }
+        try file.lock(ro ? .shared : .exclusive)
         let fmt: ImageFormat
         if let format { fmt = format } else { fmt = try detectFormat(file: file) }
         switch fmt {
@@ -116,7 +121,7 @@ public enum DiskImage {
             guard snapshot == nil else { throw DiskImageError.invalidArgument("raw images have no snapshots") }
             return try RawImage(file: file)
         case .qcow2:
-            return try QCOW2Image(file: file, snapshot: snapshot, chain: &chain)
+            return try QCOW2Image(file: file, snapshot: snapshot, chain: &chain, forCheck: forCheck)
         }
     }
 

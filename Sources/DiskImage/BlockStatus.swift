@@ -1,3 +1,4 @@
+import Basics
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -324,9 +325,9 @@ struct RefcountReader {
         let offset = e & ~(image.clusterSize - 1)
         guard offset != 0 else { return nil }
         guard e & 0x1ff == 0 else {
-            throw DiskImageError.corruptMetadata("refcount table entry \(t) (0x\(hex(e))) is not cluster-aligned")
+            throw DiskImageError.corruptMetadata("refcount table entry \(t) (0x\(Hex.digits(e))) is not cluster-aligned")
         }
-        try image.checkClusterOffset(offset, "refcount block 0x\(hex(offset))")
+        try image.checkClusterOffset(offset, "refcount block 0x\(Hex.digits(offset))")
         var raw = [UInt8](repeating: 0, count: Int(image.clusterSize))
         try raw.withUnsafeMutableBytes { try image.file.readZeroFilled(into: $0, at: offset) }
         return decode(raw)

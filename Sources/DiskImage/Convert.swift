@@ -64,20 +64,39 @@ extension QCOW2Image {
 /// Owns nothing beyond one call: worker threads take 2 MiB chunks in order from a shared counter,
 /// read them through the device (which decompresses clusters independently on each worker's
 /// thread), and write only the chunks that are not all zero, leaving holes like `qemu-img`.
+///
+/// An existing output file is overwritten in place rather than truncated first: its blocks are
+/// reused for data, and ranges that must read as zero are made holes (`FALLOC_FL_PUNCH_HOLE`)
+/// unless they already are. Freeing and reallocating every block of a large file costs more than
+/// the whole copy (see docs/disk-images.md).
 public enum RawConverter {
     public static let chunkSize = 2 * 1024 * 1024
 
-    /// Writes `source` to a new raw file at `path` (replacing it) whose size is the virtual size.
+    /// Writes `source` to a raw file at `path` (created, or overwritten) whose size is the virtual size.
+    /// Refuses an output that is the source or one of its backing files, and one another process
+    /// has open (the output is locked exclusively, as QEMU locks an image it writes).
     /// `progress` is called (from any worker) with bytes done and total.
     public static func convert(_ source: any BlockDevice, to path: String, threads: Int = 0,
                                progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw DiskImageError.io(operation: "open", path: path, errno: errno) }
-        defer { close(fd) }
-        let total = source.virtualSize
-        guard ftruncate(fd, off_t(total)) == 0 else {
-            throw DiskImageError.io(operation: "ftruncate", path: path, errno: errno)
+        let out = try ImageFile(path: path, writable: true, create: .ifMissing, lock: ImageLock.unlocked)
+        let target = try out.identity()
+        for file in source.imageFiles() where try file.identity() == target {
+            throw DiskImageError.sameFile(source: file.path, destination: path)
         }
+        try out.lock(.exclusive)
+        let fd = out.fd
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw DiskImageError.io(operation: "fstat", path: path, errno: errno) }
+        let regular = st.st_mode & S_IFMT == S_IFREG
+        // A new (empty) file reads as zeros everywhere after ftruncate; anything else must be cleared.
+        let clearZeros = !regular || st.st_size > 0
+        let total = source.virtualSize
+        if regular {
+            guard ftruncate(fd, off_t(total)) == 0 else {
+                throw DiskImageError.io(operation: "ftruncate", path: path, errno: errno)
+            }
+        }
+        let output = Output(fd: fd, path: path, clearZeros: clearZeros)
         let chunks = Int((total + UInt64(chunkSize) - 1) / UInt64(chunkSize))
         // By default twice as many workers as cores, at least 4: a worker waiting for the disk
         // leaves its core to another that is decompressing (qemu-img keeps 8 requests in flight).
@@ -86,7 +105,6 @@ public enum RawConverter {
         let next = Atomic<Int>(0)
         let done = Atomic<UInt64>(0)
         let failure = Mutex<DiskImageError?>(nil)
-        let writeLock = Mutex<Void>(())
 
         runThreads(workers) { _ in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
@@ -97,7 +115,7 @@ public enum RawConverter {
                 let offset = UInt64(chunk) * UInt64(chunkSize)
                 let n = Int(min(UInt64(chunkSize), total - offset))
                 do {
-                    try copyChunk(source, offset: offset, count: n, buffer: buffer, fd: fd, path: path, writeLock: writeLock)
+                    try copyChunk(source, offset: offset, count: n, buffer: buffer, output: output)
                 } catch let e as DiskImageError {
                     failure.withLock { if $0 == nil { $0 = e } }
                     return
@@ -116,23 +134,88 @@ public enum RawConverter {
     static let pieceSize = 64 * 1024
     static let holeSize = 4096
 
-    /// Copies guest bytes `[offset, offset+count)`: spans not known to be zero are read in one call each,
-    /// and only their non-zero 4 KiB blocks are written.
-    static func copyChunk(_ source: any BlockDevice, offset: UInt64, count: Int, buffer: UnsafeMutableRawBufferPointer,
-                          fd: Int32, path: String, writeLock: borrowing Mutex<Void>) throws {
-        func write(_ range: Range<Int>) throws {
-            // One writer at a time: concurrent pwrites to one file contend on its inode lock in the
-            // kernel, which spins and burns the cores the other workers need for reading and inflating.
-            try writeLock.withLock { _ in
-                try writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[range]), at: offset + UInt64(range.lowerBound), path: path)
+    /// The output file, shared by the workers.
+    final class Output: Sendable {
+        let fd: Int32
+        let path: String
+        /// True when ranges of zeros must be cleared (the file had contents); false when they are holes already.
+        let clearZeros: Bool
+        /// One writer at a time: concurrent pwrites to one file contend on its inode lock in the
+        /// kernel, which spins and burns the cores the other workers need for reading and inflating.
+        /// It also guards the last hole found (or punched), so runs of zeros inside it cost nothing.
+        let lock = Mutex<Range<UInt64>>(0..<0)
+
+        init(fd: Int32, path: String, clearZeros: Bool) {
+            self.fd = fd
+            self.path = path
+            self.clearZeros = clearZeros
+        }
+
+        func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
+            try lock.withLock { hole in
+                try writeAll(fd: fd, bytes, at: offset, path: path)
+                if hole.overlaps(offset..<(offset + UInt64(bytes.count))) { hole = 0..<0 }
             }
+        }
+
+        /// Makes `[offset, offset + length)` read as zeros: nothing to do in a new file, else a hole
+        /// punched where the file has data there (zeros written where holes cannot be punched).
+        func zero(at offset: UInt64, length: UInt64) throws {
+            guard clearZeros, length > 0 else { return }
+            try lock.withLock { hole in
+                if hole.lowerBound <= offset && offset + length <= hole.upperBound { return }
+                let data = lseek(fd, off_t(offset), 3)  // SEEK_DATA (Linux), not exported by Glibc's module.
+                if data < 0 && errno == ENXIO {  // Nothing but holes after offset.
+                    hole = offset..<UInt64.max
+                    return
+                }
+                if data >= 0 && UInt64(data) >= offset + length {  // A hole already.
+                    hole = offset..<UInt64(data)
+                    return
+                }
+                if let punch = HolePunch.function,
+                   punch(fd, HolePunch.punchHoleKeepSize, off_t(offset), off_t(length)) == 0 {
+                    hole = offset..<(offset + length)
+                    return
+                }
+                let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: min(Int(length), chunkSize), alignment: 4096)
+                defer { zeros.deallocate() }
+                zeros.initializeMemory(as: UInt8.self, repeating: 0)
+                var done: UInt64 = 0
+                while done < length {
+                    let n = Int(min(UInt64(zeros.count), length - done))
+                    try writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done, path: path)
+                    done += UInt64(n)
+                }
+            }
+        }
+    }
+
+    /// Copies guest bytes `[offset, offset+count)`: spans not known to be zero are read in one call each,
+    /// and only their non-zero 4 KiB blocks are written; the rest is zeroed in the output (a no-op in a new file).
+    static func copyChunk(_ source: any BlockDevice, offset: UInt64, count: Int, buffer: UnsafeMutableRawBufferPointer,
+                          output: Output) throws {
+        var zeroStart = -1  // Start of the run of zeros not yet cleared in the output.
+        func zero(_ range: Range<Int>) {
+            if zeroStart < 0 { zeroStart = range.lowerBound }
+        }
+        func data(_ range: Range<Int>) throws {
+            if zeroStart >= 0 {
+                try output.zero(at: offset + UInt64(zeroStart), length: UInt64(range.lowerBound - zeroStart))
+                zeroStart = -1
+            }
+            try output.write(UnsafeRawBufferPointer(rebasing: buffer[range]), at: offset + UInt64(range.lowerBound))
         }
         func knownZero(_ p: Int) throws -> Bool {
             try source.isKnownZero(at: offset + UInt64(p), length: UInt64(min(pieceSize, count - p)))
         }
         var p = 0
         while p < count {
-            if try knownZero(p) { p += pieceSize; continue }
+            if try knownZero(p) {
+                zero(p..<min(p + pieceSize, count))
+                p += pieceSize
+                continue
+            }
             var q = p + pieceSize
             while q < count, try !knownZero(q) { q += pieceSize }
             q = min(q, count)
@@ -142,18 +225,22 @@ public enum RawConverter {
             var b = p
             while b < q {
                 let e = min(b + holeSize, q)
-                let zero = isAllZero(UnsafeRawBufferPointer(rebasing: buffer[b..<e]))
-                if !zero && runStart < 0 { runStart = b }
-                if zero && runStart >= 0 {
-                    try write(runStart..<b)
-                    runStart = -1
+                let isZero = isAllZero(UnsafeRawBufferPointer(rebasing: buffer[b..<e]))
+                if !isZero && runStart < 0 { runStart = b }
+                if isZero {
+                    if runStart >= 0 {
+                        try data(runStart..<b)
+                        runStart = -1
+                    }
+                    zero(b..<e)
                 }
                 b = e
             }
-            if runStart >= 0 {
-                try write(runStart..<q)
-            }
+            if runStart >= 0 { try data(runStart..<q) }
             p = q
+        }
+        if zeroStart >= 0 {
+            try output.zero(at: offset + UInt64(zeroStart), length: UInt64(count - zeroStart))
         }
     }
 
@@ -169,21 +256,24 @@ public enum RawConverter {
         }
     }
 
-    /// True if every byte is zero. Checked 4 KiB at a time with an OR over words that the
-    /// compiler vectorizes, stopping at the first block that is not zero.
+    /// True if every byte is zero. The first word is tried alone (data rarely starts with eight
+    /// zero bytes, so a block of data costs one load), then 64 bytes at a time with an OR over words
+    /// that the compiler vectorizes, stopping at the first group that is not zero.
     public static func isAllZero(_ buffer: UnsafeRawBufferPointer) -> Bool {
         let words = buffer.count / 8
+        if words > 0 && buffer.loadUnaligned(fromByteOffset: 0, as: UInt64.self) != 0 { return false }
         var i = 0
-        while i < words {
-            let end = min(words, i + 512)
+        while i + 8 <= words {
             var acc: UInt64 = 0
-            for w in i..<end { acc |= buffer.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self) }
+            for w in i..<(i + 8) { acc |= buffer.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self) }
             if acc != 0 { return false }
-            i = end
+            i += 8
         }
+        var acc: UInt64 = 0
+        for w in i..<words { acc |= buffer.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self) }
         var tail: UInt8 = 0
         for j in (words * 8)..<buffer.count { tail |= buffer[j] }
-        return tail == 0
+        return acc == 0 && tail == 0
     }
 }
 
@@ -212,6 +302,27 @@ func runThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
         }
     }
     for t in threads { pthread_join(t, nil) }
+}
+
+/// `fallocate(2)`, looked up at run time: Glibc's Swift module does not export it.
+enum HolePunch {
+    typealias Fallocate = @convention(c) (Int32, Int32, off_t, off_t) -> Int32
+    static let punchHoleKeepSize: Int32 = 0x02 | 0x01  // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    static let function: Fallocate? = {
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "fallocate64") else { return nil }  // RTLD_DEFAULT
+        return unsafeBitCast(symbol, to: Fallocate.self)
+    }()
+}
+
+extension BlockDevice {
+    /// The files this device reads: the image's own, then its backing chain's.
+    func imageFiles() -> [ImageFile] {
+        switch self {
+        case let raw as RawImage: return [raw.file]
+        case let q as QCOW2Image: return [q.file] + (q.backing?.imageFiles() ?? [])
+        default: return []
+        }
+    }
 }
 
 /// The machine's processor count, without Foundation.

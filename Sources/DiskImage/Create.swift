@@ -6,7 +6,7 @@ extension QCOW2Image {
     /// written and synced before the call returns. The file must not exist.
     ///
     /// - Parameters:
-    ///   - size: virtual size; defaults to the backing image's.
+    ///   - size: virtual size, rounded up to a multiple of 512 as by qemu-img; defaults to the backing image's.
     ///   - backing: the backing file name as stored (relative names are relative to `path`'s folder).
     ///   - backingFormat: stored in the backing format extension; detected when nil.
     public static func create(path: String, size: UInt64? = nil, backing: String? = nil,
@@ -29,10 +29,12 @@ extension QCOW2Image {
             if virtualSize == nil { virtualSize = dev.virtualSize }
             if format == nil { format = dev is QCOW2Image ? .qcow2 : .raw }
         }
-        guard let size = virtualSize else {
+        guard let requested = virtualSize else {
             throw DiskImageError.invalidArgument("a size is needed when there is no backing image")
         }
-        guard size <= UInt64(Int64.max) else { throw DiskImageError.virtualSizeTooLarge(size) }
+        guard requested <= UInt64(Int64.max) - 511 else { throw DiskImageError.virtualSizeTooLarge(requested) }
+        // Like `qemu-img create`: the size is rounded up to whole 512-byte sectors.
+        let size = (requested + 511) & ~511
         let perL1 = cs * (cs / 8)
         let l1Entries = size / perL1 + (size % perL1 == 0 ? 0 : 1)
         guard l1Entries <= QCOW2Header.maxL1Entries else { throw DiskImageError.virtualSizeTooLarge(size) }
@@ -70,7 +72,7 @@ extension QCOW2Image {
         for c in 0..<Int(metadataClusters) {
             image.setBE(UInt16(1), at: Int(2 * cs) + 2 * c)
         }
-        let file = try ImageFile(path: path, writable: true, create: true)
+        let file = try ImageFile(path: path, writable: true, create: .new)
         try file.write(bytes: image, at: 0)
         try file.sync()
     }

@@ -1,3 +1,4 @@
+import Basics
 /// What `swiftlet image info` reports about one image of a chain. Plain values, Codable for `--json`.
 public struct ImageInfo: Sendable, Codable, Equatable {
     public var path: String
@@ -64,7 +65,7 @@ extension DiskImage {
         info.compatibleFeatures = names(h.compatibleFeatures, type: 1)
         info.autoclearFeatures = names(h.autoclearFeatures, type: 2)
         info.corrupt = h.isCorrupt
-        info.unknownExtensions = h.unknownExtensions.map { "0x" + hex(UInt64($0)) }
+        info.unknownExtensions = h.unknownExtensions.map { "0x" + Hex.digits(UInt64($0)) }
         info.snapshots = h.snapshots.map {
             ImageInfo.SnapshotInfo(id: $0.id, name: $0.name, diskSize: $0.diskSize, vmStateSize: $0.vmStateSize,
                                    date: $0.dateSeconds)

@@ -1,3 +1,4 @@
+import Basics
 /// The parsed and validated qcow2 header, its extensions, backing file name and snapshot table.
 ///
 /// Owns no file: `parse` reads what it needs and checks every field the way
@@ -12,6 +13,10 @@ public struct QCOW2Header: Sendable {
     public static let maxSnapshotExtraData: UInt32 = 1024
     public static let maxBackingNameLength: UInt32 = 1023
     public static let maxTotalSnapshotL1Entries: UInt64 = 1 << 27
+    /// QEMU's limit on the snapshot table's total size (entries, extra data and names).
+    public static let maxSnapshotTableBytes: UInt64 = 1024 * 65536
+    public static let maxBitmaps: UInt32 = 65535
+    public static let maxBitmapDirectoryBytes: UInt64 = 1024 * 65535
 
     // Header extension types.
     public static let extEnd: UInt32 = 0
@@ -29,6 +34,7 @@ public struct QCOW2Header: Sendable {
     public static let incompatExtendedL2: UInt64 = 1 << 4
     public static let compatLazyRefcounts: UInt64 = 1 << 0
     public static let autoclearBitmaps: UInt64 = 1 << 0
+    public static let autoclearRawDataFile: UInt64 = 1 << 1
 
     public var version: UInt32
     public var backingFileOffset: UInt64
@@ -57,8 +63,15 @@ public struct QCOW2Header: Sendable {
     /// The bitmap directory, when the bitmaps extension is present and valid (autoclear bit 0 set).
     public var bitmapDirectoryOffset: UInt64 = 0
     public var bitmapDirectorySize: UInt64 = 0
+    /// The checked bitmap directory (empty without valid bitmaps).
+    var bitmapDirectory: [BitmapDirectoryEntry] = []
     public var unknownExtensions: [UInt32] = []
+    /// The external data file named by its extension; only used when incompatible bit 2 is set
+    /// (which Swiftlet refuses), ignored otherwise, as by QEMU.
+    public var dataFileName: String?
     public var snapshots: [QCOW2Snapshot] = []
+    /// Bytes from the start of the snapshot table to the end of its last entry.
+    public var snapshotTableSize: UInt64 = 0
 
     /// One entry of the feature name table extension.
     public struct FeatureName: Sendable, Equatable {
@@ -75,6 +88,9 @@ public struct QCOW2Header: Sendable {
     public var refcountBits: UInt64 { 1 << UInt64(refcountOrder) }
     public var isCorrupt: Bool { incompatibleFeatures & Self.incompatCorrupt != 0 }
     public var isDirty: Bool { incompatibleFeatures & Self.incompatDirty != 0 }
+    /// The disk size QEMU uses: the header's size rounded down to whole 512-byte sectors
+    /// (`bs->total_sectors = header.size / BDRV_SECTOR_SIZE`).
+    public var diskSize: UInt64 { size & ~511 }
     public var compressionName: String { compressionType == 1 ? "zstd" : "zlib" }
 
     /// Name for a feature bit, from the image's own feature table or the spec.
@@ -94,7 +110,11 @@ public struct QCOW2Header: Sendable {
     }
 
     /// Reads and validates the header of `file`.
-    public static func parse(file: ImageFile) throws -> QCOW2Header {
+    ///
+    /// With `forCheck`, what `qemu-img check` opens but then reports is let through, as QEMU's
+    /// check mode (`BDRV_O_CHECK`) does: a missing refcount table, and snapshots whose L1 table
+    /// is misaligned or too large (checked by `QCOW2Image.check`).
+    public static func parse(file: ImageFile, forCheck: Bool = false) throws -> QCOW2Header {
         let fileSize = try file.size()
         guard fileSize >= 72 else { throw DiskImageError.shortFile(path: file.path, needed: 72, size: fileSize) }
         let fixed = try file.readBytes(72, at: 0, what: "header")
@@ -151,7 +171,8 @@ public struct QCOW2Header: Sendable {
             guard start + len <= first.count else {
                 throw DiskImageError.shortFile(path: file.path, needed: UInt64(start + len), size: fileSize)
             }
-            h.backingFile = String(decoding: first[start..<(start + len)], as: UTF8.self)
+            // An empty name is no backing file, as in QEMU.
+            if len > 0 { h.backingFile = String(decoding: first[start..<(start + len)], as: UTF8.self) }
         }
 
         // Features.
@@ -188,6 +209,10 @@ public struct QCOW2Header: Sendable {
         if h.extendedL2 && h.clusterBits < 14 {
             throw DiskImageError.extendedL2NeedsLargerClusters(clusterBits: h.clusterBits)
         }
+        // QEMU: "data-file-raw requires a data file" (the raw-data-file bit without the data file bit).
+        if h.autoclearFeatures & autoclearRawDataFile != 0 && h.incompatibleFeatures & incompatDataFile == 0 {
+            throw DiskImageError.rawDataFileWithoutDataFile
+        }
 
         // Tables.
         guard h.size <= UInt64(Int64.max) else { throw DiskImageError.virtualSizeTooLarge(h.size) }
@@ -200,6 +225,7 @@ public struct QCOW2Header: Sendable {
         guard UInt64(h.l1Size) >= needed else { throw DiskImageError.l1TooSmall(entries: h.l1Size, needed: needed) }
         try validateTable("L1 table", offset: h.l1TableOffset, bytes: UInt64(h.l1Size) * 8,
                           clusterSize: clusterSize, fileSize: fileSize)
+        guard h.refcountTableClusters > 0 || forCheck else { throw DiskImageError.noRefcountTable }
         let maxRefClusters = maxRefcountTableBytes / clusterSize
         guard UInt64(h.refcountTableClusters) <= maxRefClusters else {
             throw DiskImageError.tableTooLarge(table: "refcount table", entries: UInt64(h.refcountTableClusters) * clusterSize / 8,
@@ -209,25 +235,35 @@ public struct QCOW2Header: Sendable {
                           bytes: UInt64(h.refcountTableClusters) * clusterSize,
                           clusterSize: clusterSize, fileSize: fileSize)
         guard h.snapshotCount <= maxSnapshots else { throw DiskImageError.tooManySnapshots(h.snapshotCount) }
+        // Like QEMU, the offset must be valid even when there are no snapshots.
+        try validateTable("snapshot table", offset: h.snapshotsOffset, bytes: UInt64(h.snapshotCount) * 40,
+                          clusterSize: clusterSize, fileSize: fileSize)
         if h.snapshotCount > 0 {
-            try validateTable("snapshot table", offset: h.snapshotsOffset, bytes: UInt64(h.snapshotCount) * 40,
-                              clusterSize: clusterSize, fileSize: fileSize)
-            h.snapshots = try QCOW2Snapshot.readTable(file: file, header: h, fileSize: fileSize)
+            (h.snapshots, h.snapshotTableSize) = try QCOW2Snapshot.readTable(file: file, header: h, fileSize: fileSize,
+                                                                             checkL1Tables: !forCheck)
             // Each snapshot's L1 table is bounded; so is their sum (1 GiB of entries), so walking them all stays cheap.
-            let total = h.snapshots.reduce(UInt64(0)) { $0 + UInt64($1.l1Size) }
+            let total = h.snapshots.lazy.map { UInt64($0.l1Size) }.filter { $0 <= maxL1Entries }.reduce(0, +)
             guard total <= maxTotalSnapshotL1Entries else {
                 throw DiskImageError.tableTooLarge(table: "snapshot L1 tables (all together)", entries: total,
                                                    limit: maxTotalSnapshotL1Entries)
             }
         }
+        // Persistent bitmaps are loaded (and so checked) by QEMU at every open.
+        if h.bitmapCount > 0 {
+            h.bitmapDirectory = try BitmapDirectoryEntry.load(file: file, header: h, diskSize: h.diskSize)
+        }
         return h
     }
 
-    /// Checks that a table is cluster-aligned, after the header, and inside the file.
+    /// Checks that a table is cluster-aligned, after the header, and inside the file. Like QEMU,
+    /// the offset of an empty table must still be aligned and below 2^63.
     static func validateTable(_ name: String, offset: UInt64, bytes: UInt64, clusterSize: UInt64,
                               fileSize: UInt64) throws {
-        guard bytes > 0 else { return }
         guard offset & (clusterSize - 1) == 0 else { throw DiskImageError.tableMisaligned(table: name, offset: offset) }
+        guard bytes > 0 else {
+            guard offset <= UInt64(Int64.max) else { throw DiskImageError.tableOffsetTooLarge(table: name, offset: offset) }
+            return
+        }
         guard offset != 0 else { throw DiskImageError.tableOverlapsHeader(table: name) }
         let (end, overflow) = offset.addingReportingOverflow(bytes)
         // Tables may end inside the file's last, partly written cluster.
@@ -273,18 +309,35 @@ public struct QCOW2Header: Sendable {
                     throw DiskImageError.badExtension(name: "bitmaps", reason: "length \(length) is not 24")
                 }
                 let count: UInt32 = data.be(0)
+                let reserved: UInt32 = data.be(4)
                 let dirSize: UInt64 = data.be(8)
                 let dirOffset: UInt64 = data.be(16)
+                // Without the autoclear bit, a program that does not know bitmaps has changed the
+                // image since they were saved: QEMU ignores the extension, and so do we.
                 if autoclearFeatures & Self.autoclearBitmaps != 0 {
-                    guard count <= 65535 else {
+                    guard reserved == 0 else {
+                        throw DiskImageError.badExtension(name: "bitmaps", reason: "reserved field is \(reserved), not 0")
+                    }
+                    guard count <= Self.maxBitmaps else {
                         throw DiskImageError.badExtension(name: "bitmaps", reason: "\(count) bitmaps is more than 65535")
                     }
-                    guard dirSize <= 64 * 1024 * 1024 else {
-                        throw DiskImageError.badExtension(name: "bitmaps", reason: "directory size \(dirSize) is too large")
+                    guard count > 0 else {
+                        throw DiskImageError.badExtension(name: "bitmaps", reason: "it announces zero bitmaps")
                     }
-                    guard dirOffset & (clusterSize - 1) == 0, dirOffset <= fileSize, dirSize <= fileSize - dirOffset else {
+                    guard dirOffset & (clusterSize - 1) == 0 else {
                         throw DiskImageError.badExtension(
-                            name: "bitmaps", reason: "directory at 0x\(hex(dirOffset)) is misaligned or outside the file")
+                            name: "bitmaps", reason: "directory offset 0x\(Hex.digits(dirOffset)) is not cluster-aligned")
+                    }
+                    guard dirSize <= Self.maxBitmapDirectoryBytes else {
+                        throw DiskImageError.badExtension(
+                            name: "bitmaps", reason: "directory size \(dirSize) is more than \(Self.maxBitmapDirectoryBytes) bytes")
+                    }
+                    guard dirSize > 0 else {
+                        throw DiskImageError.badExtension(name: "bitmaps", reason: "directory size is 0")
+                    }
+                    guard dirOffset <= fileSize, dirSize <= fileSize - dirOffset else {
+                        throw DiskImageError.badExtension(
+                            name: "bitmaps", reason: "directory at 0x\(Hex.digits(dirOffset)) runs past the end of the file")
                     }
                     bitmapCount = count
                     bitmapDirectoryOffset = dirOffset
@@ -293,8 +346,8 @@ public struct QCOW2Header: Sendable {
             case Self.extEncryption:
                 throw DiskImageError.unsupportedFeature("full disk encryption header extension (LUKS)")
             case Self.extDataFile:
-                throw DiskImageError.unsupportedFeature(
-                    "external data file '\(String(decoding: data.prefix { $0 != 0 }, as: UTF8.self))'")
+                // Only used with incompatible bit 2, which is refused as unsupported.
+                dataFileName = String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
             default:
                 unknownExtensions.append(type)  // The spec lets readers ignore unknown extensions.
             }
@@ -309,7 +362,7 @@ public struct QCOW2Header: Sendable {
         case extBitmaps: return "bitmaps"
         case extEncryption: return "full disk encryption header"
         case extDataFile: return "external data file name"
-        default: return "0x" + hex(UInt64(type))
+        default: return "0x" + Hex.digits(UInt64(type))
         }
     }
 }
@@ -324,13 +377,19 @@ public struct QCOW2Snapshot: Sendable, Equatable {
     public var vmStateSize: UInt64
     /// The virtual disk size when the snapshot was taken, if recorded (extra data).
     public var diskSize: UInt64?
+    /// Bytes of extra data (version 3 images need at least 16: the large VM state size and the disk size).
+    public var extraDataSize: UInt32 = 0
 
-    static func readTable(file: ImageFile, header h: QCOW2Header, fileSize: UInt64) throws -> [QCOW2Snapshot] {
+    /// Reads the snapshot table; returns the snapshots and the table's length. With `checkL1Tables`
+    /// off (for `check`, which reports them), snapshot L1 tables are not validated here.
+    static func readTable(file: ImageFile, header h: QCOW2Header, fileSize: UInt64,
+                          checkL1Tables: Bool = true) throws -> ([QCOW2Snapshot], UInt64) {
         var result: [QCOW2Snapshot] = []
         var offset = h.snapshotsOffset
+        var end = offset
         for index in 0..<Int(h.snapshotCount) {
             guard offset <= fileSize, fileSize - offset >= 40 else {
-                throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(hex(offset)) runs past the end of the file")
+                throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(Hex.digits(offset)) runs past the end of the file")
             }
             let fixed = try file.readBytes(40, at: offset, what: "snapshot entry")
             let idLen = UInt64(fixed.be(12, as: UInt16.self))
@@ -340,17 +399,26 @@ public struct QCOW2Snapshot: Sendable, Equatable {
                 throw DiskImageError.badSnapshot(index: index, reason: "extra data size \(extraLen) is more than 1024")
             }
             let varLen = UInt64(extraLen) + idLen + nameLen
+            // QEMU sums the entries (each but the last padded to 8 bytes) and stops at 64 MiB.
+            let tableLength = offset - h.snapshotsOffset + 40 + varLen
+            guard tableLength <= QCOW2Header.maxSnapshotTableBytes else {
+                throw DiskImageError.snapshotTableTooLarge(entries: index + 1, bytes: tableLength)
+            }
             guard fileSize - offset - 40 >= varLen else {
-                throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(hex(offset)) runs past the end of the file")
+                throw DiskImageError.badSnapshot(index: index, reason: "entry at 0x\(Hex.digits(offset)) runs past the end of the file")
             }
             let rest = try file.readBytes(Int(varLen), at: offset + 40, what: "snapshot entry")
             var snap = QCOW2Snapshot(
                 id: String(decoding: rest[Int(extraLen)..<Int(UInt64(extraLen) + idLen)], as: UTF8.self),
                 name: String(decoding: rest[Int(UInt64(extraLen) + idLen)...], as: UTF8.self),
                 l1TableOffset: fixed.be(0), l1Size: fixed.be(8), dateSeconds: fixed.be(16),
-                vmStateSize: UInt64(fixed.be(32, as: UInt32.self)), diskSize: nil)
+                vmStateSize: UInt64(fixed.be(32, as: UInt32.self)), diskSize: nil, extraDataSize: extraLen)
             if extraLen >= 8 { snap.vmStateSize = rest.be(0) }
             if extraLen >= 16 { snap.diskSize = rest.be(8) }
+            end = offset + 40 + varLen
+            result.append(snap)
+            offset += (40 + varLen + 7) & ~7
+            guard checkL1Tables else { continue }
             guard UInt64(snap.l1Size) <= QCOW2Header.maxL1Entries else {
                 throw DiskImageError.badSnapshot(index: index, reason: "L1 table of \(snap.l1Size) entries is too large")
             }
@@ -367,48 +435,7 @@ public struct QCOW2Snapshot: Sendable, Equatable {
                     throw DiskImageError.badSnapshot(index: index, reason: "L1 table is too small for the disk size \(size)")
                 }
             }
-            result.append(snap)
-            offset += (40 + varLen + 7) & ~7
         }
-        return result
-    }
-}
-
-/// One entry of the persistent-bitmap directory: where its table is and its flags.
-struct BitmapDirectoryEntry {
-    var entryOffset: UInt64   // Host offset of this directory entry (flags are at +12).
-    var tableOffset: UInt64
-    var tableEntries: UInt32
-    var flags: UInt32
-
-    /// Flag bit 0: the bitmap may be out of date (it was not saved after the disk changed).
-    static let inUse: UInt32 = 1
-
-    /// Parses the directory (already bounded to 64 MiB and the file by the header parser).
-    static func read(file: ImageFile, header h: QCOW2Header) throws -> [BitmapDirectoryEntry] {
-        guard h.bitmapCount > 0, h.bitmapDirectorySize > 0 else { return [] }
-        let dir = try file.readBytes(Int(h.bitmapDirectorySize), at: h.bitmapDirectoryOffset, what: "bitmap directory")
-        let fileSize = try file.size()
-        var result: [BitmapDirectoryEntry] = []
-        var pos = 0
-        for i in 0..<Int(h.bitmapCount) {
-            guard pos + 24 <= dir.count else {
-                throw DiskImageError.badExtension(name: "bitmaps", reason: "directory entry \(i) runs past the directory")
-            }
-            let e = BitmapDirectoryEntry(entryOffset: h.bitmapDirectoryOffset + UInt64(pos), tableOffset: dir.be(pos),
-                                         tableEntries: dir.be(pos + 8), flags: dir.be(pos + 12))
-            let length = 24 + Int(dir.be(pos + 20, as: UInt32.self) & 0xffff) + Int(dir.be(pos + 18, as: UInt16.self))
-            guard dir.be(pos + 20, as: UInt32.self) <= 0xffff, pos + length <= dir.count else {
-                throw DiskImageError.badExtension(name: "bitmaps", reason: "directory entry \(i) runs past the directory")
-            }
-            let bytes = UInt64(e.tableEntries) * 8
-            guard e.tableOffset & (h.clusterSize - 1) == 0, e.tableOffset <= fileSize, bytes <= fileSize - e.tableOffset else {
-                throw DiskImageError.badExtension(
-                    name: "bitmaps", reason: "bitmap table at 0x\(hex(e.tableOffset)) is misaligned or outside the file")
-            }
-            result.append(e)
-            pos += (length + 7) & ~7
-        }
-        return result
+        return (result, end - h.snapshotsOffset)
     }
 }

@@ -1,3 +1,4 @@
+import Basics
 import Synchronization
 
 #if canImport(Glibc)
@@ -52,8 +53,8 @@ public final class QCOW2Image: BlockDevice {
     }
 
     /// Opens a validated qcow2 image and its backing chain.
-    init(file: ImageFile, snapshot snapshotName: String?, chain: inout BackingChainState) throws {
-        let h = try QCOW2Header.parse(file: file)
+    init(file: ImageFile, snapshot snapshotName: String?, chain: inout BackingChainState, forCheck: Bool = false) throws {
+        let h = try QCOW2Header.parse(file: file, forCheck: forCheck)
         self.file = file
         self.header = h
         self.clusterBits = UInt64(h.clusterBits)
@@ -70,24 +71,21 @@ public final class QCOW2Image: BlockDevice {
 
         var l1Offset = h.l1TableOffset
         var l1Count = UInt64(h.l1Size)
-        var size = h.size
         if let snapshotName {
             guard let snap = h.snapshots.first(where: { $0.name == snapshotName })
                 ?? h.snapshots.first(where: { $0.id == snapshotName }) else {
                 throw DiskImageError.snapshotNotFound(snapshotName)
             }
+            // Like `qemu-img convert -l`: the snapshot's L1 table in place of the active one, at the
+            // image's current size (clusters past the snapshot's L1 table are unallocated).
             self.snapshot = snap
             l1Offset = snap.l1TableOffset
             l1Count = UInt64(snap.l1Size)
-            size = snap.diskSize ?? h.size
-            let perL1 = h.clusterSize * h.l2Entries
-            guard l1Count >= size / perL1 + (size % perL1 == 0 ? 0 : 1) else {
-                throw DiskImageError.l1TooSmall(entries: snap.l1Size, needed: size / perL1 + 1)
-            }
         } else {
             self.snapshot = nil
         }
-        self.virtualSize = size
+        // QEMU counts whole 512-byte sectors: a partial last sector is not part of the disk.
+        self.virtualSize = h.diskSize
 
         // The L1 table was bounds-checked against the file and the 32 MiB limit by parse().
         var l1 = [UInt64](repeating: 0, count: Int(l1Count))
@@ -183,17 +181,17 @@ public final class QCOW2Image: BlockDevice {
             let fileSize = state.withLock { $0.fileSize }
             guard host >= clusterSize, host < fileSize else {
                 throw DiskImageError.corruptMetadata(
-                    "compressed data for guest cluster \(index) at 0x\(hex(host)) is outside the file")
+                    "compressed data for guest cluster \(index) at 0x\(Hex.digits(host)) is outside the file")
             }
             return .compressed(offset: host, size: min(size, fileSize - host))
         }
         if entry & Self.l2ReservedMask != 0 {
             throw DiskImageError.corruptMetadata(
-                "L2 entry 0x\(hex(entry)) for guest cluster \(index) has reserved bits set")
+                "L2 entry 0x\(Hex.digits(entry)) for guest cluster \(index) has reserved bits set")
         }
         let host = entry & Self.offsetMask
         if host != 0 {
-            try checkClusterOffset(host, "data cluster offset 0x\(hex(host)) for guest cluster \(index)")
+            try checkClusterOffset(host, "data cluster offset 0x\(Hex.digits(host)) for guest cluster \(index)")
         }
         if extended {
             let allocated = UInt32(truncatingIfNeeded: bitmap)
@@ -249,9 +247,9 @@ public final class QCOW2Image: BlockDevice {
     /// Reads, checks and caches the L2 table at `offset`.
     func loadL2(offset: UInt64, l1Entry: UInt64, l1Index: UInt64) throws -> [UInt64] {
         guard l1Entry & Self.l1ReservedMask == 0 else {
-            throw DiskImageError.corruptMetadata("L1 entry \(l1Index) (0x\(hex(l1Entry))) has reserved bits set")
+            throw DiskImageError.corruptMetadata("L1 entry \(l1Index) (0x\(Hex.digits(l1Entry))) has reserved bits set")
         }
-        try checkClusterOffset(offset, "L2 table offset 0x\(hex(offset)) in L1 entry \(l1Index)")
+        try checkClusterOffset(offset, "L2 table offset 0x\(Hex.digits(offset)) in L1 entry \(l1Index)")
         var table = [UInt64](repeating: 0, count: Int(clusterSize / 8))
         try table.withUnsafeMutableBytes { try file.readZeroFilled(into: $0, at: offset) }
         for i in table.indices { table[i] = UInt64(bigEndian: table[i]) }

@@ -1,3 +1,4 @@
+import Basics
 /// Reference-count changes to apply together: host cluster index -> signed change.
 ///
 /// Built while walking tables, then checked and written one refcount block at a time by
@@ -79,9 +80,9 @@ extension QCOW2Image {
         let l2 = l1Entry & Self.offsetMask
         guard l2 != 0 else { return nil }
         guard l1Entry & Self.l1ReservedMask == 0 else {
-            throw DiskImageError.corruptMetadata("L1 entry \(index) (0x\(hex(l1Entry))) has reserved bits set")
+            throw DiskImageError.corruptMetadata("L1 entry \(index) (0x\(Hex.digits(l1Entry))) has reserved bits set")
         }
-        try checkClusterOffset(l2, "L2 table offset 0x\(hex(l2)) in L1 entry \(index)")
+        try checkClusterOffset(l2, "L2 table offset 0x\(Hex.digits(l2)) in L1 entry \(index)")
         return l2
     }
 

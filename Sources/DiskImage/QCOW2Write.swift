@@ -1,3 +1,4 @@
+import Basics
 /// Allocator state of a writable qcow2 image, guarded by `QCOW2Image.writer`.
 ///
 /// Owns the in-memory copy of the refcount table and the next host offset to try
@@ -46,7 +47,7 @@ extension QCOW2Image {
         // while it has an image open), so their clusters stay referenced and QEMU knows not to trust them.
         var keep: UInt64 = 0
         if h.autoclearFeatures & QCOW2Header.autoclearBitmaps != 0 && h.bitmapCount > 0 {
-            for e in try BitmapDirectoryEntry.read(file: file, header: h) where e.flags & BitmapDirectoryEntry.inUse == 0 {
+            for e in h.bitmapDirectory where !e.isInUse {
                 var flags = [UInt8](repeating: 0, count: 4)
                 flags.setBE(e.flags | BitmapDirectoryEntry.inUse, at: 0)
                 try file.write(bytes: flags, at: e.entryOffset + 12)
@@ -247,12 +248,12 @@ extension QCOW2Image {
         let e = w.refcountTable[t]
         let offset = e & ~(clusterSize - 1)
         guard e & 0x1ff == 0, offset & (clusterSize - 1) == 0 else {
-            throw DiskImageError.corruptMetadata("refcount table entry \(t) (0x\(hex(e))) is not cluster-aligned")
+            throw DiskImageError.corruptMetadata("refcount table entry \(t) (0x\(Hex.digits(e))) is not cluster-aligned")
         }
         if offset != 0 {
             let fileSize = state.withLock { $0.fileSize }
             guard offset >= clusterSize, offset < fileSize else {
-                throw DiskImageError.corruptMetadata("refcount block 0x\(hex(offset)) is outside the file")
+                throw DiskImageError.corruptMetadata("refcount block 0x\(Hex.digits(offset)) is outside the file")
             }
         }
         return offset

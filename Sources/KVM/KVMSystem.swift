@@ -18,6 +18,13 @@ public struct KVMCapability: Sendable, Hashable, CustomStringConvertible {
     public static let tscFrequency = KVMCapability(rawValue: CKVM_CAP_GET_TSC_KHZ, name: "KVM_CAP_GET_TSC_KHZ")
     public static let extendedCPUID = KVMCapability(rawValue: CKVM_CAP_EXT_CPUID, name: "KVM_CAP_EXT_CPUID")
     public static let signalMSI = KVMCapability(rawValue: CKVM_CAP_SIGNAL_MSI, name: "KVM_CAP_SIGNAL_MSI")
+    public static let xsave = KVMCapability(rawValue: CKVM_CAP_XSAVE, name: "KVM_CAP_XSAVE")
+    /// On a VM: the size of the XSAVE area `KVM_GET_XSAVE2` returns (0 without it).
+    public static let xsave2 = KVMCapability(rawValue: CKVM_CAP_XSAVE2, name: "KVM_CAP_XSAVE2")
+    public static let vcpuEvents = KVMCapability(rawValue: CKVM_CAP_VCPU_EVENTS, name: "KVM_CAP_VCPU_EVENTS")
+    /// Emulation failures exit to user space at every CPL instead of injecting #UD at CPL > 0.
+    public static let exitOnEmulationFailure = KVMCapability(rawValue: CKVM_CAP_EXIT_ON_EMULATION_FAILURE,
+                                                             name: "KVM_CAP_EXIT_ON_EMULATION_FAILURE")
 
     public var description: String { name }
 }

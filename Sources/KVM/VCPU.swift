@@ -32,7 +32,8 @@ public enum VCPUExit {
 /// One virtual CPU: owns its file descriptor and its mapped `kvm_run` area.
 ///
 /// vCPU ioctls: `KVM_RUN`, `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`, `KVM_GET/SET_CPUID2`,
-/// `KVM_GET/SET_MSRS`, `KVM_SET_FPU`, `KVM_GET/SET_LAPIC`, `KVM_GET/SET_MP_STATE`,
+/// `KVM_GET/SET_MSRS`, `KVM_GET/SET_FPU`, `KVM_GET/SET_LAPIC`, `KVM_GET/SET_MP_STATE`,
+/// `KVM_GET/SET_XSAVE`, `KVM_GET_XSAVE2`, `KVM_GET/SET_VCPU_EVENTS`, `KVM_TRANSLATE`,
 /// `KVM_GET_TSC_KHZ`. KVM requires these to come from the thread that runs the vCPU
 /// once it has started; Swiftlet sets the vCPU up, then hands it to its thread.
 public final class VCPU: @unchecked Sendable {
@@ -100,6 +101,14 @@ public final class VCPU: @unchecked Sendable {
     public func requestImmediateExit() {
         withUnsafeMutablePointer(to: &runArea.pointee.immediate_exit) { pointer in
             UnsafeMutableRawPointer(pointer).storeBytes(of: 1, as: UInt8.self)
+        }
+    }
+
+    /// Lets the next `KVM_RUN` enter the guest again after ``requestImmediateExit()``
+    /// (a resumed vCPU). Call it from the vCPU's thread.
+    public func clearImmediateExit() {
+        withUnsafeMutablePointer(to: &runArea.pointee.immediate_exit) { pointer in
+            UnsafeMutableRawPointer(pointer).storeBytes(of: 0, as: UInt8.self)
         }
     }
 
@@ -201,6 +210,67 @@ public final class VCPU: @unchecked Sendable {
         try fd.ioctl("KVM_SET_FPU", CKVM_SET_FPU, &fpu)
     }
 
+    /// The x87 and SSE state in FXSAVE layout: registers, control and status words, MXCSR.
+    /// The corresponding ioctl is `KVM_GET_FPU`.
+    public func fpu() throws(KVMError) -> kvm_fpu {
+        try fd.get("KVM_GET_FPU", CKVM_GET_FPU, kvm_fpu())
+    }
+
+    /// Replaces the x87 and SSE state (write back what ``fpu()`` returned, changed).
+    /// The corresponding ioctl is `KVM_SET_FPU`.
+    public func setFPU(_ state: kvm_fpu) throws(KVMError) {
+        try fd.set("KVM_SET_FPU", CKVM_SET_FPU, state)
+    }
+
+    /// The x87, SSE and extended state in XSAVE's standard (uncompacted) layout: `size`
+    /// bytes, the value of `KVM_CAP_XSAVE2` on the VM, or 4096 without it. Components the
+    /// guest has not used read as their initial values (MXCSR 0x1F80 at byte 24).
+    /// The corresponding ioctl is `KVM_GET_XSAVE2`, or `KVM_GET_XSAVE` for 4096 bytes.
+    public func xsave(size: Int) throws(KVMError) -> [UInt8] {
+        let bytes = max(size, 4096)
+        return try withZeroedBuffer(size: bytes) { (buffer) throws(KVMError) -> [UInt8] in
+            if size > 4096 {
+                try fd.ioctl("KVM_GET_XSAVE2", CKVM_GET_XSAVE2, buffer: buffer)
+            } else {
+                try fd.ioctl("KVM_GET_XSAVE", CKVM_GET_XSAVE, buffer: buffer)
+            }
+            return Array(UnsafeRawBufferPointer(start: buffer, count: bytes))
+        }
+    }
+
+    /// Replaces the XSAVE state with `area` (what ``xsave(size:)`` returned, changed), which
+    /// KVM checks (reserved MXCSR bits, unsupported components). The ioctl is `KVM_SET_XSAVE`.
+    public func setXSAVE(_ area: [UInt8]) throws(KVMError) {
+        try withZeroedBuffer(size: max(area.count, 4096)) { (buffer) throws(KVMError) in
+            buffer.copyMemory(from: area, byteCount: area.count)
+            try fd.ioctl("KVM_SET_XSAVE", CKVM_SET_XSAVE, buffer: buffer)
+        }
+    }
+
+    /// Exceptions, interrupts and NMIs being delivered or pending, and the interrupt
+    /// shadow. The corresponding ioctl is `KVM_GET_VCPU_EVENTS`.
+    public func events() throws(KVMError) -> kvm_vcpu_events {
+        try fd.get("KVM_GET_VCPU_EVENTS", CKVM_GET_VCPU_EVENTS, kvm_vcpu_events())
+    }
+
+    /// Replaces the event state: every field KVM always applies (exception, interrupt,
+    /// NMI injected and masked) plus the optional ones `flags` names. Start from
+    /// ``events()`` and change what is needed. The ioctl is `KVM_SET_VCPU_EVENTS`.
+    public func setEvents(_ events: kvm_vcpu_events) throws(KVMError) {
+        try fd.set("KVM_SET_VCPU_EVENTS", CKVM_SET_VCPU_EVENTS, events)
+    }
+
+    /// Translates a guest linear address through the vCPU's current page tables, as a
+    /// supervisor-mode read would (KVM reports no write or user permission: it sets
+    /// `writeable` always). `nil` when the address is not mapped.
+    /// The corresponding ioctl is `KVM_TRANSLATE`.
+    public func translate(linearAddress: UInt64) throws(KVMError) -> UInt64? {
+        var translation = kvm_translation()
+        translation.linear_address = linearAddress
+        try fd.ioctl("KVM_TRANSLATE", CKVM_TRANSLATE, &translation)
+        return translation.valid != 0 ? translation.physical_address : nil
+    }
+
     /// The local APIC's 1 KiB register page. The corresponding ioctl is `KVM_GET_LAPIC`.
     public func lapic() throws(KVMError) -> kvm_lapic_state {
         try fd.get("KVM_GET_LAPIC", CKVM_GET_LAPIC, kvm_lapic_state())
@@ -225,5 +295,27 @@ public final class VCPU: @unchecked Sendable {
     public func tscKHz() -> UInt32? {
         let result = fd.issue(CKVM_GET_TSC_KHZ, value: 0)
         return result > 0 ? UInt32(result) : nil
+    }
+}
+
+/// What `KVM_EXIT_INTERNAL_ERROR` with suberror `KVM_INTERNAL_ERROR_EMULATION` carries:
+/// KVM's instruction emulator failed on the instruction at RIP. Since Linux 5.14 the exit
+/// data holds flags and, with `KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`, the
+/// bytes KVM fetched at RIP (`struct kvm_run.emulation_failure`).
+public struct EmulationFailure: Sendable, Equatable {
+    /// Up to 15 bytes starting at the failing instruction, or `nil` when KVM sent none.
+    public let instructionBytes: [UInt8]?
+
+    /// Reads the exit's data; `nil` when the exit is some other internal error.
+    public init?(suberror: UInt32, data: [UInt64]) {
+        guard suberror == CKVM_INTERNAL_ERROR_EMULATION else { return nil }
+        // data[0] = flags; data[1] = insn_size (low byte) and the first 7 bytes; data[2] the next 8.
+        guard data.count >= 3, data[0] & CKVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES != 0 else {
+            instructionBytes = nil
+            return
+        }
+        let raw = withUnsafeBytes(of: (data[1].littleEndian, data[2].littleEndian)) { Array($0) }
+        let size = min(Int(raw[0]), 15)
+        instructionBytes = size > 0 ? Array(raw[1...size]) : nil
     }
 }

@@ -5,8 +5,10 @@ import Glibc
 ///
 /// VM ioctls: `KVM_SET_USER_MEMORY_REGION`, `KVM_SET_TSS_ADDR`,
 /// `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_GET_IRQCHIP`,
-/// `KVM_SET_IRQCHIP`, `KVM_CREATE_PIT2`, `KVM_IRQ_LINE` and `KVM_CREATE_VCPU`. Each is
-/// safe to call from any thread.
+/// `KVM_SET_IRQCHIP`, `KVM_CREATE_PIT2`, `KVM_IRQ_LINE`, `KVM_CHECK_EXTENSION`,
+/// `KVM_ENABLE_CAP` and `KVM_CREATE_VCPU` (the fast paths, `KVM_IOEVENTFD`, `KVM_IRQFD`,
+/// `KVM_SET_GSI_ROUTING` and `KVM_SIGNAL_MSI`, are in FastPaths.swift). Each is safe to
+/// call from any thread.
 public final class VirtualMachine: Sendable {
     let fd: KVMFileDescriptor
     public let system: KVMSystem
@@ -82,6 +84,25 @@ public final class VirtualMachine: Sendable {
         level.irq = gsi
         level.level = high ? 1 : 0
         try fd.ioctl("KVM_IRQ_LINE", CKVM_IRQ_LINE, &level)
+    }
+
+    /// `KVM_CHECK_EXTENSION` on the VM: 0 when absent, else a capability-specific value.
+    /// Some answers depend on the VM (`KVM_CAP_XSAVE2`'s size).
+    public func check(_ capability: KVMCapability) -> Int32 {
+        (try? fd.ioctl("KVM_CHECK_EXTENSION", CKVM_CHECK_EXTENSION, value: UInt(capability.rawValue))) ?? 0
+    }
+
+    /// Turns on a VM capability that must be asked for (`KVM_CAP_EXIT_ON_EMULATION_FAILURE`
+    /// ...), with its arguments. The corresponding ioctl is `KVM_ENABLE_CAP`.
+    public func enable(_ capability: KVMCapability, arguments: [UInt64] = []) throws(KVMError) {
+        var request = kvm_enable_cap()
+        request.cap = UInt32(capability.rawValue)
+        withUnsafeMutableBytes(of: &request.args) { slots in
+            for (index, value) in arguments.prefix(4).enumerated() {
+                slots.storeBytes(of: value, toByteOffset: index * 8, as: UInt64.self)
+            }
+        }
+        try fd.ioctl("KVM_ENABLE_CAP", CKVM_ENABLE_CAP, &request)
     }
 
     /// Creates vCPU `id` (its initial APIC ID). The corresponding ioctl is `KVM_CREATE_VCPU`.

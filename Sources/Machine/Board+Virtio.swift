@@ -1,3 +1,4 @@
+import Boot
 import Devices
 import DiskImage
 import EventLoop
@@ -50,6 +51,17 @@ extension Board {
             }
         }
         return attachments
+    }
+
+    /// What the firmware tables announce: the virtio-mmio devices in the DSDT, or the PCI
+    /// host bridge (MCFG, `PCI0` with its windows and the INTx routing of each slot).
+    static func platformDevices(deviceCount: Int, transport: VirtioTransportKind) -> PlatformDevices {
+        switch transport {
+        case .mmio:
+            return PlatformDevices(virtioMMIO: (0..<deviceCount).compactMap { VirtioMMIODevice.slot($0) })
+        case .pci:
+            return PlatformDevices(pci: .swiftlet(deviceSlots: (0..<deviceCount).map { UInt8(pciPlacement($0).slot) }))
+        }
     }
 
     /// The kernel command-line words that announce virtio-mmio devices to Linux (and to

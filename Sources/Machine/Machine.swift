@@ -24,6 +24,8 @@ public final class Machine: Sendable {
 
     let board: Board
     let stop = StopController()
+    let pauseControl = PauseControl()
+    private let lifecycle = Mutex(LifecycleState.created)
     /// The machine's event loop: made with the board (devices register with it), run on
     /// its own thread by ``run()``.
     let loop: EventLoop
@@ -53,8 +55,9 @@ public final class Machine: Sendable {
         // Read (and check) the payload before touching /dev/kvm: a wrong file is reported
         // at once. The bytes live only until they are copied into guest RAM.
         let virtioWords = Board.virtioCommandLine(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
+        let platform = Board.platformDevices(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
         var payload: Payload? = try Payload.read(configuration.boot, memorySize: configuration.memorySize,
-                                                 cpuCount: configuration.cpuCount, extraCommandLine: virtioWords)
+                                                 cpuCount: configuration.cpuCount, platform: platform, mmioCommandLine: virtioWords)
         do { loop = try EventLoop() } catch { throw .invalidConfiguration("cannot make the VM's event loop: \(error)") }
         board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: payload?.format == .multiboot)
         let entry: EntryState
@@ -72,6 +75,12 @@ public final class Machine: Sendable {
                 throw MachineError.invalidConfiguration("the kernel is entered in 64-bit mode, but CPU model "
                     + "\(configuration.cpuModel) has no long mode (lm); use a 32-bit entry or keep lm")
             }
+            // With completion on, have KVM report emulation failures at every CPL (it would
+            // inject #UD at CPL > 0 itself) and queue no #UD of its own at CPL 0.
+            let exitOnEveryFailure = configuration.completeInstructions && board.system.check(.exitOnEmulationFailure) > 0
+            if exitOnEveryFailure { try board.vm.enable(.exitOnEmulationFailure, arguments: [1]) }
+            let host = HostCPUFacts()
+            let fpuAccess: GuestFPUAccess = board.system.check(.xsave) > 0 ? .xsave(size: Int(board.vm.check(.xsave2))) : .fpu
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
             for id in 0..<configuration.cpuCount {
@@ -80,8 +89,12 @@ public final class Machine: Sendable {
                 let model = cpuModel ?? CPUModel(base: cpu.table.entries, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
                 cpuModel = model
                 try VCPUSetup.configure(vcpu, cpuid: model.entries(forAPICID: UInt32(id)))
+                let emulationFailures = EmulationFailureHandler(vcpu: vcpu, memory: board.memory, host: host, fpuAccess: fpuAccess,
+                                                                completeInstructions: configuration.completeInstructions,
+                                                                exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
-                                          traceExits: configuration.traceExits, tripleFault: configuration.tripleFault))
+                                          traceExits: configuration.traceExits, tripleFault: configuration.tripleFault,
+                                          emulationFailures: emulationFailures, pause: pauseControl))
             }
             self.runners = runners
             // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local
@@ -126,6 +139,8 @@ public final class Machine: Sendable {
     /// timerfd, the termination signals' signalfd and standard input. The calling thread
     /// waits for the stop decision.
     public func run() throws(MachineError) -> StopReason {
+        try move(from: [.created], to: .running, doing: "run")
+        defer { lifecycle.withLock { $0 = .stopped } }
         Signals.installKickHandler()
         var loopThread: NamedThread?
         // vCPU threads wait here until all of them exist: a machine that cannot get its
@@ -136,6 +151,8 @@ public final class Machine: Sendable {
             try watchStopSources(on: loop)
             loopThread = try loop.start(name: "events")
             stop.onStop { [loop] in loop.stop() }
+            // A stop while paused lets the parked vCPU threads go, so they can end.
+            stop.onStop { [pauseControl] in pauseControl.resumeAll() }
             for runner in runners { try runner.start(after: gate) }
             gate.leave()
         } catch {
@@ -209,5 +226,47 @@ extension Machine {
     /// reason came first).
     public func requestStop(_ reason: StopReason) {
         stop.stop(reason)
+    }
+}
+
+/// Where a machine is in its life: built, running, paused, or stopped for good.
+public enum LifecycleState: String, Sendable, Equatable {
+    case created, running, paused, stopped
+}
+
+extension Machine {
+    /// The machine's state now.
+    public var state: LifecycleState { lifecycle.withLock { $0 } }
+
+    /// Moves to `next` if the state is one of `allowed`, or throws naming both.
+    private func move(from allowed: Set<LifecycleState>, to next: LifecycleState, doing action: String) throws(MachineError) {
+        try lifecycle.withLock { (state) throws(MachineError) in
+            guard allowed.contains(state) else { throw .invalidTransition(action: action, state: state.rawValue) }
+            state = next
+        }
+    }
+
+    /// How long a pause may wait for a vCPU to leave `KVM_RUN`.
+    static let pauseTimeout = 5.0
+
+    /// Parks every vCPU outside `KVM_RUN`, at an instruction boundary, then quiesces the
+    /// devices (no request half-done). Returns once the machine is still. From `running`
+    /// only.
+    public func pause() throws(MachineError) {
+        try move(from: [.running], to: .paused, doing: "pause")
+        pauseControl.requestPause()
+        for runner in runners { runner.kick() }
+        guard pauseControl.awaitParked(count: runners.count, timeout: Self.pauseTimeout) else {
+            stop.stop(.crash("a vCPU did not stop for a pause within \(Int(Self.pauseTimeout)) s"))
+            throw .invalidConfiguration("the VM could not be paused: a vCPU did not leave KVM_RUN")
+        }
+        for core in board.virtioTransports { core.device.pause() }
+    }
+
+    /// Lets the devices and the vCPUs go on exactly where they stopped. From `paused` only.
+    public func resume() throws(MachineError) {
+        try move(from: [.paused], to: .running, doing: "resume")
+        for core in board.virtioTransports { core.device.resume() }
+        pauseControl.resumeAll()
     }
 }

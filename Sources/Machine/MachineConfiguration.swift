@@ -122,6 +122,10 @@ public struct MachineConfiguration: Sendable {
     /// Called with a one-line message when something goes wrong that does not stop the
     /// VM: a guest driver that broke a device's rules (the device then needs a reset).
     public var onWarning: (@Sendable (String) -> Void)?
+    /// Complete, in Swiftlet, the instructions KVM's emulator fails on when that can be done
+    /// exactly (int3, int n, fwait, ldmxcsr, stmxcsr, clac, stac, popcnt; see
+    /// docs/instruction-completion.md). Off: every such failure stops the VM (status 4).
+    public var completeInstructions = true
     /// The KVM device to open.
     public var kvmPath = KVMSystem.defaultPath
 

@@ -10,6 +10,8 @@ public enum MachineError: Error, CustomStringConvertible {
     case kvm(KVMError)
     case load(String)
     case thread(ThreadStartError)
+    /// A lifecycle move the machine's state does not allow (resume a running VM, ...).
+    case invalidTransition(action: String, state: String)
 
     public var description: String {
         switch self {
@@ -19,6 +21,7 @@ public enum MachineError: Error, CustomStringConvertible {
         case let .kvm(error): return error.description
         case let .load(message): return message
         case let .thread(error): return error.description
+        case let .invalidTransition(action, state): return "cannot \(action) the VM: it is \(state)"
         }
     }
 }

@@ -24,8 +24,16 @@ struct Payload {
     /// Reads what `boot` names. A kernel file's header is checked before the rest is
     /// read, so a file that is not a kernel (even a huge one) is refused at once; a file
     /// larger than guest RAM cannot be loaded and is refused without being read.
-    /// `extraCommandLine` is appended to a kernel's command line (the virtio-mmio devices).
-    static func read(_ boot: BootSource, memorySize: UInt64, cpuCount: Int, extraCommandLine: [String] = []) throws(MachineError) -> Payload {
+    /// - Parameters:
+    ///   - platform: the devices the firmware tables announce (virtio-mmio devices, the
+    ///     PCI host bridge).
+    ///   - mmioCommandLine: the `virtio_mmio.device=` words for the virtio-mmio devices.
+    ///     A Multiboot kernel gets them (it reads no ACPI); a Linux kernel finds the
+    ///     devices in the DSDT and gets the words only with `acpi=off` on its command
+    ///     line, since a device announced both ways is registered twice by Linux (the
+    ///     second registration fails to claim the registers).
+    static func read(_ boot: BootSource, memorySize: UInt64, cpuCount: Int, platform: PlatformDevices = .none,
+                     mmioCommandLine: [String] = []) throws(MachineError) -> Payload {
         switch boot {
         case let .flat(source):
             return Payload(content: .flat(try bytes(of: source, purpose: "flat binary", limit: memorySize)), format: nil)
@@ -44,9 +52,12 @@ struct Payload {
             let given = format == .multiboot
                 ? [kernel.kernel.name] + (kernel.commandLine.map { [$0] } ?? [])
                 : [kernel.commandLine ?? (isLinux ? MachineConfiguration.defaultLinuxCommandLine : "")]
-            let commandLine = (given + extraCommandLine).filter { !$0.isEmpty }.joined(separator: " ")
+            let acpiOff = given.contains { $0.split(separator: " ").contains("acpi=off") }
+            let extra = format == .multiboot || acpiOff ? mmioCommandLine : []
+            let commandLine = (given + extra).filter { !$0.isEmpty }.joined(separator: " ")
             let options = BootOptions(cmdline: commandLine, initrd: initrd, cpuCount: cpuCount,
-                                      decompressOnHost: kernel.decompressOnHost, linuxEntry: kernel.linuxEntry)
+                                      decompressOnHost: kernel.decompressOnHost, linuxEntry: kernel.linuxEntry,
+                                      platformDevices: platform)
             return Payload(content: .kernel(bytes, options), format: format)
         }
     }

@@ -23,6 +23,8 @@ final class VCPURunner: @unchecked Sendable {
     private let stop: StopController
     private let traceExits: Bool
     private let tripleFault: TripleFaultAction
+    private let emulationFailures: EmulationFailureHandler
+    private let pause: PauseControl
     private let thread = Mutex<NamedThread?>(nil)
     private let finished = DispatchSemaphore(value: 0)
 
@@ -30,13 +32,16 @@ final class VCPURunner: @unchecked Sendable {
     /// CLOCK_MONOTONIC time of the first `KVM_RUN`.
     private(set) var firstRunAt: UInt64?
 
-    init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool, tripleFault: TripleFaultAction) {
+    init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool, tripleFault: TripleFaultAction,
+         emulationFailures: EmulationFailureHandler, pause: PauseControl) {
+        self.pause = pause
         self.vcpu = vcpu
         self.portBus = portBus
         self.mmioBus = mmioBus
         self.stop = stop
         self.traceExits = traceExits
         self.tripleFault = tripleFault
+        self.emulationFailures = emulationFailures
     }
 
     /// Starts the thread `vcpu<N>` and arranges for it to be kicked on stop. The thread
@@ -47,6 +52,7 @@ final class VCPURunner: @unchecked Sendable {
             Signals.unblockKick()
             gate.wait()
             runLoop()
+            pause.runnerEnded()
             finished.signal()
         }
         thread.withLock { $0 = started }
@@ -66,7 +72,7 @@ final class VCPURunner: @unchecked Sendable {
     /// Makes `KVM_RUN` return now or at its next entry. `immediate_exit` covers a thread
     /// that has not entered the guest yet; the signal one that is inside it. The thread
     /// is joinable, so its handle stays valid even after its loop ended.
-    private func kick() {
+    func kick() {
         vcpu.requestImmediateExit()
         thread.withLock { $0?.signal(Signals.kick) }
     }
@@ -80,6 +86,17 @@ final class VCPURunner: @unchecked Sendable {
             } catch {
                 crash("KVM_RUN failed: \(error)")
                 return
+            }
+            if case .interrupted = exit, pause.pauseRequested, !stop.isStopping {
+                // Kicked for a pause: this KVM_RUN completed any I/O the previous exit left
+                // pending, so the vCPU is at an instruction boundary. Park until resumed;
+                // the next KVM_RUN must not return at once.
+                pause.park(runner: vcpu.id)
+                vcpu.clearImmediateExit()
+                // A pause requested between the resume and the line above had its kick
+                // undone by the clear: ask for the exit again.
+                if pause.pauseRequested || stop.isStopping { vcpu.requestImmediateExit() }
+                continue
             }
             if traceExits {
                 let start = MonotonicClock.nanoseconds()
@@ -129,6 +146,17 @@ final class VCPURunner: @unchecked Sendable {
         case let .failEntry(reason, cpu):
             crash("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason 0x\(Hex.digits(reason)), CPU \(cpu)): the vCPU state is invalid")
         case let .internalError(suberror, data):
+            if let failure = EmulationFailure(suberror: suberror, data: data) {
+                // KVM's instruction emulator gave up: complete the instruction if it can be
+                // done exactly (see EmulationFailureHandler), else stop with its bytes.
+                switch emulationFailures.handle(failure) {
+                case let .resumed(label):
+                    if counting { statistics.recordEvent(label, nanoseconds: MonotonicClock.nanoseconds() - start) }
+                case let .crash(message):
+                    crash(message)
+                }
+                return
+            }
             let what = suberror == 1 ? "emulation failure: KVM could not emulate an instruction" : "suberror \(suberror)"
             crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR, \(what)); data: \(data.map { Hex.prefixed($0) }.joined(separator: " "))")
         case let .systemEvent(type, _):
@@ -152,3 +180,4 @@ final class VCPURunner: @unchecked Sendable {
         stop.stop(.crash(report))
     }
 }
+

@@ -284,6 +284,17 @@ public final class GuestMemory: @unchecked Sendable {
         clinux_store_release_32(try alignedPointer(address, size: 4), value.littleEndian)
     }
 
+    /// Atomically replaces the naturally aligned little-endian 4- or 8-byte value at
+    /// `address` with `desired` if it is `expected`; returns whether it did. (A page walk
+    /// sets accessed and dirty bits this way, as the CPU does, while other vCPUs run.)
+    public func compareExchange(at address: GuestAddress, size: Int, expected: UInt64, desired: UInt64) throws(GuestMemoryError) -> Bool {
+        guard size == 4 || size == 8 else { throw .misaligned(address: address, size: size) }
+        let pointer = try alignedPointer(address, size: size)
+        if size == 8 { return clinux_compare_exchange_64(pointer, expected.littleEndian, desired.littleEndian) != 0 }
+        return clinux_compare_exchange_32(pointer, UInt32(truncatingIfNeeded: expected).littleEndian,
+                                          UInt32(truncatingIfNeeded: desired).littleEndian) != 0
+    }
+
     /// A full memory barrier (the specification's `mb()`): needed between publishing the
     /// used index and reading the driver's event index or flags, which acquire/release
     /// alone do not order (a store followed by a load).

@@ -1,3 +1,4 @@
+import Basics
 import KVM
 import Machine
 import X86
@@ -37,10 +38,7 @@ public struct CPUIDLeaf: Sendable, Equatable, CustomStringConvertible {
         "eax=\(hex(eax)) ebx=\(hex(ebx)) ecx=\(hex(ecx)) edx=\(hex(edx))"
     }
 
-    private func hex(_ value: UInt32) -> String {
-        let digits = String(value, radix: 16)
-        return String(repeating: "0", count: max(0, 8 - digits.count)) + digits
-    }
+    private func hex(_ value: UInt32) -> String { Hex.digits(value, width: 8) }
 }
 
 /// A CPU model as this host would give it to one vCPU: see ``CPUModels/describe(_:cpus:vcpu:kvmDevice:)``.

@@ -57,6 +57,17 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// Where a VM is in its life.
+public enum VMState: String, Sendable, Equatable {
+    /// Built, not yet run.
+    case created
+    case running
+    /// Every vCPU parked, devices quiet; ``VM/resume()`` continues it.
+    case paused
+    /// It ran and stopped; it cannot run again.
+    case stopped
+}
+
 /// What a run produced.
 public struct VMResult: Sendable {
     public let exit: VMExit
@@ -119,6 +130,7 @@ public final class VM: Sendable {
         machineConfiguration.traceExits = configuration.traceExits
         machineConfiguration.tripleFault = configuration.tripleFault == .reset ? .reset : .stop
         machineConfiguration.kvmPath = configuration.kvmDevice
+        machineConfiguration.completeInstructions = configuration.completeInstructions
         machineConfiguration.forwardStandardInput = configuration.forwardStandardInput
         machineConfiguration.handleTerminationSignals = configuration.handleTerminationSignals
         machineConfiguration.virtioTransport = configuration.virtioTransport == .mmio ? .mmio : .pci
@@ -166,6 +178,20 @@ public final class VM: Sendable {
         do { reason = try machine.run() } catch { throw SwiftletError(message: error.description) }
         return VMResult(exit: VMExit(reason), console: capture?.bytes ?? [],
                         exitTable: traceExits ? machine.exitReport() : nil, consoleFailure: fileSink?.failure)
+    }
+
+    /// Where the VM is in its life: `created` (built), `running`, `paused` or `stopped`.
+    public var state: VMState { VMState(rawValue: machine.state.rawValue) ?? .stopped }
+
+    /// Parks every vCPU at an instruction boundary and quiesces the devices; the guest
+    /// sees nothing but time passing. Throws when the VM is not running.
+    public func pause() throws(SwiftletError) {
+        do { try machine.pause() } catch { throw SwiftletError(message: error.description) }
+    }
+
+    /// Continues a paused VM exactly where it stopped. Throws when it is not paused.
+    public func resume() throws(SwiftletError) {
+        do { try machine.resume() } catch { throw SwiftletError(message: error.description) }
     }
 
     /// Stops a running VM from another thread; ``run()`` then returns `exit`.

@@ -112,6 +112,10 @@ public struct VMConfiguration: Sendable {
     public var traceExits = false
     /// Ask the host for transparent huge pages for guest RAM.
     public var transparentHugePages = true
+    /// Complete the instructions some KVMs cannot emulate (int3, int n, fwait, ldmxcsr,
+    /// stmxcsr, clac, stac, popcnt) when that can be done exactly, instead of stopping with
+    /// ``VMExit/crash(_:)``. See docs/instruction-completion.md.
+    public var completeInstructions = true
     /// The KVM device to open.
     public var kvmDevice = "/dev/kvm"
     /// Disks, in order: the first is the guest's first virtio disk (Linux: /dev/vda).

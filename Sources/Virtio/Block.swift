@@ -69,6 +69,9 @@
 // until no request is in flight. Nothing runs on the caller's (vCPU) thread except
 // configuration reads and starting and stopping the threads.
 
+#if canImport(Glibc)
+import Glibc
+#endif
 import Basics
 import DiskImage
 import EventLoop
@@ -190,6 +193,22 @@ public final class VirtioBlock: VirtioDevice {
             session?.stop()
             session = nil
         }
+    }
+
+    /// Takes no new requests and waits until none is in flight: every request the device
+    /// took is answered (status, used ring, interrupt), the others wait in the available
+    /// ring, so a saved state has no request half-done.
+    public func pause() {
+        guard let current = session.withLock({ $0 }) else { return }
+        current.control.paused.store(true, ordering: .sequentiallyConsistent)
+        while current.servers.contains(where: { $0.requestsInFlight > 0 }) { usleep(200) }
+    }
+
+    /// Takes requests again.
+    public func resume() {
+        guard let current = session.withLock({ $0 }) else { return }
+        current.control.paused.store(false, ordering: .sequentiallyConsistent)
+        for server in current.servers { server.nudge() }
     }
 }
 

@@ -18,6 +18,8 @@ final class BlockSessionControl: Sendable {
     /// Nothing more is taken from or returned to any queue: a reset began, or the device
     /// needs one.
     let halted = Atomic<Bool>(false)
+    /// The machine is paused: dispatchers take no new chains (requests in flight finish).
+    let paused = Atomic<Bool>(false)
 
     init(handler: BlockRequestHandler, interrupt: any VirtioInterrupt,
          needsReset: @escaping @Sendable (String) -> Void) throws(VirtioError) {
@@ -89,6 +91,12 @@ final class BlockQueueServer: Sendable {
         }
     }
 
+    /// Requests taken from the queue and not yet answered.
+    var requestsInFlight: Int { inFlight.load(ordering: .sequentiallyConsistent) }
+
+    /// Makes the dispatcher look at the queue again (after a pause).
+    func nudge() { notification.signal() }
+
     /// Makes every worker return (after a ``BlockSessionControl/beginReset()``).
     func wakeWorkers() {
         for doorbell in doorbells { doorbell.signal() }
@@ -120,7 +128,8 @@ final class BlockQueueServer: Sendable {
             // Hands what was taken to the workers, ringing an idle one per chain.
             defer { handToWorkers(taken) }
             while inFlight.load(ordering: .sequentiallyConsistent) < limit {
-                guard !control.halted.load(ordering: .sequentiallyConsistent) else { return false }
+                guard !control.halted.load(ordering: .sequentiallyConsistent),
+                      !control.paused.load(ordering: .sequentiallyConsistent) else { return false }
                 guard let chain = try queue.popAvailable() else {
                     // Empty: ask for notifications, then look once more for a chain that
                     // arrived before they were on (no notification comes for it).

@@ -106,4 +106,17 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// them. Returns once no request is in flight any more, so the driver may reuse the
     /// memory at once.
     func reset()
+    /// The machine pauses: stop taking work from the queues (and from the host side: a
+    /// network device stops reading its TAP) and return once nothing is in flight, so
+    /// the device's state and guest memory stay still until ``resume()``.
+    func pause()
+    /// The machine resumes: serve the queues again.
+    func resume()
+}
+
+extension VirtioDevice {
+    /// Devices that only work when the driver notifies them need nothing: with every vCPU
+    /// parked, nothing notifies them.
+    public func pause() {}
+    public func resume() {}
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Basics
 import SwiftletKit
 
 /// `swiftlet cpu`: lists the CPU models and feature names, and shows what a model gives a
@@ -136,9 +137,9 @@ struct CPUCommand: ParsableCommand {
         return lines.joined(separator: "\n") + "\n"
     }
 
+    /// `0x`-prefixed without a width, bare digits with one (as the table columns want).
     static func hex(_ value: UInt32, width: Int = 0) -> String {
-        let digits = String(value, radix: 16)
-        return (width > 0 ? "" : "0x") + String(repeating: "0", count: max(0, width - digits.count)) + digits
+        width > 0 ? Hex.digits(value, width: width) : Hex.prefixed(value)
     }
 }
 

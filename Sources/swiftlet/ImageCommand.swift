@@ -1,4 +1,5 @@
 import ArgumentParser
+import Basics
 import DiskImage
 import Synchronization
 
@@ -71,28 +72,44 @@ extension ImageCommand {
             discussion: """
                 The result has the disk's virtual size and is byte-identical to \
                 'qemu-img convert -O raw'. Zero ranges are left as holes (sparse file). \
-                Chunks are read and decompressed in parallel, one thread per core.
+                Chunks are read and decompressed in parallel (two threads per core). An existing \
+                output file is overwritten in place (its blocks reused, zero ranges punched out).
+
+                The output must not be the source or a file of its backing chain, under any \
+                name (hard or symbolic link, /proc/self/fd/N). Images are locked as QEMU locks \
+                them: the output cannot be one another process (QEMU included) has open, and \
+                the source cannot be one another process is writing.
+
+                -p prints qemu-img's progress line, "    (12.34/100%)", redrawn in place on \
+                standard error when it is a terminal (nothing otherwise, so logs stay clean).
                 """)
 
         @Argument(help: "The source image.") var source: String
-        @Argument(help: "The raw file to write (replaced if it exists).") var destination: String
+        @Argument(help: "The raw file to write (overwritten if it exists).") var destination: String
         @Option(help: "Source format (raw or qcow2); detected from the content when omitted.")
         var format: ImageFormat?
         @Option(help: "Read this internal snapshot of the source instead of its current state.")
         var snapshot: String?
-        @Option(help: "Worker threads (default: one per core).") var threads: Int = 0
-        @Flag(inversion: .prefixedNo, help: "Show a progress bar (default: when stderr is a terminal).")
-        var progress: Bool = isatty(STDERR_FILENO) != 0
+        @Option(help: "Worker threads (default: two per core, at least 4).") var threads: Int = 0
+        @Flag(name: .shortAndLong, inversion: .prefixedNo,
+              help: "Show progress as qemu-img -p does, when standard error is a terminal.")
+        var progress: Bool = false
 
         func run() throws {
-            let bar = progress ? ProgressBar() : nil
+            let meter = progress && isatty(STDERR_FILENO) != 0 ? ProgressMeter() : nil
             var callback: (@Sendable (UInt64, UInt64) -> Void)?
-            if let bar { callback = { done, total in bar.update(done, total) } }
+            if let meter { callback = { done, total in meter.update(done, total) } }
+            meter?.start()
             try imageCommand {
-                let dev = try DiskImage.open(path: source, format: format, readOnly: true, snapshot: snapshot)
-                try RawConverter.convert(dev, to: destination, threads: threads, progress: callback)
+                do {
+                    let dev = try DiskImage.open(path: source, format: format, readOnly: true, snapshot: snapshot)
+                    try RawConverter.convert(dev, to: destination, threads: threads, progress: callback)
+                    meter?.finish(complete: true)
+                } catch {
+                    meter?.finish(complete: false)  // End the progress line before the error's.
+                    throw error
+                }
             }
-            bar?.finish()
         }
     }
 
@@ -103,12 +120,17 @@ extension ImageCommand {
             discussion: """
                 Walks the L1/L2 tables of the image and its snapshots, counts the references \
                 to every cluster of the file and compares them with the stored reference \
-                counts. A reference count that is too low, or a reference outside the file, \
-                is a corruption (data can be lost); one that is too high is a leak (wasted \
-                space only).
+                counts, as 'qemu-img check' does. A reference count that is too low, a reference \
+                outside the file, a misaligned table or cluster, reserved bits, or a wrong COPIED \
+                flag is a corruption (data can be lost); a reference count that is too high is a \
+                leak (wasted space only). It also reports everything a read would refuse, such \
+                as compressed clusters that do not decompress.
 
-                Exit status, as for 'qemu-img check': 0 no problems, 1 the check could not \
-                run, 2 corruptions found, 3 only leaks found.
+                Each problem is one line on stderr, in qemu-img's words; the summary is on stdout.
+
+                Exit status, as for 'qemu-img check': 0 no problems, 1 the check could not run \
+                or complete, 2 corruptions found, 3 only leaks found, 63 the format (raw) has \
+                nothing to check.
                 """)
 
         @Argument(help: "The image file.") var path: String
@@ -116,23 +138,13 @@ extension ImageCommand {
         var format: ImageFormat?
 
         func run() throws {
-            let dev = try imageCommand { try DiskImage.open(path: path, format: format, readOnly: true) }
-            guard let q = dev as? QCOW2Image else {
-                print("\(path): raw images have no metadata to check.")
-                return
+            guard let result = try imageCommand({ try DiskImage.check(path: path, format: format) }) else {
+                FileHandleOutput.standardError("swiftlet: \(path): raw images have no metadata to check")
+                throw ExitCode(63)
             }
-            let result = try imageCommand { try q.check() }
-            for m in result.messages { print(m) }
-            if result.corruptions > 0 {
-                print("\n\(result.corruptions) errors were found on the image.")
-                print("Data may be corrupted, or further writes to the image may corrupt it.")
-            }
-            if result.leaks > 0 {
-                print("\n\(result.leaks) leaked clusters were found on the image.")
-                print("This means waste of disk space, but no harm to data.")
-            }
-            if result.corruptions == 0 && result.leaks == 0 { print("No errors were found on the image.") }
-            print("\(result.allocatedClusters) host clusters in use; the disk is \(result.totalClusters) clusters.")
+            for m in result.messages { FileHandleOutput.standardError(m) }
+            for line in result.summary { print(line) }
+            if result.checkErrors > 0 { FileHandleOutput.standardError("swiftlet: Check failed") }
             if result.exitStatus != 0 { throw ExitCode(result.exitStatus) }
         }
     }
@@ -197,9 +209,9 @@ extension ImageCommand {
             }
             try imageCommand {
                 for _ in 0..<reads { try dev.read(into: buffer, at: nextOffset()) }  // Warm the caches.
-                let start = monotonicNanoseconds()
+                let start = MonotonicClock.nanoseconds()
                 for _ in 0..<reads { try dev.read(into: buffer, at: nextOffset()) }
-                let ns = Double(monotonicNanoseconds() - start) / Double(reads)
+                let ns = Double(MonotonicClock.nanoseconds() - start) / Double(reads)
                 let cache = (dev as? QCOW2Image).map { " (L2 cache: \($0.cachedL2Tables) of \($0.l2CacheLimit) tables)" } ?? ""
                 print("\(reads) random \(size)-byte reads: \(Int(ns)) ns per read\(cache)")
             }
@@ -207,11 +219,6 @@ extension ImageCommand {
     }
 }
 
-private func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}
 
 /// Runs `body`; a DiskImage error becomes one line on stderr and exit status 1 (or `status`).
 func imageCommand<T>(status: Int32 = 1, _ body: () throws -> T) throws -> T {
@@ -227,35 +234,19 @@ func imageCommand<T>(status: Int32 = 1, _ body: () throws -> T) throws -> T {
 }
 
 
-/// Parses "4096", "512K", "10G", "2T" or "1GiB": an integer with an optional binary suffix
-/// (K, M, G, T, P, E in either case, optionally followed by "iB" or "B"; a lone "b" means bytes).
+/// Parses a size as qemu-img takes one: "4096", "512K", "10G", "2T" or "1GiB"; a bare
+/// number is bytes.
 func parseSize(_ text: String) throws -> UInt64 {
-    var digits = Substring(text)
-    var multiplier: UInt64 = 1
-    for suffix in ["iB", "B", "b"] where digits.hasSuffix(suffix) && digits.count > suffix.count {
-        digits = digits.dropLast(suffix.count)
-        break
-    }
-    let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60]
-    if let last = digits.last, let shift = shifts[Character(last.uppercased())] {
-        multiplier = 1 << shift
-        digits = digits.dropLast()
-    }
-    guard !digits.isEmpty, digits.allSatisfy(\.isASCII), let n = UInt64(digits) else {
+    do {
+        return try ByteSize.parse(text, defaultUnit: .bytes)
+    } catch .tooLarge {
+        throw DiskImageError.invalidArgument("size '\(text)' is too large")
+    } catch {
         throw DiskImageError.invalidArgument("'\(text)' is not a size (try 10G, 512M or 4096)")
     }
-    let (v, overflow) = n.multipliedReportingOverflow(by: multiplier)
-    guard !overflow else { throw DiskImageError.invalidArgument("size '\(text)' is too large") }
-    return v
 }
 
-private func human(_ bytes: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    var v = Double(bytes), i = 0
-    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-    if i == 0 { return "\(bytes) B" }
-    return "\(Double(Int(v * 100)) / 100) \(units[i])"
-}
+private func human(_ bytes: UInt64) -> String { ByteSize.human(bytes) }
 
 private func printInfo(_ info: ImageInfo) {
     print("image: \(info.path)")
@@ -338,21 +329,36 @@ private func jsonText(_ info: ImageInfo, indent: String = "") -> String {
     return "{\n" + fields.map { "\(inner)\(str($0.0)): \($0.1)" }.joined(separator: ",\n") + "\n\(indent)}"
 }
 
-/// A one-line progress bar on stderr, safe to update from any thread.
-final class ProgressBar: Sendable {
-    private let lastPercent = Atomic<Int>(-1)
+/// qemu-img's progress line on stderr, "    (12.34/100%)" redrawn in place; safe to update from any thread.
+///
+/// As in QEMU's `util/qemu-progress.c`: printed at 0%, then whenever the figure has moved by
+/// more than 1 point, and at 100%, then a newline when done.
+final class ProgressMeter: Sendable {
+    private let lastPrinted = Mutex<Double?>(nil)
+
+    func start() { show(0) }
 
     func update(_ done: UInt64, _ total: UInt64) {
-        let pct = total == 0 ? 100 : Int(done * 100 / total)
-        let previous = lastPercent.load(ordering: .relaxed)
-        guard pct > previous, lastPercent.compareExchange(expected: previous, desired: pct, ordering: .relaxed).exchanged
-        else { return }
-        let width = 40, filled = pct * width / 100
-        FileHandleOutput.standardError("\r[" + String(repeating: "#", count: filled) + String(repeating: " ", count: width - filled)
-                    + "] \(pct)% of \(human(total))", endLine: false)
+        show(total == 0 ? 100 : min(100, Double(done) * 100 / Double(total)))
     }
 
-    func finish() {
-        if lastPercent.load(ordering: .relaxed) >= 0 { FileHandleOutput.standardError("") }
+    func finish(complete: Bool) {
+        if complete { show(100) }
+        FileHandleOutput.standardError("")
+    }
+
+    private func show(_ current: Double) {
+        lastPrinted.withLock { last in
+            if let l = last, !(current > l + 1 || current < l - 1 || (current == 100 && l != 100)) { return }
+            last = current
+            FileHandleOutput.standardError("    (\(Self.format(current))/100%)\r", endLine: false)
+        }
+    }
+
+    /// `%3.2f`.
+    static func format(_ v: Double) -> String {
+        let hundredths = Int((v * 100).rounded())
+        let fraction = hundredths % 100
+        return "\(hundredths / 100)." + (fraction < 10 ? "0" : "") + "\(fraction)"
     }
 }

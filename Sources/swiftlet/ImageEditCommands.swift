@@ -157,8 +157,8 @@ extension ImageCommand {
         var unsafe = false
         @Option(name: [.customShort("f"), .long], help: "Image format (raw or qcow2); detected from the content when omitted.")
         var format: ImageFormat?
-        @Flag(name: [.customShort("p"), .customLong("progress")], help: "Show a progress bar.") var progress = false
-        @Flag(name: [.customShort("q"), .long], help: "No progress bar.") var quiet = false
+        @Flag(name: [.customShort("p"), .customLong("progress")], help: "Show progress on a terminal, as qemu-img -p: '    (12.34/100%)'.") var progress = false
+        @Flag(name: [.customShort("q"), .long], help: "No progress.") var quiet = false
         @Argument(help: "The image file.") var path: String
 
         func validate() throws {
@@ -166,12 +166,15 @@ extension ImageCommand {
         }
 
         func run() throws {
-            let bar = progress && !quiet ? ProgressBar() : nil
+            let meter = progress && !quiet && isatty(STDERR_FILENO) != 0 ? ProgressMeter() : nil
+            meter?.start()
+            var complete = false
+            defer { meter?.finish(complete: complete) }
             try imageCommand {
                 try DiskImage.rebase(path: path, format: format, backing: backing, backingFormat: backingFormat,
-                                     unsafe: unsafe, progress: bar.map { b in { done, total in b.update(done, total) } })
+                                     unsafe: unsafe, progress: meter.map { m in { done, total in m.update(done, total) } })
             }
-            bar?.finish()
+            complete = true
         }
     }
 

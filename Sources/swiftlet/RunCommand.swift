@@ -75,7 +75,9 @@ struct RunCommand: ParsableCommand {
               2             Swiftlet could not build or run the VM, or the command line \
             is wrong (one line on stderr says why)
               4             the guest crashed: a triple fault (with --triple-fault stop, \
-            the default), or an exit KVM could not handle (reason and registers on stderr)
+            the default), or an exit KVM could not handle, such as an instruction its \
+            emulator fails on that Swiftlet cannot complete (reason, instruction bytes and \
+            registers on stderr)
               6             the guest asked for a reset: 0xFE to the keyboard controller \
             (port 0x64); a byte with bit 2 set to the reset control register (port 0xCF9, \
             which the FADT's RESET_REG names with value 0x06); bit 0 of port 0x92 going \
@@ -137,6 +139,9 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .long, help: "At the end, print a table of VM exits by reason, device and address, with the time spent handling them.")
     var traceExits = false
 
+    @Flag(name: .customLong("no-complete-instructions"), help: "Stop (status 4) when KVM cannot emulate an instruction, instead of completing the ones Swiftlet can complete exactly (int3, int n, fwait, ldmxcsr, stmxcsr, clac, stac, popcnt).")
+    var noCompleteInstructions = false
+
     @Flag(name: .customLong("no-huge-pages"), help: "Do not ask the host for transparent huge pages for guest RAM.")
     var noHugePages = false
 
@@ -188,6 +193,7 @@ struct RunCommand: ParsableCommand {
         configuration.virtioTransport = virtioTransport
         configuration.onWarning = { message in FileHandleOutput.standardError("swiftlet: warning: \(message)") }
         configuration.tripleFault = tripleFault
+        configuration.completeInstructions = !noCompleteInstructions
         configuration.decompressKernelOnHost = decompressOnHost ?? true
         configuration.linuxEntry = linuxEntry ?? .automatic
         configuration.forwardStandardInput = true

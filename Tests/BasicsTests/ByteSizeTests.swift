@@ -42,11 +42,17 @@ struct ByteSizeTests {
         #expect(ByteSize.exact(1000) == "1000B")
     }
 
-    @Test("Human formatting rounds like qemu-img info")
+    @Test("Human formatting as qemu-img's size_to_str: units keeping the figure under 1000, three significant digits")
     func formatsForHumans() {
+        #expect(ByteSize.human(0) == "0 B")
         #expect(ByteSize.human(512) == "512 B")
+        #expect(ByteSize.human(999) == "999 B")
+        #expect(ByteSize.human(1000) == "0.977 KiB")
         #expect(ByteSize.human(1 << 30) == "1 GiB")
         #expect(ByteSize.human(196_608) == "192 KiB")
         #expect(ByteSize.human(1536 << 10) == "1.5 MiB")
+        #expect(ByteSize.human(12_345_678) == "11.8 MiB")
+        #expect(ByteSize.human(4_194_304) == "4 MiB")
+        #expect(ByteSize.human(10 << 40) == "10 TiB")
     }
 }

@@ -27,4 +27,14 @@ struct E820Tests {
         let map = E820Map.build(for: try Images.memory(256 << 10))
         #expect(map == [E820Entry(address: 0, size: 256 << 10, kind: .ram)])
     }
+
+    @Test("Reserved device ranges (the PCI ECAM) are listed as reserved, in address order")
+    func reservedRanges() throws {
+        let memory = try Images.memory(64 << 20)
+        let map = E820Map.build(for: memory, reserving: [0xE000_0000..<0xE010_0000, 0xD000_0000..<0xD000_0000])
+        #expect(map == E820Map.build(for: memory) + [E820Entry(address: 0xE000_0000, size: 0x10_0000, kind: .reserved)])
+        let unordered = E820Map.build(for: memory, reserving: [0xF000_0000..<0xF000_1000, 0xE000_0000..<0xE010_0000])
+        #expect(unordered.map(\.address) == [0, 0x9FC00, 0x100000, 0xE000_0000, 0xF000_0000])
+        #expect(unordered.suffix(2).allSatisfy { $0.kind == .reserved })
+    }
 }

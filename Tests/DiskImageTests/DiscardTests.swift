@@ -56,10 +56,12 @@ struct DiscardTests {
         let path = dir.file("disk.raw")
         let bytes = pattern(1 << 20)
         try Data(bytes).write(to: URL(fileURLWithPath: path))
-        let readOnly = try DiskImage.open(path: path, format: .raw, readOnly: true)
-        #expect(!readOnly.canDeallocate)
-        #expect(throws: DiskImageError.self) { try readOnly.discard(at: 0, length: 4096) }
-        #expect(throws: DiskImageError.self) { try readOnly.writeZeroes(at: 0, length: 4096, deallocate: false) }
+        do {
+            let readOnly = try DiskImage.open(path: path, format: .raw, readOnly: true)
+            #expect(!readOnly.canDeallocate)
+            #expect(throws: DiskImageError.self) { try readOnly.discard(at: 0, length: 4096) }
+            #expect(throws: DiskImageError.self) { try readOnly.writeZeroes(at: 0, length: 4096, deallocate: false) }
+        }
         let writable = try DiskImage.open(path: path, format: .raw, readOnly: false)
         #expect(throws: DiskImageError.self) { try writable.discard(at: (1 << 20) - 512, length: 1024) }
         #expect(throws: DiskImageError.self) { try writable.writeZeroes(at: UInt64.max - 10, length: 20, deallocate: true) }

@@ -50,9 +50,39 @@ enum Support {
         var stderr: String
     }
 
-    /// Runs a program and waits for it.
+    /// Runs a program and waits for it. A qemu-img or qemu-io that fails on an image lock is
+    /// run again (for up to 2 s) unless `lockConflictExpected`: see `open`.
     @discardableResult
-    static func run(_ program: String, _ args: [String], cwd: String? = nil) throws -> Run {
+    static func run(_ program: String, _ args: [String], cwd: String? = nil, lockConflictExpected: Bool = false) throws -> Run {
+        var attempts = 0
+        while true {
+            let r = try runOnce(program, args, cwd: cwd)
+            attempts += 1
+            guard !lockConflictExpected, r.status != 0, r.stderr.contains("Failed to get"), r.stderr.contains("lock"),
+                  attempts < 200 else { return r }
+            usleep(10_000)
+        }
+    }
+
+    /// `DiskImage.open`, waiting (for up to 2 s) for a lock that outlives a close in this process.
+    ///
+    /// Tests run in parallel in one process, and a child process that another test is starting
+    /// holds copies of all our descriptors from its fork until its exec closes them; with them,
+    /// the open file description locks of an image this test has just closed live on for that
+    /// moment. Only a test process that starts children from many threads sees this.
+    static func open(_ path: String, readOnly: Bool = true, snapshot: String? = nil) throws -> any BlockDevice {
+        var attempts = 0
+        while true {
+            do {
+                return try DiskImage.open(path: path, readOnly: readOnly, snapshot: snapshot)
+            } catch DiskImageError.imageInUse where attempts < 200 {
+                attempts += 1
+                usleep(10_000)
+            }
+        }
+    }
+
+    static func runOnce(_ program: String, _ args: [String], cwd: String? = nil) throws -> Run {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: program)
         p.arguments = args
@@ -77,6 +107,13 @@ enum Support {
     @discardableResult
     static func qemuIO(_ args: String...) throws -> Run {
         try run("/usr/bin/qemu-io", args)
+    }
+
+    /// qemu-img or qemu-io run once, for tests that expect it to fail on a lock.
+    @discardableResult
+    static func qemuExpectingLockConflict(_ program: String, _ args: String...) throws -> Run {
+        try run(program == "qemu-img" ? (qemuImgPath ?? "/usr/bin/qemu-img") : "/usr/bin/qemu-io", args,
+                lockConflictExpected: true)
     }
 
     /// The guest-visible bytes of an image according to QEMU.

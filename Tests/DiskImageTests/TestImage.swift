@@ -90,6 +90,58 @@ struct TestImage {
         put32(UInt32(nameBytes.count), at: Self.backingSize)
     }
 
+    /// One persistent bitmap's directory entry, valid by default for the 1 MiB disk: its table
+    /// (1 entry, all zeros: no data clusters) is cluster 9, granularity 64 KiB.
+    struct Bitmap {
+        var tableOffset = UInt64(9 * TestImage.clusterSize)
+        var tableEntries: UInt32 = 1
+        var flags: UInt32 = 0
+        var type: UInt8 = 1
+        var granularityBits: UInt8 = 16
+        var name = Array("b0".utf8)
+        var extra: [UInt8] = []
+        var nameSize: UInt16? = nil
+
+        var bytes: [UInt8] {
+            var e = [UInt8](repeating: 0, count: 24)
+            for i in 0..<8 { e[i] = UInt8(truncatingIfNeeded: tableOffset >> (8 * (7 - i))) }
+            for i in 0..<4 { e[8 + i] = UInt8(truncatingIfNeeded: tableEntries >> (8 * (3 - i))) }
+            for i in 0..<4 { e[12 + i] = UInt8(truncatingIfNeeded: flags >> (8 * (3 - i))) }
+            e[16] = type
+            e[17] = granularityBits
+            let n = nameSize ?? UInt16(name.count)
+            e[18] = UInt8(n >> 8); e[19] = UInt8(n & 0xff)
+            let x = UInt32(extra.count)
+            for i in 0..<4 { e[20 + i] = UInt8(truncatingIfNeeded: x >> (8 * (3 - i))) }
+            e += extra + name
+            while e.count % 8 != 0 { e.append(0) }
+            return e
+        }
+    }
+
+    /// Adds persistent bitmaps: the directory in a new cluster 8 and a zeroed bitmap table in a
+    /// new cluster 9 (both with refcount 1), the bitmaps extension and autoclear bit 0. The
+    /// extension's fields can be overridden to break it.
+    mutating func setBitmaps(_ bitmaps: [Bitmap], announced: UInt32? = nil, reserved: UInt32 = 0,
+                             directorySize: UInt64? = nil, directoryOffset: UInt64 = UInt64(8 * TestImage.clusterSize)) {
+        let cs = Self.clusterSize
+        if bytes.count < 10 * cs { bytes += [UInt8](repeating: 0, count: 10 * cs - bytes.count) }
+        let dir = bitmaps.flatMap(\.bytes)
+        precondition(dir.count <= cs)
+        for (i, b) in dir.enumerated() { bytes[8 * cs + i] = b }
+        put16(1, at: 2 * cs + 16)  // Refcounts of clusters 8 and 9.
+        put16(1, at: 2 * cs + 18)
+        var ext = [UInt8](repeating: 0, count: 24)
+        let count = announced ?? UInt32(bitmaps.count)
+        let size = directorySize ?? UInt64(dir.count)
+        for i in 0..<4 { ext[i] = UInt8(truncatingIfNeeded: count >> (8 * (3 - i))) }
+        for i in 0..<4 { ext[4 + i] = UInt8(truncatingIfNeeded: reserved >> (8 * (3 - i))) }
+        for i in 0..<8 { ext[8 + i] = UInt8(truncatingIfNeeded: size >> (8 * (7 - i))) }
+        for i in 0..<8 { ext[16 + i] = UInt8(truncatingIfNeeded: directoryOffset >> (8 * (7 - i))) }
+        setExtensions([(0x2385_2875, ext)])
+        put64(1, at: Self.autoclear)
+    }
+
     func write(to path: String) throws {
         try Data(bytes).write(to: URL(fileURLWithPath: path))
     }

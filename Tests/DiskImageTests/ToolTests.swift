@@ -1,4 +1,5 @@
 @testable import DiskImage
+import Compression
 import Foundation
 import Testing
 
@@ -17,6 +18,76 @@ struct ToolTests {
             try RawConverter.convert(try DiskImage.open(path: Support.fixture(name)), to: ours, threads: threads)
             #expect(try Support.readFile(ours) == (try Support.readFile(theirs)))
         }
+    }
+
+    @Test("convert onto an existing file (larger, smaller, full of data) gives qemu-img's bytes and holes",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)),
+          arguments: ["v3-c64k.qcow2", "comp-zlib-c64k.qcow2", "top.qcow2", "ext-l2-overlay.qcow2", "c512.qcow2"])
+    func convertOntoExistingFile(_ name: String) throws {
+        let dir = try Support.TempDir()
+        let theirs = dir.file("theirs.raw"), fresh = dir.file("fresh.raw"), ours = dir.file("ours.raw")
+        try Support.qemuImg("convert", "-O", "raw", Support.fixture(name), theirs)
+        let expected = try Support.readFile(theirs)
+        try RawConverter.convert(try DiskImage.open(path: Support.fixture(name)), to: fresh)
+        for size in [expected.count * 2, expected.count / 2, expected.count] {
+            try Data(repeating: 0xa5, count: size).write(to: URL(fileURLWithPath: ours))
+            try RawConverter.convert(try DiskImage.open(path: Support.fixture(name)), to: ours, threads: 3)
+            #expect(try Support.readFile(ours) == expected, "over an existing file of \(size) bytes")
+            var a = stat(), b = stat()
+            #expect(stat(ours, &a) == 0 && stat(fresh, &b) == 0)
+            #expect(a.st_blocks <= b.st_blocks + 8, "zeros are holes, as in a new file: \(a.st_blocks) vs \(b.st_blocks) blocks")
+        }
+    }
+
+    /// QEMU counts whole sectors: a qcow2 virtual size is rounded down (`header.size / 512`),
+    /// a raw file's size up (its last partial sector reads as zeros), and `create` rounds up.
+    @Test("sizes that are not a multiple of 512 give what qemu-img gives",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)))
+    func oddSizes() throws {
+        let dir = try Support.TempDir()
+        // A 4 MiB qcow2 whose header says one byte more.
+        let odd = dir.file("odd.qcow2")
+        try Support.qemuImg("create", "-q", "-f", "qcow2", odd, "4M")
+        try Support.qemuIO("-f", "qcow2", "-c", "write -P 0x3c 4190208 4096", odd)
+        let fd = open(odd, O_WRONLY)
+        var size = (UInt64(4 << 20) + 1).bigEndian
+        #expect(pwrite(fd, &size, 8, 24) == 8)
+        close(fd)
+        for (source, expectedSize) in [(odd, 4 << 20), (Support.fixture("base.raw"), -1)] {
+            let ours = dir.file("ours.raw"), theirs = dir.file("theirs.raw")
+            try Support.qemuImg("convert", "-O", "raw", source, theirs)
+            try RawConverter.convert(try DiskImage.open(path: source), to: ours)
+            #expect(try Support.readFile(ours) == (try Support.readFile(theirs)))
+            if expectedSize >= 0 { #expect(try Support.readFile(ours).count == expectedSize) }
+        }
+        // A 1000-byte raw file is a 1024-byte disk for QEMU.
+        let short = dir.file("short.raw")
+        try Data((0..<1000).map { UInt8(truncatingIfNeeded: $0 * 7 + 1) }).write(to: URL(fileURLWithPath: short))
+        #expect(try DiskImage.open(path: short).virtualSize == 1024)
+        try RawConverter.convert(try DiskImage.open(path: short), to: dir.file("short-ours.raw"))
+        try Support.qemuImg("convert", "-O", "raw", short, dir.file("short-theirs.raw"))
+        #expect(try Support.readFile(dir.file("short-ours.raw")) == (try Support.readFile(dir.file("short-theirs.raw"))))
+        #expect(try Support.readFile(dir.file("short-ours.raw")).count == 1024)
+        // create rounds 1000 bytes up to 1024, like qemu-img create.
+        try QCOW2Image.create(path: dir.file("c1000.qcow2"), size: 1000)
+        try Support.qemuImg("create", "-q", "-f", "qcow2", dir.file("q1000.qcow2"), "1000")
+        #expect(try DiskImage.open(path: dir.file("c1000.qcow2")).virtualSize == 1024)
+        #expect(try DiskImage.info(path: dir.file("q1000.qcow2")).virtualSize == 1024)
+    }
+
+    @Test("a snapshot converts at the image's current size, like qemu-img convert -l",
+          .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)))
+    func snapshotAfterResize() throws {
+        let dir = try Support.TempDir()
+        let img = dir.file("grown.qcow2")
+        try Support.qemuImg("create", "-q", "-f", "qcow2", img, "1M")
+        try Support.qemuIO("-f", "qcow2", "-c", "write -P 7 0 64k", img)
+        try Support.qemuImg("snapshot", "-c", "small", img)
+        try Support.qemuImg("resize", "-q", img, "3M")
+        try Support.qemuIO("-f", "qcow2", "-c", "write -P 9 2M 64k", img)
+        let expected = try Support.qemuRaw(img, snapshot: "small", in: dir)
+        #expect(expected.count == 3 << 20)
+        #expect(try Support.readAll(try DiskImage.open(path: img, snapshot: "small")) == expected)
     }
 
     @Test("our check agrees with qemu-img check on every fixture",

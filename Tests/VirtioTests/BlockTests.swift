@@ -87,17 +87,27 @@ struct BlockTests {
     func readOnlyAndMultiQueueFeatures() throws {
         let folder = try ImageFolder()
         let path = try folder.raw("disk.raw", size: 1 << 20)
-        let readOnlyImage = try VirtioBlock(disk: try openRaw(path, readOnly: true))
-        #expect(readOnlyImage.offeredFeatures & VirtioBlockFeature.readOnly != 0)
-        #expect(configuration(of: readOnlyImage)[56] == 0)
-        let readOnlyOption = try VirtioBlock(disk: try openRaw(path), options: VirtioBlockOptions(readOnly: true))
-        #expect(readOnlyOption.isReadOnly && readOnlyOption.offeredFeatures & VirtioBlockFeature.readOnly != 0)
-        let writable = try VirtioBlock(disk: try openRaw(path))
-        #expect(writable.offeredFeatures & (VirtioBlockFeature.readOnly | VirtioBlockFeature.multiQueue) == 0)
-        let multi = try VirtioBlock(disk: try openRaw(path), options: VirtioBlockOptions(queueCount: 4, queueSize: 64))
-        #expect(multi.offeredFeatures & VirtioBlockFeature.multiQueue != 0)
-        #expect(field(configuration(of: multi), 34, as: UInt16.self) == 4)
-        #expect(multi.queueMaximumSizes == [64, 64, 64, 64])
+        // One image at a time: a writer and any other opener of one image exclude each other
+        // (image locks), so each device is dropped before the next opens the file.
+        do {
+            let readOnlyImage = try VirtioBlock(disk: try openRaw(path, readOnly: true))
+            #expect(readOnlyImage.offeredFeatures & VirtioBlockFeature.readOnly != 0)
+            #expect(configuration(of: readOnlyImage)[56] == 0)
+        }
+        do {
+            let readOnlyOption = try VirtioBlock(disk: try openRaw(path), options: VirtioBlockOptions(readOnly: true))
+            #expect(readOnlyOption.isReadOnly && readOnlyOption.offeredFeatures & VirtioBlockFeature.readOnly != 0)
+        }
+        do {
+            let writable = try VirtioBlock(disk: try openRaw(path))
+            #expect(writable.offeredFeatures & (VirtioBlockFeature.readOnly | VirtioBlockFeature.multiQueue) == 0)
+        }
+        do {
+            let multi = try VirtioBlock(disk: try openRaw(path), options: VirtioBlockOptions(queueCount: 4, queueSize: 64))
+            #expect(multi.offeredFeatures & VirtioBlockFeature.multiQueue != 0)
+            #expect(field(configuration(of: multi), 34, as: UInt16.self) == 4)
+            #expect(multi.queueMaximumSizes == [64, 64, 64, 64])
+        }
     }
 
     @Test("Options out of range and bad serials are refused with a message", arguments: [
@@ -195,11 +205,13 @@ struct BlockTests {
     func getID() throws {
         let folder = try ImageFolder()
         let path = try folder.raw("disk.raw", size: 4096)
-        let byDefault = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 3))
-        let request = try byDefault.submit(type: VirtioBlockRequestType.getID, writableData: 20)
-        #expect(try byDefault.complete(request) == ok)
-        #expect(try byDefault.data(of: request) == Array("swiftlet-3".utf8) + [UInt8](repeating: 0, count: 10))
-        #expect(try byDefault.usedEntries()[0].1 == 21)
+        do {
+            let byDefault = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 3))
+            let request = try byDefault.submit(type: VirtioBlockRequestType.getID, writableData: 20)
+            #expect(try byDefault.complete(request) == ok)
+            #expect(try byDefault.data(of: request) == Array("swiftlet-3".utf8) + [UInt8](repeating: 0, count: 10))
+            #expect(try byDefault.usedEntries()[0].1 == 21)
+        }
 
         let twenty = "ABCDEFGHIJKLMNOPQRST"
         let named = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(serial: twenty))

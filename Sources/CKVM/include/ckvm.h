@@ -26,8 +26,18 @@ static const unsigned long CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
 static const unsigned long CKVM_IRQ_LINE = KVM_IRQ_LINE;
 static const unsigned long CKVM_CREATE_PIT2 = KVM_CREATE_PIT2;
 static const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+static const unsigned long CKVM_GET_PIT2 = KVM_GET_PIT2;
+static const unsigned long CKVM_SET_PIT2 = KVM_SET_PIT2;
+static const unsigned long CKVM_GET_CLOCK = KVM_GET_CLOCK;
+static const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
+static const unsigned long CKVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long CKVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long CKVM_GET_XCRS = KVM_GET_XCRS;
+static const unsigned long CKVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
 static const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
 static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
+static const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;
 static const unsigned long CKVM_IOEVENTFD = KVM_IOEVENTFD;
 static const unsigned long CKVM_IRQFD = KVM_IRQFD;
 static const unsigned long CKVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING;
@@ -46,6 +56,12 @@ static const unsigned long CKVM_GET_FPU = KVM_GET_FPU;
 static const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
 static const unsigned long CKVM_GET_LAPIC = KVM_GET_LAPIC;
 static const unsigned long CKVM_SET_LAPIC = KVM_SET_LAPIC;
+static const unsigned long CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+static const unsigned long CKVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+static const unsigned long CKVM_TRANSLATE = KVM_TRANSLATE;
+static const unsigned long CKVM_GET_XSAVE = KVM_GET_XSAVE;
+static const unsigned long CKVM_GET_XSAVE2 = KVM_GET_XSAVE2;
+static const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
 static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
@@ -63,6 +79,12 @@ static const int CKVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
 static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
 static const int CKVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
 static const int CKVM_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI;
+static const int CKVM_CAP_READONLY_MEM = KVM_CAP_READONLY_MEM;
+static const int CKVM_CAP_XSAVE = KVM_CAP_XSAVE;
+static const int CKVM_CAP_XSAVE2 = KVM_CAP_XSAVE2;
+static const int CKVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
+static const int CKVM_CAP_INTERNAL_ERROR_DATA = KVM_CAP_INTERNAL_ERROR_DATA;
+static const int CKVM_CAP_EXIT_ON_EMULATION_FAILURE = KVM_CAP_EXIT_ON_EMULATION_FAILURE;
 
 static const int CKVM_CAP_IRQ_ROUTING = KVM_CAP_IRQ_ROUTING;
 static const int CKVM_API_VERSION_EXPECTED = KVM_API_VERSION;
@@ -74,6 +96,7 @@ static const uint32_t CKVM_IOEVENTFD_FLAG_DEASSIGN = KVM_IOEVENTFD_FLAG_DEASSIGN
 static const uint32_t CKVM_IRQFD_FLAG_DEASSIGN = KVM_IRQFD_FLAG_DEASSIGN;
 static const uint32_t CKVM_IRQFD_FLAG_RESAMPLE = KVM_IRQFD_FLAG_RESAMPLE;
 static const uint32_t CKVM_IRQCHIP_IOAPIC = KVM_IRQCHIP_IOAPIC;
+static const uint32_t CKVM_CLOCK_TSC_STABLE = KVM_CLOCK_TSC_STABLE;
 
 // --- Exit reasons ----------------------------------------------------------------------
 static const uint32_t CKVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN;
@@ -101,6 +124,14 @@ static const uint32_t CKVM_MP_STATE_INIT_RECEIVED = KVM_MP_STATE_INIT_RECEIVED;
 static const uint32_t CKVM_MP_STATE_HALTED = KVM_MP_STATE_HALTED;
 static const uint32_t CKVM_MP_STATE_SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED;
 
+// KVM_EXIT_INTERNAL_ERROR suberror for "the instruction emulator failed", and the flag
+// saying its data carries the instruction bytes (struct kvm_run.emulation_failure).
+static const uint32_t CKVM_INTERNAL_ERROR_EMULATION = KVM_INTERNAL_ERROR_EMULATION;
+static const uint64_t CKVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES;
+
+// struct kvm_vcpu_events.flags: which optional fields KVM_SET_VCPU_EVENTS applies.
+static const uint32_t CKVM_VCPUEVENT_VALID_SHADOW = KVM_VCPUEVENT_VALID_SHADOW;
+
 static const uint32_t CKVM_PIT_SPEAKER_DUMMY = KVM_PIT_SPEAKER_DUMMY;
 static const uint32_t CKVM_IRQCHIP_PIC_MASTER = KVM_IRQCHIP_PIC_MASTER;
 static const uint32_t CKVM_IRQCHIP_PIC_SLAVE = KVM_IRQCHIP_PIC_SLAVE;
@@ -119,6 +150,8 @@ int ckvm_ioctl_pointer(int fd, unsigned long request, void *argument);
 
 /// Size in bytes of a struct kvm_cpuid2 with room for `count` entries.
 size_t ckvm_cpuid2_size(uint32_t count);
+/// Size in bytes of a struct kvm_msr_list with room for `count` indices.
+size_t ckvm_msr_list_size(uint32_t count);
 /// Size in bytes of a struct kvm_msrs with room for `count` entries.
 size_t ckvm_msrs_size(uint32_t count);
 
@@ -152,4 +185,14 @@ static inline uint8_t *ckvm_run_mmio_data(struct kvm_run *run) {
 int ckvm_install_kick_handler(int signal);
 /// The signal Swiftlet uses to kick vCPU threads out of KVM_RUN (SIGRTMIN + 1).
 int ckvm_kick_signal(void);
+
+// --- Host CPU ----------------------------------------------------------------------------------
+/// The MXCSR bits this CPU lets software set (the MXCSR_MASK field FXSAVE stores, or the
+/// architectural default 0xFFBF when it stores 0). A guest's LDMXCSR runs on this CPU, so
+/// these are the bits hardware accepts from the guest too.
+uint32_t ckvm_host_mxcsr_mask(void);
+/// CPUID of the host CPU for `leaf`/`subleaf` into registers[0..3] = EAX, EBX, ECX, EDX
+/// (all zero above the highest leaf). What the CPU itself implements, which is what
+/// decides how hardware runs a guest's instructions, whatever the guest's CPUID says.
+void ckvm_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t registers[4]);
 

@@ -62,6 +62,15 @@ static inline void clinux_store_release_32(void *address, uint32_t value) {
 static inline void clinux_store_release_64(void *address, uint64_t value) {
     __atomic_store_n((uint64_t *)address, value, __ATOMIC_RELEASE);
 }
+/// Atomically replaces the value at `address` with `desired` if it equals `expected`
+/// (sequentially consistent); returns 1 when it did. For page-table accessed/dirty bits
+/// the guest's other vCPUs may be changing at the same time.
+static inline int clinux_compare_exchange_32(void *address, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n((uint32_t *)address, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline int clinux_compare_exchange_64(void *address, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n((uint64_t *)address, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
 /// A full barrier: no load or store moves across it (mb() in the virtio specification).
 static inline void clinux_fence(void) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
