@@ -4,7 +4,7 @@
 #ifndef BENCH_H
 #define BENCH_H
 
-#include "virtio_driver.h"
+#include "blk.h"
 
 enum bench_kind {
     BENCH_SEQREAD,                      /* 64 KiB reads, in disk order, wrapping at the end */

@@ -1,56 +1,49 @@
 /*
- * virtio_driver.h: the driver-side helpers of virtio.c (initialization, configuration,
- * split virtqueue) and blk.c (virtio-blk requests).
+ * blk.h: the virtio-blk device type (virtio 1.2, 5.2): its feature bits, configuration
+ * layout and request format, and the driver's interface (blk.c).
  */
-#ifndef VIRTIO_DRIVER_H
-#define VIRTIO_DRIVER_H
+#ifndef BLK_H
+#define BLK_H
 
-#include "virtio.h"
+#include "virtio_driver.h"
 
-/* A time limit for waiting on the device (virtio.c). */
-struct deadline {
-    uint64_t start;
-    uint32_t spins;
-};
-void deadline_start(struct deadline *d);
-bool deadline_passed(struct deadline *d);
+/* ---- 5.2.3 Feature bits ----------------------------------------------------------------------- */
+#define VIRTIO_BLK_F_SIZE_MAX (1ull << 1) /* size_max: the largest single data segment */
+#define VIRTIO_BLK_F_SEG_MAX (1ull << 2)  /* seg_max: the most data segments in one request */
+#define VIRTIO_BLK_F_RO (1ull << 5)       /* the device is read-only */
+#define VIRTIO_BLK_F_BLK_SIZE (1ull << 6) /* blk_size: the logical block size */
+#define VIRTIO_BLK_F_FLUSH (1ull << 9)    /* the flush request exists */
 
-/* 3.1.1 steps 1-6: reset, ACKNOWLEDGE, DRIVER, features (the offered ones that are also
- * in `wanted`), FEATURES_OK and its check. Returns the accepted features; ends the VM with
- * a message when the device refuses. */
-uint64_t virtio_negotiate(struct virtio_device *dev, uint64_t wanted);
-/* 3.1.1 step 8. */
-void virtio_driver_ok(struct virtio_device *dev);
-/* Sets the FAILED status bit. */
-void virtio_fail_device(struct virtio_device *dev);
-uint64_t virtio_config_read64(struct virtio_device *dev, uint32_t offset);
-uint32_t virtio_config_read32(struct virtio_device *dev, uint32_t offset);
+/* ---- 5.2.6 virtio-blk requests --------------------------------------------------------------
+ * A request is one descriptor chain:
+ *     struct virtio_blk_req_header    device-readable, 16 bytes
+ *     data buffers                    device-writable for a read, readable for a write
+ *     u8 status                       device-writable, 1 byte
+ */
+#define VIRTIO_BLK_T_IN 0               /* read sectors into the data buffers */
+#define VIRTIO_BLK_T_OUT 1              /* write the data buffers to sectors */
+#define VIRTIO_BLK_T_FLUSH 4            /* make completed writes durable */
+#define VIRTIO_BLK_T_GET_ID 8           /* the device's serial, up to 20 bytes */
 
-/* The driver's view of one split virtqueue. */
-struct virtqueue {
-    struct virtio_device *dev;
-    uint16_t index;                     /* the queue's number (0 for virtio-blk's only queue) */
-    uint16_t size;                      /* entries: a power of two */
-    struct virtq_desc *desc;
-    struct virtq_avail *avail;
-    struct virtq_used *used;
-    uint16_t next_avail;                /* our copy of avail->idx (published by kick) */
-    uint16_t last_used;                 /* the next used->ring entry we have not read */
-    uint16_t in_flight;                 /* chains made available and not yet used */
-    uint32_t notifications, suppressed; /* statistics: notifications sent and skipped */
-    uint64_t notify_ticks;              /* statistics: TSC ticks spent in the notifications */
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+
+#define VIRTIO_BLK_ID_BYTES 20
+
+struct virtio_blk_req_header {
+    uint32_t type;                      /* VIRTIO_BLK_T_* */
+    uint32_t reserved;
+    uint64_t sector;                    /* in 512-byte units, whatever blk_size says */
 };
 
-/* Chooses the size, allocates and enables queue `index`. */
-void virtqueue_setup(struct virtqueue *vq, struct virtio_device *dev, uint16_t index);
-/* Makes the chain starting at descriptor `head` available (not yet visible: kick). */
-void virtqueue_add(struct virtqueue *vq, uint16_t head);
-/* Publishes what was added and notifies the device unless it asked not to be. */
-void virtqueue_kick(struct virtqueue *vq);
-/* Takes the next used element, if any: its head and the length the device wrote. */
-bool virtqueue_get_used(struct virtqueue *vq, uint32_t *id, uint32_t *len);
+/* 5.2.4 Device configuration layout: the offsets of the fields this driver reads. */
+#define VIRTIO_BLK_CFG_CAPACITY 0       /* le64: the disk's size in 512-byte sectors */
+#define VIRTIO_BLK_CFG_SIZE_MAX 8       /* le32, with VIRTIO_BLK_F_SIZE_MAX */
+#define VIRTIO_BLK_CFG_SEG_MAX 12       /* le32, with VIRTIO_BLK_F_SEG_MAX */
+#define VIRTIO_BLK_CFG_BLK_SIZE 20      /* le32, with VIRTIO_BLK_F_BLK_SIZE */
 
-/* ---- virtio-blk (blk.c) ------------------------------------------------------------------ */
+/* ---- the driver (blk.c) ------------------------------------------------------------------------ */
 
 #define BLK_DEFAULT_REQUESTS 8          /* requests in flight at once, unless asked otherwise */
 #define BLK_MAX_REQUESTS 32             /* requests in flight at once, at most (bench jobs) */
