@@ -128,9 +128,25 @@ final class BlockQueueServer: Sendable {
             // Hands what was taken to the workers, ringing an idle one per chain.
             defer { handToWorkers(taken) }
             while inFlight.load(ordering: .sequentiallyConsistent) < limit {
-                guard !control.halted.load(ordering: .sequentiallyConsistent),
-                      !control.paused.load(ordering: .sequentiallyConsistent) else { return false }
-                guard let chain = try queue.popAvailable() else {
+                // A chain counts as in flight from before the pause flag is read until it is
+                // answered, also while this thread answers it: pause() sets the flag, then
+                // waits for the count to drop to zero, so either it sees this chain or this
+                // thread sees the flag (both sequentially consistent).
+                inFlight.add(1, ordering: .sequentiallyConsistent)
+                let chain: DescriptorChain?
+                do {
+                    guard !control.halted.load(ordering: .sequentiallyConsistent),
+                          !control.paused.load(ordering: .sequentiallyConsistent) else {
+                        inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                        return false
+                    }
+                    chain = try queue.popAvailable()
+                } catch {
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                    throw error
+                }
+                guard let chain else {
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
                     // Empty: ask for notifications, then look once more for a chain that
                     // arrived before they were on (no notification comes for it).
                     guard try queue.enableNotifications() else { return false }
@@ -140,9 +156,9 @@ final class BlockQueueServer: Sendable {
                 // off (a worker's wake-up): it is answered at once.
                 if let outcome = control.handler.serveIfCached(chain) {
                     complete(chain, outcome)
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
                     continue
                 }
-                inFlight.add(1, ordering: .sequentiallyConsistent)
                 taken.append(chain)
             }
             // Full: wait for a worker to finish, unless one finished meanwhile.

@@ -474,6 +474,41 @@ struct BlockTests {
                 "a worker served it")
     }
 
+    @Test("pause() returns only once no request is being answered, also a cached read the dispatcher answers itself")
+    func pauseWaitsForReadsAnsweredInline() throws {
+        let folder = try ImageFolder()
+        let path = try folder.raw("disk.raw", size: 1 << 20)  // just written: in the page cache
+        let harness = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 80, workersPerQueue: 1),
+                                         queueSize: 256)
+        // 80 reads of 16 KiB (the most answered inline), 3 descriptors each, fill 240 of the
+        // 256 entries; their buffers are reused every round.
+        let batch = 80, bytes: UInt32 = 16384
+        var buffers: [(header: UInt64, data: UInt64, status: UInt64)] = []
+        for _ in 0..<batch { buffers.append((try harness.allocate(16), try harness.allocate(Int(bytes)), try harness.allocate(1))) }
+        var late = 0, caught = 0
+        for _ in 0..<300 {
+            let start = harness.drivers[0].usedSeen
+            for (index, buffer) in buffers.enumerated() {
+                try harness.memory.write(BlockHarness.header(type: VirtioBlockRequestType.read, sector: UInt64(index * 32)), at: buffer.header)
+                try harness.submitChain([(buffer.header, 16, false), (buffer.data, bytes, true), (buffer.status, 1, true)], notify: false)
+            }
+            harness.notifiers[0].signal()
+            // Pause while the dispatcher is answering the batch: once the first answer shows.
+            while try harness.drivers[0].usedIndex == start {}
+            harness.device.pause()
+            let atPause = try harness.drivers[0].usedIndex
+            if atPause != start &+ UInt16(batch) { caught += 1 }
+            usleep(1000)
+            // Paused: nothing more is answered, not even the chain the dispatcher had in hand.
+            if try harness.drivers[0].usedIndex != atPause { late += 1 }
+            harness.device.resume()
+            #expect(try harness.waitForUsed(start &+ UInt16(batch)))
+            harness.drivers[0].usedSeen = start &+ UInt16(batch)
+        }
+        #expect(late == 0, "in \(late) of \(caught) rounds paused mid-batch, a request was answered after pause() returned")
+        #expect(harness.interrupt.resets.isEmpty)
+    }
+
     @Test("Reset while requests are in flight returns only once they are done, and returns none of them")
     func resetWithRequestsInFlight() throws {
         let folder = try ImageFolder()
