@@ -32,6 +32,12 @@ public struct VMConfiguration: Sendable {
         /// machine continues where it was saved. Its RAM, vCPUs, disks and transport come
         /// from the snapshot; the console, timeout and tracing options here apply.
         case snapshot(directory: String)
+        /// A VM migrated from another Swiftlet (``VM/migrate(to:)``): listen at `address`
+        /// (`unix:PATH` or `tcp:HOST:PORT`; `tcp::PORT` listens on every address), wait for
+        /// one source, and run the VM it sends. The source's RAM size, vCPUs, transport and
+        /// disks must be this configuration's, or the target refuses it (and the source goes
+        /// on). ``VM/init(_:)`` returns once the VM has arrived.
+        case incoming(address: String)
     }
 
     /// Where the guest's serial console (COM1) goes.
@@ -170,6 +176,12 @@ public struct VMConfiguration: Sendable {
     /// Called with a one-line message for problems that do not stop the VM (a guest
     /// driver that broke a device's rules).
     public var onWarning: (@Sendable (String) -> Void)?
+    /// A Unix socket for the monitor: one command per line (`status`, `stop`, `cont`,
+    /// `snapshot DIR`, `migrate ADDRESS`, `quit`, `help`), one line back for each, while the
+    /// VM runs. Use it with `socat - UNIX-CONNECT:PATH` or `swiftlet monitor PATH COMMAND`.
+    public var monitor: String?
+    /// Called with a line on a migration's progress (the target listening for its source).
+    public var onMigrationEvent: (@Sendable (String) -> Void)?
 
     // Front-end options: what `swiftlet run` turns on for an interactive user. A library
     // user normally leaves them off.
