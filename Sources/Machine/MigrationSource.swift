@@ -1,8 +1,10 @@
 import Basics
+import DiskImage
 import FoundationEssentials
 import Glibc
 import Memory
 import Snapshot
+import Virtio
 import X86
 
 /// How a migration decides to stop copying while the guest runs.
@@ -72,9 +74,6 @@ extension Machine {
     /// thread or the event loop.
     public func migrate(to address: MigrationAddress, options: MachineMigrationOptions = MachineMigrationOptions(),
                         beforeStop: (@Sendable (MachineMigrationSummary) -> Void)? = nil) throws(MachineError) -> MachineMigrationSummary {
-        if let writable = configuration.disks.first(where: { !$0.readOnly }) {
-            throw .migration("the disk '\(writable.path)' is writable: handing a writable disk over to the target is not supported yet (read-only disks are)")
-        }
         guard board.networkInterfaces.isEmpty else {
             throw .migration("the VM has a network interface: handing a TAP over to the target is not supported yet")
         }
@@ -106,6 +105,7 @@ extension Machine {
 
         try startDirtyTracking()
         var pausedHere = false
+        var handedOver: [ImageFile] = []
         do {
             var sent = PageCounts()
             // Round 1: every page of RAM with data in it (the target's RAM starts as zeros).
@@ -133,6 +133,7 @@ extension Machine {
             let pagesBefore = sent.data + sent.zero
             try sendPages(pending, over: channel, skipZeroPages: false, bandwidthLimit: options.maximumBandwidth, counts: &sent)
             let finalPages = sent.data + sent.zero - pagesBefore
+            handedOver = try handOverDisks()
             let manifest = try captureManifest(memoryFile: "")
             try channel.send(.state, bytes: Array(try JSONEncoder().encode(manifest)))
             let answer = try channel.receive()
@@ -152,12 +153,50 @@ extension Machine {
             return summary
         } catch {
             stopDirtyTracking()
+            let reclaimed = Self.reclaimDisks(handedOver)
             // Tell the target, if it still listens, so it exits at once instead of timing out.
             let reason = (error as? MigrationFailure)?.description ?? "\(error)"
             try? channel.send(.failure, bytes: Array("the source gave up: \(reason)".utf8))
             if pausedHere { try? resume() }
-            throw .migration(reason)
+            throw .migration(reason + reclaimed)
         }
+    }
+
+    /// The image files of the disks the guest writes, each flushed (the guest is paused and
+    /// the devices quiet: every write it was told is done is in the file), with its lock
+    /// given up so that the target can take it. Read-only disks keep their shared lock,
+    /// which the target shares.
+    private func handOverDisks() throws(MigrationFailure) -> [ImageFile] {
+        var released: [ImageFile] = []
+        for core in board.virtioTransports {
+            guard let block = core.device as? VirtioBlock else { continue }
+            let file: ImageFile?
+            switch block.disk {
+            case let raw as RawImage: file = raw.file
+            case let qcow2 as QCOW2Image: file = qcow2.file
+            default: file = nil
+            }
+            guard let file, file.writable else { continue }
+            do {
+                try block.disk.flush()
+                try file.lock(.unlocked)
+                released.append(file)
+            } catch {
+                _ = Self.reclaimDisks(released)
+                throw MigrationFailure("handing the disk '\(file.path)' over: \(error)")
+            }
+        }
+        return released
+    }
+
+    /// Takes the locks of `files` back after a failed hand-off; "" when all were taken,
+    /// else a sentence for the error message.
+    static func reclaimDisks(_ files: [ImageFile]) -> String {
+        var lost: [String] = []
+        for file in files {
+            do { try file.lock(.exclusive) } catch { lost.append(file.path) }
+        }
+        return lost.isEmpty ? "" : " (and the lock on \(lost.joined(separator: ", ")) could not be taken back: another process holds it)"
     }
 
     /// How long either side waits for the other before giving up.

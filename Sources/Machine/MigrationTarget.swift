@@ -153,6 +153,8 @@ final class IncomingMigration {
         }
         let disks = configuration.disks.map(\.path)
         guard machine.disks.map(\.path) == disks, machine.disks.map(\.readOnly) == configuration.disks.map(\.readOnly) else {
+            // On one host the paths name the same files: the source hands each writable
+            // image's lock over just before it sends the state.
             return "the source's VM has the disks [\(machine.disks.map(\.path).joined(separator: ", "))], this target "
                 + "[\(disks.joined(separator: ", "))] (give the target the same --disk options)"
         }

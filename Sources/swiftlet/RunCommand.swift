@@ -104,8 +104,9 @@ struct RunCommand: ParsableCommand {
             and the vCPU and device state, and ends with status 0 and a line saying \
             where the VM went once the target runs it. A migration that fails at any \
             step leaves the source running; a target whose source went away exits with \
-            status 2. Writable disks and network interfaces cannot be migrated yet. See \
-            docs/migration.md.
+            status 2. A writable disk image is handed over: the source flushes it and \
+            gives up its lock just before the target opens it. Network interfaces \
+            cannot be migrated yet. See docs/migration.md.
 
             EXIT STATUS
               A guest's exit value always gives an odd status; everything Swiftlet \

@@ -96,14 +96,14 @@ struct MigrationTests {
     func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
     func url(_ name: String) -> URL { directory.appendingPathComponent(name) }
 
-    func source(memory: String = "32M") throws -> Background {
+    func source(memory: String = "32M", extra: [String] = []) throws -> Background {
         try Background(["run", "--flat", Swiftlet.guest("dirtier"), "--memory", memory, "--serial", "file:\(path("source.out"))",
-                        "--monitor", path("monitor.sock"), "--timeout", "120"])
+                        "--monitor", path("monitor.sock"), "--timeout", "120"] + extra)
     }
 
-    func target(memory: String = "32M", address: String? = nil) throws -> Background {
+    func target(memory: String = "32M", address: String? = nil, extra: [String] = []) throws -> Background {
         let target = try Background(["run", "--incoming", address ?? "unix:\(path("incoming.sock"))", "--memory", memory,
-                                     "--serial", "file:\(path("target.out"))", "--timeout", "120"])
+                                     "--serial", "file:\(path("target.out"))", "--timeout", "120"] + extra)
         #expect(target.waitForError("waiting for a migration on"))
         return target
     }
@@ -138,6 +138,86 @@ struct MigrationTests {
         _ = target.exitStatus()
         let last = DirtierOutput.expectUnbroken(text("source.out") + text("target.out"))
         #expect(last > lastOnSource + 20)
+    }
+
+    @Test("A writable disk is handed over: the source flushes it and gives up its lock, the target takes it")
+    func diskHandOver() throws {
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let image = path("disk.qcow2")
+        #expect(try Swiftlet.runShell("qemu-img create -q -f qcow2 \(image) 16M").status == 0)
+        let target = try target(extra: ["--disk", image])
+        let source = try source(extra: ["--disk", image])
+        #expect(DirtierOutput.waitForRound(above: 5, in: url("source.out")))
+        waitForMonitor()
+        // While the source runs, its lock keeps others from writing the image.
+        #expect(try Swiftlet.runShell("qemu-img info \(image)").stdout.contains("file format: qcow2") == false)
+        let answer = try monitor("migrate", "unix:\(path("incoming.sock"))")
+        #expect(answer.status == 0, "\(answer.stderr)")
+        #expect(source.exitStatus() == 0)
+        let lastOnSource = DirtierOutput.lastRound(url("source.out"))
+        #expect(DirtierOutput.waitForRound(above: lastOnSource + 5, in: url("target.out")), "\(target.stderr)")
+        // Now the target holds the lock.
+        let locked = try Swiftlet.runShell("qemu-img info \(image) 2>&1")
+        #expect(locked.status != 0 && locked.stdout.contains("lock"), "\(locked.stdout)")
+        target.signal(SIGTERM)
+        _ = target.exitStatus()
+        #expect(try Swiftlet.runShell("qemu-img check -q \(image)").status == 0)
+        DirtierOutput.expectUnbroken(text("source.out") + text("target.out"))
+    }
+
+    @Test("A source that sends garbage is refused by the target with one line")
+    func garbageSource() throws {
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let target = try target()
+        let script = "python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); s.connect('\(path("incoming.sock"))'); "
+            + "s.sendall(b'GET / HTTP/1.0\\\\r\\\\n\\\\r\\\\n'); s.recv(64)\""
+        _ = try Swiftlet.runShell(script)
+        #expect(target.exitStatus() == 2)
+        #expect(target.stderr.hasSuffix("swiftlet: migration: the stream is not a Swiftlet migration (bad frame magic)\n"), "\(target.stderr)")
+    }
+
+    /// A hostile source: a correct hello, then a frame of `kind` with `payload` (Python
+    /// expressions), checksummed as the protocol wants.
+    func hostileSource(kind: Int, payload: String) throws {
+        let script = """
+            import json, socket, struct, zlib
+            def frame(kind, payload):
+                return b"SWMG" + bytes([kind, 0, 0, 0]) + struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+            hello = {"protocolVersion": 1, "swiftletVersion": "0.1.0", "cpuFeatures": [], "machine": {
+                "memorySize": 32 << 20, "cpuCount": 1, "cpuModel": "host", "virtioTransport": "pci", "disks": [],
+                "completeInstructions": True, "tripleFault": "stop", "testDevice": False}}
+            s = socket.socket(socket.AF_UNIX)
+            s.connect("\(path("incoming.sock"))")
+            s.sendall(frame(1, json.dumps(hello).encode()))
+            answer = s.recv(16)
+            assert answer[4] == 2, answer
+            s.sendall(frame(\(kind), \(payload)))
+            s.recv(64)
+            """
+        try script.write(to: url("hostile.py"), atomically: true, encoding: .utf8)
+        let result = try Swiftlet.runShell("python3 \(path("hostile.py"))")
+        #expect(result.status == 0, "\(result.stderr)")
+    }
+
+    @Test("A hostile source: pages outside guest RAM, a bad checksum, a huge frame, a damaged state: one line each, status 2")
+    func hostileSources() throws {
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let cases: [(Int, String, String)] = [
+            (4, "struct.pack('<Q', 1 << 40) + bytes(4096)", "the source sent pages outside guest RAM"),
+            (4, "struct.pack('<Q', 8191) + bytes(8192)", "the source sent pages outside guest RAM"),
+            (4, "struct.pack('<Q', 0) + bytes(100)", "is not a page number and whole pages"),
+            (5, "struct.pack('<QQ', 8000, 256)", "the source sent zero pages outside guest RAM"),
+            (6, "b'{}'", "the VM's state does not decode"),
+            (3, "b''", "unexpected refuse frame while receiving RAM"),
+        ]
+        for (kind, payload, expected) in cases {
+            let target = try target()
+            try hostileSource(kind: kind, payload: payload)
+            #expect(target.exitStatus() == 2)
+            let last = target.stderr.split(separator: "\n").last.map(String.init) ?? ""
+            #expect(last.hasPrefix("swiftlet: migration: ") && last.contains(expected), "\(target.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: path("target.out")) || text("target.out").isEmpty)
+        }
     }
 
     @Test("A target with a different memory size refuses the VM; the source goes on and the target exits with one line")
