@@ -103,7 +103,15 @@ extension Machine {
             throw .migration("\(error)")
         }
 
-        try startDirtyTracking()
+        // Tracking the user turned on (for diff snapshots) is shared: the migration's reads
+        // of the dirty log take pages a diff would need, so afterwards tracking starts over
+        // and the next diff snapshot needs a full one first.
+        let wasTracking = isTrackingDirtyPages
+        if !wasTracking { try startDirtyTracking() }
+        func endTracking() {
+            stopDirtyTracking()
+            if wasTracking { try? startDirtyTracking() }
+        }
         var pausedHere = false
         var handedOver: [ImageFile] = []
         do {
@@ -134,7 +142,8 @@ extension Machine {
             try sendPages(pending, over: channel, skipZeroPages: false, bandwidthLimit: options.maximumBandwidth, counts: &sent)
             let finalPages = sent.data + sent.zero - pagesBefore
             handedOver = try handOverDisks()
-            let manifest = try captureManifest(memoryFile: "")
+            // RAM is in the stream, not in a file: the manifest names none.
+            let manifest = try captureManifest(memory: SavedMemory(file: "", size: board.memory.size, parent: nil, pages: nil))
             try channel.send(.state, bytes: Array(try JSONEncoder().encode(manifest)))
             let answer = try channel.receive()
             switch answer.kind {
@@ -144,7 +153,7 @@ extension Machine {
             }
             try channel.send(.commit, bytes: [])
             let finished = MonotonicClock.nanoseconds()
-            stopDirtyTracking()
+            endTracking()
             let summary = MachineMigrationSummary(destination: address.description, rounds: rounds, pagesSent: sent.data, finalPages: finalPages,
                                            bytesSent: channel.bytesSent, totalNanoseconds: finished - started,
                                            downtimeNanoseconds: finished - pausedAt)
@@ -152,7 +161,7 @@ extension Machine {
             stop.stop(.migrated(to: address.description))
             return summary
         } catch {
-            stopDirtyTracking()
+            endTracking()
             let reclaimed = Self.reclaimDisks(handedOver)
             // Tell the target, if it still listens, so it exits at once instead of timing out.
             let reason = (error as? MigrationFailure)?.description ?? "\(error)"

@@ -6,7 +6,7 @@ import Synchronization
 
 /// The monitor: a Unix socket on which a person (`socat - UNIX-CONNECT:PATH`) or a program
 /// (`swiftlet monitor PATH COMMAND`) controls the running VM, one command per line and one
-/// line back for each, as QEMU's human monitor: `status`, `stop`, `cont`, `snapshot DIR`,
+/// line back for each, as QEMU's human monitor: `status`, `stop`, `cont`, `snapshot [--diff] DIR`,
 /// `migrate ADDRESS`, `quit` (``Machine/monitorCommand(_:reply:)``).
 ///
 /// Owns the listening socket and its connections. They are served from the VM's event
@@ -151,7 +151,7 @@ extension String {
 
 extension Machine {
     /// The monitor's commands, as a QEMU user would type them.
-    static let monitorHelp = "commands: status (info status), stop (pause), cont (resume), snapshot DIR, "
+    static let monitorHelp = "commands: status (info status), stop (pause), cont (resume), snapshot [--diff] DIR, "
         + "migrate unix:PATH|tcp:HOST:PORT, migrate_set_parameter downtime-limit|max-bandwidth|max-rounds VALUE, quit (q), help"
 
     /// Runs one monitor command and answers with one line through `reply` (an error starts
@@ -193,15 +193,17 @@ extension Machine {
                 return "VM status: running"
             }
         case "snapshot", "savevm":
-            guard expect(1, "snapshot DIR") else { return }
+            let diff = arguments.first == "--diff"
+            let rest = diff ? Array(arguments.dropFirst()) : arguments
+            guard rest.count == 1 else { return reply("error: usage: snapshot [--diff] DIR") }
             run { () throws(MachineError) in
                 guard !isMigrating else { throw .migration("a migration is under way; wait for it to end") }
                 // A running VM is paused for the snapshot and goes on afterwards, as QEMU's savevm.
                 let wasRunning = state == .running
                 if wasRunning { try pause() }
                 defer { if wasRunning { try? resume() } }
-                let summary = try snapshot(to: arguments[0])
-                return "snapshot written to \(summary.directory): \(summary.pagesWritten) pages of RAM, state \(summary.stateBytes) bytes, "
+                let summary = try snapshot(to: rest[0], diff: diff)
+                return "snapshot written to \(summary.location): \(summary.pagesWritten) pages of RAM, state \(summary.stateBytes) bytes, "
                     + MachineMigrationSummary.milliseconds(summary.nanoseconds)
             }
         case "migrate":

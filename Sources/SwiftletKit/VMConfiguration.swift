@@ -28,10 +28,13 @@ public struct VMConfiguration: Sendable {
         /// Multiboot kernel (kvm-unit-tests' `.flat` files are Multiboot ELFs). `nil`
         /// `commandLine` gives Linux Swiftlet's default (serial console on ttyS0).
         case kernel(Image, initrd: Image? = nil, commandLine: String? = nil)
-        /// A snapshot directory written by ``VM/snapshot(to:)`` (or `swiftlet`): the
-        /// machine continues where it was saved. Its RAM, vCPUs, disks and transport come
-        /// from the snapshot; the console, timeout and tracing options here apply.
-        case snapshot(directory: String)
+        /// A snapshot written by ``VM/snapshot(to:diff:)`` (or `swiftlet`): the machine
+        /// continues where it was saved. Its RAM, vCPUs, disks and transport come from the
+        /// snapshot; the console, timeout and tracing options here apply.
+        case snapshot(SnapshotPaths)
+
+        /// The snapshot in `directory` (`directory/state`, `directory/memory`).
+        public static func snapshot(directory: String) -> Boot { .snapshot(SnapshotPaths(directory: directory)) }
         /// A VM migrated from another Swiftlet (``VM/migrate(to:)``): listen at `address`
         /// (`unix:PATH` or `tcp:HOST:PORT`; `tcp::PORT` listens on every address), wait for
         /// one source, and run the VM it sends. The source's RAM size, vCPUs, transport and
@@ -157,6 +160,10 @@ public struct VMConfiguration: Sendable {
     /// ``VMResult/memoryReport``) and give the guest the memory slot device at port 0x5A0,
     /// which adds slots while it runs (docs/memory.md).
     public var showMemory = false
+    /// Track the pages written from the start, so that ``VM/snapshot(to:diff:)`` can write
+    /// only what changed since the snapshot before (KVM's dirty log; costs guest time on
+    /// writes).
+    public var trackDirtyPages = false
     /// Ask the host for transparent huge pages for guest RAM.
     public var transparentHugePages = true
     /// Complete the instructions some KVMs cannot emulate (int3, int n, fwait, ldmxcsr,
@@ -177,7 +184,7 @@ public struct VMConfiguration: Sendable {
     /// driver that broke a device's rules).
     public var onWarning: (@Sendable (String) -> Void)?
     /// A Unix socket for the monitor: one command per line (`status`, `stop`, `cont`,
-    /// `snapshot DIR`, `migrate ADDRESS`, `quit`, `help`), one line back for each, while the
+    /// `snapshot [--diff] DIR`, `migrate ADDRESS`, `quit`, `help`), one line back for each, while the
     /// VM runs. Use it with `socat - UNIX-CONNECT:PATH` or `swiftlet monitor PATH COMMAND`.
     public var monitor: String?
     /// Called with a line on a migration's progress (the target listening for its source).

@@ -9,10 +9,10 @@ struct MonitorCommand: ParsableCommand {
         commandName: "monitor",
         abstract: "Send a command to a running VM's monitor socket.",
         discussion: """
-            Connects to the Unix socket given to 'swiftlet run --monitor PATH', sends \\
-            the command and prints the one-line answer. Commands: status, stop, cont, \\
-            snapshot DIR, migrate unix:PATH|tcp:HOST:PORT, quit, help. An answer \\
-            starting with 'error:' goes to stderr and gives status 2. 'migrate' \\
+            Connects to the Unix socket given to 'swiftlet run --monitor PATH', sends \
+            the command and prints the one-line answer. Commands: status, stop, cont, \
+            snapshot [--diff] DIR, migrate unix:PATH|tcp:HOST:PORT, migrate_set_parameter, quit, help. An answer \
+            starting with 'error:' goes to stderr and gives status 2. 'migrate' \
             returns when the migration has ended.
 
             EXAMPLES
