@@ -237,12 +237,23 @@ extension Machine {
             while start < run.upperBound {
                 let end = min(run.upperBound, start + MigrationChannel.pagesPerFrame)
                 let count = end - start
+                var copied = true
                 do {
                     try memory.withPages(start..<end) { bytes in
+                        // Round 1 skips zero pages: a chunk of them is not even copied (a page
+                        // written after this look is dirty, and goes in a later round).
+                        if skipZeroPages, (0..<count).allSatisfy({ Self.isZeroPage(bytes, at: $0 * pageSize) }) {
+                            copied = false
+                            return
+                        }
                         copy.withUnsafeMutableBytes { $0.baseAddress!.copyMemory(from: bytes.baseAddress!, byteCount: bytes.count) }
                     }
                 } catch {
                     throw MigrationFailure("reading guest RAM: \(error)")
+                }
+                guard copied else {
+                    start = end
+                    continue
                 }
                 let failure = copy.withUnsafeBytes { (bytes) -> MigrationFailure? in
                     var index = 0
