@@ -71,6 +71,7 @@ import Basics
 import DiskImage
 import EventLoop
 import Memory
+import RateLimit
 import Synchronization
 
 /// A virtio-blk device over a disk image. See the comment at the top of this file for
@@ -92,6 +93,8 @@ public final class VirtioBlock: VirtioDevice {
     let configurationSpace: BlockConfigurationSpace
     private let configurationBytes: [UInt8]
     private let session = Mutex<BlockSession?>(nil)
+    /// The rate limiter of all its queues; it outlives activations (a reset keeps it).
+    private let rateLimiter: SharedRateLimiter
 
     /// The size of the configuration space (`struct virtio_blk_config` of virtio 1.2).
     public static let configurationSize = BlockConfigurationSpace.size
@@ -119,6 +122,7 @@ public final class VirtioBlock: VirtioDevice {
         self.disk = disk
         self.options = options
         self.serial = serial
+        rateLimiter = SharedRateLimiter(options.rateLimiter)
         isReadOnly = options.readOnly || disk.isReadOnly
         queueMaximumSizes = Array(repeating: size, count: options.queueCount)
 
@@ -178,7 +182,7 @@ public final class VirtioBlock: VirtioDevice {
                 writeZeroesNegotiated: features & VirtioBlockFeature.writeZeroes != 0,
                 writeZeroesMayUnmap: configurationSpace.writeZeroesMayUnmap)
             let control = try BlockSessionControl(handler: handler, interrupt: activation.interrupt,
-                                                  needsReset: activation.needsReset)
+                                                  rateLimiter: rateLimiter, needsReset: activation.needsReset)
             session = try BlockSession(control: control, activation: activation, options: options)
         }
     }
@@ -204,6 +208,18 @@ public final class VirtioBlock: VirtioDevice {
         guard let current = session.withLock({ $0 }) else { return }
         current.control.paused.store(false, ordering: .sequentiallyConsistent)
         for server in current.servers { server.nudge() }
+    }
+
+    /// The rate limiter's buckets now.
+    public var rateLimiterConfiguration: RateLimiterConfiguration { rateLimiter.configuration }
+
+    /// Changes the rate limiter while the device runs (from any thread), with Firecracker's
+    /// rules (``RateLimiter/update(_:)``): a bucket left out stays, one with size or refill
+    /// time 0 goes, others start full. A queue waiting for tokens looks again at once.
+    public func updateRateLimiter(_ configuration: RateLimiterConfiguration) {
+        rateLimiter.update(configuration)
+        guard let current = session.withLock({ $0 }) else { return }
+        for server in current.servers { server.rateLimiterChanged() }
     }
 }
 
