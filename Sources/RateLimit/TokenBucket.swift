@@ -18,11 +18,16 @@ public enum TokenBucketReduction: Sendable, Equatable {
 /// Refill is computed when tokens are asked for, in whole tokens, and the time a partial
 /// token has accrued is kept for the next time (no rounding drift).
 ///
-/// One difference from Firecracker, on purpose: a request larger than the whole bucket
-/// is let through in both, but here the bucket then owes exactly the excess (its refill
-/// starts that much later), while Firecracker empties it, blocks the limiter for the
-/// excess and lets the bucket refill meanwhile, which lets such requests go up to twice
-/// the configured rate.
+/// Two differences from Firecracker, on purpose, both where Firecracker lets more through
+/// than its configuration says:
+/// - Refill is brought up to date on every request. Firecracker refills only when a
+///   request finds the budget short, from the last refill: after an idle time with a full
+///   bucket, it spends the bucket, then credits the whole idle time again, so up to twice
+///   `size` goes at once. Here a full bucket stays at `size`.
+/// - A request larger than the whole bucket is let through in both, but here the bucket
+///   then owes exactly the excess (its refill starts that much later), while Firecracker
+///   empties it, blocks the limiter for the excess and lets the bucket refill meanwhile,
+///   which lets such requests go up to twice the configured rate.
 public struct TokenBucket: Sendable, Equatable {
     static let nanosecondsPerMillisecond: UInt64 = 1_000_000
 
@@ -80,13 +85,11 @@ public struct TokenBucket: Sendable, Equatable {
             tokens -= oneTimeBurst
             oneTimeBurst = 0
         }
-        if tokens > budget {
-            replenish(now: now)
-            if tokens > size {
-                return .overConsumption(nanoseconds: owe(tokens, now: now))
-            }
-            if tokens > budget { return .failure }
+        replenish(now: now)
+        if tokens > size {
+            return .overConsumption(nanoseconds: owe(tokens, now: now))
         }
+        if tokens > budget { return .failure }
         budget -= tokens
         return .success
     }

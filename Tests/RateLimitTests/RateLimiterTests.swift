@@ -42,6 +42,16 @@ struct TokenBucketTests {
         #expect(bucket.reduce(1001, now: 100_000 * millisecond) != .success)
     }
 
+    @Test("an idle full bucket holds its size, no more")
+    func idleBucketStaysAtSize() {
+        var bucket = TokenBucket(TokenBucketConfiguration(size: 1000, refillTime: 1000), now: 0)!
+        // Ten seconds idle, then the whole bucket: nothing more is left (Firecracker, which
+        // refills lazily from its last refill, would credit the idle time again here).
+        #expect(bucket.reduce(1000, now: 10_000 * millisecond) == .success)
+        #expect(bucket.reduce(1, now: 10_000 * millisecond) == .failure)
+        #expect(bucket.reduce(500, now: 10_500 * millisecond) == .success)
+    }
+
     @Test("partial tokens are not lost between refills")
     func noDrift() {
         // 3 tokens per 1000 ms: one every 333.33 ms.

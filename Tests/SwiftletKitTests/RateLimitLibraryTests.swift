@@ -97,8 +97,10 @@ struct RateLimitLibraryTests {
         let rate = Double(Self.diskSize - (256 << 10)) / limited.readingSeconds / Double(1 << 20)
         print("rate limit 1 MiB/s: read 4 MiB in \(limited.readingSeconds) s (\(rate) MiB/s after the first bucket); "
               + "unlimited: \(baseline.readingSeconds) s; expected \(expected) s")
-        // A limiter never lets more through than it allows: never faster than expected.
-        #expect(limited.readingSeconds >= expected, "\(limited.readingSeconds) s")
+        // A limiter never lets more through than it allows: never faster than expected
+        // (less the few milliseconds between the guest's first read and this thread
+        // seeing its line).
+        #expect(limited.readingSeconds >= expected * 0.98, "\(limited.readingSeconds) s")
         // Slower only by what the guest itself takes, within a tolerance.
         #expect(limited.readingSeconds <= expected * 1.15 + baseline.readingSeconds + 0.5, "\(limited.readingSeconds) s")
     }
@@ -110,7 +112,7 @@ struct RateLimitLibraryTests {
         // other 60 at 20 per second: 3 s.
         let limited = try runCRC(disk: disk, limiter: RateLimiterConfiguration(ops: TokenBucketConfiguration(size: 4, refillTime: 200)))
         print("rate limit 20 ops/s: 64 requests in \(limited.readingSeconds) s; expected 3 s")
-        #expect(limited.readingSeconds >= 3.0)
+        #expect(limited.readingSeconds >= 3.0 * 0.98)
         #expect(limited.readingSeconds <= 3.0 * 1.15 + 1.0)
     }
 
