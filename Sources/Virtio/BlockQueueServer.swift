@@ -225,7 +225,7 @@ final class BlockQueueServer: Sendable {
             return true
         }
         // POLLERR, POLLHUP or POLLNVAL: the descriptor is unusable; polling it again would spin.
-        control.fail("virtio-blk: queue \(index): its notification descriptor failed (poll events 0x\(String(events, radix: 16)))")
+        control.fail("virtio-blk: queue \(index): a descriptor it waits on failed (poll events 0x\(String(events, radix: 16)))")
         return false
     }
 

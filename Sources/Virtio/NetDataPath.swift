@@ -220,8 +220,8 @@ final class NetDataPath: Sendable {
         }
     }
 
-    /// Waits `nanoseconds` for tokens (arms `timer`); false if the timer cannot be armed
-    /// (the device then stops).
+    /// Waits `nanoseconds` for tokens: arms `timer` (if it cannot be armed, the device stops
+    /// and asks for a reset rather than never looking again).
     private func waitForTokens(_ state: inout State, _ timer: TimerFD, nanoseconds: UInt64) {
         do {
             try timer.arm(after: .nanoseconds(Int64(clamping: max(1, nanoseconds))))
