@@ -39,31 +39,31 @@ struct BlockRateLimitTests {
 
     @Test("A request without tokens goes back to the ring and is served when the timer fires, with no spinning")
     func waitsInTheRing() throws {
-        // One request per 300 ms.
-        let (harness, _) = try Self.harness(RateLimiterConfiguration(ops: TokenBucketConfiguration(size: 1, refillTime: 300)),
+        // One request per 500 ms.
+        let (harness, _) = try Self.harness(RateLimiterConfiguration(ops: TokenBucketConfiguration(size: 1, refillTime: 500)),
                                             diskIndex: 40)
         let ticksBefore = cpuTicks(ofThreadsNamed: "blk40q0")
         let requests = try (0..<3).map { try harness.read(sector: UInt64($0), count: 512) }
         var statuses: [UInt8] = []
         let elapsed = try seconds {
             #expect(try harness.waitForUsed(1))
-            usleep(100_000)
+            usleep(50_000)
             // The second request is back in the available ring, not taken and held.
             #expect(try harness.drivers[0].usedIndex == 1)
             #expect(harness.queues[0].indices.nextAvailable == 1)
             statuses = try harness.complete(requests)
         }
         #expect(statuses == [VirtioBlockStatus.ok, VirtioBlockStatus.ok, VirtioBlockStatus.ok])
-        // Two waits of 300 ms.
-        #expect(elapsed >= 0.59 && elapsed < 3, "\(elapsed) s")
+        // Two waits of 500 ms.
+        #expect(elapsed >= 0.99 && elapsed < 4, "\(elapsed) s")
         // The dispatcher slept through them (a clock tick is 10 ms: a spinning one would
-        // have used about 60).
+        // have used about 100).
         #expect(cpuTicks(ofThreadsNamed: "blk40q0") - ticksBefore < 10)
     }
 
     @Test("A pause while a request waits for tokens returns at once; the request waits in the ring until resume")
     func pauseWhileThrottled() throws {
-        let (harness, _) = try Self.harness(RateLimiterConfiguration(ops: TokenBucketConfiguration(size: 1, refillTime: 400)),
+        let (harness, _) = try Self.harness(RateLimiterConfiguration(ops: TokenBucketConfiguration(size: 1, refillTime: 800)),
                                             diskIndex: 41)
         let requests = try (0..<2).map { try harness.read(sector: UInt64($0), count: 512) }
         #expect(try harness.waitForUsed(1))
@@ -71,7 +71,7 @@ struct BlockRateLimitTests {
         #expect(pause < 0.2, "pause took \(pause) s")
         #expect(harness.queues[0].indices.nextAvailable == 1)
         // The timer fires during the pause: nothing is taken.
-        usleep(600_000)
+        usleep(1_000_000)
         #expect(try harness.drivers[0].usedIndex == 1)
         #expect(harness.queues[0].indices.nextAvailable == 1)
         harness.device.resume()
