@@ -162,4 +162,37 @@ struct RateLimitLibraryTests {
         print("rate limit 64 KiB/s, removed after 0.8 s: read 4 MiB in \(run.readingSeconds) s (64 s unchanged)")
         #expect(run.readingSeconds < 10.0, "\(run.readingSeconds) s")
     }
+
+    @Test("A snapshot records each disk's limiter as it is (updates included); the restored VM has it")
+    func snapshotKeepsLimiter() throws {
+        let disk = try ScratchDisk(size: 1 << 20)
+        let directory = disk.directory.appendingPathComponent("snapshot").path
+        var configuration = VMConfiguration(boot: .flat(.file(guests.appendingPathComponent("counter.bin").path)))
+        configuration.memorySize = 32 << 20
+        configuration.console = .discard
+        // Read-only, so that the first VM's lock on the image does not keep out the second.
+        var drive = VMConfiguration.Disk(path: disk.path, readOnly: true)
+        drive.rateLimiter = RateLimiterConfiguration(ops: TokenBucketConfiguration(size: 100, refillTime: 1000))
+        configuration.disks = [drive]
+        let vm = try VM(configuration)
+        let finished = Mutex(false)
+        Thread {
+            _ = try? vm.run()
+            finished.withLock { $0 = true }
+        }.start()
+        while vm.state != .running { usleep(10_000) }
+        let bandwidth = TokenBucketConfiguration(size: 1 << 20, oneTimeBurst: 4 << 20, refillTime: 500)
+        try vm.updateRateLimiter(disk: 0, RateLimiterConfiguration(bandwidth: bandwidth))
+        let expected = RateLimiterConfiguration(bandwidth: bandwidth, ops: TokenBucketConfiguration(size: 100, refillTime: 1000))
+        #expect(vm.diskRateLimiters == [expected])
+        try vm.pause()
+        _ = try vm.snapshot(to: directory)
+        vm.stop()
+        while !finished.withLock({ $0 }) { usleep(10_000) }
+
+        var restore = VMConfiguration(boot: .snapshot(directory: directory))
+        restore.console = .discard
+        let restored = try VM(restore)
+        #expect(restored.diskRateLimiters == [expected])
+    }
 }
