@@ -56,6 +56,12 @@
 //   in flight; the dispatcher then waits for a worker before taking more.
 // - notifications with nothing available: one wake-up each, no spinning.
 //
+// Rate limit (`VirtioBlockOptions.rateLimiter`, changed with `updateRateLimiter`): the
+// dispatcher takes one op and a read's or write's data bytes from the device's limiter
+// before it hands a chain to a worker; without tokens, the chain goes back to the
+// available ring and the dispatcher sleeps on its queue's timerfd until they are there
+// (docs/virtio.md, "Rate limits").
+//
 // Threads: at `activate`, per queue, one dispatcher (waits on the queue's notification
 // EventFD and the stop EventFD with poll, takes chains) and `workersPerQueue` workers (each
 // runs one request at a time; several requests in flight reach the disk in parallel).

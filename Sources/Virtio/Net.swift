@@ -14,6 +14,9 @@
 //
 // Configuration space (5.1.4, read-only): mac, status (LINK_UP), max_virtqueue_pairs (1).
 //
+// Rate limits: one limiter per direction (`VirtioNetOptions.receiveRateLimiter` and
+// `transmitRateLimiter`, changed with `updateRateLimiters`); see `NetDataPath`.
+//
 // What a hostile or broken driver gets (each case has a test in NetHostileTests):
 // - a transmit chain shorter than the 12-byte header plus an Ethernet header, a header
 //   asking for a checksum or segmentation offload that was not negotiated: the frame is
