@@ -12,12 +12,12 @@
 //   Memory     Guest RAM: anonymous mmap, layout around the MMIO hole, checked translation.
 //   Devices    Device models and buses (UART, exit port, ...). No KVM: unit-testable.
 //   Compression  zlib and zstd decompression (with libdeflate when present): the one home for both.
-//   Compression  zlib and zstd decompression (with libdeflate when present): the one home for both.
 //   DiskImage  Raw and qcow2 disk images over file descriptors. No KVM.
 //   Boot       Kernel formats and boot protocols (flat, Linux, PVH, Multiboot), and the
 //              firmware tables that describe the Devices. No KVM.
 //   Virtio     Virtqueues, the virtio device interface, transports and devices. No KVM.
 //   X86        x86 vCPU set-up: the CPU model (CPUID), boot MSRs, entry registers, dumps.
+//   Snapshot   The snapshot state file's envelope: format version, length, checksum. No KVM.
 //   Machine    Puts it together: VM, vCPU threads, exit loop, console.
 //   SwiftletKit  The library: configure a VM, run it, get its exit and console (the API
 //              the CLI and test suites use).
@@ -53,9 +53,11 @@ let package = Package(
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
         .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "Compression", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
-        .target(name: "Virtio", dependencies: ["Basics", "Memory", "EventLoop", "Devices", "DiskImage"]),
-        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot"]),
-        .target(name: "SwiftletKit", dependencies: ["Basics", "Machine", "Devices", "DiskImage", "X86", "KVM"]),
+        .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage",
+                                         .product(name: "DequeModule", package: "swift-collections")]),
+        .target(name: "Snapshot", dependencies: ["Basics", "CZlib"]),
+        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot"]),
+        .target(name: "SwiftletKit", dependencies: ["Basics", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
@@ -68,12 +70,13 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "Memory", "EventLoop"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Memory", "EventLoop", "Devices", "DiskImage"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory", "Layout"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Compression"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "X86Tests", dependencies: ["X86", "KVM", "Memory"], exclude: ["Fixtures"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot"]),
     ],
     swiftLanguageModes: [.v6]
 )

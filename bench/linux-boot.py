@@ -13,7 +13,7 @@ The banner and the command line usually arrive together: printk buffers them unt
 the early console starts, then replays the buffer. As soon as both are seen, the VM is
 ended (SIGTERM for Swiftlet, SIGKILL for QEMU); nothing later is measured (on a host
 whose KVM emulates CPL 0 code the kernel cannot boot much further, see
-shared/docs/HOST-KVM.md).
+docs/host-kvm.md).
 
 Variants:
 

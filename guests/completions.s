@@ -1,7 +1,7 @@
 # completions: instructions that some KVMs cannot emulate at CPL 0, run at CPL 0.
 #
 # On hardware KVM every one of them runs natively. On a KVM that emulates ring 0 code
-# in software (this project's nested build hosts, see HOST-KVM.md) each one fails in
+# in software (this project's nested build hosts, see docs/host-kvm.md) each one fails in
 # KVM's emulator, and Swiftlet completes it (docs/instruction-completion.md). Either way
 # the guest must see exactly what a CPU does, and checks it:
 #

@@ -8,6 +8,7 @@
 // The Swift side mirrors none of these structs field by field (it uses the imported C
 // types directly); these asserts pin the ABI the wrappers rely on.
 _Static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "kvm_userspace_memory_region layout");
+_Static_assert(sizeof(struct kvm_dirty_log) == 16, "kvm_dirty_log layout");
 _Static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs layout");
 _Static_assert(sizeof(struct kvm_segment) == 24, "kvm_segment layout");
 _Static_assert(sizeof(struct kvm_sregs) == 312, "kvm_sregs layout");

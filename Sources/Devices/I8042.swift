@@ -4,10 +4,11 @@ import Synchronization
 /// probes and the one thing a VMM needs from it: the CPU reset line.
 ///
 /// Owns the controller's output buffer queue, its command byte and the pending
-/// two-byte command. Register it at ``basePort`` with length ``portCount``: offset 0 is
-/// the data port (0x60), offset 4 the status (read) and command (write) port (0x64).
-/// Offsets 1-3 (port 0x61 is the PC speaker/NMI port that KVM's in-kernel PIT claims)
-/// read all ones and ignore writes.
+/// two-byte command. Offset 0 is the data port (0x60), offset ``commandOffset`` (4) the
+/// status (read) and command (write) port (0x64). The machine places the two separately
+/// (the second through a ``RegisterWindow``): port 0x61 between them is the PC speaker/NMI
+/// port that KVM's in-kernel PIT claims, which no bus may take. Offsets 1-3 read all ones
+/// and ignore writes.
 ///
 /// Command 0xFE ("pulse output line 0", the reset line) and any other pulse command
 /// with bit 0 clear, or writing an output port value with bit 0 clear (0xD1), call
@@ -17,8 +18,8 @@ import Synchronization
 public final class I8042: IODevice {
     public static let basePort: UInt64 = 0x60
     public static let portCount: UInt64 = 5
-    static let dataOffset: UInt64 = 0
-    static let commandOffset: UInt64 = 4
+    public static let dataOffset: UInt64 = 0
+    public static let commandOffset: UInt64 = 4
 
     // Status register bits.
     static let statusOutputFull: UInt8 = 0x01

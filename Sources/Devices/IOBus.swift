@@ -1,3 +1,5 @@
+import Layout
+
 /// A device that answers reads and writes in a range of port-I/O or MMIO addresses.
 ///
 /// The bus hands each access to the device with the offset inside the device's range,
@@ -23,13 +25,40 @@ public enum IOBusError: Error, Equatable, CustomStringConvertible {
     case overlap(name: String, base: UInt64, length: UInt64, existing: String)
     /// `name` asked for an empty range, or one that runs past the end of the address space.
     case emptyRange(name: String)
+    /// `name` at `[base, base + length)` overlaps `owner`, one of KVM's in-kernel devices:
+    /// the guest's accesses there are handled in the host kernel and never reach a bus.
+    case ownedByKVM(name: String, base: UInt64, length: UInt64, owner: String)
 
     public var description: String {
         switch self {
         case let .overlap(name, base, length, existing):
             return "\(name) at 0x\(String(base, radix: 16))+0x\(String(length, radix: 16)) overlaps \(existing)"
         case let .emptyRange(name): return "\(name): its I/O range is empty or wraps around"
+        case let .ownedByKVM(name, base, length, owner):
+            return "\(name) at 0x\(String(base, radix: 16))+0x\(String(length, radix: 16)) overlaps \(owner): KVM handles "
+                + "those accesses in the kernel, so they would never reach the device"
         }
+    }
+}
+
+/// A window onto part of another device's registers, for a device whose registers are not
+/// contiguous on the bus (the i8042 answers at 0x60 and 0x64, with 0x61 in between owned by
+/// KVM): an access at offset `o` of the window reaches the device at `offset + o`.
+public final class RegisterWindow: IODevice {
+    public let device: any IODevice
+    public let offset: UInt64
+
+    public init(_ device: any IODevice, offset: UInt64) {
+        self.device = device
+        self.offset = offset
+    }
+
+    public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
+        device.read(offset: self.offset &+ offset, into: data)
+    }
+
+    public func write(offset: UInt64, from data: UnsafeRawBufferPointer) {
+        device.write(offset: self.offset &+ offset, from: data)
     }
 }
 
@@ -53,13 +82,30 @@ public final class IOBus: Sendable {
     /// Collects registrations and checks each for overlaps before the bus exists.
     public struct Builder: Sendable {
         private(set) var entries: [Entry] = []
+        /// Ranges no device may take: those KVM's in-kernel devices own.
+        private let reserved: [KVMOwnedRange]
 
-        public init() {}
+        /// A builder that refuses only overlaps between devices (unit tests, buses of their own).
+        public init() { reserved = [] }
 
-        /// Places `device` at `[base, base + length)`.
+        /// A builder that also refuses `reserved`, naming its owner.
+        public init(reserving reserved: [KVMOwnedRange]) { self.reserved = reserved }
+
+        /// The machine's port bus: refuses the ports of KVM's PICs and PIT (``KVMOwned/ports``).
+        public static func portBus() -> Builder { Builder(reserving: KVMOwned.ports) }
+
+        /// The machine's MMIO bus: refuses the IOAPIC and local APIC pages (``KVMOwned/mmio``).
+        public static func mmioBus() -> Builder { Builder(reserving: KVMOwned.mmio) }
+
+        /// Places `device` at `[base, base + length)`. Throws when the range is empty,
+        /// overlaps a device already placed (the error names both) or a range KVM owns.
         public mutating func register(_ device: any IODevice, name: String, base: UInt64, length: UInt64) throws(IOBusError) {
             guard length > 0, base.addingReportingOverflow(length - 1).overflow == false else { throw .emptyRange(name: name) }
             let last = base + (length - 1)
+            if let owned = reserved.first(where: { base <= $0.base + ($0.length - 1) && $0.base <= last }) {
+                throw .ownedByKVM(name: name, base: base, length: length,
+                                  owner: "\(owned.owner) at 0x\(String(owned.base, radix: 16))+0x\(String(owned.length, radix: 16))")
+            }
             if let existing = entries.first(where: { base <= $0.base + ($0.length - 1) && $0.base <= last }) {
                 throw .overlap(name: name, base: base, length: length, existing: "\(existing.name) at 0x\(String(existing.base, radix: 16))+0x\(String(existing.length, radix: 16))")
             }

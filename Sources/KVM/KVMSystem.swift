@@ -16,11 +16,19 @@ public struct KVMCapability: Sendable, Hashable, CustomStringConvertible {
     public static let recommendedVCPUs = KVMCapability(rawValue: CKVM_CAP_NR_VCPUS, name: "KVM_CAP_NR_VCPUS")
     public static let maximumVCPUs = KVMCapability(rawValue: CKVM_CAP_MAX_VCPUS, name: "KVM_CAP_MAX_VCPUS")
     public static let tscFrequency = KVMCapability(rawValue: CKVM_CAP_GET_TSC_KHZ, name: "KVM_CAP_GET_TSC_KHZ")
+    /// The guest's TSC frequency can be set (`KVM_SET_TSC_KHZ`, TSC scaling).
+    public static let tscControl = KVMCapability(rawValue: CKVM_CAP_TSC_CONTROL, name: "KVM_CAP_TSC_CONTROL")
+    /// A paused guest can be told so through kvmclock (`KVM_KVMCLOCK_CTRL`).
+    public static let kvmclockControl = KVMCapability(rawValue: CKVM_CAP_KVMCLOCK_CTRL, name: "KVM_CAP_KVMCLOCK_CTRL")
     public static let extendedCPUID = KVMCapability(rawValue: CKVM_CAP_EXT_CPUID, name: "KVM_CAP_EXT_CPUID")
     public static let signalMSI = KVMCapability(rawValue: CKVM_CAP_SIGNAL_MSI, name: "KVM_CAP_SIGNAL_MSI")
     public static let xsave = KVMCapability(rawValue: CKVM_CAP_XSAVE, name: "KVM_CAP_XSAVE")
     /// On a VM: the size of the XSAVE area `KVM_GET_XSAVE2` returns (0 without it).
     public static let xsave2 = KVMCapability(rawValue: CKVM_CAP_XSAVE2, name: "KVM_CAP_XSAVE2")
+    /// Memory slots can be read-only (``MemorySlotFlags/readOnly``).
+    public static let readOnlyMemory = KVMCapability(rawValue: CKVM_CAP_READONLY_MEM, name: "KVM_CAP_READONLY_MEM")
+    /// The number of memory slots a VM may have.
+    public static let memorySlots = KVMCapability(rawValue: CKVM_CAP_NR_MEMSLOTS, name: "KVM_CAP_NR_MEMSLOTS")
     public static let vcpuEvents = KVMCapability(rawValue: CKVM_CAP_VCPU_EVENTS, name: "KVM_CAP_VCPU_EVENTS")
     /// Emulation failures exit to user space at every CPL instead of injecting #UD at CPL > 0.
     public static let exitOnEmulationFailure = KVMCapability(rawValue: CKVM_CAP_EXIT_ON_EMULATION_FAILURE,

@@ -296,6 +296,19 @@ public final class VCPU: @unchecked Sendable {
         let result = fd.issue(CKVM_GET_TSC_KHZ, value: 0)
         return result > 0 ? UInt32(result) : nil
     }
+
+    /// Makes the guest's TSC tick at `kHz` (KVM scales it when the host's differs; a
+    /// restored guest keeps the frequency it calibrated). The ioctl is `KVM_SET_TSC_KHZ`.
+    public func setTSCKHz(_ kHz: UInt32) throws(KVMError) {
+        _ = try fd.ioctl("KVM_SET_TSC_KHZ", CKVM_SET_TSC_KHZ, value: UInt(kHz))
+    }
+
+    /// Tells a guest using kvmclock that it was paused, so its soft-lockup watchdog does
+    /// not count the pause. Fails with `EINVAL` when the guest has not set kvmclock up.
+    /// The ioctl is `KVM_KVMCLOCK_CTRL`.
+    public func notifyPaused() throws(KVMError) {
+        _ = try fd.ioctl("KVM_KVMCLOCK_CTRL", CKVM_KVMCLOCK_CTRL)
+    }
 }
 
 /// What `KVM_EXIT_INTERNAL_ERROR` with suberror `KVM_INTERNAL_ERROR_EMULATION` carries:

@@ -3,7 +3,7 @@ import Glibc
 
 /// A KVM virtual machine: owns the VM file descriptor.
 ///
-/// VM ioctls: `KVM_SET_USER_MEMORY_REGION`, `KVM_SET_TSS_ADDR`,
+/// VM ioctls: `KVM_SET_USER_MEMORY_REGION`, `KVM_GET_DIRTY_LOG` (MemorySlot.swift), `KVM_SET_TSS_ADDR`,
 /// `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_GET_IRQCHIP`,
 /// `KVM_SET_IRQCHIP`, `KVM_CREATE_PIT2`, `KVM_IRQ_LINE`, `KVM_CHECK_EXTENSION`,
 /// `KVM_ENABLE_CAP` and `KVM_CREATE_VCPU` (the fast paths, `KVM_IOEVENTFD`, `KVM_IRQFD`,
@@ -20,11 +20,16 @@ public final class VirtualMachine: Sendable {
 
     /// Maps `size` bytes of host memory at `hostAddress` into the guest at `guestAddress`
     /// as memory slot `slot`. The hardware (EPT/NPT) then translates guest accesses to it
-    /// without exits. The corresponding ioctl is `KVM_SET_USER_MEMORY_REGION`.
-    public func setUserMemoryRegion(slot: UInt32, guestAddress: UInt64, size: UInt64, hostAddress: UInt, readOnly: Bool = false) throws(KVMError) {
+    /// without exits, except what `flags` asks for: a write to a ``MemorySlotFlags/readOnly``
+    /// slot exits as MMIO, and a ``MemorySlotFlags/logDirtyPages`` slot records the pages
+    /// the guest writes (``dirtyLog(slot:pageCount:)``). Calling it again for `slot`
+    /// replaces the slot; a size of 0 deletes it. It may be called while vCPUs run.
+    /// The corresponding ioctl is `KVM_SET_USER_MEMORY_REGION`.
+    public func setUserMemoryRegion(slot: UInt32, guestAddress: UInt64, size: UInt64, hostAddress: UInt,
+                                    flags: MemorySlotFlags = []) throws(KVMError) {
         var region = kvm_userspace_memory_region()
         region.slot = slot
-        region.flags = readOnly ? UInt32(KVM_MEM_READONLY) : 0
+        region.flags = flags.rawValue
         region.guest_phys_addr = guestAddress
         region.memory_size = size
         region.userspace_addr = UInt64(hostAddress)

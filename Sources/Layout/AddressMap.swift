@@ -11,6 +11,7 @@
 ///             │ ...  (up to 3 GiB; RAM beyond that continues at 4 GiB)
 /// 0xC000_0000 ├ MMIO hole. PCI 32-bit memory window (BARs): 0xC000_0000-0xDFFF_FFFF
 /// 0xE000_0000 ├ PCI ECAM (MMCONFIG) for bus 0: 1 MiB
+/// 0xF000_0000 ├ slots added at run time with --show-memory: RAM, then read-only (2 MiB each)
 /// 0xFEB0_0000 ├ virtio-mmio slots, 0x200 bytes each (as QEMU's microvm)
 /// 0xFEC0_0000 ├ IOAPIC (in KVM)
 /// 0xFEE0_0000 ├ local APICs (in KVM)
@@ -52,10 +53,51 @@ public enum AddressMap {
     public static let identityMapPage: UInt64 = 0xFFFB_C000
     public static let realModeTSS: UInt64 = 0xFFFB_D000
 
+    /// Where `swiftlet run --show-memory`'s slot device adds memory slots while the guest
+    /// runs (a teaching aid, see docs/memory.md): 2 MiB of RAM here, then 2 MiB of
+    /// read-only memory right after it. Free space in the MMIO hole, above the ECAM.
+    public static let runtimeSlotRAM: UInt64 = 0xF000_0000
+    public static let runtimeSlotReadOnly: UInt64 = 0xF020_0000
+    public static let runtimeSlotSize: UInt64 = 0x20_0000
+
     /// The guest-physical address of virtio-mmio slot `index`.
     public static func virtioMMIOSlot(_ index: Int) -> UInt64 {
         virtioMMIOStart + UInt64(index) * virtioMMIOSlotSize
     }
+}
+
+/// A range of ports or guest-physical addresses that one of KVM's in-kernel devices
+/// claims. KVM handles every access there inside the host kernel, so it never reaches
+/// Swiftlet: a device model placed there would never see one (``KVMOwned``).
+public struct KVMOwnedRange: Sendable, Equatable {
+    public let base: UInt64
+    public let length: UInt64
+    /// The device, and the ioctl that put it in the kernel.
+    public let owner: String
+
+    public init(base: UInt64, length: UInt64, owner: String) {
+        self.base = base
+        self.length = length
+        self.owner = owner
+    }
+}
+
+/// What `KVM_CREATE_IRQCHIP` and `KVM_CREATE_PIT2` put inside the host kernel, by address.
+public enum KVMOwned {
+    /// Ports of the in-kernel 8259 PICs (with their ELCR) and 8254 PIT (with port 0x61,
+    /// whose speaker bits KVM's PIT emulates).
+    public static let ports: [KVMOwnedRange] = [
+        KVMOwnedRange(base: 0x20, length: 2, owner: "the master 8259 PIC (KVM_CREATE_IRQCHIP)"),
+        KVMOwnedRange(base: 0x40, length: 4, owner: "the 8254 PIT (KVM_CREATE_PIT2)"),
+        KVMOwnedRange(base: 0x61, length: 1, owner: "the PC speaker port of the 8254 PIT (KVM_CREATE_PIT2)"),
+        KVMOwnedRange(base: 0xA0, length: 2, owner: "the slave 8259 PIC (KVM_CREATE_IRQCHIP)"),
+        KVMOwnedRange(base: 0x4D0, length: 2, owner: "the 8259 PICs' edge/level control registers, ELCR (KVM_CREATE_IRQCHIP)"),
+    ]
+    /// The register pages of the in-kernel IOAPIC and local APICs.
+    public static let mmio: [KVMOwnedRange] = [
+        KVMOwnedRange(base: AddressMap.ioAPIC, length: 0x1000, owner: "the IOAPIC (KVM_CREATE_IRQCHIP)"),
+        KVMOwnedRange(base: AddressMap.localAPIC, length: 0x1000, owner: "the local APIC (KVM_CREATE_IRQCHIP)"),
+    ]
 }
 
 /// How interrupt lines are given out. KVM's in-kernel IOAPIC has 24 pins, GSI 0-23; GSI

@@ -16,6 +16,21 @@ struct VirtioAttachment {
     let pciClass: UInt32
 }
 
+/// A guest network interface: the TAP and the virtio-net device over it.
+public struct NetworkInterface: Sendable {
+    /// `net0`, `net1`, ... in the order of the configuration.
+    public let name: String
+    public let tap: TapDevice
+    public let device: VirtioNet
+
+    /// The guest's MAC address.
+    public var mac: MACAddress { device.options.mac }
+
+    var attachment: VirtioAttachment {
+        VirtioAttachment(device: device, name: "virtio-net (\(name), TAP \(tap.name))", pciClass: 0x02_00_00)
+    }
+}
+
 /// Where virtio devices live, chosen with `--virtio-transport`.
 public enum VirtioTransportKind: String, Sendable, CaseIterable {
     /// virtio-mmio slots in the MMIO hole, announced on the kernel command line and in the
@@ -51,6 +66,29 @@ extension Board {
             }
         }
         return attachments
+    }
+
+    /// Opens (or creates) each TAP and makes its virtio-net device; a MAC is generated for
+    /// an interface that names none.
+    static func openNetworks(_ networks: [NetworkConfiguration]) throws(MachineError) -> [NetworkInterface] {
+        var interfaces: [NetworkInterface] = []
+        for (index, network) in networks.enumerated() {
+            let name = "net\(index)"
+            let tap: TapDevice
+            do {
+                tap = try TapDevice(name: network.tap)
+            } catch {
+                throw .invalidConfiguration("\(name): \(error)")
+            }
+            let mac = network.mac ?? MACAddress.randomLocallyAdministered()
+            do {
+                let device = try VirtioNet(backend: tap, options: VirtioNetOptions(mac: mac, index: index))
+                interfaces.append(NetworkInterface(name: name, tap: tap, device: device))
+            } catch {
+                throw .invalidConfiguration("\(name): \(error)")
+            }
+        }
+        return interfaces
     }
 
     /// What the firmware tables announce: the virtio-mmio devices in the DSDT, or the PCI

@@ -6,6 +6,7 @@ import EventLoop
 import Glibc
 import KVM
 import Memory
+import Synchronization
 import Virtio
 
 /// The PC the guest runs on: owns the KVM VM, guest RAM, the in-kernel interrupt
@@ -23,32 +24,45 @@ final class Board: Sendable {
     let system: KVMSystem
     let vm: VirtualMachine
     let memory: GuestMemory
+    /// The memory slots KVM maps: guest RAM, and with `--show-memory` the slots the guest
+    /// asks for while it runs.
+    let slots: MemorySlots
     let serial: Serial16550
+    /// The interrupt lines Swiftlet drives with `KVM_IRQ_LINE`, with how often it did.
+    let interruptLines: [InterruptLineActivity]
     let portBus: IOBus
     let mmioBus: IOBus
-    /// The transports of the virtio devices, in device order.
+    /// The transports of the virtio devices, in device order: the disks, then the
+    /// network interfaces.
     let virtioTransports: [VirtioTransportCore]
+    /// The network interfaces, in order.
+    let networkInterfaces: [NetworkInterface]
     /// Every user-space device whose state a snapshot records (see Board+DeviceState.swift).
     let stateful: StatefulDevices
 
     /// Builds the VM with `memorySize` bytes of RAM and the PC devices. `withTestDevice`
     /// adds QEMU's pc-testdev (kvm-unit-tests expect it next to Multiboot kernels).
-    init(configuration: MachineConfiguration, stop: StopController, loop: EventLoop, withTestDevice: Bool) throws(MachineError) {
+    /// `memory` is RAM made beforehand (a snapshot's memory file mapped); without it, fresh
+    /// RAM of the configured size.
+    init(configuration: MachineConfiguration, stop: StopController, loop: EventLoop, withTestDevice: Bool,
+         memory existing: GuestMemory? = nil) throws(MachineError) {
         do {
             system = try KVMSystem(path: configuration.kvmPath)
             vm = try system.createVM()
         } catch {
             throw .kvm(error)
         }
-        do {
-            memory = try GuestMemory(size: configuration.memorySize, transparentHugePages: configuration.transparentHugePages)
-        } catch {
-            throw .invalidConfiguration(error.description)
+        if let existing {
+            memory = existing
+        } else {
+            do {
+                memory = try GuestMemory(size: configuration.memorySize, transparentHugePages: configuration.transparentHugePages)
+            } catch {
+                throw .invalidConfiguration(error.description)
+            }
         }
         do {
-            for (slot, region) in memory.regions.enumerated() {
-                try vm.setUserMemoryRegion(slot: UInt32(slot), guestAddress: region.guestBase, size: region.size, hostAddress: region.hostAddress)
-            }
+            slots = try MemorySlots(vm: vm, memory: memory, logDirtyPages: configuration.showMemory)
             try vm.setTSSAddress(AddressMap.realModeTSS)
             try vm.setIdentityMapAddress(AddressMap.identityMapPage)
             try vm.createIRQChip()
@@ -58,20 +72,30 @@ final class Board: Sendable {
             throw .kvm(error)
         }
 
+        let capacity = Self.virtioCapacity(configuration.virtioTransport)
+        guard configuration.networks.isEmpty || configuration.disks.count + configuration.networks.count <= capacity else {
+            throw .invalidConfiguration("\(configuration.disks.count) disks and \(configuration.networks.count) network interfaces are "
+                + "more than the \(capacity) slots of the \(configuration.virtioTransport.rawValue) transport")
+        }
         let disks = try Self.openDisks(configuration.disks, transport: configuration.virtioTransport)
-        serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: InterruptMap.com1))
-        var ports = IOBus.Builder()
-        var mmio = IOBus.Builder()
+        networkInterfaces = try Self.openNetworks(configuration.networks)
+        let attachments = disks + networkInterfaces.map(\.attachment)
+        let serialLine = InterruptLineActivity(gsi: InterruptMap.com1, name: "serial (COM1)")
+        interruptLines = [serialLine]
+        serial = Serial16550(output: configuration.serialOutput, interrupt: KVMInterruptLine(vm: vm, gsi: InterruptMap.com1, activity: serialLine))
+        var ports = IOBus.Builder.portBus()
+        var mmio = IOBus.Builder.mmioBus()
         do {
             let platform = try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory,
                                                             cpuCount: configuration.cpuCount)
             let testDevice = withTestDevice ? try Self.registerTestDevice(&ports, &mmio, vm: vm) : nil
+            if configuration.showMemory { try Self.registerSlotControl(&ports, &mmio, slots: slots) }
             let services = KVMVirtioServices(vm: vm, loop: loop)
-            let virtio = try Self.attachVirtio(disks, transport: configuration.virtioTransport, vm: vm, memory: memory,
+            let virtio = try Self.attachVirtio(attachments, transport: configuration.virtioTransport, vm: vm, memory: memory,
                                                services: services, resetControl: platform.resetControl, ports: &ports, mmio: &mmio)
             virtioTransports = virtio.transports.map(\.core)
             stateful = StatefulDevices(platform: platform, testDevice: testDevice, pciHostBridge: virtio.bridge, virtio: virtio.transports)
-            for (core, attachment) in zip(virtioTransports, disks) {
+            for (core, attachment) in zip(virtioTransports, attachments) {
                 let name = attachment.name
                 let warn = configuration.onWarning
                 core.onNeedsReset { reason in warn?("\(name): \(reason); the device needs a reset") }
@@ -124,7 +148,10 @@ final class Board: Sendable {
             + "at port \(Hex.prefixed(ACPILayout.pm1aControlBlock))"
         let powerManagement = ACPIPowerManagement(clock: { MonotonicClock.nanoseconds() }) { stop.stop(.powerOff(how: s5)) }
 
-        try ports.register(keyboardController, name: "i8042 keyboard controller", base: I8042.basePort, length: I8042.portCount)
+        // Data port 0x60 and status/command port 0x64: 0x61 between them is KVM's (the PIT's speaker bits).
+        try ports.register(keyboardController, name: "i8042 keyboard controller", base: I8042.basePort, length: 1)
+        try ports.register(RegisterWindow(keyboardController, offset: I8042.commandOffset), name: "i8042 keyboard controller",
+                           base: I8042.basePort + I8042.commandOffset, length: 1)
         try ports.register(portA, name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
         try ports.register(powerManagement, name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
                            length: ACPILayout.powerManagementLength)
@@ -143,13 +170,50 @@ final class Board: Sendable {
     }
 }
 
+extension Board {
+    /// `--show-memory`'s teaching device: the guest asks for memory slots while it runs
+    /// (ports 0x5A0-0x5A7), and its writes to the read-only slot arrive at the write trap.
+    static func registerSlotControl(_ ports: inout IOBus.Builder, _ mmio: inout IOBus.Builder, slots: MemorySlots) throws(IOBusError) {
+        let device = SlotControl(host: slots)
+        try ports.register(device.ports, name: "memory slot device", base: SlotControl.basePort, length: SlotControl.portCount)
+        try mmio.register(device.writeTrap, name: "read-only slot (writes trap here)", base: AddressMap.runtimeSlotReadOnly,
+                          length: AddressMap.runtimeSlotSize)
+    }
+}
+
 /// An interrupt input of the in-kernel irqchip, driven with `KVM_IRQ_LINE`.
 struct KVMInterruptLine: InterruptLine {
     let vm: VirtualMachine
     let gsi: UInt32
+    /// Counts the changes, for `--trace-exits`.
+    var activity: InterruptLineActivity?
 
     func setLevel(_ high: Bool) {
+        activity?.record(high)
         // Fails only if the irqchip is missing, which Board.init rules out.
         try? vm.setIRQLine(gsi, high: high)
+    }
+}
+
+/// How often Swiftlet raised and lowered one irqchip input (`KVM_IRQ_LINE`), from any
+/// thread: what `--trace-exits` reports next to the exits.
+final class InterruptLineActivity: Sendable {
+    let gsi: UInt32
+    let name: String
+    private let raised = Atomic<UInt64>(0)
+    private let lowered = Atomic<UInt64>(0)
+
+    init(gsi: UInt32, name: String) {
+        self.gsi = gsi
+        self.name = name
+    }
+
+    func record(_ high: Bool) {
+        if high { raised.add(1, ordering: .relaxed) } else { lowered.add(1, ordering: .relaxed) }
+    }
+
+    /// "GSI 4 serial (COM1): raised 3 times, lowered 3 times".
+    var summary: String {
+        "GSI \(gsi) \(name): raised \(raised.load(ordering: .relaxed)) times, lowered \(lowered.load(ordering: .relaxed)) times"
     }
 }

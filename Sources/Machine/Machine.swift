@@ -40,38 +40,84 @@ public final class Machine: Sendable {
     /// not read).
     private let unfinished = SendableBox<[Int]>([])
 
-    /// Builds the VM. Nothing runs yet.
-    public init(configuration: MachineConfiguration) throws(MachineError) {
+    /// Size of the XSAVE area of this KVM's vCPUs (`KVM_CAP_XSAVE2`), for snapshots.
+    let xsaveSize: Int
+    /// The configuration the machine was built with (after a restore: the snapshot's).
+    let configuration: MachineConfiguration
+    /// With the pc-testdev (a Multiboot kernel): a restore builds it again.
+    let hasTestDevice: Bool
+    /// The CPUID leaves each vCPU was given (`KVM_SET_CPUID2`), by vCPU id: a snapshot
+    /// records these rather than what `KVM_GET_CPUID2` reads back, which some KVMs fill
+    /// with bits of their own.
+    let cpuidTables: [[CPUIDEntry]]
+
+    /// How the machine starts: a payload booted from its entry point, or a snapshot
+    /// continued where it was taken.
+    private enum Start {
+        case boot(Payload)
+        case restore(LoadedSnapshot)
+    }
+
+    /// Builds the VM. Nothing runs yet. With ``BootSource/snapshot(_:)``, the machine is the
+    /// one the snapshot describes, in the state it was saved in; the snapshot is checked
+    /// (format, checksum, CPU features, memory file) before any vCPU exists.
+    public init(configuration given: MachineConfiguration) throws(MachineError) {
+        var configuration = given
+        let start: Start
+        if case let .snapshot(directory) = given.boot {
+            let snapshot = try LoadedSnapshot.load(directory: directory)
+            do { configuration = try given.applying(snapshot.manifest.machine) } catch { throw .snapshot(directory: directory, error) }
+            start = .restore(snapshot)
+        } else {
+            // Read (and check) the payload before touching /dev/kvm: a wrong file is
+            // reported at once. The bytes live only until they are copied into guest RAM.
+            let virtioDevices = configuration.disks.count + configuration.networks.count
+            let virtioWords = Board.virtioCommandLine(deviceCount: virtioDevices, transport: configuration.virtioTransport)
+            let platform = Board.platformDevices(deviceCount: virtioDevices, transport: configuration.virtioTransport)
+            start = .boot(try Payload.read(configuration.boot, memorySize: configuration.memorySize,
+                                           cpuCount: configuration.cpuCount, platform: platform, mmioCommandLine: virtioWords))
+        }
         guard configuration.cpuCount >= 1 else { throw .invalidConfiguration("the machine needs at least one vCPU") }
         guard configuration.cpuCount <= Self.maximumCPUs else {
             throw .invalidConfiguration("\(configuration.cpuCount) vCPUs are more than Swiftlet supports (\(Self.maximumCPUs): "
                 + "APIC IDs are 8 bits, 255 is the broadcast ID and the IOAPIC takes one)")
         }
+        self.configuration = configuration
         timeout = configuration.timeout
         forwardStandardInput = configuration.forwardStandardInput
         handleTerminationSignals = configuration.handleTerminationSignals
         serialOutput = configuration.serialOutput
 
-        // Read (and check) the payload before touching /dev/kvm: a wrong file is reported
-        // at once. The bytes live only until they are copied into guest RAM.
-        let virtioWords = Board.virtioCommandLine(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
-        let platform = Board.platformDevices(deviceCount: configuration.disks.count, transport: configuration.virtioTransport)
-        var payload: Payload? = try Payload.read(configuration.boot, memorySize: configuration.memorySize,
-                                                 cpuCount: configuration.cpuCount, platform: platform, mmioCommandLine: virtioWords)
         do { loop = try EventLoop() } catch { throw .invalidConfiguration("cannot make the VM's event loop: \(error)") }
-        board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: payload?.format == .multiboot)
-        let entry: EntryState
-        (entry, loadSummary) = try payload!.load(into: board.memory)
-        payload = nil
+        switch start {
+        case let .boot(payload):
+            hasTestDevice = payload.format == .multiboot
+            board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: hasTestDevice)
+        case let .restore(snapshot):
+            hasTestDevice = snapshot.manifest.machine.testDevice
+            board = try Board(configuration: configuration, stop: stop, loop: loop, withTestDevice: hasTestDevice,
+                              memory: try snapshot.mapMemory(transparentHugePages: configuration.transparentHugePages))
+        }
+        var entry: EntryState?
+        var guestImage: GuestImage?
+        switch start {
+        case let .boot(payload):
+            (entry, loadSummary) = try payload.load(into: board.memory)
+            guestImage = Self.guestImage(configuration.boot, format: payload.format)
+        case let .restore(snapshot):
+            loadSummary = "restored the snapshot in \(snapshot.directory) (\(configuration.cpuCount) vCPU, "
+                + "\(ByteSize.exact(configuration.memorySize)) of RAM, taken by Swiftlet \(snapshot.manifest.swiftletVersion))"
+        }
 
         do {
             let maximum = board.system.maximumVCPUs
             guard configuration.cpuCount <= maximum else {
                 throw MachineError.invalidConfiguration("\(configuration.cpuCount) vCPUs are more than this KVM allows (\(maximum))")
             }
+            if case let .restore(snapshot) = start { try snapshot.checkCPUFeatures(supported: try board.system.supportedCPUID()) }
             let cpu = try Self.resolveCPU(configuration.cpuModel, system: board.system, memoryEnd: board.memory.end)
             // KVM refuses EFER.LME for a vCPU whose CPUID lacks long mode; say why first.
-            if entry.efer & Boot.X86.eferLME != 0, !cpu.hasLongMode {
+            if let entry, entry.efer & Boot.X86.eferLME != 0, !cpu.hasLongMode {
                 throw MachineError.invalidConfiguration("the kernel is entered in 64-bit mode, but CPU model "
                     + "\(configuration.cpuModel) has no long mode (lm); use a 32-bit entry or keep lm")
             }
@@ -80,32 +126,59 @@ public final class Machine: Sendable {
             let exitOnEveryFailure = configuration.completeInstructions && board.system.check(.exitOnEmulationFailure) > 0
             if exitOnEveryFailure { try board.vm.enable(.exitOnEmulationFailure, arguments: [1]) }
             let host = HostCPUFacts()
-            let fpuAccess: GuestFPUAccess = board.system.check(.xsave) > 0 ? .xsave(size: Int(board.vm.check(.xsave2))) : .fpu
+            xsaveSize = board.system.check(.xsave) > 0 ? max(4096, Int(board.vm.check(.xsave2))) : 0
+            let fpuAccess: GuestFPUAccess = xsaveSize > 0 ? .xsave(size: xsaveSize) : .fpu
             var runners: [VCPURunner] = []
             var cpuModel: CPUModel?
+            var tables: [[CPUIDEntry]] = []
             for id in 0..<configuration.cpuCount {
                 let vcpu = try board.vm.createVCPU(id: id)
-                // The TSC frequency is a vCPU ioctl: ask the first vCPU, once.
-                let model = cpuModel ?? CPUModel(base: cpu.table.entries, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
-                cpuModel = model
-                try VCPUSetup.configure(vcpu, cpuid: model.entries(forAPICID: UInt32(id)))
+                switch start {
+                case .boot:
+                    // The TSC frequency is a vCPU ioctl: ask the first vCPU, once.
+                    let model = cpuModel ?? CPUModel(base: cpu.table.entries, cpuCount: configuration.cpuCount, tscKHz: vcpu.tscKHz())
+                    cpuModel = model
+                    let entries = model.entries(forAPICID: UInt32(id))
+                    try VCPUSetup.configure(vcpu, cpuid: entries)
+                    tables.append(entries)
+                case let .restore(snapshot):
+                    tables.append(snapshot.manifest.vcpus[id].cpuid.map(\.entry))
+                }
                 let emulationFailures = EmulationFailureHandler(vcpu: vcpu, memory: board.memory, host: host, fpuAccess: fpuAccess,
                                                                 completeInstructions: configuration.completeInstructions,
                                                                 exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
                                           traceExits: configuration.traceExits, tripleFault: configuration.tripleFault,
-                                          emulationFailures: emulationFailures, pause: pauseControl))
+                                          emulationFailures: emulationFailures, pause: pauseControl, guestImage: guestImage))
             }
             self.runners = runners
-            // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local
-            // APIC for INIT and Startup IPIs from it, as on a PC.
-            try EntryStateApplier.apply(entry, to: runners[0].vcpu)
+            cpuidTables = tables
+            switch start {
+            case .boot:
+                // vCPU 0 is the bootstrap processor; the others wait in the in-kernel local
+                // APIC for INIT and Startup IPIs from it, as on a PC.
+                try EntryStateApplier.apply(entry!, to: runners[0].vcpu)
+            case let .restore(snapshot):
+                try snapshot.restore(vm: board.vm, vcpus: runners.map(\.vcpu), board: board)
+            }
         } catch let error as MachineError {
             throw error
         } catch let error as KVMError {
             throw .kvm(error)
         } catch {
             throw .invalidConfiguration("\(error)")
+        }
+    }
+
+    /// The file the guest was booted from, as the crash report's disassembly hint names it.
+    static func guestImage(_ boot: BootSource, format: KernelFormat?) -> GuestImage? {
+        switch boot {
+        case let .flat(source):
+            return .flat(path: source.name, loadAddress: FlatBinary.loadAddress)
+        case let .kernel(kernel):
+            return format == .bzImage ? .bzImage(path: kernel.kernel.name) : .elf(path: kernel.kernel.name)
+        case .snapshot:
+            return nil
         }
     }
 
@@ -204,10 +277,29 @@ public final class Machine: Sendable {
         if let first = finished.compactMap(\.firstRunAt).min() {
             report += "\nfirst KVM_RUN: monotonic \(first) ns"
         }
+        for interface in board.networkInterfaces {
+            report += "\nvirtio-net \(interface.name) (TAP \(interface.tap.name)): \(interface.device.statistics.summary)"
+        }
+        report += "\ninterrupt lines Swiftlet drove (KVM_IRQ_LINE): "
+            + board.interruptLines.map(\.summary).joined(separator: "; ")
+        report += "\n(the PIT's timer ticks, the PIC, IOAPIC and local APIC registers, EOIs and hlt stay inside KVM: they never appear above)"
         if !late.isEmpty {
             report += "\nnot counted: vCPU \(late.sorted().map(String.init).joined(separator: ", ")) did not stop within \(Int(Self.stopGracePeriod)) s"
         }
         return report
+    }
+}
+
+extension Machine {
+    /// The memory slots as KVM has them now, one line each (`--show-memory`).
+    public func memorySlotTable() -> String {
+        board.slots.slotTable(withSlotDevice: board.slots.logDirtyPages)
+    }
+
+    /// Every memory slot with the guest pages written in it during the run (`--show-memory`;
+    /// call it once ``run()`` returned).
+    public func writtenPagesReport() -> String {
+        board.slots.writtenPagesReport()
     }
 }
 
@@ -222,6 +314,9 @@ final class SendableBox<Value: Sendable>: Sendable {
 }
 
 extension Machine {
+    /// The guest's network interfaces: names, TAPs and MAC addresses.
+    public var networkInterfaces: [NetworkInterface] { board.networkInterfaces }
+
     /// Stops the machine from any thread; ``run()`` returns `reason` (unless another
     /// reason came first).
     public func requestStop(_ reason: StopReason) {

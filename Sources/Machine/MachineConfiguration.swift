@@ -2,6 +2,7 @@ import Boot
 import DiskImage
 import Devices
 import KVM
+import Virtio
 import X86
 
 /// Where the bytes of a kernel, initrd or flat image come from.
@@ -50,6 +51,10 @@ public enum BootSource: Sendable {
     /// A kernel whose format is detected from its content: a Linux bzImage or vmlinux
     /// (64-bit or PVH entry), or a Multiboot kernel (see ``KernelImage``).
     case kernel(KernelBoot)
+    /// A snapshot directory (``Machine/snapshot(to:)`` wrote it): the machine it describes
+    /// continues where it was saved. The configuration's machine shape (RAM, vCPUs, disks,
+    /// transport) comes from the snapshot; its run-time options (console, timeout) apply.
+    case snapshot(String)
 }
 
 /// What a triple fault does. On a PC the chipset turns a triple fault into a CPU reset;
@@ -79,6 +84,21 @@ public struct DiskConfiguration: Sendable, Equatable {
         self.readOnly = readOnly
         self.format = format
         self.serial = serial
+    }
+}
+
+/// A network interface for the guest: a Linux TAP device presented as a virtio-net device.
+public struct NetworkConfiguration: Sendable, Equatable {
+    /// The TAP interface. One that exists is opened (and left as it is); a missing one is
+    /// created when the process may (root or CAP_NET_ADMIN), brought up, and removed again
+    /// when the machine goes away.
+    public var tap: String
+    /// The guest's MAC address; `nil` gives a random locally administered one.
+    public var mac: MACAddress?
+
+    public init(tap: String, mac: MACAddress? = nil) {
+        self.tap = tap
+        self.mac = mac
     }
 }
 
@@ -112,6 +132,10 @@ public struct MachineConfiguration: Sendable {
     public var traceExits = false
     /// What a triple fault does.
     public var tripleFault: TripleFaultAction = .stop
+    /// Log the pages the guest writes in every memory slot (`KVM_MEM_LOG_DIRTY_PAGES`), for
+    /// ``Machine/memorySlotTable()`` and ``Machine/writtenPagesReport()``, and give the guest
+    /// the ``SlotControl`` device, which adds memory slots while it runs.
+    public var showMemory = false
     /// How virtio devices are presented. PCI by default: every stock kernel finds PCI
     /// devices by enumerating the bus, while virtio-mmio needs `virtio_mmio.device=` on the
     /// command line (a kernel option some distributions leave out: Debian's cloud kernel
@@ -119,6 +143,9 @@ public struct MachineConfiguration: Sendable {
     public var virtioTransport: VirtioTransportKind = .pci
     /// Disks, each a virtio-blk device, in order (the first is the guest's vda).
     public var disks: [DiskConfiguration] = []
+    /// Network interfaces, each a virtio-net device over a TAP, in order (net0 first). They
+    /// come after the disks on the PCI bus or in the virtio-mmio slots.
+    public var networks: [NetworkConfiguration] = []
     /// Called with a one-line message when something goes wrong that does not stop the
     /// VM: a guest driver that broke a device's rules (the device then needs a reset).
     public var onWarning: (@Sendable (String) -> Void)?

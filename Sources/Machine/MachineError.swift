@@ -1,6 +1,7 @@
 import Basics
 import Glibc
 import KVM
+import Snapshot
 
 /// An error that stops a VM from being built or started. Each prints as one line that
 /// tells the user what to fix.
@@ -12,6 +13,8 @@ public enum MachineError: Error, CustomStringConvertible {
     case thread(ThreadStartError)
     /// A lifecycle move the machine's state does not allow (resume a running VM, ...).
     case invalidTransition(action: String, state: String)
+    /// A snapshot that cannot be written, read or run here.
+    case snapshot(directory: String, SnapshotError)
 
     public var description: String {
         switch self {
@@ -22,6 +25,7 @@ public enum MachineError: Error, CustomStringConvertible {
         case let .load(message): return message
         case let .thread(error): return error.description
         case let .invalidTransition(action, state): return "cannot \(action) the VM: it is \(state)"
+        case let .snapshot(directory, error): return "snapshot '\(directory)': \(error)"
         }
     }
 }

@@ -25,6 +25,8 @@ final class VCPURunner: @unchecked Sendable {
     private let tripleFault: TripleFaultAction
     private let emulationFailures: EmulationFailureHandler
     private let pause: PauseControl
+    /// The file the guest came from, for the crash report's disassembly hint.
+    private let guestImage: GuestImage?
     private let thread = Mutex<NamedThread?>(nil)
     private let finished = DispatchSemaphore(value: 0)
 
@@ -33,7 +35,7 @@ final class VCPURunner: @unchecked Sendable {
     private(set) var firstRunAt: UInt64?
 
     init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool, tripleFault: TripleFaultAction,
-         emulationFailures: EmulationFailureHandler, pause: PauseControl) {
+         emulationFailures: EmulationFailureHandler, pause: PauseControl, guestImage: GuestImage? = nil) {
         self.pause = pause
         self.vcpu = vcpu
         self.portBus = portBus
@@ -42,6 +44,7 @@ final class VCPURunner: @unchecked Sendable {
         self.traceExits = traceExits
         self.tripleFault = tripleFault
         self.emulationFailures = emulationFailures
+        self.guestImage = guestImage
     }
 
     /// Starts the thread `vcpu<N>` and arranges for it to be kicked on stop. The thread
@@ -175,7 +178,10 @@ final class VCPURunner: @unchecked Sendable {
     private func crash(_ message: String) {
         var report = "vCPU \(vcpu.id): \(message)"
         if let regs = try? vcpu.registers(), let sregs = try? vcpu.specialRegisters() {
-            report += "\n" + RegisterDump.format(regs, sregs)
+            // Where RIP lies in guest memory: through the guest's page tables when paging is on.
+            let linear = RegisterDump.linearRIP(regs, sregs)
+            let physical = sregs.cr0 & (1 << 31) != 0 ? ((try? vcpu.translate(linearAddress: linear)) ?? nil) : linear
+            report += "\n" + RegisterDump.format(regs, sregs, image: guestImage, physicalRIP: physical)
         }
         stop.stop(.crash(report))
     }

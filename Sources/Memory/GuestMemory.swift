@@ -1,6 +1,7 @@
 import Layout
 import Basics
 import CLinux
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -22,6 +23,8 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
     case misaligned(address: GuestAddress, size: Int)
     /// The memfd backing guest RAM could not be created or sized.
     case memfdFailed(errno: Int32)
+    /// Writing or reading a memory file failed.
+    case fileFailed(operation: String, errno: Int32)
 
     public var description: String {
         switch self {
@@ -35,6 +38,8 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
             return "guest address 0x\(String(address, radix: 16)) is not aligned for a \(size)-byte ordered access"
         case let .memfdFailed(err):
             return "cannot create a memfd for guest memory: \(String(cString: strerror(err)))"
+        case let .fileFailed(operation, err):
+            return "memory file: \(operation) failed: \(String(cString: strerror(err)))"
         }
     }
 }
@@ -86,7 +91,15 @@ public final class GuestMemory: @unchecked Sendable {
     /// Total RAM in bytes (not counting the hole).
     public let size: UInt64
 
-    private let mapping: UnsafeMutableRawPointer
+    /// RAM in layout order (low region, then high region): byte N is byte N of a memory file.
+    let mapping: UnsafeMutableRawPointer
+    /// Whether writes through this mapping are logged (see ``startLoggingWrites()``).
+    let logging = Atomic<Bool>(false)
+    /// One bit per page of RAM in layout order, set by the writes Swiftlet makes while
+    /// logging; `nil` until logging first starts. Allocated once, freed in `deinit`.
+    let writeLog = Mutex<UnsafeMutablePointer<UInt64>?>(nil)
+    /// Pages of RAM (4 KiB each).
+    public var pageCount: Int { Int(size / Self.pageSize) }
     /// The memfd behind guest RAM, with ``Backing/memfd``: offset N of the file is byte N
     /// of RAM in layout order (low region, then high region). Closed in `deinit`.
     public let memfd: Int32?
@@ -98,6 +111,11 @@ public final class GuestMemory: @unchecked Sendable {
         /// A memfd mapped shared: the same pages can be mapped again (a snapshot maps the
         /// file) or passed to another process.
         case memfd
+        /// A memory file (``writeImage(to:pages:)`` wrote it: byte N is byte N of RAM in
+        /// layout order) mapped private: each page is read from the file when first touched
+        /// and the guest's writes stay in this process, so the file is never changed. The
+        /// caller keeps the descriptor; the mapping holds its own reference.
+        case privateFile(descriptor: Int32)
     }
 
     /// Reserves `size` bytes of guest RAM.
@@ -118,7 +136,11 @@ public final class GuestMemory: @unchecked Sendable {
             throw .invalidSize(size, reason: "does not fit in this host's address space")
         }
         var file: Int32?
-        if backing == .memfd {
+        let pointer: UnsafeMutableRawPointer?
+        switch backing {
+        case .anonymous:
+            pointer = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        case .memfd:
             let fd = clinux_memfd_create("swiftlet-guest-ram")
             guard fd >= 0 else { throw .memfdFailed(errno: errno) }
             guard ftruncate(fd, off_t(length)) == 0 else {
@@ -127,9 +149,15 @@ public final class GuestMemory: @unchecked Sendable {
                 throw .memfdFailed(errno: err)
             }
             file = fd
+            pointer = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
+        case let .privateFile(descriptor):
+            var status = stat()
+            guard fstat(descriptor, &status) == 0 else { throw .mappingFailed(size: size, errno: errno) }
+            guard UInt64(max(0, status.st_size)) >= size else {
+                throw .invalidSize(size, reason: "the memory file holds only \(ByteSize.exact(UInt64(max(0, status.st_size))))")
+            }
+            pointer = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, descriptor, 0)
         }
-        let pointer = file.map { mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, $0, 0) }
-            ?? mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard let pointer, pointer != MAP_FAILED else {
             let err = errno
             if let file { close(file) }
@@ -146,6 +174,7 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     deinit {
+        writeLog.withLock { $0?.deallocate() }
         munmap(mapping, Int(size))
         if let memfd { close(memfd) }
     }
@@ -194,13 +223,35 @@ public final class GuestMemory: @unchecked Sendable {
         return buffer
     }
 
+    /// Like ``checkedBuffer(at:count:)`` for a range about to be written: with the write
+    /// log on (``startLoggingWrites()``), its pages are recorded first.
+    func writableBuffer(at address: GuestAddress, count: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
+        let buffer = try checkedBuffer(at: address, count: count)
+        if logging.load(ordering: .relaxed) { logWrite(buffer) }
+        return buffer
+    }
+
     /// Runs `body` with the host bytes behind guest-physical `[address, address + count)`,
     /// or throws ``GuestMemoryError/outOfRange(address:length:)`` when any of it is not
     /// RAM. The buffer is valid only inside `body`: do not let it escape. The guest may
     /// change the bytes at any moment; read each value once and check it.
     public func withBytes<Result>(at address: GuestAddress, count: UInt64,
                                   _ body: (UnsafeMutableRawBufferPointer) throws -> Result) throws -> Result {
-        try body(try checkedBuffer(at: address, count: count))
+        // The body may write (a disk read lands here), so the range counts as written.
+        try body(try writableBuffer(at: address, count: count))
+    }
+
+    /// Runs `body` with the host bytes behind each of the guest-physical `ranges`, in
+    /// order, or throws ``GuestMemoryError/outOfRange(address:length:)`` for the first one
+    /// that is not all RAM: for vectored I/O (`readv`/`writev` straight into or out of
+    /// guest memory). The same rules as ``withBytes(at:count:_:)``: the buffers are valid
+    /// only inside `body`, and the guest may change the bytes at any moment.
+    public func withBytes<Result>(of ranges: some Sequence<(address: GuestAddress, count: UInt64)>,
+                                  _ body: ([UnsafeMutableRawBufferPointer]) throws -> Result) throws -> Result {
+        var buffers: [UnsafeMutableRawBufferPointer] = []
+        buffers.reserveCapacity(ranges.underestimatedCount)
+        for range in ranges { buffers.append(try checkedBuffer(at: range.address, count: range.count)) }
+        return try body(buffers)
     }
 
     /// Returns `true` when every byte of the range is RAM.
@@ -212,13 +263,13 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Copies `bytes` into guest memory at `address`.
     public func write(_ bytes: some Collection<UInt8>, at address: GuestAddress) throws(GuestMemoryError) {
-        let target = try checkedBuffer(at: address, count: UInt64(bytes.count))
+        let target = try writableBuffer(at: address, count: UInt64(bytes.count))
         _ = target.initializeMemory(as: UInt8.self, from: bytes)
     }
 
     /// Copies raw bytes into guest memory at `address`.
     public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
-        let target = try checkedBuffer(at: address, count: UInt64(bytes.count))
+        let target = try writableBuffer(at: address, count: UInt64(bytes.count))
         if let base = bytes.baseAddress { target.baseAddress!.copyMemory(from: base, byteCount: bytes.count) }
     }
 
@@ -236,7 +287,7 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Fills `[address, address + count)` with zeros.
     public func zero(at address: GuestAddress, count: UInt64) throws(GuestMemoryError) {
-        let target = try checkedBuffer(at: address, count: count)
+        let target = try writableBuffer(at: address, count: count)
         if let base = target.baseAddress { memset(base, 0, target.count) }
     }
 
@@ -250,15 +301,16 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Stores a little-endian integer into guest memory.
     public func store<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
-        let target = try checkedBuffer(at: address, count: UInt64(MemoryLayout<T>.size))
+        let target = try writableBuffer(at: address, count: UInt64(MemoryLayout<T>.size))
         target.storeBytes(of: value.littleEndian, as: T.self)
     }
 
     // MARK: Ordered access (virtqueue indices shared with the guest's CPUs)
 
     /// A naturally aligned location for an ordered access of `size` bytes.
-    private func alignedPointer(_ address: GuestAddress, size: Int) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+    private func alignedPointer(_ address: GuestAddress, size: Int, writing: Bool = false) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
         guard address % UInt64(size) == 0 else { throw .misaligned(address: address, size: size) }
+        if writing { return try writableBuffer(at: address, count: UInt64(size)).baseAddress! }
         return try checkedBuffer(at: address, count: UInt64(size)).baseAddress!
     }
 
@@ -276,12 +328,12 @@ public final class GuestMemory: @unchecked Sendable {
     /// Stores a little-endian 16-bit value with release ordering: earlier stores are
     /// visible before it (used-ring entries before the used index that publishes them).
     public func storeRelease16(_ value: UInt16, at address: GuestAddress) throws(GuestMemoryError) {
-        clinux_store_release_16(try alignedPointer(address, size: 2), value.littleEndian)
+        clinux_store_release_16(try alignedPointer(address, size: 2, writing: true), value.littleEndian)
     }
 
     /// Stores a little-endian 32-bit value with release ordering.
     public func storeRelease32(_ value: UInt32, at address: GuestAddress) throws(GuestMemoryError) {
-        clinux_store_release_32(try alignedPointer(address, size: 4), value.littleEndian)
+        clinux_store_release_32(try alignedPointer(address, size: 4, writing: true), value.littleEndian)
     }
 
     /// Atomically replaces the naturally aligned little-endian 4- or 8-byte value at
@@ -289,7 +341,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// sets accessed and dirty bits this way, as the CPU does, while other vCPUs run.)
     public func compareExchange(at address: GuestAddress, size: Int, expected: UInt64, desired: UInt64) throws(GuestMemoryError) -> Bool {
         guard size == 4 || size == 8 else { throw .misaligned(address: address, size: size) }
-        let pointer = try alignedPointer(address, size: size)
+        let pointer = try alignedPointer(address, size: size, writing: true)
         if size == 8 { return clinux_compare_exchange_64(pointer, expected.littleEndian, desired.littleEndian) != 0 }
         return clinux_compare_exchange_32(pointer, UInt32(truncatingIfNeeded: expected).littleEndian,
                                           UInt32(truncatingIfNeeded: desired).littleEndian) != 0

@@ -1,6 +1,7 @@
 import Devices
 import DiskImage
 import Machine
+import Virtio
 import X86
 
 /// Why a VM stopped. Each case has the exit status `swiftlet run` uses for it: a guest's
@@ -57,6 +58,10 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// What a snapshot wrote: its directory, the state file's size, the pages of RAM written
+/// (zero pages are holes) and how long it took.
+public typealias SnapshotSummary = MachineSnapshotSummary
+
 /// Where a VM is in its life.
 public enum VMState: String, Sendable, Equatable {
     /// Built, not yet run.
@@ -75,11 +80,26 @@ public struct VMResult: Sendable {
     public let console: [UInt8]
     /// The exit table, with ``VMConfiguration/traceExits``.
     public let exitTable: String?
+    /// With ``VMConfiguration/showMemory``: every memory slot and the guest pages written
+    /// in it during the run, as runs of addresses.
+    public var memoryReport: String? = nil
     /// Why console output stopped, if writing it failed.
     public let consoleFailure: String?
 
     /// The console output as text (invalid UTF-8 repaired).
     public var consoleText: String { String(decoding: console, as: UTF8.self) }
+}
+
+/// One of the guest's network interfaces, as built.
+public struct VMNetworkInterface: Sendable, Equatable {
+    /// `net0`, `net1`, ...
+    public let name: String
+    /// The TAP interface on the host.
+    public let tap: String
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`.
+    public let mac: String
+    /// Swiftlet created the TAP (it did not exist): it goes away with the VM.
+    public let createdTAP: Bool
 }
 
 /// Swiftlet could not build or run the VM: a missing or wrong file, no usable
@@ -98,9 +118,14 @@ public final class VM: Sendable {
     private let capture: CapturingSink?
     private let fileSink: FileDescriptorSink?
     private let traceExits: Bool
+    private let showMemory: Bool
 
     /// One line saying what was loaded and how it is entered.
     public var loadSummary: String { machine.loadSummary }
+
+    /// The memory slots KVM has now (guest-physical range, size, host address, flags),
+    /// one line each: before ``run()``, guest RAM.
+    public var memorySlotTable: String { machine.memorySlotTable() }
 
     public init(_ configuration: VMConfiguration) throws(SwiftletError) {
         var boot: BootSource
@@ -116,6 +141,8 @@ public final class VM: Sendable {
             case .pvh: kernel.linuxEntry = .pvh
             }
             boot = .kernel(kernel)
+        case let .snapshot(directory):
+            boot = .snapshot(directory)
         }
         var machineConfiguration = MachineConfiguration(boot: boot)
         machineConfiguration.memorySize = configuration.memorySize
@@ -128,6 +155,7 @@ public final class VM: Sendable {
         machineConfiguration.transparentHugePages = configuration.transparentHugePages
         machineConfiguration.timeout = configuration.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
         machineConfiguration.traceExits = configuration.traceExits
+        machineConfiguration.showMemory = configuration.showMemory
         machineConfiguration.tripleFault = configuration.tripleFault == .reset ? .reset : .stop
         machineConfiguration.kvmPath = configuration.kvmDevice
         machineConfiguration.completeInstructions = configuration.completeInstructions
@@ -139,6 +167,17 @@ public final class VM: Sendable {
                                               serial: disk.serial)
             converted.queues = disk.queues
             return converted
+        }
+        machineConfiguration.networks = try configuration.networks.enumerated().map { (index, network) throws(SwiftletError) in
+            guard VMConfiguration.Network.isValidInterfaceName(network.tap) else {
+                throw SwiftletError(message: "net\(index): '\(network.tap)' is not an interface name (1 to 15 bytes, "
+                                    + "no '/', ':' or spaces)")
+            }
+            guard let text = network.mac else { return NetworkConfiguration(tap: network.tap) }
+            guard VMConfiguration.Network.isValidMAC(text), let mac = MACAddress(text) else {
+                throw SwiftletError(message: "net\(index): '\(text)' is not a unicast MAC address (like 02:00:00:00:00:01)")
+            }
+            return NetworkConfiguration(tap: network.tap, mac: mac)
         }
         machineConfiguration.onWarning = configuration.onWarning
         if let timeout = machineConfiguration.timeout, !(timeout > 0) {
@@ -165,6 +204,7 @@ public final class VM: Sendable {
         self.capture = capture
         self.fileSink = fileSink
         self.traceExits = configuration.traceExits
+        self.showMemory = configuration.showMemory
         do {
             machine = try Machine(configuration: machineConfiguration)
         } catch {
@@ -172,12 +212,21 @@ public final class VM: Sendable {
         }
     }
 
+    /// The guest's network interfaces, in the order of ``VMConfiguration/networks``, with
+    /// the MAC address each got.
+    public var networkInterfaces: [VMNetworkInterface] {
+        machine.networkInterfaces.map { VMNetworkInterface(name: $0.name, tap: $0.tap.name, mac: $0.mac.description,
+                                                           createdTAP: $0.tap.created) }
+    }
+
     /// Runs the guest until it stops, and says why.
     public func run() throws(SwiftletError) -> VMResult {
         let reason: StopReason
         do { reason = try machine.run() } catch { throw SwiftletError(message: error.description) }
-        return VMResult(exit: VMExit(reason), console: capture?.bytes ?? [],
-                        exitTable: traceExits ? machine.exitReport() : nil, consoleFailure: fileSink?.failure)
+        var result = VMResult(exit: VMExit(reason), console: capture?.bytes ?? [],
+                              exitTable: traceExits ? machine.exitReport() : nil, consoleFailure: fileSink?.failure)
+        if showMemory { result.memoryReport = machine.writtenPagesReport() }
+        return result
     }
 
     /// Where the VM is in its life: `created` (built), `running`, `paused` or `stopped`.
@@ -192,6 +241,14 @@ public final class VM: Sendable {
     /// Continues a paused VM exactly where it stopped. Throws when it is not paused.
     public func resume() throws(SwiftletError) {
         do { try machine.resume() } catch { throw SwiftletError(message: error.description) }
+    }
+
+    /// Writes the paused VM to `directory` (made if missing): a state file and a memory
+    /// file, which ``VMConfiguration/Boot/snapshot(directory:)`` restores in this or
+    /// another process. The VM stays paused.
+    @discardableResult
+    public func snapshot(to directory: String) throws(SwiftletError) -> SnapshotSummary {
+        do { return try machine.snapshot(to: directory) } catch { throw SwiftletError(message: error.description) }
     }
 
     /// Stops a running VM from another thread; ``run()`` then returns `exit`.

@@ -1,3 +1,5 @@
+import Virtio
+
 /// A virtual machine to run: what it boots and the machine around it.
 ///
 /// ```swift
@@ -26,6 +28,10 @@ public struct VMConfiguration: Sendable {
         /// Multiboot kernel (kvm-unit-tests' `.flat` files are Multiboot ELFs). `nil`
         /// `commandLine` gives Linux Swiftlet's default (serial console on ttyS0).
         case kernel(Image, initrd: Image? = nil, commandLine: String? = nil)
+        /// A snapshot directory written by ``VM/snapshot(to:)`` (or `swiftlet`): the
+        /// machine continues where it was saved. Its RAM, vCPUs, disks and transport come
+        /// from the snapshot; the console, timeout and tracing options here apply.
+        case snapshot(directory: String)
     }
 
     /// Where the guest's serial console (COM1) goes.
@@ -80,6 +86,37 @@ public struct VMConfiguration: Sendable {
         }
     }
 
+    /// A network interface the guest sees as a virtio-net device, backed by a Linux TAP.
+    public struct Network: Sendable, Equatable {
+        /// The TAP interface. One that exists (`ip tuntap add dev NAME mode tap user USER`)
+        /// is opened and left as it is; a missing one is created when the process may (root
+        /// or CAP_NET_ADMIN), brought up, and removed again when the VM goes away.
+        public var tap: String
+        /// The guest's MAC address, `XX:XX:XX:XX:XX:XX` (unicast); `nil` gives a random
+        /// locally administered one (see ``VM/networkInterfaces``).
+        public var mac: String?
+
+        public init(tap: String, mac: String? = nil) {
+            self.tap = tap
+            self.mac = mac
+        }
+
+        /// Whether `name` can name a network interface on Linux: 1 to 15 bytes, not `.`
+        /// or `..`, without `/`, `:` or white space.
+        public static func isValidInterfaceName(_ name: String) -> Bool {
+            let bytes = Array(name.utf8)
+            guard (1...15).contains(bytes.count), name != ".", name != ".." else { return false }
+            return !bytes.contains { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: ":") || $0 <= 0x20 || $0 == 0x7F }
+        }
+
+        /// Whether `text` is a MAC address an interface can have: six pairs of hexadecimal
+        /// digits separated by colons, unicast (bit 0 of the first byte clear), not all zero.
+        public static func isValidMAC(_ text: String) -> Bool {
+            guard let mac = MACAddress(text) else { return false }
+            return !mac.isMulticast && !mac.isZero
+        }
+    }
+
     /// How virtio devices are presented to the guest.
     public enum VirtioTransport: String, Sendable, CaseIterable {
         /// virtio-mmio slots, announced on the kernel command line (`virtio_mmio.device=`)
@@ -110,6 +147,10 @@ public struct VMConfiguration: Sendable {
     public var tripleFault: TripleFault = .stop
     /// Count VM exits by kind, device and address; the table is in ``VMResult/exitTable``.
     public var traceExits = false
+    /// Log the pages the guest writes in each memory slot (``VM/memorySlotTable``,
+    /// ``VMResult/memoryReport``) and give the guest the memory slot device at port 0x5A0,
+    /// which adds slots while it runs (docs/memory.md).
+    public var showMemory = false
     /// Ask the host for transparent huge pages for guest RAM.
     public var transparentHugePages = true
     /// Complete the instructions some KVMs cannot emulate (int3, int n, fwait, ldmxcsr,
@@ -120,6 +161,8 @@ public struct VMConfiguration: Sendable {
     public var kvmDevice = "/dev/kvm"
     /// Disks, in order: the first is the guest's first virtio disk (Linux: /dev/vda).
     public var disks: [Disk] = []
+    /// Network interfaces, in order (net0 first); they follow the disks on the bus.
+    public var networks: [Network] = []
     /// The transport of the virtio devices. PCI by default: a stock kernel enumerates
     /// PCI by itself, while virtio-mmio needs the kernel's command-line support (missing
     /// from some distribution kernels, Debian's cloud kernel among them) or ACPI.

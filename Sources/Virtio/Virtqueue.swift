@@ -218,6 +218,27 @@ public final class Virtqueue: Sendable {
         }
     }
 
+    /// Returns several chains at once: every entry is written before the used index moves,
+    /// once, past all of them, so the driver sees them together or not at all. (A
+    /// virtio-net frame spread over several receive chains must not be seen in part: the
+    /// driver reads `num_buffers` from the first and expects the others to be there.)
+    public func pushUsed(_ entries: some Collection<(head: UInt16, writtenLength: UInt32)>) throws(VirtioError) {
+        guard !entries.isEmpty else { return }
+        try withState { (state) throws(VirtioError) in
+            var next = state.nextUsed
+            for entry in entries {
+                let slot = configuration.deviceArea + 4 + 8 * UInt64(next % size)
+                try store { () throws(GuestMemoryError) in
+                    try memory.store(UInt32(entry.head), at: slot)
+                    try memory.store(entry.writtenLength, at: slot + 4)
+                }
+                next &+= 1
+            }
+            state.nextUsed = next
+            try store { () throws(GuestMemoryError) in try memory.storeRelease16(next, at: usedIndexAddress) }
+        }
+    }
+
     /// Whether the driver wants an interrupt for the used entries pushed since the last
     /// call: `used_event` with `VIRTIO_F_RING_EVENT_IDX` (2.7.10), else the available
     /// ring's `NO_INTERRUPT` flag.

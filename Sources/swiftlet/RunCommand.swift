@@ -51,6 +51,30 @@ struct RunCommand: ParsableCommand {
             (virtio_mmio.device=, which some distribution kernels, Debian's among them, \
             do not read). See docs/virtio.md.
 
+            NETWORK
+              --net tap=NAME[,mac=XX:XX:XX:XX:XX:XX] gives the guest a virtio-net \
+            interface backed by the Linux TAP device NAME; repeat it for more interfaces \
+            (net0, net1, ... after the disks on the bus). A TAP that exists is opened and \
+            left as it is: make one for your user with 'ip tuntap add dev NAME mode tap \
+            user $USER' and 'ip link set NAME up'. A missing one is created when Swiftlet \
+            may (root or CAP_NET_ADMIN), brought up, and removed again when Swiftlet \
+            exits. Without mac=, a random locally administered MAC is generated; each \
+            interface's MAC is printed on stderr ('swiftlet: net0: tap0, MAC 02:...'). \
+            Checksum and segmentation offloads are negotiated with the TAP, so large \
+            transfers are not cut up in software. Frames move in Swiftlet itself (no \
+            vhost-net). --trace-exits adds each interface's frame counters, dropped \
+            frames among them. See docs/virtio.md.
+
+            MEMORY SLOTS
+              --show-memory prints the memory slots (KVM_SET_USER_MEMORY_REGION: \
+            guest-physical range, host address, flags) before the guest starts and, at \
+            the end, the guest pages written in each slot, as runs of addresses \
+            (KVM_GET_DIRTY_LOG; every slot logs dirty pages). It also gives the guest the \
+            memory slot device at ports 0x5A0-0x5A7, with which a guest asks for 2 MiB of \
+            RAM at 0xF0000000 and 2 MiB of read-only memory (KVM_MEM_READONLY) at \
+            0xF0200000 while it runs, and reads the dirty log. See docs/memory.md and \
+            guests/memory-slots.s.
+
             CPU MODEL
               --cpu MODEL[,+feature,-feature...] chooses what the guest sees through \
             CPUID, as QEMU's -cpu. 'host' (the default) is everything this host's KVM \
@@ -96,6 +120,7 @@ struct RunCommand: ParsableCommand {
               swiftlet run --kernel vmlinuz --initrd initrd.img --memory 1G --cpus 2
               swiftlet run --kernel x86/smptest.flat --cpus 2      (kvm-unit-tests)
               swiftlet run --kernel vmlinux --cpu x86-64-v3,-avx2,+pcid
+              swiftlet run --kernel bzImage --disk root.qcow2 --net tap=tap0
             """
     )
 
@@ -139,6 +164,9 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .long, help: "At the end, print a table of VM exits by reason, device and address, with the time spent handling them.")
     var traceExits = false
 
+    @Flag(name: .customLong("show-memory"), help: "Print the memory slots at the start and, at the end, the guest pages written in each (dirty log); give the guest the memory slot device at port 0x5A0 (see MEMORY SLOTS).")
+    var showMemory = false
+
     @Flag(name: .customLong("no-complete-instructions"), help: "Stop (status 4) when KVM cannot emulate an instruction, instead of completing the ones Swiftlet can complete exactly (int3, int n, fwait, ldmxcsr, stmxcsr, clac, stac, popcnt).")
     var noCompleteInstructions = false
 
@@ -151,6 +179,10 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("A disk image for the guest, as a virtio-blk device; repeatable (see DISKS).",
                                             valueName: "path[,readonly][,format=raw|qcow2][,serial=text][,queues=n]"))
     var disk: [DiskArgument] = []
+
+    @Option(name: .long, help: ArgumentHelp("A network interface for the guest, as a virtio-net device over a TAP; repeatable (see NETWORK).",
+                                            valueName: "tap=name[,mac=xx:xx:xx:xx:xx:xx]"))
+    var net: [NetArgument] = []
 
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
     var virtioTransport: VMConfiguration.VirtioTransport = .pci
@@ -187,9 +219,11 @@ struct RunCommand: ParsableCommand {
         configuration.cpu = cpu
         configuration.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
         configuration.traceExits = traceExits
+        configuration.showMemory = showMemory
         configuration.transparentHugePages = !noHugePages
         configuration.kvmDevice = kvmDevice
         configuration.disks = disk.map(\.disk)
+        configuration.networks = net.map(\.network)
         configuration.virtioTransport = virtioTransport
         configuration.onWarning = { message in FileHandleOutput.standardError("swiftlet: warning: \(message)") }
         configuration.tripleFault = tripleFault
@@ -206,11 +240,17 @@ struct RunCommand: ParsableCommand {
 
         let result: VMResult
         do {
-            result = try VM(configuration).run()
+            let vm = try VM(configuration)
+            for interface in vm.networkInterfaces {
+                FileHandleOutput.standardError("swiftlet: \(interface.name): \(interface.tap), MAC \(interface.mac)")
+            }
+            if showMemory { FileHandleOutput.standardError(vm.memorySlotTable) }
+            result = try vm.run()
         } catch {
             throw SwiftletCommand.fail(error.message)
         }
         if let table = result.exitTable { FileHandleOutput.standardError(table) }
+        if let report = result.memoryReport { FileHandleOutput.standardError(report) }
         switch result.exit {
         case .crash, .timeout, .reset, .powerOff, .signal:
             FileHandleOutput.standardError("swiftlet: \(result.exit)")
@@ -304,6 +344,32 @@ struct DiskArgument: ExpressibleByArgument {
 
     static var defaultCompletionKind: CompletionKind { .file() }
 }
+/// `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`: options separated by commas, `tap=` required.
+struct NetArgument: ExpressibleByArgument {
+    let network: VMConfiguration.Network
+
+    init?(argument: String) {
+        guard let parsed = Self.parse(argument) else { return nil }
+        network = parsed
+    }
+
+    static func parse(_ text: String) -> VMConfiguration.Network? {
+        var tap: String?
+        var mac: String?
+        for option in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let pieces = option.split(separator: "=", maxSplits: 1).map(String.init)
+            guard pieces.count == 2 else { return nil }
+            switch pieces[0] {
+            case "tap" where tap == nil && VMConfiguration.Network.isValidInterfaceName(pieces[1]): tap = pieces[1]
+            case "mac" where mac == nil && VMConfiguration.Network.isValidMAC(pieces[1]): mac = pieces[1]
+            default: return nil
+            }
+        }
+        guard let tap else { return nil }
+        return VMConfiguration.Network(tap: tap, mac: mac)
+    }
+}
+
 extension VMConfiguration.TripleFault: ExpressibleByArgument {}
 
 /// `--serial`: where COM1's output goes.

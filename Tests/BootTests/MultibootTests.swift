@@ -121,6 +121,27 @@ struct MultibootTests {
         guard case .segmentOutsideMemory = outside else { Issue.record("got \(String(describing: outside))"); return }
     }
 
+    /// docs/booting.md: a Multiboot ELF may sit below 1 MiB, outside the pages its loader
+    /// writes; an image loaded through the address fields may not.
+    @Test("Below 1 MiB: a Multiboot ELF segment outside the loader's pages loads, one over them or an a.out-kludge image does not")
+    func belowOneMiB() throws {
+        let low = Images.elf(is64: false, entry: 0x8000, segments: [.init(physical: 0x8000, data: Images.pattern(512))],
+                             prefix: Images.multibootHeader())
+        let memory = try Images.memory()
+        #expect(try KernelImage.load(low, into: memory, options: BootOptions()).entry.rip == 0x8000)
+        #expect(try memory.read(at: 0x8000, count: 512) == Images.pattern(512))
+
+        let overInfo = Images.elf(is64: false, entry: 0x10_000, segments: [.init(physical: 0xF000, data: Images.pattern(8192))],
+                                  prefix: Images.multibootHeader())
+        let clash = #expect(throws: BootError.self) { try KernelImage.load(overInfo, into: try Images.memory(), options: BootOptions()) }
+        #expect(clash?.description.contains("where the multiboot information goes") == true, "\(String(describing: clash))")
+
+        let kludge = Images.multibootHeader(addresses: (header: 0x8000, load: 0x8000, loadEnd: 0, bssEnd: 0, entry: 0x8000))
+            + [UInt8](repeating: 0x90, count: 100)
+        let refused = #expect(throws: BootError.self) { try KernelImage.load(kludge, into: try Images.memory(), options: BootOptions()) }
+        guard case .segmentOutsideMemory = refused else { Issue.record("got \(String(describing: refused))"); return }
+    }
+
     @Test func refusesAModuleThatDoesNotFit() throws {
         let memory = try Images.memory(8 << 20)
         let error = #expect(throws: BootError.self) {

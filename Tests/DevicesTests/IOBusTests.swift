@@ -60,3 +60,56 @@ struct IOBusTests {
         #expect(seen.withLock { $0 } == [0x10, 2])
     }
 }
+
+@Suite("Ranges KVM owns")
+struct KVMOwnedRangeTests {
+    @Test("The machine's buses refuse the ports and pages of KVM's in-kernel devices, naming them")
+    func refused() throws {
+        var ports = IOBus.Builder.portBus()
+        let cases: [(UInt64, UInt64, String)] = [(0x20, 1, "master 8259 PIC"), (0xA1, 1, "slave 8259 PIC"), (0x3E, 4, "8254 PIT"),
+                                                 (0x61, 1, "PC speaker port"), (0x4D1, 1, "ELCR"), (0x00, 0x1000, "master 8259 PIC")]
+        for (base, length, owner) in cases {
+            let error = Self.refusal(&ports, base: base, length: length)
+            guard case let .ownedByKVM(name, _, _, what)? = error else {
+                Issue.record("port 0x\(String(base, radix: 16)): \(String(describing: error))")
+                continue
+            }
+            #expect(name == "mine" && what.contains(owner), "\(what)")
+            #expect(error?.description.contains("KVM handles those accesses in the kernel") == true)
+        }
+        var mmio = IOBus.Builder.mmioBus()
+        #expect(throws: IOBusError.ownedByKVM(name: "ioapic clone", base: 0xFEC0_0F00, length: 4,
+                                              owner: "the IOAPIC (KVM_CREATE_IRQCHIP) at 0xfec00000+0x1000")) {
+            try mmio.register(LatchDevice(), name: "ioapic clone", base: 0xFEC0_0F00, length: 4)
+        }
+        #expect(throws: IOBusError.self) { try mmio.register(LatchDevice(), name: "big", base: 0xFE00_0000, length: 0x100_0000) }
+        // Next to them is fine: the UART, the i8042's two ports, a device below the IOAPIC.
+        try ports.register(LatchDevice(), name: "uart", base: 0x3F8, length: 8)
+        try ports.register(LatchDevice(), name: "i8042 data", base: 0x60, length: 1)
+        try ports.register(LatchDevice(), name: "i8042 command", base: 0x64, length: 1)
+        try mmio.register(LatchDevice(), name: "below", base: 0xFEBF_F000, length: 0x1000)
+        // A plain builder knows nothing of KVM.
+        var plain = IOBus.Builder()
+        try plain.register(LatchDevice(), name: "pic", base: 0x20, length: 2)
+    }
+
+    static func refusal(_ builder: inout IOBus.Builder, base: UInt64, length: UInt64) -> IOBusError? {
+        do {
+            try builder.register(LatchDevice(), name: "mine", base: base, length: length)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    @Test("A register window shifts offsets into the device it shows")
+    func registerWindow() {
+        let device = LatchDevice()
+        let window = RegisterWindow(device, offset: 4)
+        [UInt8(0xFE)].withUnsafeBytes { window.write(offset: 0, from: $0) }
+        #expect(device.last.withLock { $0?.0 } == 4)
+        var value: UInt8 = 0
+        withUnsafeMutableBytes(of: &value) { window.read(offset: 1, into: $0) }
+        #expect(value == 5)
+    }
+}

@@ -11,12 +11,12 @@ final class TinyVM {
     let memory: GuestMemory
     let vcpu: VCPU
 
-    init(code: [UInt8], enableLocalAPIC: Bool = false) throws {
+    init(code: [UInt8], enableLocalAPIC: Bool = false, slotFlags: MemorySlotFlags = []) throws {
         let system = try KVMSystem()
         vm = try system.createVM()
         memory = try GuestMemory(size: 1 << 20, transparentHugePages: false)
         let region = memory.regions[0]
-        try vm.setUserMemoryRegion(slot: 0, guestAddress: 0, size: region.size, hostAddress: region.hostAddress)
+        try vm.setUserMemoryRegion(slot: 0, guestAddress: 0, size: region.size, hostAddress: region.hostAddress, flags: slotFlags)
         try vm.setTSSAddress(0xFFFB_D000)
         try vm.createIRQChip()
         try memory.write(code, at: 0x7C00)

@@ -106,6 +106,23 @@ struct OrderedAccessTests {
         #expect(throws: GuestMemoryError.self) { try memory.withBytes(at: (1 << 20) - 2, count: 4) { _ in } }
     }
 
+    @Test("withBytes(of:) hands out several ranges in order, and refuses the lot when one is outside RAM")
+    func severalRanges() throws {
+        let memory = try GuestMemory(size: 1 << 20, transparentHugePages: false)
+        try memory.withBytes(of: [(address: 0x5000, count: 2), (address: 0x1000, count: 3), (address: 0x9000, count: 0)]) { buffers in
+            #expect(buffers.map(\.count) == [2, 3, 0])
+            buffers[0].copyBytes(from: [7, 8])
+            buffers[1].copyBytes(from: [9, 10, 11])
+        }
+        #expect(try memory.read(at: 0x5000, count: 2) == [7, 8])
+        #expect(try memory.read(at: 0x1000, count: 3) == [9, 10, 11])
+        var called = false
+        #expect(throws: GuestMemoryError.outOfRange(address: (1 << 20) - 1, length: 2)) {
+            try memory.withBytes(of: [(address: 0x1000, count: 1), (address: (1 << 20) - 1, count: 2)]) { _ in called = true }
+        }
+        #expect(!called)
+    }
+
     @Test("memfd-backed RAM: the file holds what the guest wrote")
     func memfd() throws {
         let memory = try GuestMemory(size: 1 << 20, transparentHugePages: false, backing: .memfd)

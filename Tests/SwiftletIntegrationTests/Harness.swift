@@ -39,7 +39,8 @@ enum Swiftlet {
     /// caps its virtual memory (prlimit --as).
     /// `killAfter` kills it (SIGKILL) after that many seconds, for a test that must not
     /// hang when what it checks is that Swiftlet does not block.
-    static func run(_ arguments: [String], input: Data? = nil, user: String? = nil, newSession: Bool = false,
+    /// `namespace` runs it in that network namespace (`ip netns exec`).
+    static func run(_ arguments: [String], input: Data? = nil, user: String? = nil, namespace: String? = nil, newSession: Bool = false,
                     addressSpaceLimit: UInt64? = nil, killAfter: Int? = nil,
                     whileRunning: ((Process, URL) -> Void)? = nil) throws -> Result {
         let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("swiftlet-test-\(UUID().uuidString)")
@@ -57,6 +58,7 @@ enum Swiftlet {
             // Drop root for the permission test.
             command = ["/usr/bin/setpriv", "--reuid=\(user)", "--regid=nogroup", "--clear-groups"] + command
         }
+        if let namespace { command = ["/usr/sbin/ip", "netns", "exec", namespace] + command }
         if let addressSpaceLimit { command = ["/usr/bin/prlimit", "--as=\(addressSpaceLimit)"] + command }
         if newSession { command = ["/usr/bin/setsid", "--wait"] + command }
         if let killAfter { command = ["/usr/bin/timeout", "-s", "KILL", "\(killAfter)"] + command }

@@ -156,7 +156,7 @@ struct MultibootTests {
 }
 
 /// Debian's stock kernel on our machine: on this project's nested-KVM hosts a kernel only
-/// gets through its early boot messages (see HOST-KVM.md), so the test reads those, then
+/// gets through its early boot messages (see docs/host-kvm.md), so the test reads those, then
 /// ends the VM.
 @Suite("Debian's Linux kernel", .enabled(if: debianKernelPresent, "Debian's kernel is not cached: run guests/linux/fetch-debian-kernel.sh"))
 struct DebianKernelTests {

@@ -45,6 +45,20 @@ struct LibraryExampleTests {
         #expect(table.contains("port out 0x03f8 serial (COM1)"))
     }
 
+    @Test("showMemory: the memory slots before the run, and the pages the guest wrote after it")
+    func showMemory() throws {
+        var configuration = VMConfiguration(boot: .flat(.file(guest("memory-slots.bin"))))
+        configuration.memorySize = 16 << 20
+        configuration.showMemory = true
+        configuration.timeout = .seconds(30)
+        let vm = try VM(configuration)
+        #expect(vm.memorySlotTable.contains("slot 0: 0x0000000000000000-0x0000000000ffffff (16M)"))
+        let result = try vm.run()
+        #expect(result.exit == .guestExit(value: 0))
+        let report = try #require(result.memoryReport)
+        #expect(report.contains("RAM added at run time, KVM_MEM_LOG_DIRTY_PAGES: 4 pages written"))
+    }
+
     @Test("Several VMs run at once in one process, each with its own console")
     func concurrentVMs() async throws {
         let results = try await withThrowingTaskGroup(of: (Int, VMResult).self) { group in

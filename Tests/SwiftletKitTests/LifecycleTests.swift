@@ -93,3 +93,156 @@ struct LifecycleTests {
         #expect(result.withLock { $0 }?.exit == .userQuit)
     }
 }
+
+@Suite("VM lifecycle: snapshot and restore", .enabled(if: FileManager.default.isReadableFile(atPath: "/dev/kvm"), "needs /dev/kvm"))
+struct SnapshotTests {
+    func temporaryDirectory() -> String {
+        FileManager.default.temporaryDirectory.appendingPathComponent("snapshot-\(UUID().uuidString)").path
+    }
+
+    /// Runs `vm` on a thread; returns a way to wait for its result.
+    func start(_ vm: VM) -> () -> VMResult? {
+        let result = Mutex<VMResult?>(nil)
+        let done = Mutex(false)
+        Thread {
+            let value = try? vm.run()
+            result.withLock { $0 = value }
+            done.withLock { $0 = true }
+        }.start()
+        return {
+            while !done.withLock({ $0 }) { usleep(10_000) }
+            return result.withLock { $0 }
+        }
+    }
+
+    @Test("A counter guest snapshotted at CPL 3 continues in a new VM with no gap and no repeat")
+    func counterContinues() throws {
+        let directory = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let first = LiveConsole()
+        var configuration = VMConfiguration(boot: .flat(.file(guests.appendingPathComponent("counter.bin").path)))
+        configuration.memorySize = 32 << 20
+        configuration.console = .file(first.path)
+        let vm = try VM(configuration)
+        let finished = start(vm)
+        #expect(first.wait(forCountAbove: 10))
+        try vm.pause()
+        let summary = try vm.snapshot(to: directory)
+        #expect(summary.pagesWritten > 0 && summary.pagesWritten < 32 << 8, "zero pages are holes")
+        let printed = first.counts
+        vm.stop()
+        _ = finished()
+        let last = try #require(printed.last)
+
+        let second = LiveConsole()
+        var restore = VMConfiguration(boot: .snapshot(directory: directory))
+        restore.console = .file(second.path)
+        let restored = try VM(restore)
+        let finishedAgain = start(restored)
+        #expect(second.wait(forCountAbove: last.0 + 5))
+        restored.stop()
+        _ = finishedAgain()
+        // The new console starts after the last full line of the old one (a line cut by the
+        // pause is finished by the restored guest).
+        let joined = first.text + second.text
+        let lines = joined.split(separator: "\n").dropLast().filter { $0.hasPrefix("count ") }
+        var expected = 1
+        var sum = 0
+        for line in lines {
+            sum += expected
+            #expect(line == "count \(expected) sum \(sum)", "after count \(expected - 1)")
+            if line != "count \(expected) sum \(sum)" { break }
+            expected += 1
+        }
+        #expect(expected > last.0 + 5)
+    }
+
+    @Test("A snapshot can be restored twice, and each copy runs on its own")
+    func restoreTwice() throws {
+        let directory = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var configuration = VMConfiguration(boot: .flat(.file(guests.appendingPathComponent("counter.bin").path)))
+        configuration.memorySize = 16 << 20
+        let console = LiveConsole()
+        configuration.console = .file(console.path)
+        let vm = try VM(configuration)
+        let finished = start(vm)
+        #expect(console.wait(forCountAbove: 3))
+        try vm.pause()
+        try vm.snapshot(to: directory)
+        #expect(throws: SwiftletError.self) { try vm.snapshot(to: "/proc/no-such-place/x") }
+        vm.stop()
+        _ = finished()
+        let memoryBefore = try Data(contentsOf: URL(fileURLWithPath: directory + "/memory"))
+        for _ in 0..<2 {
+            let copy = LiveConsole()
+            var restore = VMConfiguration(boot: .snapshot(directory: directory))
+            restore.console = .file(copy.path)
+            let restored = try VM(restore)
+            let done = start(restored)
+            #expect(copy.wait(forCountAbove: (console.counts.last?.0 ?? 0) + 3))
+            restored.stop()
+            _ = done()
+        }
+        // The memory file is mapped private: the restored guests' writes never reach it.
+        #expect(try Data(contentsOf: URL(fileURLWithPath: directory + "/memory")) == memoryBefore)
+    }
+
+    @Test("A snapshot is refused when it is not paused, damaged, truncated, newer or missing")
+    func refusals() throws {
+        let directory = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var configuration = VMConfiguration(boot: .flat(.file(guests.appendingPathComponent("counter.bin").path)))
+        configuration.memorySize = 16 << 20
+        configuration.console = .discard
+        let vm = try VM(configuration)
+        #expect(throws: SwiftletError.self) { try vm.snapshot(to: directory) }
+        let finished = start(vm)
+        usleep(200_000)
+        #expect(throws: SwiftletError.self) { try vm.snapshot(to: directory) }
+        try vm.pause()
+        try vm.snapshot(to: directory)
+        vm.stop()
+        _ = finished()
+
+        func refusal(_ change: (String) throws -> Void) throws -> String {
+            let copy = temporaryDirectory()
+            defer { try? FileManager.default.removeItem(atPath: copy) }
+            try FileManager.default.copyItem(atPath: directory, toPath: copy)
+            try change(copy)
+            var restore = VMConfiguration(boot: .snapshot(directory: copy))
+            restore.console = .discard
+            do {
+                _ = try VM(restore)
+                return "accepted"
+            } catch {
+                return error.message
+            }
+        }
+        let state = { (copy: String) in copy + "/state" }
+        #expect(try refusal { _ in }  == "accepted")
+        #expect(try refusal { try FileManager.default.removeItem(atPath: state($0)) }.contains("cannot open snapshot state file"))
+        #expect(try refusal { copy in
+            var bytes = try Data(contentsOf: URL(fileURLWithPath: state(copy)))
+            bytes[bytes.count - 10] ^= 0x20
+            try bytes.write(to: URL(fileURLWithPath: state(copy)))
+        }.contains("checksum"))
+        #expect(try refusal { copy in
+            let bytes = try Data(contentsOf: URL(fileURLWithPath: state(copy)))
+            try bytes.prefix(bytes.count / 2).write(to: URL(fileURLWithPath: state(copy)))
+        }.contains("truncated"))
+        #expect(try refusal { copy in
+            var bytes = try Data(contentsOf: URL(fileURLWithPath: state(copy)))
+            bytes[18] = UInt8(ascii: "9")
+            try bytes.write(to: URL(fileURLWithPath: state(copy)))
+        }.contains("format 9, newer than this Swiftlet reads"))
+        #expect(try refusal { copy in
+            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: copy + "/memory"))
+            try handle.truncate(atOffset: 4096)
+            try handle.close()
+        }.contains("truncated"))
+        #expect(try refusal { copy in
+            try FileManager.default.removeItem(atPath: copy + "/memory")
+        }.contains("cannot open snapshot memory file"))
+    }
+}

@@ -94,6 +94,29 @@ struct VirtqueueTests {
         #expect(try driver.usedEntry(0) == (UInt32(head), 513))
     }
 
+    @Test("Several chains returned at once appear together: the used index moves once, past all of them")
+    func batchPush() throws {
+        var driver = TestDriver(memory: try makeMemory(), size: 4)
+        let queue = try driver.queue()
+        var heads: [UInt16] = []
+        // Six rounds of three chains on a ring of four: the used ring wraps inside a batch.
+        for round in 0..<6 {
+            heads = []
+            for _ in 0..<3 {
+                try driver.add([(0x100000, 64, true)])
+                heads.append(try #require(try queue.popAvailable()).head)
+            }
+            let before = try driver.usedIndex
+            try queue.pushUsed(heads.enumerated().map { (head: $0.element, writtenLength: UInt32(10 + $0.offset)) })
+            #expect(try driver.usedIndex == before &+ 3, "round \(round)")
+            for (offset, head) in heads.enumerated() {
+                #expect(try driver.usedEntry(before &+ UInt16(offset)) == (UInt32(head), UInt32(10 + offset)))
+            }
+        }
+        try queue.pushUsed([(head: UInt16, writtenLength: UInt32)]())
+        #expect(try driver.usedIndex == 18, "an empty batch publishes nothing")
+    }
+
     @Test("Indices wrap around 65536 and the ring position around the queue size")
     func wrapAround() throws {
         var driver = TestDriver(memory: try makeMemory(), size: 4)

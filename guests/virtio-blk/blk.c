@@ -24,7 +24,7 @@
  * status) and a data buffer, so several requests are in flight at once and complete in
  * whatever order the device finishes them.
  */
-#include "virtio_driver.h"
+#include "blk.h"
 
 /* The data buffers, one per slot: 8 x 64 KiB in this ELF's .bss. */
 static uint8_t data_buffers[BLK_MAX_REQUESTS][BLK_REQUEST_BYTES] __attribute__((aligned(4096)));
@@ -83,8 +83,9 @@ void blk_init(struct blk *blk, struct virtio_device *dev)
     if (blk->features & VIRTIO_BLK_F_BLK_SIZE)
         blk_size = virtio_config_read32(dev, VIRTIO_BLK_CFG_BLK_SIZE);
 
-    /* The one request queue: queue 0 (5.2.2). */
-    virtqueue_setup(&blk->vq, dev, 0);
+    /* The one request queue: queue 0 (5.2.2), of up to 128 entries (8 requests of up to 6
+     * descriptors need 48). */
+    virtqueue_setup(&blk->vq, dev, 0, 128);
 
     /* How many requests fit in the queue at once: each takes slot_stride descriptors. A
      * tiny queue gets fewer segments first, then fewer requests. */

@@ -34,8 +34,10 @@
  * (status 1); any error prints one "virtio-blk: error: ..." line and exits with 1
  * (status 3).
  */
+#include "blk.h"
 #include "kernel.h"
-#include "virtio_driver.h"
+
+const char program_name[] = "virtio-blk";
 
 /* ---- CRC-32 (the one of zlib, gzip, PNG, Ethernet) --------------------------------------------
  * A CRC is the remainder of the message, as a polynomial over GF(2), divided by a fixed
@@ -248,7 +250,7 @@ void user_main(void)
             boot_info.protocol == BOOT_MULTIBOOT ? "Multiboot" : "PVH", cs & 3u, cmdline);
 
     static struct virtio_device device;
-    if (!virtio_mmio_find_block(cmdline, &device) && !virtio_pci_find_block(cmdline, &device))
+    if (!virtio_mmio_find(cmdline, VIRTIO_ID_BLOCK, &device) && !virtio_pci_find(cmdline, VIRTIO_ID_BLOCK, &device))
         fail("no virtio block device found (looked at the virtio_mmio.device= windows of the command line, "
              "then PCI bus 0 for 1af4:1042 and 1af4:1001)");
     blk_init(&blk, &device);

@@ -20,6 +20,7 @@ static const unsigned long CKVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
 static const unsigned long CKVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
 
 static const unsigned long CKVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
+static const unsigned long CKVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
 static const unsigned long CKVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
 static const unsigned long CKVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
 static const unsigned long CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
@@ -65,6 +66,8 @@ static const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
 static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+static const unsigned long CKVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
+static const unsigned long CKVM_KVMCLOCK_CTRL = KVM_KVMCLOCK_CTRL;
 
 // --- Capabilities we ask about -------------------------------------------------------
 static const int CKVM_CAP_IRQCHIP = KVM_CAP_IRQCHIP;
@@ -77,9 +80,12 @@ static const int CKVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
 static const int CKVM_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS;
 static const int CKVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
 static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
+static const int CKVM_CAP_TSC_CONTROL = KVM_CAP_TSC_CONTROL;
+static const int CKVM_CAP_KVMCLOCK_CTRL = KVM_CAP_KVMCLOCK_CTRL;
 static const int CKVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
 static const int CKVM_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI;
 static const int CKVM_CAP_READONLY_MEM = KVM_CAP_READONLY_MEM;
+static const int CKVM_CAP_NR_MEMSLOTS = KVM_CAP_NR_MEMSLOTS;
 static const int CKVM_CAP_XSAVE = KVM_CAP_XSAVE;
 static const int CKVM_CAP_XSAVE2 = KVM_CAP_XSAVE2;
 static const int CKVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
@@ -97,6 +103,16 @@ static const uint32_t CKVM_IRQFD_FLAG_DEASSIGN = KVM_IRQFD_FLAG_DEASSIGN;
 static const uint32_t CKVM_IRQFD_FLAG_RESAMPLE = KVM_IRQFD_FLAG_RESAMPLE;
 static const uint32_t CKVM_IRQCHIP_IOAPIC = KVM_IRQCHIP_IOAPIC;
 static const uint32_t CKVM_CLOCK_TSC_STABLE = KVM_CLOCK_TSC_STABLE;
+
+// --- Memory slot flags (struct kvm_userspace_memory_region.flags) ------------------------
+static const uint32_t CKVM_MEM_LOG_DIRTY_PAGES = KVM_MEM_LOG_DIRTY_PAGES;
+static const uint32_t CKVM_MEM_READONLY = KVM_MEM_READONLY;
+
+// --- The vCPU's shared mapping ----------------------------------------------------------
+/// Which page of the vCPU mapping holds the data of a KVM_EXIT_IO exit (KVM points
+/// io.data_offset there), and where the coalesced-MMIO ring page is.
+static const uint32_t CKVM_PIO_PAGE_OFFSET = KVM_PIO_PAGE_OFFSET;
+static const uint32_t CKVM_COALESCED_MMIO_PAGE_OFFSET = KVM_COALESCED_MMIO_PAGE_OFFSET;
 
 // --- Exit reasons ----------------------------------------------------------------------
 static const uint32_t CKVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN;
@@ -165,6 +181,18 @@ size_t ckvm_irq_routing_size(uint32_t count);
 void ckvm_irq_routing_set_irqchip(struct kvm_irq_routing *routing, uint32_t index, uint32_t gsi, uint32_t chip, uint32_t pin);
 /// Entry `index`: GSI `gsi` is a message-signalled interrupt with this address and data.
 void ckvm_irq_routing_set_msi(struct kvm_irq_routing *routing, uint32_t index, uint32_t gsi, uint64_t address, uint32_t data);
+
+// --- Dirty log ------------------------------------------------------------------------------
+// struct kvm_dirty_log holds its bitmap pointer in an anonymous union.
+
+/// A KVM_GET_DIRTY_LOG request for memory slot `slot`, filling `bitmap` (one bit per page
+/// of the slot, in 64-bit words).
+static inline struct kvm_dirty_log ckvm_dirty_log_request(uint32_t slot, uint64_t *bitmap) {
+    struct kvm_dirty_log log = {0};
+    log.slot = slot;
+    log.dirty_bitmap = bitmap;
+    return log;
+}
 
 // --- kvm_run accessors ---------------------------------------------------------------------
 // struct kvm_run's exit data is an anonymous union; these keep the union layout in C.

@@ -72,6 +72,13 @@ static inline int clinux_compare_exchange_64(void *address, uint64_t expected, u
     return __atomic_compare_exchange_n((uint64_t *)address, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 /// A full barrier: no load or store moves across it (mb() in the virtio specification).
+// Bitmaps shared between threads (the log of pages Swiftlet writes into guest RAM).
+static inline void clinux_atomic_or_64(void *address, uint64_t bits) {
+    __atomic_fetch_or((uint64_t *)address, bits, __ATOMIC_RELAXED);
+}
+static inline uint64_t clinux_atomic_exchange_64(void *address, uint64_t value) {
+    return __atomic_exchange_n((uint64_t *)address, value, __ATOMIC_ACQ_REL);
+}
 static inline void clinux_fence(void) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
@@ -95,3 +102,42 @@ static const int CLINUX_FALLOC_ZERO_RANGE = 0x10;
 /// fallocate(fd, mode, offset, length) with the CLINUX_FALLOC_* bits. Returns 0, or -1 with
 /// errno set (EOPNOTSUPP when the file system cannot do it).
 int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length);
+
+// --- TAP devices ----------------------------------------------------------------------------
+// The multi-step set-up of a TAP interface for virtio-net stays in C (struct ifreq, the
+// TUN ioctls); each call returns a descriptor or 0 on success, -errno on failure.
+
+/// TUNSETOFFLOAD bits (TUN_F_*): the offloads the TAP may hand its reader (packets with a
+/// partial checksum, TSO and UFO/USO segments). USO4 and USO6 go together (Linux 6.2+).
+static const unsigned int CLINUX_TUN_F_CSUM = 0x01;
+static const unsigned int CLINUX_TUN_F_TSO4 = 0x02;
+static const unsigned int CLINUX_TUN_F_TSO6 = 0x04;
+static const unsigned int CLINUX_TUN_F_TSO_ECN = 0x08;
+static const unsigned int CLINUX_TUN_F_UFO = 0x10;
+static const unsigned int CLINUX_TUN_F_USO4 = 0x20;
+static const unsigned int CLINUX_TUN_F_USO6 = 0x40;
+
+/// Which step of clinux_tap_open failed.
+enum clinux_tap_step {
+    CLINUX_TAP_STEP_NAME = 1,        // the name is empty or longer than IFNAMSIZ - 1
+    CLINUX_TAP_STEP_OPEN = 2,        // open("/dev/net/tun")
+    CLINUX_TAP_STEP_ATTACH = 3,      // TUNSETIFF
+    CLINUX_TAP_STEP_HEADER_SIZE = 4, // TUNSETVNETHDRSZ
+};
+
+/// Opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to the TAP interface
+/// `name` with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (TUNSETIFF; a TAP made multi-queue is
+/// attached as one of its queues). TUNSETIFF creates the interface when it does not exist
+/// and the caller has CAP_NET_ADMIN; such a TAP is not persistent and goes away with the
+/// descriptor. Then sets the virtio-net header every frame carries to
+/// `vnet_header_size` bytes (TUNSETVNETHDRSZ). `*existed` says whether an interface of
+/// that name existed before. Returns the descriptor, or -errno with `*failed_step` set.
+int clinux_tap_open(const char *name, int vnet_header_size, int *existed, int *failed_step);
+
+/// TUNSETOFFLOAD with CLINUX_TUN_F_* bits. Returns 0 or -errno (EINVAL for a combination
+/// this kernel does not accept).
+int clinux_tap_set_offload(int fd, unsigned int offloads);
+
+/// Sets IFF_UP on the interface `name` (SIOCGIFFLAGS, then SIOCSIFFLAGS, on a datagram
+/// socket). Returns 0 or -errno.
+int clinux_interface_up(const char *name);

@@ -88,7 +88,10 @@ void kprintf(const char *format, ...) __attribute__((format(printf, 1, 2)));
 void ksnprintf(char *buffer, size_t capacity, const char *format, ...) __attribute__((format(printf, 3, 4)));
 /* Writes `code` to port 0xF4 (the VMM exits with status code*2+1), then spins. */
 __attribute__((noreturn)) void exit_vm(uint8_t code);
-/* Prints "virtio-blk: error: ..." and the newline, then exit_vm(1). */
+/* The program's name, the prefix of its messages ("virtio-blk", "virtio-net"): each guest's
+ * main.c defines it. */
+extern const char program_name[];
+/* Prints "<program_name>: error: ..." and the newline, then exit_vm(1). */
 __attribute__((noreturn, format(printf, 1, 2))) void fail(const char *format, ...);
 
 /* ---- memory and strings --------------------------------------------------------------- */

@@ -8,8 +8,9 @@
  *       bits 7-2 register (a dword offset)
  *   then read or write the dword (or a part of it) at ports 0xCFC-0xCFF. The guest scans
  *   bus 0, devices 0-31 (functions 1-7 too for a multi-function device), for vendor 0x1AF4
- *   and device 0x1042 (0x1040 + 2, a modern block device, 4.1.2), or the transitional
- *   0x1001 if it also has the modern capabilities.
+ *   and device 0x1040 + the virtio device type (4.1.2: 0x1041 network, 0x1042 block), or
+ *   the transitional ID of that type (0x1000 network, 0x1001 block) if it also has the
+ *   modern capabilities.
  *
  *   Configuration space registers used (PCI 3.0, 6.1):
  *       0x00 vendor ID (16) and device ID (16)     0x04 command (16), 0x06 status (16)
@@ -62,8 +63,7 @@
 #define PCI_CAP_ID_MSIX 0x11
 
 #define VIRTIO_PCI_VENDOR 0x1AF4
-#define VIRTIO_PCI_DEVICE_BLOCK_MODERN 0x1042
-#define VIRTIO_PCI_DEVICE_BLOCK_TRANSITIONAL 0x1001
+#define VIRTIO_PCI_DEVICE_MODERN_BASE 0x1040  /* + the virtio device type (4.1.2.1) */
 
 /* 4.1.4: cfg_type values. */
 #define VIRTIO_PCI_CAP_COMMON_CFG 1
@@ -314,7 +314,7 @@ static bool pci_queue_enable(struct virtio_device *dev, uint16_t queue, uint16_t
         return false;
     mmio_write16(c + COMMON_QUEUE_SELECT, queue);
     if (mmio_read16(c + COMMON_QUEUE_ENABLE) != 0) {
-        kprintf("virtio-blk: %s: queue %u is already enabled after a reset\n", dev->where, queue);
+        kprintf("%s: %s: queue %u is already enabled after a reset\n", program_name, dev->where, queue);
         return false;
     }
     mmio_write16(c + COMMON_QUEUE_SIZE, size);
@@ -332,8 +332,8 @@ static bool pci_queue_enable(struct virtio_device *dev, uint16_t queue, uint16_t
     uint32_t notify_off = mmio_read16(c + COMMON_QUEUE_NOTIFY_OFF);
     uint64_t offset = (uint64_t)notify_off * dev->notify_multiplier;
     if (offset + 2 > dev->notify_length) {
-        kprintf("virtio-blk: %s: queue %u's notification offset %u x %u lies outside the %u-byte notification structure\n",
-                dev->where, queue, notify_off, dev->notify_multiplier, dev->notify_length);
+        kprintf("%s: %s: queue %u's notification offset %u x %u lies outside the %u-byte notification structure\n",
+                program_name, dev->where, queue, notify_off, dev->notify_multiplier, dev->notify_length);
         return false;
     }
     dev->queue_notify[queue] = dev->notify_base + (uintptr_t)offset;
@@ -380,7 +380,7 @@ static bool bar_window_from_cmdline(const char *cmdline, uint64_t *window)
     return false;
 }
 
-/* Sets up the device at `bdf` once it looks like a virtio block device. */
+/* Sets up the device at `bdf` once its IDs say it is a virtio device of the wanted type. */
 static bool setup_device(uint32_t bdf, uint16_t device_id, const char *cmdline, struct virtio_device *dev)
 {
     struct bar bars[6];
@@ -392,8 +392,8 @@ static bool setup_device(uint32_t bdf, uint16_t device_id, const char *cmdline, 
     ksnprintf(dev->where, sizeof(dev->where), "virtio-pci %02x:%02x.%x", bdf >> 8, (bdf >> 3) & 0x1F, bdf & 7);
     if (!caps[VIRTIO_PCI_CAP_COMMON_CFG].found || !caps[VIRTIO_PCI_CAP_NOTIFY_CFG].found ||
         !caps[VIRTIO_PCI_CAP_ISR_CFG].found || !caps[VIRTIO_PCI_CAP_DEVICE_CFG].found) {
-        kprintf("virtio-blk: %s (1af4:%04x) lacks a usable modern %s structure in a memory BAR, skipped\n",
-                dev->where, device_id,
+        kprintf("%s: %s (1af4:%04x) lacks a usable modern %s structure in a memory BAR, skipped\n",
+                program_name, dev->where, device_id,
                 !caps[VIRTIO_PCI_CAP_COMMON_CFG].found ? "common configuration"
                 : !caps[VIRTIO_PCI_CAP_NOTIFY_CFG].found ? "notification"
                 : !caps[VIRTIO_PCI_CAP_ISR_CFG].found ? "ISR status" : "device configuration");
@@ -433,7 +433,7 @@ static bool setup_device(uint32_t bdf, uint16_t device_id, const char *cmdline, 
     /* No MSI-X vector for configuration changes either. */
     mmio_write16(dev->common + COMMON_CONFIG_MSIX_VECTOR, VIRTIO_MSI_NO_VECTOR);
 
-    kprintf("virtio-blk: %s: 1af4:%04x, common configuration in BAR%u at 0x%08x (%s), ", dev->where, device_id,
+    kprintf("%s: %s: 1af4:%04x, common configuration in BAR%u at 0x%08x (%s), ", program_name, dev->where, device_id,
             common->bar, (uint32_t)bars[common->bar].address,
             needed ? (forced ? "placed here: pci.bar" : "placed here: it was unassigned") : "placed by firmware");
     if (msix_vectors)
@@ -443,8 +443,20 @@ static bool setup_device(uint32_t bdf, uint16_t device_id, const char *cmdline, 
     return true;
 }
 
-bool virtio_pci_find_block(const char *cmdline, struct virtio_device *dev)
+/* 4.1.2.3 Legacy Interfaces: the device IDs of transitional devices, by device type. */
+static uint16_t transitional_device_id(uint32_t device_type)
 {
+    switch (device_type) {
+    case VIRTIO_ID_NET: return 0x1000;
+    case VIRTIO_ID_BLOCK: return 0x1001;
+    default: return 0;
+    }
+}
+
+bool virtio_pci_find(const char *cmdline, uint32_t device_type, struct virtio_device *dev)
+{
+    uint16_t modern = (uint16_t)(VIRTIO_PCI_DEVICE_MODERN_BASE + device_type);
+    uint16_t transitional = transitional_device_id(device_type);
     for (uint32_t device = 0; device < 32; device++) {
         for (uint32_t function = 0; function < 8; function++) {
             uint32_t bdf = device << 3 | function; /* bus 0 */
@@ -456,7 +468,7 @@ bool virtio_pci_find_block(const char *cmdline, struct virtio_device *dev)
                 continue;
             }
             if (vendor == VIRTIO_PCI_VENDOR &&
-                (device_id == VIRTIO_PCI_DEVICE_BLOCK_MODERN || device_id == VIRTIO_PCI_DEVICE_BLOCK_TRANSITIONAL) &&
+                (device_id == modern || (transitional != 0 && device_id == transitional)) &&
                 setup_device(bdf, device_id, cmdline, dev))
                 return true;
             if (function == 0 && !(pci_read8(bdf, PCI_HEADER_TYPE) & 0x80))

@@ -1,5 +1,5 @@
-# entry.s: the first instructions of the virtio-blk guest, the switch to 64-bit mode, and
-# the few things C cannot say.
+# entry.s: the first instructions of the virtio guests (virtio-blk, virtio-net), the switch
+# to 64-bit mode, and the few things C cannot say.
 #
 # One ELF file, two ways in
 #
@@ -12,7 +12,8 @@
 #         EAX = 0x2BADB002 (the "booted by Multiboot" magic)
 #         EBX = physical address of the Multiboot information (flags, command line, ...)
 #   * Xen PVH (what QEMU's microvm and Swiftlet use for an ELF *without* a Multiboot
-#     header: guests/build/virtio-blk-pvh.elf is this program without it): an ELF note,
+#     header: guests/build/virtio-blk-pvh.elf and virtio-net-pvh.elf are the programs
+#     without it): an ELF note,
 #     type 18 (XEN_ELFNOTE_PHYS32_ENTRY), names `pvh_entry`. The loader enters there in
 #     32-bit protected mode, paging off, flat segments, with
 #         EBX = physical address of struct hvm_start_info, whose first word is the magic

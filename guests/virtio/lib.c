@@ -144,7 +144,8 @@ void fail(const char *f, ...)
     struct sink console = { 0, 0, 0 };
     va_list ap;
     va_start(ap, f);
-    console_puts("virtio-blk: error: ");
+    console_puts(program_name);
+    console_puts(": error: ");
     format(&console, f, ap);
     va_end(ap);
     console_putc('\n');

@@ -44,6 +44,15 @@ static void set_status_bits(struct virtio_device *dev, uint8_t bits)
     dev->transport->set_status(dev, dev->transport->get_status(dev) | bits);
 }
 
+const char *virtio_device_type_name(uint32_t device_type)
+{
+    switch (device_type) {
+    case VIRTIO_ID_NET: return "network";
+    case VIRTIO_ID_BLOCK: return "block";
+    default: return "virtio";
+    }
+}
+
 void virtio_fail_device(struct virtio_device *dev)
 {
     /* 3.1.1: "If any of these steps go irrecoverably wrong, the driver SHOULD set the
@@ -92,7 +101,7 @@ uint64_t virtio_negotiate(struct virtio_device *dev, uint64_t wanted)
         fail("%s: the device refused the features 0x%016lx (offered 0x%016lx): FEATURES_OK did not stay set (status 0x%02x)",
              dev->where, accepted, offered, status);
     }
-    kprintf("virtio-blk: features offered 0x%016lx, accepted 0x%016lx\n", offered, accepted);
+    kprintf("%s: features offered 0x%016lx, accepted 0x%016lx\n", program_name, offered, accepted);
     return accepted;
 }
 
@@ -128,50 +137,76 @@ uint32_t virtio_config_read32(struct virtio_device *dev, uint32_t offset)
     return dev->transport->config_read(dev, offset, 4);
 }
 
-/* ---- 2.7 the driver's side of a split virtqueue ----------------------------------------------
- * The three areas live here, in the guest's own RAM (this ELF's .bss). The spec asks for
- * 16-byte (descriptor table), 2-byte (available ring) and 4-byte (used ring) alignment
- * (2.7, table "Virtqueue Part Alignment"); each gets a page of its own, which is more than
- * enough and keeps the areas apart. The page tables map every address to itself, so the
- * address the program sees is the guest-physical address the device needs. */
-static struct virtq_desc queue_desc[QUEUE_SIZE_LIMIT] __attribute__((aligned(4096)));
-static struct virtq_avail queue_avail __attribute__((aligned(4096)));
-static struct virtq_used queue_used __attribute__((aligned(4096)));
+uint16_t virtio_config_read16(struct virtio_device *dev, uint32_t offset)
+{
+    return (uint16_t)dev->transport->config_read(dev, offset, 2);
+}
 
-void virtqueue_setup(struct virtqueue *vq, struct virtio_device *dev, uint16_t index)
+void virtio_config_read_bytes(struct virtio_device *dev, uint32_t offset, uint8_t *bytes, uint32_t count)
 {
     const struct virtio_transport *t = dev->transport;
+    for (int attempt = 0; attempt < 1000; attempt++) {
+        uint32_t before = t->config_generation(dev);
+        for (uint32_t i = 0; i < count; i++)
+            bytes[i] = (uint8_t)t->config_read(dev, offset + i, 1);
+        if (t->config_generation(dev) == before)
+            return;
+    }
+    fail("%s: the configuration generation changed on each of 1000 reads", dev->where);
+}
+
+/* ---- 2.7 the driver's side of a split virtqueue ----------------------------------------------
+ * The three areas live here, in the guest's own RAM (this ELF's .bss), one set per queue
+ * number. The spec asks for 16-byte (descriptor table), 2-byte (available ring) and 4-byte
+ * (used ring) alignment (2.7, table "Virtqueue Part Alignment"); each gets a page of its
+ * own, which is more than enough and keeps the areas apart. The page tables map every
+ * address to itself, so the address the program sees is the guest-physical address the
+ * device needs. */
+struct queue_memory {
+    struct virtq_desc desc[QUEUE_SIZE_LIMIT] __attribute__((aligned(4096)));
+    struct virtq_avail avail __attribute__((aligned(4096)));
+    struct virtq_used used __attribute__((aligned(4096)));
+};
+static struct queue_memory queue_memory[VIRTIO_MAX_QUEUES];
+
+void virtqueue_setup(struct virtqueue *vq, struct virtio_device *dev, uint16_t index, uint16_t max_size)
+{
+    const struct virtio_transport *t = dev->transport;
+    if (index >= VIRTIO_MAX_QUEUES)
+        fail("%s: queue %u: this driver has ring memory for %u queues only", dev->where, index, VIRTIO_MAX_QUEUES);
     uint32_t max = t->queue_max_size(dev, index);
     if (max == 0)
         fail("%s: queue %u is not available (its maximum size reads 0)", dev->where, index);
 
     /* A split virtqueue's size is a power of two (2.7). Take the largest one that both the
-     * device (max) and this driver (QUEUE_SIZE_LIMIT) allow. */
+     * device (max) and this driver (max_size, QUEUE_SIZE_LIMIT) allow. */
     uint32_t size = QUEUE_SIZE_LIMIT;
-    while (size > max)
+    while (size > max || size > max_size)
         size >>= 1;
+    if (size == 0)
+        fail("%s: queue %u: no power of two fits both the device's maximum %u and the driver's %u", dev->where, index,
+             max, max_size);
 
-    memset(queue_desc, 0, sizeof(queue_desc));
-    memset(&queue_avail, 0, sizeof(queue_avail));
-    memset(&queue_used, 0, sizeof(queue_used));
+    struct queue_memory *m = &queue_memory[index];
+    memset(m, 0, sizeof(*m));
     /* We poll the used ring, so we ask the device not to interrupt us (2.7.7: without
      * VIRTIO_F_EVENT_IDX, flags = VIRTQ_AVAIL_F_NO_INTERRUPT; the device SHOULD NOT then
      * send used buffer notifications). It is a hint: interrupts are masked anyway. */
-    queue_avail.flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
+    m->avail.flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
 
     vq->dev = dev;
     vq->index = index;
     vq->size = (uint16_t)size;
-    vq->desc = queue_desc;
-    vq->avail = &queue_avail;
-    vq->used = &queue_used;
+    vq->desc = m->desc;
+    vq->avail = &m->avail;
+    vq->used = &m->used;
     vq->next_avail = 0;
     vq->last_used = 0;
     vq->in_flight = 0;
     vq->notifications = 0;
     vq->suppressed = 0;
-    if (!t->queue_enable(dev, index, vq->size, (uint64_t)(uintptr_t)queue_desc, (uint64_t)(uintptr_t)&queue_avail,
-                         (uint64_t)(uintptr_t)&queue_used))
+    if (!t->queue_enable(dev, index, vq->size, (uint64_t)(uintptr_t)m->desc, (uint64_t)(uintptr_t)&m->avail,
+                         (uint64_t)(uintptr_t)&m->used))
         fail("%s: could not enable queue %u", dev->where, index);
 }
 
@@ -226,7 +261,7 @@ bool virtqueue_get_used(struct virtqueue *vq, uint32_t *id, uint32_t *len)
         return false;
     uint16_t new_entries = (uint16_t)(used_idx - vq->last_used);
     if (new_entries > vq->in_flight)
-        fail("%s: the used ring's idx went from %u to %u, but only %u requests were in flight",
+        fail("%s: the used ring's idx went from %u to %u, but only %u chains were in flight",
              vq->dev->where, vq->last_used, used_idx, vq->in_flight);
     compiler_barrier();
     volatile struct virtq_used_elem *elem = &vq->used->ring[vq->last_used % vq->size];

@@ -1,7 +1,9 @@
 /*
  * virtio.h: the parts of the virtio 1.2 specification (OASIS, "Virtual I/O Device (VIRTIO)
- * Version 1.2") this guest uses: device status bits, feature bits, the split virtqueue's
- * memory layout, and the virtio-blk request format. Section numbers refer to that document.
+ * Version 1.2") that every device type shares: device status bits, the reserved feature
+ * bits, the split virtqueue's memory layout, and the transport interface. Section numbers
+ * refer to that document. The device types' own parts are in ../virtio-blk/blk.h and
+ * ../virtio-net/net.h.
  *
  * Everything a device and a driver share in memory is little-endian; x86 is too, so the
  * structures below are used as they are.
@@ -20,17 +22,14 @@
 #define VIRTIO_STATUS_DEVICE_NEEDS_RESET 64 /* the device hit an error it cannot recover from */
 #define VIRTIO_STATUS_FAILED 128        /* the driver gave up on the device */
 
-/* ---- 6 Reserved Feature Bits, and 5.2.3 the block device's ---------------------------------
+/* ---- 6 Reserved Feature Bits ----------------------------------------------------------------
  * Features are a 64-bit mask, read and written 32 bits at a time (a "select" register picks
- * the half). */
+ * the half). Bits 0-23 belong to the device type, 24-40 (and 50-127) to the transport and
+ * the queues; each device type's header lists its own. */
 #define VIRTIO_F_VERSION_1 (1ull << 32) /* the device follows virtio 1.x, not the legacy interface */
-#define VIRTIO_BLK_F_SIZE_MAX (1ull << 1) /* size_max: the largest single data segment */
-#define VIRTIO_BLK_F_SEG_MAX (1ull << 2)  /* seg_max: the most data segments in one request */
-#define VIRTIO_BLK_F_RO (1ull << 5)       /* the device is read-only */
-#define VIRTIO_BLK_F_BLK_SIZE (1ull << 6) /* blk_size: the logical block size */
-#define VIRTIO_BLK_F_FLUSH (1ull << 9)    /* the flush request exists */
 
 /* ---- 5 Device Types ------------------------------------------------------------------------- */
+#define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 
 /* ---- 2.7 Split Virtqueues ----------------------------------------------------------------------
@@ -60,7 +59,8 @@ struct virtq_desc {
     uint16_t next;                      /* the next descriptor, if flags has NEXT */
 };
 
-#define QUEUE_SIZE_LIMIT 128            /* this driver uses at most 128 entries */
+#define QUEUE_SIZE_LIMIT 256            /* these drivers use at most 256 entries per queue */
+#define VIRTIO_MAX_QUEUES 2             /* and at most two queues (virtio-net: receive, transmit) */
 
 struct virtq_avail {
     uint16_t flags;                     /* VIRTQ_AVAIL_F_NO_INTERRUPT */
@@ -82,35 +82,6 @@ struct virtq_used {
 };
 /* With a queue smaller than QUEUE_SIZE_LIMIT, the device uses ring[0..size-1] and would
  * put the event fields at ring[size]: still inside these structures. */
-
-/* ---- 5.2.6 virtio-blk requests --------------------------------------------------------------
- * A request is one descriptor chain:
- *     struct virtio_blk_req_header    device-readable, 16 bytes
- *     data buffers                    device-writable for a read, readable for a write
- *     u8 status                       device-writable, 1 byte
- */
-#define VIRTIO_BLK_T_IN 0               /* read sectors into the data buffers */
-#define VIRTIO_BLK_T_OUT 1              /* write the data buffers to sectors */
-#define VIRTIO_BLK_T_FLUSH 4            /* make completed writes durable */
-#define VIRTIO_BLK_T_GET_ID 8           /* the device's serial, up to 20 bytes */
-
-#define VIRTIO_BLK_S_OK 0
-#define VIRTIO_BLK_S_IOERR 1
-#define VIRTIO_BLK_S_UNSUPP 2
-
-#define VIRTIO_BLK_ID_BYTES 20
-
-struct virtio_blk_req_header {
-    uint32_t type;                      /* VIRTIO_BLK_T_* */
-    uint32_t reserved;
-    uint64_t sector;                    /* in 512-byte units, whatever blk_size says */
-};
-
-/* 5.2.4 Device configuration layout: the offsets of the fields this driver reads. */
-#define VIRTIO_BLK_CFG_CAPACITY 0       /* le64: the disk's size in 512-byte sectors */
-#define VIRTIO_BLK_CFG_SIZE_MAX 8       /* le32, with VIRTIO_BLK_F_SIZE_MAX */
-#define VIRTIO_BLK_CFG_SEG_MAX 12       /* le32, with VIRTIO_BLK_F_SEG_MAX */
-#define VIRTIO_BLK_CFG_BLK_SIZE 20      /* le32, with VIRTIO_BLK_F_BLK_SIZE */
 
 /* ---- a transport ------------------------------------------------------------------------------
  * virtio defines what a device does once, and several ways to reach its registers: PCI
@@ -150,12 +121,14 @@ struct virtio_device {
     uintptr_t common, isr, device_config, notify_base;
     uint32_t device_config_length;
     uint32_t notify_multiplier, notify_length;
-    uintptr_t queue_notify[1];          /* queue 0's notification address (the only queue used) */
+    uintptr_t queue_notify[VIRTIO_MAX_QUEUES]; /* each queue's notification address */
 };
 
-/* Finding devices: each returns true and fills `dev` for the first virtio block device
- * found. virtio-mmio.c, virtio-pci.c. */
-bool virtio_mmio_find_block(const char *cmdline, struct virtio_device *dev);
-bool virtio_pci_find_block(const char *cmdline, struct virtio_device *dev);
+/* Finding devices: each returns true and fills `dev` for the first virtio device of type
+ * `device_type` (VIRTIO_ID_*) found. virtio-mmio.c, virtio-pci.c. */
+bool virtio_mmio_find(const char *cmdline, uint32_t device_type, struct virtio_device *dev);
+bool virtio_pci_find(const char *cmdline, uint32_t device_type, struct virtio_device *dev);
+/* "block", "network", ...: for messages. */
+const char *virtio_device_type_name(uint32_t device_type);
 
 #endif

@@ -9,13 +9,14 @@
  *     virtio_mmio.device=<size>@<baseaddr>:<irq>[:<id>]
  *
  * size and baseaddr are numbers ("0x" hexadecimal or decimal; size may end in K, M or G),
- * irq is decimal. Several may be given: the first one that is a block device is used.
+ * irq is decimal. Several may be given: the first one holding a device of the type the
+ * driver wants (block, network) is used.
  *
  * The registers used (offsets from the base, all 32-bit, 4.2.2):
  *
  *     0x000 MagicValue        reads 0x74726976, "virt" in ASCII, little-endian
  *     0x004 Version           2 (1 is the legacy layout, not supported here)
- *     0x008 DeviceID          2 for a block device; 0 means "no device in this slot"
+ *     0x008 DeviceID          1 network, 2 block, ... (5); 0 means "no device in this slot"
  *     0x00c VendorID
  *     0x010 DeviceFeatures    32 feature bits, selected by:
  *     0x014 DeviceFeaturesSel   0: bits 0-31, 1: bits 32-63
@@ -32,7 +33,7 @@
  *     0x090/0x094 QueueDriverLow/High    available ring address
  *     0x0a0/0x0a4 QueueDeviceLow/High    used ring address
  *     0x0fc ConfigGeneration
- *     0x100 ...               the device configuration (5.2.4 for a block device)
+ *     0x100 ...               the device configuration (5.1.4 network, 5.2.4 block)
  *
  * 4.2.2.2: the driver MUST use only 32-bit wide and aligned reads and writes for the
  * registers; in the device configuration it uses the width of each field.
@@ -107,7 +108,8 @@ static bool mmio_queue_enable(struct virtio_device *dev, uint16_t queue, uint16_
 {
     reg_write(dev, MMIO_QUEUE_SEL, queue);
     if (reg_read(dev, MMIO_QUEUE_READY) != 0) {
-        kprintf("virtio-blk: %s: queue %u is already in use (QueueReady reads 1 after a reset)\n", dev->where, queue);
+        kprintf("%s: %s: queue %u is already in use (QueueReady reads 1 after a reset)\n", program_name, dev->where,
+                queue);
         return false;
     }
     reg_write(dev, MMIO_QUEUE_NUM, size);
@@ -119,7 +121,7 @@ static bool mmio_queue_enable(struct virtio_device *dev, uint16_t queue, uint16_
     reg_write(dev, MMIO_QUEUE_DEVICE_HIGH, (uint32_t)(device_area >> 32));
     reg_write(dev, MMIO_QUEUE_READY, 1);
     if (reg_read(dev, MMIO_QUEUE_READY) != 1) {
-        kprintf("virtio-blk: %s: QueueReady did not read 1 after writing 1\n", dev->where);
+        kprintf("%s: %s: QueueReady did not read 1 after writing 1\n", program_name, dev->where);
         return false;
     }
     return true;
@@ -171,7 +173,7 @@ static bool parse_device(const char *s, uint64_t *size, uint64_t *base, uint64_t
     return *s == 0 || *s == ' ' || *s == '\t';
 }
 
-bool virtio_mmio_find_block(const char *cmdline, struct virtio_device *dev)
+bool virtio_mmio_find(const char *cmdline, uint32_t device_type, struct virtio_device *dev)
 {
     static const char key[] = "virtio_mmio.device=";
     for (const char *p = cmdline; *p;) {
@@ -190,32 +192,33 @@ bool virtio_mmio_find_block(const char *cmdline, struct virtio_device *dev)
             copy_word(word, sizeof(word), token);
             fail("cannot parse %s: expected virtio_mmio.device=<size>@<baseaddr>:<irq>", word);
         }
-        /* The registers go up to 0x100 and the block configuration follows: with a
+        /* The registers go up to 0x100 and the device configuration follows: with a
          * smaller window, or one that crosses 4 GiB (outside the identity map), skip it. */
         if (size < 0x200 || base > 0x100000000ull - size || (base & 3) != 0) {
-            kprintf("virtio-blk: virtio_mmio.device=0x%lx@0x%lx: not a usable register window, skipped\n", size, base);
+            kprintf("%s: virtio_mmio.device=0x%lx@0x%lx: not a usable register window, skipped\n", program_name,
+                    size, base);
             continue;
         }
 
         dev->mmio_base = (uintptr_t)base;
         uint32_t magic = reg_read(dev, MMIO_MAGIC);
         if (magic != MMIO_MAGIC_VALUE) {
-            kprintf("virtio-blk: no virtio-mmio device at 0x%lx (magic reads 0x%08x), skipped\n", base, magic);
+            kprintf("%s: no virtio-mmio device at 0x%lx (magic reads 0x%08x), skipped\n", program_name, base, magic);
             continue;
         }
         uint32_t version = reg_read(dev, MMIO_VERSION);
         uint32_t device_id = reg_read(dev, MMIO_DEVICE_ID);
-        if (device_id != VIRTIO_ID_BLOCK)
+        if (device_id != device_type)
             continue;                   /* 0 is an empty slot; others are other devices */
         if (version != 2) {
-            kprintf("virtio-blk: virtio-mmio block device at 0x%lx has version %u, this driver needs 2%s, skipped\n",
-                    base, version, version == 1 ? " (1 is legacy; QEMU: -global virtio-mmio.force-legacy=false)" : "");
+            kprintf("%s: virtio-mmio %s device at 0x%lx has version %u, this driver needs 2%s, skipped\n",
+                    program_name, virtio_device_type_name(device_type), base, version, version == 1 ? " (1 is legacy; QEMU: -global virtio-mmio.force-legacy=false)" : "");
             continue;
         }
         dev->transport = &virtio_mmio_transport;
         ksnprintf(dev->where, sizeof(dev->where), "virtio-mmio at 0x%08x", (uint32_t)base);
-        kprintf("virtio-blk: virtio-mmio block device at 0x%lx (IRQ %lu, polled), version 2, vendor 0x%08x\n", base,
-                irq, reg_read(dev, MMIO_VENDOR_ID));
+        kprintf("%s: virtio-mmio %s device at 0x%lx (IRQ %lu, polled), version 2, vendor 0x%08x\n", program_name,
+                virtio_device_type_name(device_type), base, irq, reg_read(dev, MMIO_VENDOR_ID));
         return true;
     }
     return false;

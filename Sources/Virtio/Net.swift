@@ -1,0 +1,154 @@
+// virtio-net: a network interface for the guest backed by a Linux TAP device (virtio 1.2,
+// section 5.1), independent of the transport that presents it. The data path is in user
+// space (there is no /dev/vhost-net here): `NetDataPath` moves the frames.
+//
+// Queues: one receive queue (0) and one transmit queue (1); no control queue, no
+// multi-queue.
+//
+// Features offered: VERSION_1, RING_INDIRECT_DESC, RING_EVENT_IDX, MAC, STATUS, MRG_RXBUF,
+// and the offloads the TAP accepts (TUNSETOFFLOAD is tried when the TAP is opened):
+// CSUM/GUEST_CSUM with TUN_F_CSUM, HOST_/GUEST_TSO4, TSO6, ECN and UFO with the TUN_F_
+// bit of that name, HOST_USO and GUEST_USO4/6 with TUN_F_USO4|USO6. At DRIVER_OK the TAP
+// is told the GUEST_ offloads the driver accepted, so that it hands the guest nothing else;
+// the HOST_ ones bound what the device takes from the guest.
+//
+// Configuration space (5.1.4, read-only): mac, status (LINK_UP), max_virtqueue_pairs (1).
+//
+// What a hostile or broken driver gets (each case has a test in NetHostileTests):
+// - a transmit chain shorter than the 12-byte header plus an Ethernet header, a header
+//   asking for a checksum or segmentation offload that was not negotiated: the frame is
+//   dropped and counted (transmitMalformed), the chain returned; the next frame goes.
+// - a transmit frame longer than the features allow (1518 bytes without a HOST_
+//   segmentation offload, 65550 with one; also a descriptor that claims a length the
+//   frame does not have): dropped, counted (transmitOversized).
+// - a frame the TAP refuses (the kernel's own checks of the header): dropped, counted
+//   (transmitBackendErrors).
+// - receive chains too small for a header: returned empty, counted. A frame longer than
+//   the receive buffers or the features allow: dropped unseen, counted (receiveOversized).
+// - a ring the driver broke (Virtqueue's checks: buffers outside RAM, loops, indices...):
+//   the device asks for a reset (DEVICE_NEEDS_RESET) and stops until it gets one.
+// - notifications with nothing to do: one wake-up each (eventfds coalesce them), no
+//   spinning; a driver that keeps the transmit queue full is served in rounds of 64
+//   frames, so reception goes on.
+
+import Basics
+import EventLoop
+import Memory
+import Synchronization
+
+/// A virtio-net device over a TAP (any ``NetBackend``). See the comment at the top of this
+/// file for the features and what a hostile driver gets, and ``NetDataPath`` for how
+/// frames move.
+///
+/// Owns its backend (the TAP's descriptor) and, while the driver has the device active,
+/// an event loop thread (`netN`) that serves both queues and the TAP.
+public final class VirtioNet: VirtioDevice {
+    public let deviceType: VirtioDeviceType = .network
+    public let offeredFeatures: UInt64
+    public let queueMaximumSizes: [UInt16]
+    public let backend: any NetBackend
+    public let options: VirtioNetOptions
+    private let configurationBytes: [UInt8]
+    private let counters = NetCounters()
+    private let session = Mutex<NetSession?>(nil)
+
+    /// The size of the configuration space.
+    public static let configurationSize = NetConfigurationSpace.size
+
+    public init(backend: any NetBackend, options: VirtioNetOptions) throws(VirtioError) {
+        let size = options.queueSize
+        guard size >= 16, size <= Virtqueue.largestSize, size & (size - 1) == 0 else {
+            throw VirtioError("virtio-net: queue size \(size) is not a power of two from 16 to \(Virtqueue.largestSize)")
+        }
+        guard !options.mac.isMulticast, !options.mac.isZero else {
+            throw VirtioError("virtio-net: \(options.mac) is not a unicast MAC address")
+        }
+        self.backend = backend
+        self.options = options
+        queueMaximumSizes = [size, size]
+        offeredFeatures = VirtioFeature.version1 | VirtioFeature.ringIndirectDescriptors | VirtioFeature.ringEventIndex
+            | VirtioNetFeature.mac | VirtioNetFeature.status | VirtioNetFeature.mergeableReceiveBuffers
+            | VirtioNetFeature.features(for: backend.supportedOffloads)
+        configurationBytes = NetConfigurationSpace.bytes(mac: options.mac)
+    }
+
+    deinit {
+        reset()
+    }
+
+    /// What the device has moved and dropped so far.
+    public var statistics: VirtioNetStatistics { counters.snapshot }
+
+    public func readConfiguration(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
+        for index in 0..<data.count {
+            let (position, overflow) = offset.addingReportingOverflow(UInt64(index))
+            data[index] = !overflow && position < UInt64(configurationBytes.count) ? configurationBytes[Int(position)] : 0
+        }
+    }
+
+    /// The configuration space is read-only (the MAC is set through the control queue,
+    /// which is not offered): writes are ignored.
+    public func writeConfiguration(offset: UInt64, from data: UnsafeRawBufferPointer) {}
+
+    public func activate(_ activation: VirtioActivation) throws(VirtioError) {
+        try session.withLock { (session) throws(VirtioError) in
+            guard session == nil else { throw VirtioError("virtio-net: activated again without a reset") }
+            guard activation.queues.count == 2, activation.notifications.count == 2 else {
+                throw VirtioError("virtio-net: activated with \(activation.queues.count) queues and "
+                                  + "\(activation.notifications.count) notifiers for its 2 queues")
+            }
+            let negotiation = NetNegotiation(features: activation.features & offeredFeatures)
+            let offloads = VirtioNetFeature.tapOffloads(for: negotiation.features)
+            do {
+                try backend.setOffloads(offloads)
+            } catch {
+                throw VirtioError("virtio-net: \(error)")
+            }
+            session = try NetSession(activation: activation, negotiation: negotiation, backend: backend,
+                                     counters: counters, name: "net\(options.index)")
+        }
+    }
+
+    public func reset() {
+        session.withLock { session in
+            session?.stop()
+            session = nil
+        }
+    }
+}
+
+/// One activation: the event loop, its thread and the data path, from DRIVER_OK to the reset.
+final class NetSession: Sendable {
+    private let loop: EventLoop
+    private let dataPath: NetDataPath
+    private let thread: NamedThread
+
+    init(activation: VirtioActivation, negotiation: NetNegotiation, backend: any NetBackend, counters: NetCounters,
+         name: String) throws(VirtioError) {
+        do {
+            loop = try EventLoop()
+        } catch {
+            throw VirtioError("virtio-net: cannot make an event loop: \(error)")
+        }
+        dataPath = NetDataPath(activation: activation, negotiation: negotiation, backend: backend, counters: counters,
+                               loop: loop)
+        do {
+            try dataPath.start()
+        } catch {
+            throw VirtioError("virtio-net: cannot watch its descriptors: \(error)")
+        }
+        do {
+            thread = try loop.start(name: name)
+        } catch {
+            dataPath.unregisterAll()
+            throw VirtioError("virtio-net: \(error)")
+        }
+    }
+
+    /// Stops the loop and waits for its thread: when this returns, no frame is moving.
+    func stop() {
+        loop.stop()
+        thread.join()
+        dataPath.unregisterAll()
+    }
+}
