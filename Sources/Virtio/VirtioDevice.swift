@@ -140,12 +140,14 @@ public enum VirtioDeviceState: Codable, Sendable, Equatable {
     /// Nothing beyond the transport and the queues.
     case stateless
     case block(state: VirtioBlock.SavedState)
+    case network(state: VirtioNet.SavedState)
 
     /// What kind of state it is, for messages.
     public var kind: String {
         switch self {
         case .stateless: return "stateless"
         case .block: return "virtio-blk"
+        case .network: return "virtio-net"
         }
     }
 }

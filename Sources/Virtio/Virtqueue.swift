@@ -204,6 +204,26 @@ public final class Virtqueue: Sendable {
         }
     }
 
+    /// Puts back the last `count` chains taken and not returned, untouched: the next
+    /// ``popAvailable()`` takes them again, in the same order. A device uses it when it
+    /// pauses holding chains it took ahead of need (virtio-net's receive buffers, a frame
+    /// the TAP could not take yet), so a snapshot has no chain half-used: the available
+    /// ring still names them (the driver reuses an entry only after the chain it named
+    /// came back), so taking them again later is what the driver sees as one use.
+    /// The caller guarantees they are the most recent chains it took; more than are out
+    /// (taken and not returned) is refused.
+    public func putBack(_ count: UInt16) throws(VirtioError) {
+        // A refusal is the device's mistake, not the driver's: the queue is not marked broken.
+        try state.withLock { (state) throws(VirtioError) in
+            if let broken = state.broken { throw broken }
+            let out = state.nextAvailable &- state.nextUsed
+            guard count <= out else {
+                throw VirtioError("cannot put back \(count) chains: only \(out) are taken and not returned")
+            }
+            state.nextAvailable &-= count
+        }
+    }
+
     /// Returns the chain `head` to the driver with `writtenLength` bytes written into its
     /// writable buffers.
     public func pushUsed(_ head: UInt16, writtenLength: UInt32) throws(VirtioError) {

@@ -76,7 +76,7 @@ extension Machine {
         return SnapshotManifest(
             format: SnapshotEnvelope.currentVersion, swiftletVersion: SwiftletVersion.current,
             id: Self.randomID(), createdAt: Int64(time(nil)),
-            machine: configuration.saved(testDevice: hasTestDevice), cpuFeatures: features,
+            machine: configuration.saved(testDevice: hasTestDevice, networkMACs: board.networkInterfaces.map(\.mac)), cpuFeatures: features,
             memory: SavedMemory(file: memoryFile, size: board.memory.size, parent: nil, pages: nil),
             vm: try SavedVMDevices.capture(board.vm), vcpus: vcpus, devices: board.saveDeviceState())
     }
