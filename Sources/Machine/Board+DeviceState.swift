@@ -120,8 +120,13 @@ extension Board {
     /// vCPU runs: it drives interrupt lines to their saved levels (serial, i8042, test
     /// device, virtio-pci INTx) and routes MSI-X vectors again (`KVM_SET_GSI_ROUTING`),
     /// which a later `KVM_SET_IRQCHIP` or `KVM_SET_LAPIC` would overwrite. Virtio devices
-    /// the driver had running are activated again but come back paused, as they were
-    /// saved: ``Machine/resume()`` (each device's `resume()`) lets them take requests.
+    /// the driver had running are activated again, paused while the others are restored,
+    /// and resumed once every device took its state: a restored machine starts with
+    /// ``Machine/run()``, not ``Machine/resume()``, so nothing else would. They then take
+    /// the requests the driver made available before the snapshot (a paused device takes
+    /// none) without waiting for a notification that came in the old process; guest RAM,
+    /// the irqchip and the MSI-X routes are in place by then, so an answer and its
+    /// interrupt reach the guest as soon as a vCPU runs.
     ///
     /// A state whose devices do not match the board (a disk more or less, another virtio
     /// transport, a test device or not, another kind of virtio device) is refused before
@@ -175,5 +180,6 @@ extension Board {
         } catch {
             throw refuse("\(error)")
         }
+        for transport in devices.virtio { transport.core.device.resume() }
     }
 }

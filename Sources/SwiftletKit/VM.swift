@@ -251,6 +251,14 @@ public final class VM: Sendable {
         do { return try machine.snapshot(to: directory) } catch { throw SwiftletError(message: error.description) }
     }
 
+    /// Types `bytes` into the guest's serial console, as ``VMConfiguration/forwardStandardInput``
+    /// would from standard input; allowed while paused too (the bytes are then saved in a
+    /// snapshot with the UART). Returns how many were taken (the UART holds up to 64 KiB).
+    @discardableResult
+    public func typeOnConsole(_ bytes: [UInt8]) -> Int {
+        machine.typeOnConsole(bytes)
+    }
+
     /// Stops a running VM from another thread; ``run()`` then returns `exit`.
     public func stop(_ exit: VMExit = .userQuit) {
         machine.requestStop(exit.stopReason)
