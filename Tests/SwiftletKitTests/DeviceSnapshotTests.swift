@@ -20,8 +20,12 @@ private final class RunningVM: Sendable {
     let vm: VM
     private let result = Mutex<(done: Bool, value: VMResult?)>((false, nil))
 
-    init(_ configuration: VMConfiguration) throws {
-        vm = try VM(configuration)
+    convenience init(_ configuration: VMConfiguration) throws {
+        self.init(try VM(configuration))
+    }
+
+    init(_ vm: VM) {
+        self.vm = vm
         Thread { [self] in
             let value = try? vm.run()
             result.withLock { $0 = (true, value) }
@@ -291,5 +295,125 @@ struct DeviceSnapshotTests {
         let ticks = text.split(separator: "\n").last { $0.contains("timer interrupts") }
             .flatMap { Int($0.split(separator: " ")[1]) } ?? 0
         #expect(ticks >= 50, "\(text)")
+    }
+}
+
+/// glibc's setns(2) (declared only with _GNU_SOURCE, so not in the Glibc module): moves the
+/// calling thread into a namespace.
+@_silgen_name("setns")
+private func enterNamespace(_ descriptor: Int32, _ type: Int32) -> Int32
+
+/// Runs `command` (a path and its arguments) and returns its status and output.
+private func runTool(_ command: [String]) throws -> (status: Int32, output: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: command[0])
+    process.arguments = Array(command.dropFirst())
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try process.run()
+    let output = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: output, as: UTF8.self))
+}
+
+private let ipTool = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first { FileManager.default.isExecutableFile(atPath: $0) }
+private let pingTool = ["/usr/bin/ping", "/bin/ping"].first { FileManager.default.isExecutableFile(atPath: $0) }
+private let canMakeNamespaces = geteuid() == 0 && ipTool != nil && pingTool != nil
+    && FileManager.default.fileExists(atPath: "/dev/net/tun") && FileManager.default.isReadableFile(atPath: "/dev/kvm")
+
+@Suite("Snapshot and restore with a network interface", .serialized,
+       .enabled(if: canMakeNamespaces, "needs root, ip, ping, /dev/net/tun and /dev/kvm"))
+struct NetworkSnapshotTests {
+    enum Built: Sendable {
+        case built(VM)
+        case failed(String)
+    }
+
+    @Test("virtio-net: a guest answering pings is paused and snapshotted (its TAP and MAC recorded), answers again once resumed; a restore while the TAP is in use is refused with the TAP's reason")
+    func networkInterface() throws {
+        let ip = try #require(ipTool), ping = try #require(pingTool)
+        let tag = UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(8).lowercased()
+        let namespace = "swiftlet-snap-\(tag)", tap = "sws\(tag)"
+        let directory = scratchPath("snapshot")
+        try #require(try runTool([ip, "netns", "add", namespace]).status == 0)
+        defer {
+            _ = try? runTool([ip, "netns", "exec", namespace, ip, "link", "delete", tap])
+            _ = try? runTool([ip, "netns", "delete", namespace])
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+        for command in [["link", "set", "lo", "up"], ["tuntap", "add", "dev", tap, "mode", "tap"],
+                        ["address", "add", "192.0.2.1/24", "dev", tap], ["link", "set", tap, "up"]] {
+            let result = try runTool([ip, "netns", "exec", namespace, ip] + command)
+            try #require(result.status == 0, "ip \(command): \(result.output)")
+        }
+        func pingGuest() throws -> Bool {
+            try runTool([ip, "netns", "exec", namespace, ping, "-c", "2", "-i", "0.2", "-W", "5", "192.0.2.2"]).status == 0
+        }
+
+        let console = ConsoleFile()
+        var configuration = VMConfiguration(boot: .kernel(.file(guest("virtio-net.elf")), commandLine: "ip=192.0.2.2"))
+        configuration.memorySize = 64 << 20
+        configuration.console = .file(console.path)
+        configuration.networks = [VMConfiguration.Network(tap: tap)]     // a generated MAC
+        configuration.timeout = .seconds(120)
+        // The TAP is opened by the thread that builds the VM: build it inside the namespace.
+        let made = Mutex<Built?>(nil)
+        let bootConfiguration = configuration
+        let builder = Thread {
+            let handle = open("/var/run/netns/\(namespace)", O_RDONLY | O_CLOEXEC)
+            guard handle >= 0, enterNamespace(handle, 0x4000_0000 /* CLONE_NEWNET */) == 0 else {
+                made.withLock { $0 = .failed("cannot enter the namespace") }
+                return
+            }
+            close(handle)
+            do throws(SwiftletError) {
+                let vm = try VM(bootConfiguration)
+                made.withLock { $0 = .built(vm) }
+            } catch {
+                made.withLock { $0 = .failed(error.message) }
+            }
+        }
+        builder.start()
+        while made.withLock({ $0 }) == nil { usleep(10_000) }
+        guard case let .built(vm)? = made.withLock({ $0 }) else { Issue.record("\(String(describing: made.withLock { $0 }))"); return }
+        let mac = try #require(vm.networkInterfaces.first?.mac)
+        let running = RunningVM(vm)
+        defer { running.stop() }
+        try #require(console.wait(for: "virtio-net: ready"), "\(console.text)")
+        #expect(try pingGuest(), "\(console.text)")
+
+        try vm.pause()
+        // Paused, the guest answers nothing (the device reads nothing from the TAP).
+        #expect(try runTool([ip, "netns", "exec", namespace, ping, "-c", "1", "-W", "1", "192.0.2.2"]).status != 0)
+        try vm.snapshot(to: directory)
+        let state = String(decoding: try Data(contentsOf: URL(fileURLWithPath: directory + "/state")), as: UTF8.self)
+        #expect(state.contains("\"tap\" : \"\(tap)\"") && state.contains("\"mac\" : \"\(mac)\""), "the TAP and the MAC are recorded")
+
+        // This VM still holds the TAP: a restore (which opens the same TAP) is refused.
+        var restoreConfiguration = VMConfiguration(boot: .snapshot(directory: directory))
+        restoreConfiguration.console = .discard
+        let restore = restoreConfiguration
+        let refusal = Mutex<String?>(nil)
+        let restorer = Thread {
+            let handle = open("/var/run/netns/\(namespace)", O_RDONLY | O_CLOEXEC)
+            _ = enterNamespace(handle, 0x4000_0000)
+            close(handle)
+            do throws(SwiftletError) {
+                _ = try VM(restore)
+                refusal.withLock { $0 = "accepted" }
+            } catch {
+                refusal.withLock { $0 = error.message }
+            }
+        }
+        restorer.start()
+        while refusal.withLock({ $0 }) == nil { usleep(10_000) }
+        let message = try #require(refusal.withLock { $0 })
+        #expect(message.contains("TAP device '\(tap)' is in use"), "\(message)")
+
+        // Resumed, the device takes up the receive chains it put back and answers again.
+        try vm.resume()
+        #expect(try pingGuest(), "\(console.text)")
+        #expect(!console.text.contains("error"), "\(console.text)")
     }
 }
