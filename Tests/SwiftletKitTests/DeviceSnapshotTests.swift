@@ -5,9 +5,10 @@ import Testing
 
 // Snapshot and restore with the devices in the middle of something: a virtio-blk guest in
 // the middle of its disk job, the UART with typed bytes the guest has not read yet, a
-// guest that takes timer and serial interrupts. The restore is a new VM object in this
-// process (the command line has no --restore yet), built from the snapshot directory only:
-// the configuration, RAM, vCPUs and devices all come from the files.
+// guest that takes timer and serial interrupts. The snapshot is taken through the library;
+// the restore is built from the snapshot directory only (configuration, RAM, vCPUs and
+// devices all come from the files): in a new process (`swiftlet run --restore`) for the
+// disk jobs, in a new VM object in this process where the test types on the console.
 
 private let guestDirectory = URL(fileURLWithPath: #filePath)
     .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
@@ -170,8 +171,9 @@ struct DeviceSnapshotTests {
         }
         let before = try snapshotMidJob(job, disk: disk, transport: transport, directory: directory)
         // The stopped VM's disk stays open and locked in this process (its VM object is
-        // freed, but something still holds the virtio-blk device); the restore opens the image under a
-        // new inode with the same contents, as a new process would find it unlocked.
+        // freed, but something still holds the virtio-blk device): the restoring process
+        // gets the image under a new inode with the same contents, as it would find it
+        // had this process exited.
         try FileManager.default.moveItem(atPath: disk, toPath: disk + ".first")
         try FileManager.default.copyItem(atPath: disk + ".first", toPath: disk)
         try FileManager.default.removeItem(atPath: disk + ".first")
@@ -184,16 +186,11 @@ struct DeviceSnapshotTests {
             #expect(image.prefix(512) == firstWritten && lastUntouched, "at the pause the disk was written in part")
         }
 
-        let console = ConsoleFile()
-        var restore = VMConfiguration(boot: .snapshot(directory: directory))
-        restore.console = .file(console.path)
-        restore.timeout = .seconds(120)
-        let restored = try RunningVM(restore)
-        let result = restored.finish(within: 150)
-        let after = console.text
-        guard case .guestExit(value: 0)? = result?.exit else {
-            Issue.record("the restored guest did not finish its job: \(String(describing: result?.exit))\nbefore:\n\(before)\nafter:\n\(after)")
-            restored.stop()
+        // The restore is a new process: `swiftlet run --restore`.
+        let restored = try SnapshotTests().runBinary(["run", "--restore", directory, "--timeout", "120"])
+        let after = restored.stdout
+        guard restored.status == 1 else {
+            Issue.record("the restored guest did not finish its job: status \(restored.status), \(restored.stderr)\nbefore:\n\(before)\nafter:\n\(after)")
             return
         }
         #expect(!after.contains("error"), "\(after)")
