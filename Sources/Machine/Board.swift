@@ -39,6 +39,8 @@ final class Board: Sendable {
     let networkInterfaces: [NetworkInterface]
     /// Every user-space device whose state a snapshot records (see Board+DeviceState.swift).
     let stateful: StatefulDevices
+    /// KVM's side of the virtio transports (ioeventfds, irqfds, MSI routes).
+    private let virtioServices: KVMVirtioServices
 
     /// Builds the VM with `memorySize` bytes of RAM and the PC devices. `withTestDevice`
     /// adds QEMU's pc-testdev (kvm-unit-tests expect it next to Multiboot kernels).
@@ -91,6 +93,7 @@ final class Board: Sendable {
             let testDevice = withTestDevice ? try Self.registerTestDevice(&ports, &mmio, vm: vm) : nil
             if configuration.showMemory { try Self.registerSlotControl(&ports, &mmio, slots: slots) }
             let services = KVMVirtioServices(vm: vm, loop: loop)
+            virtioServices = services
             let virtio = try Self.attachVirtio(attachments, transport: configuration.virtioTransport, vm: vm, memory: memory,
                                                services: services, resetControl: platform.resetControl, ports: &ports, mmio: &mmio)
             virtioTransports = virtio.transports.map(\.core)
@@ -105,6 +108,14 @@ final class Board: Sendable {
         }
         portBus = ports.build()
         mmioBus = mmio.build()
+    }
+
+    /// Stops the virtio devices and breaks the references between each transport and its
+    /// device, so they, and the disk images and TAPs they hold (with their locks), go away
+    /// with the board: a machine restored in the same process can open them again.
+    deinit {
+        for transport in virtioTransports { transport.detach() }
+        virtioServices.detach()
     }
 
     /// The PC devices that live in user space. (The PICs, IOAPIC, local APICs and the

@@ -192,6 +192,16 @@ public final class VirtioTransportCore: Sendable {
         reporter.withLock { $0 = report }
     }
 
+    /// The machine goes away: the device stops serving its queues (as at a reset), and the
+    /// transport forgets its interrupt, which refers back to the transport. Without it the
+    /// transport, this core and the device keep each other (and the device's disk or TAP,
+    /// with its lock) alive after the machine is gone. The transport must not be used after.
+    public func detach() {
+        reset()
+        interruptBox.withLock { $0 = nil }
+        reporter.withLock { $0 = nil }
+    }
+
     /// Status 0: the device forgets everything the driver set, after its queues stopped.
     public func reset() {
         device.reset()

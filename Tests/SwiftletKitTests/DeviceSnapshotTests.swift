@@ -170,13 +170,8 @@ struct DeviceSnapshotTests {
             try Data(repeating: 0xA5, count: Self.diskSize).write(to: URL(fileURLWithPath: disk))
         }
         let before = try snapshotMidJob(job, disk: disk, transport: transport, directory: directory)
-        // The stopped VM's disk stays open and locked in this process (its VM object is
-        // freed, but something still holds the virtio-blk device): the restoring process
-        // gets the image under a new inode with the same contents, as it would find it
-        // had this process exited.
-        try FileManager.default.moveItem(atPath: disk, toPath: disk + ".first")
-        try FileManager.default.copyItem(atPath: disk + ".first", toPath: disk)
-        try FileManager.default.removeItem(atPath: disk + ".first")
+        // The first VM is gone: its board closed the image and let go of its lock (the
+        // restoring process opens it for writing).
         let resultLine = job == .crc ? "disk: " : "written: "
         try #require(!before.contains(resultLine), "the job ended before the pause; the test needs a bigger disk:\n\(before)")
         if job == .write {
@@ -327,7 +322,7 @@ struct NetworkSnapshotTests {
         case failed(String)
     }
 
-    @Test("virtio-net: a guest answering pings is paused and snapshotted (its TAP and MAC recorded), answers again once resumed; a restore while the TAP is in use is refused with the TAP's reason")
+    @Test("virtio-net: a guest answering pings is paused and snapshotted (its TAP and MAC recorded), answers again once resumed; a restore while the TAP is in use is refused with the TAP's reason; once the VM is gone, a new process restores it on the same TAP and it answers")
     func networkInterface() throws {
         let ip = try #require(ipTool), ping = try #require(pingTool)
         let tag = UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(8).lowercased()
@@ -373,7 +368,9 @@ struct NetworkSnapshotTests {
         }
         builder.start()
         while made.withLock({ $0 }) == nil { usleep(10_000) }
+        do {
         guard case let .built(vm)? = made.withLock({ $0 }) else { Issue.record("\(String(describing: made.withLock { $0 }))"); return }
+        made.withLock { $0 = nil }
         let mac = try #require(vm.networkInterfaces.first?.mac)
         let running = RunningVM(vm)
         defer { running.stop() }
@@ -412,5 +409,26 @@ struct NetworkSnapshotTests {
         try vm.resume()
         #expect(try pingGuest(), "\(console.text)")
         #expect(!console.text.contains("error"), "\(console.text)")
+        }
+
+        // With the first VM gone (its board lets go of the TAP), a new process restores the
+        // snapshot inside the namespace, opens the same TAP with the same MAC, and the guest
+        // answers there.
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: ip)
+        process.arguments = ["netns", "exec", namespace, SnapshotTests.binary, "run", "--restore", directory, "--timeout", "30"]
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("restored-\(tag).txt")
+        _ = FileManager.default.createFile(atPath: output.path, contents: nil)
+        defer { try? FileManager.default.removeItem(at: output) }
+        process.standardOutput = try FileHandle(forWritingTo: output)
+        process.standardError = try FileHandle(forWritingTo: output)
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        var answered = false
+        for _ in 0..<5 where !answered && process.isRunning { answered = try pingGuest() }
+        if process.isRunning { process.terminate() }
+        process.waitUntilExit()
+        let restoredOutput = (try? String(contentsOf: output, encoding: .utf8)) ?? ""
+        #expect(answered, "the guest restored in a new process answers pings: \(restoredOutput)")
     }
 }
