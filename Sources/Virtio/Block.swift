@@ -59,6 +59,11 @@
 // Threads: at `activate`, per queue, one dispatcher (waits on the queue's notification
 // EventFD and the stop EventFD with poll, takes chains) and `workersPerQueue` workers (each
 // runs one request at a time; several requests in flight reach the disk in parallel).
+// The dispatcher answers one kind of request itself: a read of at most 16 KiB from a raw
+// image whose data the host's page cache holds (preadv2 with RWF_NOWAIT, which never waits
+// for the disk); copying it costs less than waking a worker. Anything else, and a read that
+// finds any of its data uncached, goes to a worker, which rings only when needed: the
+// dispatcher wakes one idle worker per chain it hands over.
 // A worker completes a request with the status byte, `pushUsed`, then
 // `shouldNotifyDriver` and at most one `signalQueue`. `reset` stops all of them and waits
 // until no request is in flight. Nothing runs on the caller's (vCPU) thread except
@@ -271,7 +276,7 @@ final class BlockSession: Sendable {
             for server in servers {
                 let prefix = "blk\(options.diskIndex)q\(server.index)"
                 for worker in 0..<server.workerCount {
-                    threads.append(try NamedThread(name: "\(prefix)w\(worker)") { server.runWorker() })
+                    threads.append(try NamedThread(name: "\(prefix)w\(worker)") { server.runWorker(worker) })
                 }
                 threads.append(try NamedThread(name: prefix) { server.dispatch() })
             }

@@ -50,7 +50,9 @@ final class BlockSessionControl: Sendable {
 /// available chain and hands it to the pool; it never does I/O itself, so notifications
 /// are re-enabled at once and a driver with many requests outstanding keeps every worker
 /// busy. Each worker runs one request at a time on the disk, writes its status, returns
-/// it in the used ring and interrupts the driver if it asked for it.
+/// it in the used ring and interrupts the driver if it asked for it, then takes the next
+/// queued chain or sleeps at its own doorbell; the dispatcher rings one idle worker per
+/// chain it queues, never more.
 ///
 /// At most `size` requests of the queue are in flight: a legitimate driver cannot have
 /// more (each holds a descriptor), and a hostile one that makes the same head available
@@ -60,11 +62,13 @@ final class BlockQueueServer: Sendable {
     let queue: Virtqueue
     private let notification: EventFD
     private let control: BlockSessionControl
-    /// Counts chains waiting for a worker (a blocking semaphore): a worker sleeps in its read.
-    private let work: EventFD
+    /// One doorbell per worker (blocking): an idle worker sleeps in its read until the
+    /// dispatcher rings it. Ringing only idle workers, one per chain, wakes no worker for
+    /// nothing (one eventfd that all of them read would wake all of them at every write).
+    private let doorbells: [EventFD]
     /// Signalled by a worker when the dispatcher waits for room (`throttled`).
     private let room: EventFD
-    private let pending = Mutex<[DescriptorChain]>([])
+    private let handOff = Mutex(HandOff())
     /// Chains taken from the queue and not yet returned.
     private let inFlight = Atomic<Int>(0)
     private let throttled = Atomic<Bool>(false)
@@ -80,7 +84,7 @@ final class BlockQueueServer: Sendable {
         self.workerCount = workers
         limit = Int(queue.configuration.size)
         do {
-            work = try EventFD(semaphore: true, nonBlocking: false)
+            doorbells = try (0..<workers).map { _ throws(SystemError) in try EventFD(nonBlocking: false) }
             room = try EventFD()
         } catch {
             throw VirtioError("virtio-blk: cannot create an eventfd: \(error)")
@@ -95,7 +99,7 @@ final class BlockQueueServer: Sendable {
 
     /// Makes every worker return (after a ``BlockSessionControl/beginReset()``).
     func wakeWorkers() {
-        work.signal(UInt64(workerCount))
+        for doorbell in doorbells { doorbell.signal() }
     }
 
     // MARK: Dispatcher
@@ -121,23 +125,40 @@ final class BlockQueueServer: Sendable {
         try queue.disableNotifications()
         while true {
             var taken: [DescriptorChain] = []
-            // Hands what was taken to the workers with one eventfd write.
-            defer {
-                if !taken.isEmpty {
-                    pending.withLock { $0.append(contentsOf: taken) }
-                    work.signal(UInt64(taken.count))
-                }
-            }
+            // Hands what was taken to the workers, ringing an idle one per chain.
+            defer { handToWorkers(taken) }
             while inFlight.load(ordering: .sequentiallyConsistent) < limit {
-                guard !control.halted.load(ordering: .sequentiallyConsistent),
-                      !control.paused.load(ordering: .sequentiallyConsistent) else { return false }
-                guard let chain = try queue.popAvailable() else {
+                // A chain counts as in flight from before the pause flag is read until it is
+                // answered, also while this thread answers it: pause() sets the flag, then
+                // waits for the count to drop to zero, so either it sees this chain or this
+                // thread sees the flag (both sequentially consistent).
+                inFlight.add(1, ordering: .sequentiallyConsistent)
+                let chain: DescriptorChain?
+                do {
+                    guard !control.halted.load(ordering: .sequentiallyConsistent),
+                          !control.paused.load(ordering: .sequentiallyConsistent) else {
+                        inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                        return false
+                    }
+                    chain = try queue.popAvailable()
+                } catch {
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                    throw error
+                }
+                guard let chain else {
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
                     // Empty: ask for notifications, then look once more for a chain that
                     // arrived before they were on (no notification comes for it).
                     guard try queue.enableNotifications() else { return false }
                     continue
                 }
-                inFlight.add(1, ordering: .sequentiallyConsistent)
+                // A small read the page cache holds costs less to copy here than to hand
+                // off (a worker's wake-up): it is answered at once.
+                if let outcome = control.handler.serveIfCached(chain) {
+                    complete(chain, outcome)
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                    continue
+                }
                 taken.append(chain)
             }
             // Full: wait for a worker to finish, unless one finished meanwhile.
@@ -175,12 +196,41 @@ final class BlockQueueServer: Sendable {
 
     // MARK: Workers
 
+    /// Chains waiting for a worker, and the workers asleep at their doorbells.
+    private struct HandOff {
+        var chains: [DescriptorChain] = []
+        var idle: [Int] = []
+    }
+
+    /// Queues `chains` and rings as many idle workers as there are chains (or idle
+    /// workers). A busy worker takes the rest when it finishes its request.
+    private func handToWorkers(_ chains: [DescriptorChain]) {
+        guard !chains.isEmpty else { return }
+        let woken = handOff.withLock { state in
+            state.chains.append(contentsOf: chains)
+            let count = min(chains.count, state.idle.count)
+            defer { state.idle.removeLast(count) }
+            return state.idle.suffix(count)
+        }
+        for worker in woken { doorbells[worker].signal() }
+    }
+
     /// A worker thread's body: returns at a reset.
-    func runWorker() {
+    func runWorker(_ worker: Int) {
         let cancelled = { [control] in control.resetting.load(ordering: .sequentiallyConsistent) }
-        while true {
-            guard work.drain() == 1, !control.resetting.load(ordering: .sequentiallyConsistent) else { return }
-            guard let chain = pending.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { continue }
+        while !control.resetting.load(ordering: .sequentiallyConsistent) {
+            // The next chain, or else: asleep until rung. The worker says it is idle under
+            // the same lock under which the dispatcher queues chains, so a chain is never
+            // queued unseen while every worker sleeps.
+            let next = handOff.withLock { state -> DescriptorChain? in
+                if !state.chains.isEmpty { return state.chains.removeFirst() }
+                state.idle.append(worker)
+                return nil
+            }
+            guard let chain = next else {
+                doorbells[worker].drain()
+                continue
+            }
             if !control.halted.load(ordering: .sequentiallyConsistent) {
                 let outcome = control.handler.serve(chain, cancelled: cancelled)
                 complete(chain, outcome)
@@ -210,3 +260,4 @@ final class BlockQueueServer: Sendable {
         }
     }
 }
+
