@@ -5,7 +5,9 @@ import Dispatch
 import EventLoop
 import KVM
 import Memory
+import RateLimit
 import Synchronization
+import Virtio
 import X86
 
 /// A virtual machine, built and ready to run: owns the ``Board`` (VM, RAM, devices) and
@@ -325,6 +327,34 @@ final class SendableBox<Value: Sendable>: Sendable {
 extension Machine {
     /// The guest's network interfaces: names, TAPs and MAC addresses.
     public var networkInterfaces: [NetworkInterface] { board.networkInterfaces }
+
+    /// The virtio-blk device of each disk, in configuration order.
+    var diskDevices: [VirtioBlock] { board.virtioTransports.compactMap { $0.device as? VirtioBlock } }
+
+    /// The rate limiter of each disk as it is now (updates included).
+    public var diskRateLimiters: [RateLimiterConfiguration] { diskDevices.map(\.rateLimiterConfiguration) }
+
+    /// Changes disk `index`'s rate limiter, from any thread, in any state (Firecracker's
+    /// `PATCH /drives/{id}` rules: a bucket left out stays as it is; size or refill time 0
+    /// removes it; another starts full). `nil` changes nothing.
+    public func updateRateLimiter(disk index: Int, _ configuration: RateLimiterConfiguration?) throws(MachineError) {
+        let devices = diskDevices
+        guard devices.indices.contains(index) else {
+            throw .invalidConfiguration("there is no disk \(index) (the machine has \(devices.count))")
+        }
+        if let configuration { devices[index].updateRateLimiter(configuration) }
+    }
+
+    /// Changes network interface `index`'s rate limiters, from any thread, in any state;
+    /// `nil` leaves that direction as it is (rules as ``updateRateLimiter(disk:_:)``).
+    public func updateRateLimiters(networkInterface index: Int, receive: RateLimiterConfiguration?,
+                                   transmit: RateLimiterConfiguration?) throws(MachineError) {
+        let interfaces = board.networkInterfaces
+        guard interfaces.indices.contains(index) else {
+            throw .invalidConfiguration("there is no network interface \(index) (the machine has \(interfaces.count))")
+        }
+        interfaces[index].device.updateRateLimiters(receive: receive, transmit: transmit)
+    }
 
     /// Stops the machine from any thread; ``run()`` returns `reason` (unless another
     /// reason came first).

@@ -2,6 +2,7 @@ import Boot
 import DiskImage
 import Devices
 import KVM
+import RateLimit
 import Virtio
 import X86
 
@@ -78,6 +79,9 @@ public struct DiskConfiguration: Sendable, Equatable {
     public var serial: String?
     /// Request queues (more than one offers virtio-blk's multi-queue feature).
     public var queues = 1
+    /// The disk's rate limiter (Firecracker's token buckets); `nil`: unlimited. Changed
+    /// while the machine runs with ``Machine/updateRateLimiter(disk:_:)``.
+    public var rateLimiter: RateLimiterConfiguration?
 
     public init(path: String, readOnly: Bool = false, format: ImageFormat? = nil, serial: String? = nil) {
         self.path = path
@@ -95,6 +99,11 @@ public struct NetworkConfiguration: Sendable, Equatable {
     public var tap: String
     /// The guest's MAC address; `nil` gives a random locally administered one.
     public var mac: MACAddress?
+    /// Rate limiters of what the guest receives and sends (Firecracker's token buckets);
+    /// `nil`: unlimited. Changed while the machine runs with
+    /// ``Machine/updateRateLimiters(networkInterface:receive:transmit:)``.
+    public var rxRateLimiter: RateLimiterConfiguration?
+    public var txRateLimiter: RateLimiterConfiguration?
 
     public init(tap: String, mac: MACAddress? = nil) {
         self.tap = tap

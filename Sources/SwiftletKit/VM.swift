@@ -1,6 +1,7 @@
 import Devices
 import DiskImage
 import Machine
+import RateLimit
 import Virtio
 import X86
 
@@ -169,6 +170,7 @@ public final class VM: Sendable {
             var converted = DiskConfiguration(path: disk.path, readOnly: disk.readOnly, format: disk.format.flatMap { ImageFormat(rawValue: $0.rawValue) },
                                               serial: disk.serial)
             converted.queues = disk.queues
+            converted.rateLimiter = disk.rateLimiter
             return converted
         }
         machineConfiguration.networks = try configuration.networks.enumerated().map { (index, network) throws(SwiftletError) in
@@ -176,11 +178,15 @@ public final class VM: Sendable {
                 throw SwiftletError(message: "net\(index): '\(network.tap)' is not an interface name (1 to 15 bytes, "
                                     + "no '/', ':' or spaces)")
             }
-            guard let text = network.mac else { return NetworkConfiguration(tap: network.tap) }
+            var converted = NetworkConfiguration(tap: network.tap)
+            converted.rxRateLimiter = network.rxRateLimiter
+            converted.txRateLimiter = network.txRateLimiter
+            guard let text = network.mac else { return converted }
             guard VMConfiguration.Network.isValidMAC(text), let mac = MACAddress(text) else {
                 throw SwiftletError(message: "net\(index): '\(text)' is not a unicast MAC address (like 02:00:00:00:00:01)")
             }
-            return NetworkConfiguration(tap: network.tap, mac: mac)
+            converted.mac = mac
+            return converted
         }
         machineConfiguration.onWarning = configuration.onWarning
         if let timeout = machineConfiguration.timeout, !(timeout > 0) {
@@ -214,6 +220,30 @@ public final class VM: Sendable {
             throw SwiftletError(message: error.description)
         }
     }
+
+    /// Changes disk `index`'s rate limiter while the VM runs (or before, or while paused),
+    /// from any thread, as Firecracker's `PATCH /drives/{id}` does: a bucket left out of
+    /// `configuration` stays as it is, one with `size` or `refill_time` 0 is removed, any
+    /// other replaces the old one and starts full (with its one-time burst). `nil` changes
+    /// nothing. A request waiting for tokens looks at the new buckets at once.
+    public func updateRateLimiter(disk index: Int, _ configuration: RateLimiterConfiguration?) throws(SwiftletError) {
+        do { try machine.updateRateLimiter(disk: index, configuration) } catch { throw SwiftletError(message: error.description) }
+    }
+
+    /// Changes network interface `index`'s receive and transmit rate limiters, from any
+    /// thread, with the rules of ``updateRateLimiter(disk:_:)``; `nil` leaves one as it is.
+    public func updateRateLimiters(networkInterface index: Int, rx: RateLimiterConfiguration?,
+                                   tx: RateLimiterConfiguration?) throws(SwiftletError) {
+        do {
+            try machine.updateRateLimiters(networkInterface: index, receive: rx, transmit: tx)
+        } catch {
+            throw SwiftletError(message: error.description)
+        }
+    }
+
+    /// Each disk's rate limiter as it is now (``updateRateLimiter(disk:_:)`` included):
+    /// what Firecracker's `GET /vm/config` reports. An unlimited disk has no bucket.
+    public var diskRateLimiters: [RateLimiterConfiguration] { machine.diskRateLimiters }
 
     /// The guest's network interfaces, in the order of ``VMConfiguration/networks``, with
     /// the MAC address each got.

@@ -1,3 +1,4 @@
+import RateLimit
 import Virtio
 
 /// A virtual machine to run: what it boots and the machine around it.
@@ -80,6 +81,10 @@ public struct VMConfiguration: Sendable {
         public var serial: String?
         /// Request queues (more than one offers multi-queue).
         public var queues = 1
+        /// The disk's rate limiter: Firecracker's `bandwidth` (bytes) and `ops` token
+        /// buckets; `nil`: unlimited. Change it while the VM runs with
+        /// ``VM/updateRateLimiter(disk:_:)``.
+        public var rateLimiter: RateLimiterConfiguration?
 
         public init(path: String, readOnly: Bool = false, format: Format? = nil, serial: String? = nil) {
             self.path = path
@@ -98,6 +103,11 @@ public struct VMConfiguration: Sendable {
         /// The guest's MAC address, `XX:XX:XX:XX:XX:XX` (unicast); `nil` gives a random
         /// locally administered one (see ``VM/networkInterfaces``).
         public var mac: String?
+        /// Rate limiters of the frames the guest receives and sends (Firecracker's
+        /// `rx_rate_limiter` and `tx_rate_limiter`); `nil`: unlimited. Change them while the
+        /// VM runs with ``VM/updateRateLimiters(networkInterface:rx:tx:)``.
+        public var rxRateLimiter: RateLimiterConfiguration?
+        public var txRateLimiter: RateLimiterConfiguration?
 
         public init(tap: String, mac: String? = nil) {
             self.tap = tap

@@ -56,6 +56,12 @@
 //   in flight; the dispatcher then waits for a worker before taking more.
 // - notifications with nothing available: one wake-up each, no spinning.
 //
+// Rate limit (`VirtioBlockOptions.rateLimiter`, changed with `updateRateLimiter`): the
+// dispatcher takes one op and a read's or write's data bytes from the device's limiter
+// before it hands a chain to a worker; without tokens, the chain goes back to the
+// available ring and the dispatcher sleeps on its queue's timerfd until they are there
+// (docs/virtio.md, "Rate limits").
+//
 // Threads: at `activate`, per queue, one dispatcher (waits on the queue's notification
 // EventFD and the stop EventFD with poll, takes chains) and `workersPerQueue` workers (each
 // runs one request at a time; several requests in flight reach the disk in parallel).
@@ -76,6 +82,7 @@ import Basics
 import DiskImage
 import EventLoop
 import Memory
+import RateLimit
 import Synchronization
 
 /// A virtio-blk device over a disk image. See the comment at the top of this file for
@@ -100,6 +107,8 @@ public final class VirtioBlock: VirtioDevice {
     /// The machine is paused: an activation in the meantime (a restore re-activating the
     /// device) starts with its queues paused too.
     private let paused = Atomic<Bool>(false)
+    /// The rate limiter of all its queues; it outlives activations (a reset keeps it).
+    private let rateLimiter: SharedRateLimiter
 
     /// The size of the configuration space (`struct virtio_blk_config` of virtio 1.2).
     public static let configurationSize = BlockConfigurationSpace.size
@@ -127,6 +136,7 @@ public final class VirtioBlock: VirtioDevice {
         self.disk = disk
         self.options = options
         self.serial = serial
+        rateLimiter = SharedRateLimiter(options.rateLimiter)
         isReadOnly = options.readOnly || disk.isReadOnly
         queueMaximumSizes = Array(repeating: size, count: options.queueCount)
 
@@ -186,7 +196,7 @@ public final class VirtioBlock: VirtioDevice {
                 writeZeroesNegotiated: features & VirtioBlockFeature.writeZeroes != 0,
                 writeZeroesMayUnmap: configurationSpace.writeZeroesMayUnmap)
             let control = try BlockSessionControl(handler: handler, interrupt: activation.interrupt,
-                                                  needsReset: activation.needsReset)
+                                                  rateLimiter: rateLimiter, needsReset: activation.needsReset)
             control.paused.store(paused.load(ordering: .sequentiallyConsistent), ordering: .sequentiallyConsistent)
             session = try BlockSession(control: control, activation: activation, options: options)
         }
@@ -254,6 +264,18 @@ public final class VirtioBlock: VirtioDevice {
         guard differences.isEmpty else {
             throw VirtioError("the snapshot's disk was \(differences.joined(separator: "; "))")
         }
+    }
+
+    /// The rate limiter's buckets now.
+    public var rateLimiterConfiguration: RateLimiterConfiguration { rateLimiter.configuration }
+
+    /// Changes the rate limiter while the device runs (from any thread), with Firecracker's
+    /// rules (``RateLimiter/update(_:)``): a bucket left out stays, one with size or refill
+    /// time 0 goes, others start full. A queue waiting for tokens looks again at once.
+    public func updateRateLimiter(_ configuration: RateLimiterConfiguration) {
+        rateLimiter.update(configuration)
+        guard let current = session.withLock({ $0 }) else { return }
+        for server in current.servers { server.rateLimiterChanged() }
     }
 }
 

@@ -1,5 +1,6 @@
 import Basics
 import EventLoop
+import RateLimit
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -10,6 +11,8 @@ import Glibc
 final class BlockSessionControl: Sendable {
     let handler: BlockRequestHandler
     let interrupt: any VirtioInterrupt
+    /// The device's rate limiter, shared by its queues.
+    let rateLimiter: SharedRateLimiter
     private let needsReset: @Sendable (String) -> Void
     /// Readable once a reset began: every dispatcher polls it.
     let stopEvent: EventFD
@@ -21,10 +24,11 @@ final class BlockSessionControl: Sendable {
     /// The machine is paused: dispatchers take no new chains (requests in flight finish).
     let paused = Atomic<Bool>(false)
 
-    init(handler: BlockRequestHandler, interrupt: any VirtioInterrupt,
+    init(handler: BlockRequestHandler, interrupt: any VirtioInterrupt, rateLimiter: SharedRateLimiter,
          needsReset: @escaping @Sendable (String) -> Void) throws(VirtioError) {
         self.handler = handler
         self.interrupt = interrupt
+        self.rateLimiter = rateLimiter
         self.needsReset = needsReset
         do { stopEvent = try EventFD() } catch { throw VirtioError("virtio-blk: cannot create an eventfd: \(error)") }
     }
@@ -68,6 +72,8 @@ final class BlockQueueServer: Sendable {
     private let doorbells: [EventFD]
     /// Signalled by a worker when the dispatcher waits for room (`throttled`).
     private let room: EventFD
+    /// Fires when the rate limiter has the tokens the next request needs.
+    private let refill: TimerFD
     private let handOff = Mutex(HandOff())
     /// Chains taken from the queue and not yet returned.
     private let inFlight = Atomic<Int>(0)
@@ -86,8 +92,9 @@ final class BlockQueueServer: Sendable {
         do {
             doorbells = try (0..<workers).map { _ throws(SystemError) in try EventFD(nonBlocking: false) }
             room = try EventFD()
+            refill = try TimerFD()
         } catch {
-            throw VirtioError("virtio-blk: cannot create an eventfd: \(error)")
+            throw VirtioError("virtio-blk: cannot create an eventfd or a timerfd: \(error)")
         }
     }
 
@@ -104,24 +111,41 @@ final class BlockQueueServer: Sendable {
 
     // MARK: Dispatcher
 
+    /// Why the dispatcher stopped taking chains, and so what it waits for.
+    enum Stall: Equatable {
+        /// The queue is empty (notifications are on), or the machine is paused.
+        case empty
+        /// `limit` requests are in flight: wait for a worker to finish one.
+        case full
+        /// The rate limiter has no tokens for the next request, which is back in the
+        /// available ring: wait for the refill timer.
+        case rateLimited
+    }
+
     /// The dispatcher thread's body: returns at a reset, when the queue breaks, or when
     /// its notification descriptor fails.
     func dispatch() {
         while !control.halted.load(ordering: .sequentiallyConsistent) {
-            let full: Bool
+            let stall: Stall
             do {
-                full = try takeAvailable()
+                stall = try takeAvailable()
             } catch {
                 control.fail("virtio-blk: queue \(index): \(error)")
                 return
             }
-            guard wait(forRoom: full) else { return }
+            let woken: Bool
+            switch stall {
+            case .empty: woken = wait(on: notification.rawValue) { notification.drain() }
+            case .full: woken = wait(on: room.rawValue) { room.drain() }
+            case .rateLimited: woken = wait(on: refill.rawValue) { refill.expirations() }
+            }
+            guard woken else { return }
         }
     }
 
-    /// Takes chains until the queue is empty (and notifications are enabled again) or the
-    /// in-flight limit is reached. Returns true in the latter case.
-    private func takeAvailable() throws(VirtioError) -> Bool {
+    /// Takes chains until the queue is empty (and notifications are enabled again), the
+    /// in-flight limit is reached, or the rate limiter says wait.
+    private func takeAvailable() throws(VirtioError) -> Stall {
         try queue.disableNotifications()
         while true {
             var taken: [DescriptorChain] = []
@@ -138,7 +162,7 @@ final class BlockQueueServer: Sendable {
                     guard !control.halted.load(ordering: .sequentiallyConsistent),
                           !control.paused.load(ordering: .sequentiallyConsistent) else {
                         inFlight.subtract(1, ordering: .sequentiallyConsistent)
-                        return false
+                        return .empty
                     }
                     chain = try queue.popAvailable()
                 } catch {
@@ -149,8 +173,16 @@ final class BlockQueueServer: Sendable {
                     inFlight.subtract(1, ordering: .sequentiallyConsistent)
                     // Empty: ask for notifications, then look once more for a chain that
                     // arrived before they were on (no notification comes for it).
-                    guard try queue.enableNotifications() else { return false }
+                    guard try queue.enableNotifications() else { return .empty }
                     continue
+                }
+                guard admit(chain) else {
+                    // No tokens: the chain goes back to the ring, where it waits (nothing
+                    // is held, so a pause or a snapshot finds nothing half-taken), and the
+                    // queue waits with it, notifications off.
+                    queue.returnLastAvailable()
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                    return .rateLimited
                 }
                 // A small read the page cache holds costs less to copy here than to hand
                 // off (a worker's wake-up): it is answered at once.
@@ -163,16 +195,41 @@ final class BlockQueueServer: Sendable {
             }
             // Full: wait for a worker to finish, unless one finished meanwhile.
             throttled.store(true, ordering: .sequentiallyConsistent)
-            if inFlight.load(ordering: .sequentiallyConsistent) >= limit { return true }
+            if inFlight.load(ordering: .sequentiallyConsistent) >= limit { return .full }
             throttled.store(false, ordering: .sequentiallyConsistent)
         }
     }
 
-    /// Sleeps until the driver notifies (or, when `forRoom`, a worker makes room) or a
-    /// reset begins. Returns false when the dispatcher must stop.
-    private func wait(forRoom: Bool) -> Bool {
-        let source = forRoom ? room : notification
-        var fds = [pollfd(fd: source.rawValue, events: Int16(POLLIN), revents: 0),
+    /// Takes one op and the request's bytes from the rate limiter. When it says wait, arms
+    /// the refill timer for that long and returns false.
+    private func admit(_ chain: DescriptorChain) -> Bool {
+        let limiter = control.rateLimiter
+        if limiter.isUnlimited { return true }
+        let generation = limiter.generation
+        guard case let .wait(nanoseconds) = limiter.consume(bytes: control.handler.transferLength(of: chain)) else { return true }
+        armRefill(after: nanoseconds)
+        // An update between the consume and the arming may have been missed by its own
+        // wake-up (this arming replaced it): look again at once.
+        if limiter.generation != generation { armRefill(after: 0) }
+        return false
+    }
+
+    /// The rate limiter changed: a dispatcher waiting for tokens looks again now. (A
+    /// dispatcher not waiting finds the timer fired later and takes one extra look.)
+    func rateLimiterChanged() { armRefill(after: 0) }
+
+    private func armRefill(after nanoseconds: UInt64) {
+        do {
+            try refill.arm(after: .nanoseconds(Int64(clamping: nanoseconds)))
+        } catch {
+            control.fail("virtio-blk: queue \(index): cannot arm the rate limiter's timer: \(error)")
+        }
+    }
+
+    /// Sleeps until `descriptor` is readable (then calls `consume`) or a reset begins.
+    /// Returns false when the dispatcher must stop.
+    private func wait(on descriptor: Int32, consume: () -> Void) -> Bool {
+        var fds = [pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: control.stopEvent.rawValue, events: Int16(POLLIN), revents: 0)]
         while true {
             let count = poll(&fds, nfds_t(fds.count), -1)
@@ -186,11 +243,11 @@ final class BlockQueueServer: Sendable {
         if fds[1].revents != 0 { return false }
         let events = fds[0].revents
         if events & Int16(POLLIN) != 0 {
-            source.drain()
+            consume()
             return true
         }
         // POLLERR, POLLHUP or POLLNVAL: the descriptor is unusable; polling it again would spin.
-        control.fail("virtio-blk: queue \(index): its notification descriptor failed (poll events 0x\(String(events, radix: 16)))")
+        control.fail("virtio-blk: queue \(index): a descriptor it waits on failed (poll events 0x\(String(events, radix: 16)))")
         return false
     }
 

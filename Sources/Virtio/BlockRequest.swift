@@ -55,6 +55,21 @@ struct BlockRequestHandler: Sendable {
         return .answer(status: status, statusAddress: statusAddress, written: dataWritten + 1)
     }
 
+    /// The data bytes `chain` moves, for the rate limiter's bandwidth bucket: a read's
+    /// device-writable bytes before the status, a write's device-readable bytes after the
+    /// header; 0 for every other request and for one whose header cannot be read (it fails
+    /// anyway). As in Firecracker, only reads and writes draw on the bandwidth bucket.
+    func transferLength(of chain: DescriptorChain) -> UInt64 {
+        guard chain.readableLength >= VirtioBlockLayout.headerSize,
+              let header = try? copy(from: chain.readable, at: 0, count: 4) else { return 0 }
+        let type = header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
+        switch type {
+        case VirtioBlockRequestType.read: return chain.writableLength > 0 ? chain.writableLength - 1 : 0
+        case VirtioBlockRequestType.write: return chain.readableLength - VirtioBlockLayout.headerSize
+        default: return 0
+        }
+    }
+
     /// Runs the request; returns its status and how many data bytes it wrote into the
     /// device-writable buffers.
     private func perform(_ chain: DescriptorChain, cancelled: () -> Bool) -> (UInt8, UInt32) {

@@ -37,13 +37,20 @@ struct RunCommand: ParsableCommand {
             a kernel gets.
 
             DISKS
-              --disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N] gives \
+              --disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N][,bps=RATE]... gives \
             the guest a virtio-blk disk backed by an image file; repeat it for more \
             disks (the first is Linux's /dev/vda). The format is read from the file \
             unless given; qcow2 images with backing files and compressed clusters work. \
             An image opened for writing is locked, as QEMU locks it, so two VMs cannot \
             write one image at once; 'readonly' opens it read-only and the guest cannot \
             change it. A path containing a comma writes it twice (',,').
+              Rate limits (Firecracker's token buckets; an I/O over the limit waits, it \
+            does not fail): bps=RATE caps the bytes per second read and written (K, M, \
+            G are binary: bps=10M is 10 MiB/s), iops=N the requests per second; \
+            bps_max=BYTES and iops_max=N set how much may go at full speed after an idle \
+            time (the bucket; default one second's worth), bps_burst=BYTES and \
+            iops_burst=N an extra one-time burst at the start. Example: --disk \
+            root.img,bps=1M,iops=500,bps_burst=64M. See docs/virtio.md.
               --virtio-transport pci (the default) puts virtio devices on a PCI host \
             bridge (ports 0xCF8-0xCFF, ECAM at 0xE0000000), which every stock kernel \
             enumerates by itself; mmio puts them in virtio-mmio slots from 0xFEB00000 \
@@ -63,7 +70,10 @@ struct RunCommand: ParsableCommand {
             Checksum and segmentation offloads are negotiated with the TAP, so large \
             transfers are not cut up in software. Frames move in Swiftlet itself (no \
             vhost-net). --trace-exits adds each interface's frame counters, dropped \
-            frames among them. See docs/virtio.md.
+            frames among them. Rate limits, as for disks, per direction: rx_bps, \
+            rx_pps (frames per second), rx_bps_max, rx_pps_max, rx_bps_burst, \
+            rx_pps_burst, and the same with tx_ (what the guest sends). Example: --net \
+            tap=tap0,tx_bps=1M,rx_bps=4M. See docs/virtio.md.
 
             MEMORY SLOTS
               --show-memory prints the memory slots (KVM_SET_USER_MEMORY_REGION: \
@@ -203,11 +213,11 @@ struct RunCommand: ParsableCommand {
     var kvmDevice: String = "/dev/kvm"
 
     @Option(name: .long, help: ArgumentHelp("A disk image for the guest, as a virtio-blk device; repeatable (see DISKS).",
-                                            valueName: "path[,readonly][,format=raw|qcow2][,serial=text][,queues=n]"))
+                                            valueName: "path[,readonly][,format=raw|qcow2][,serial=text][,queues=n][,bps=rate][,iops=n]..."))
     var disk: [DiskArgument] = []
 
     @Option(name: .long, help: ArgumentHelp("A network interface for the guest, as a virtio-net device over a TAP; repeatable (see NETWORK).",
-                                            valueName: "tap=name[,mac=xx:xx:xx:xx:xx:xx]"))
+                                            valueName: "tap=name[,mac=xx:xx:xx:xx:xx:xx][,rx_bps=rate][,tx_bps=rate]..."))
     var net: [NetArgument] = []
 
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
@@ -341,7 +351,8 @@ struct MemorySizeArgument: ExpressibleByArgument {
 extension VMConfiguration.LinuxEntry: ExpressibleByArgument {}
 extension VMConfiguration.VirtioTransport: ExpressibleByArgument {}
 
-/// `--disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N]`, QEMU-style: options
+/// `--disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N][,bps=R][,iops=N]...`
+/// (rate limits: ``RateLimitOptions``), QEMU-style: options
 /// after the path, separated by commas; a comma inside the path is written twice.
 struct DiskArgument: ExpressibleByArgument {
     let disk: VMConfiguration.Disk
@@ -371,8 +382,10 @@ struct DiskArgument: ExpressibleByArgument {
         }
         guard let path = parts.first, !path.isEmpty else { throw Invalid() }
         var disk = VMConfiguration.Disk(path: path)
+        var limits = RateLimitOptions()
         for option in parts.dropFirst() {
             let pieces = option.split(separator: "=", maxSplits: 1).map(String.init)
+            if pieces.count == 2, try limits.accept(key: pieces[0], value: pieces[1], opsName: "iops") { continue }
             switch (pieces.first ?? "", pieces.count == 2 ? pieces[1] : nil) {
             case ("readonly", nil), ("readonly", "on"): disk.readOnly = true
             case ("readonly", "off"): disk.readOnly = false
@@ -384,12 +397,14 @@ struct DiskArgument: ExpressibleByArgument {
             default: throw Invalid()
             }
         }
+        disk.rateLimiter = try limits.configuration()
         return disk
     }
 
     static var defaultCompletionKind: CompletionKind { .file() }
 }
-/// `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`: options separated by commas, `tap=` required.
+/// `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,rx_bps=R][,tx_pps=N]...`: options separated by
+/// commas, `tap=` required (rate limits: ``RateLimitOptions``).
 struct NetArgument: ExpressibleByArgument {
     let network: VMConfiguration.Network
 
@@ -401,9 +416,17 @@ struct NetArgument: ExpressibleByArgument {
     static func parse(_ text: String) -> VMConfiguration.Network? {
         var tap: String?
         var mac: String?
+        var receive = RateLimitOptions()
+        var transmit = RateLimitOptions()
         for option in text.split(separator: ",", omittingEmptySubsequences: false) {
             let pieces = option.split(separator: "=", maxSplits: 1).map(String.init)
             guard pieces.count == 2 else { return nil }
+            do {
+                if try receive.accept(key: pieces[0], value: pieces[1], prefix: "rx_", opsName: "pps") { continue }
+                if try transmit.accept(key: pieces[0], value: pieces[1], prefix: "tx_", opsName: "pps") { continue }
+            } catch {
+                return nil
+            }
             switch pieces[0] {
             case "tap" where tap == nil && VMConfiguration.Network.isValidInterfaceName(pieces[1]): tap = pieces[1]
             case "mac" where mac == nil && VMConfiguration.Network.isValidMAC(pieces[1]): mac = pieces[1]
@@ -411,7 +434,14 @@ struct NetArgument: ExpressibleByArgument {
             }
         }
         guard let tap else { return nil }
-        return VMConfiguration.Network(tap: tap, mac: mac)
+        var network = VMConfiguration.Network(tap: tap, mac: mac)
+        do {
+            network.rxRateLimiter = try receive.configuration()
+            network.txRateLimiter = try transmit.configuration()
+        } catch {
+            return nil
+        }
+        return network
     }
 }
 
