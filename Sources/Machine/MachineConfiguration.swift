@@ -56,6 +56,9 @@ public enum BootSource: Sendable {
     /// continues where it was saved. The configuration's machine shape (RAM, vCPUs, disks,
     /// transport) comes from the snapshot; its run-time options (console, timeout) apply.
     case snapshot(SnapshotFiles)
+    /// A VM migrated from another Swiftlet: wait at this address for one source, receive
+    /// the machine (which must match this configuration's RAM, vCPUs and disks) and run it.
+    case incoming(MigrationAddress)
 }
 
 /// What a triple fault does. On a PC the chipset turns a triple fault into a CPU reset;
@@ -169,6 +172,11 @@ public struct MachineConfiguration: Sendable {
     public var completeInstructions = true
     /// The KVM device to open.
     public var kvmPath = KVMSystem.defaultPath
+    /// A Unix socket to serve the monitor on (``MonitorServer``): `status`, `stop`, `cont`,
+    /// `snapshot`, `migrate`, `quit`, one line each.
+    public var monitorPath: String?
+    /// Called with a line on a migration's progress (the target listening, ...).
+    public var onMigrationEvent: (@Sendable (String) -> Void)?
 
     public init(boot: BootSource) { self.boot = boot }
 }

@@ -22,8 +22,10 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
     case timeout
     /// A termination signal arrived (with ``VMConfiguration/handleTerminationSignals``).
     case signal(Int32)
-    /// The user typed `Ctrl-A x` on the console: status 0.
+    /// The user typed `Ctrl-A x` on the console (or `quit` on the monitor): status 0.
     case userQuit
+    /// The VM migrated to another Swiftlet (``VM/migrate(to:)``), which runs it now: status 0.
+    case migrated(to: String)
 
     /// The status `swiftlet run` exits with (a signal: 128 + its number, as shells show it).
     public var exitStatus: Int32 { stopReason.exitStatus }
@@ -43,6 +45,7 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
         case .timeout: self = .timeout
         case let .signal(number): self = .signal(number)
         case .userQuit: self = .userQuit
+        case let .migrated(destination): self = .migrated(to: destination)
         }
     }
 
@@ -55,6 +58,7 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
         case .timeout: return .timeout
         case let .signal(number): return .signal(number)
         case .userQuit: return .userQuit
+        case let .migrated(destination): return .migrated(to: destination)
         }
     }
 }
@@ -64,6 +68,11 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
 public typealias SnapshotSummary = MachineSnapshotSummary
 /// Where a snapshot's state file and memory file are.
 public typealias SnapshotPaths = SnapshotFiles
+
+/// What a migration did: rounds, pages and bytes sent, total time and the guest's downtime.
+public typealias MigrationSummary = MachineMigrationSummary
+/// When a migration stops copying while the guest runs (downtime target, most rounds).
+public typealias MigrationOptions = MachineMigrationOptions
 
 /// Where a VM is in its life.
 public enum VMState: String, Sendable, Equatable {
@@ -146,6 +155,8 @@ public final class VM: Sendable {
             boot = .kernel(kernel)
         case let .snapshot(paths):
             boot = .snapshot(paths)
+        case let .incoming(address):
+            do { boot = .incoming(try MigrationAddress(parsing: address)) } catch { throw SwiftletError(message: error.description) }
         }
         var machineConfiguration = MachineConfiguration(boot: boot)
         machineConfiguration.memorySize = configuration.memorySize
@@ -189,6 +200,8 @@ public final class VM: Sendable {
             return converted
         }
         machineConfiguration.onWarning = configuration.onWarning
+        machineConfiguration.monitorPath = configuration.monitor
+        machineConfiguration.onMigrationEvent = configuration.onMigrationEvent
         if let timeout = machineConfiguration.timeout, !(timeout > 0) {
             throw SwiftletError(message: "the timeout must be positive")
         }
@@ -307,6 +320,21 @@ public final class VM: Sendable {
     @discardableResult
     public func typeOnConsole(_ bytes: [UInt8]) -> Int {
         machine.typeOnConsole(bytes)
+    }
+
+    /// Moves the running (or paused) VM to a Swiftlet started with
+    /// ``VMConfiguration/Boot/incoming(address:)`` at `address` (`unix:PATH` or
+    /// `tcp:HOST:PORT`): RAM is copied while the guest runs, then the guest pauses for the
+    /// last pages and the vCPU and device state, and the target runs it. On success this VM
+    /// has stopped (``run()`` returns ``VMExit/migrated(to:)``); on any failure it goes on
+    /// as before and this throws. Blocks until the migration ends.
+    @discardableResult
+    public func migrate(to address: String, options: MigrationOptions = MigrationOptions()) throws(SwiftletError) -> MigrationSummary {
+        do {
+            return try machine.migrate(to: try MigrationAddress(parsing: address), options: options)
+        } catch {
+            throw SwiftletError(message: error.description)
+        }
     }
 
     /// Stops a running VM from another thread; ``run()`` then returns `exit`.

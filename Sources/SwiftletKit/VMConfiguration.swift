@@ -36,6 +36,12 @@ public struct VMConfiguration: Sendable {
 
         /// The snapshot in `directory` (`directory/state`, `directory/memory`).
         public static func snapshot(directory: String) -> Boot { .snapshot(SnapshotPaths(directory: directory)) }
+        /// A VM migrated from another Swiftlet (``VM/migrate(to:)``): listen at `address`
+        /// (`unix:PATH` or `tcp:HOST:PORT`; `tcp::PORT` listens on every address), wait for
+        /// one source, and run the VM it sends. The source's RAM size, vCPUs, transport and
+        /// disks must be this configuration's, or the target refuses it (and the source goes
+        /// on). ``VM/init(_:)`` returns once the VM has arrived.
+        case incoming(address: String)
     }
 
     /// Where the guest's serial console (COM1) goes.
@@ -187,6 +193,12 @@ public struct VMConfiguration: Sendable {
     /// Called with a one-line message for problems that do not stop the VM (a guest
     /// driver that broke a device's rules).
     public var onWarning: (@Sendable (String) -> Void)?
+    /// A Unix socket for the monitor: one command per line (`status`, `stop`, `cont`,
+    /// `snapshot [--diff] DIR`, `migrate ADDRESS`, `quit`, `help`), one line back for each, while the
+    /// VM runs. Use it with `socat - UNIX-CONNECT:PATH` or `swiftlet monitor PATH COMMAND`.
+    public var monitor: String?
+    /// Called with a line on a migration's progress (the target listening for its source).
+    public var onMigrationEvent: (@Sendable (String) -> Void)?
 
     // Front-end options: what `swiftlet run` turns on for an interactive user. A library
     // user normally leaves them off.

@@ -118,12 +118,32 @@ struct RunCommand: ParsableCommand {
             name, with one line and status 2. 'swiftlet cpu' lists models and features; \
             'swiftlet cpu --show MODEL' shows what a vCPU gets here. See docs/booting.md.
 
+            MONITOR AND MIGRATION
+              --monitor PATH serves a monitor on the Unix socket PATH while the VM \
+            runs: one command per line, one line back ('socat - UNIX-CONNECT:PATH', or \
+            'swiftlet monitor PATH COMMAND'). Commands, as in QEMU's monitor: status, \
+            stop (pause), cont (resume), snapshot [--diff] DIR (a running VM pauses for it and \
+            goes on), migrate unix:PATH|tcp:HOST:PORT, quit, help.
+              --incoming unix:PATH|tcp:HOST:PORT starts a migration target: it waits \
+            for one source at that address and runs the VM it receives. Give it the \
+            source's machine options (--memory, --cpus, --disk, --virtio-transport); \
+            --kernel and --flat are not read. A target refuses a VM whose RAM, vCPUs or \
+            disks differ, and the source goes on. On the source, 'migrate ADDRESS' on \
+            the monitor copies RAM while the guest runs, pauses it for the last pages \
+            and the vCPU and device state, and ends with status 0 and a line saying \
+            where the VM went once the target runs it. A migration that fails at any \
+            step leaves the source running; a target whose source went away exits with \
+            status 2. A writable disk image is handed over: the source flushes it and \
+            gives up its lock just before the target opens it. Network interfaces \
+            cannot be migrated yet. See docs/migration.md.
+
             EXIT STATUS
               A guest's exit value always gives an odd status; everything Swiftlet \
             decides itself is even, so the two cannot be confused.
               (V << 1) | 1  the guest wrote V to port 0xF4 (V = 0 gives 1, the usual \
             "success" of test guests)
-              0             the guest powered off: ACPI sleep state S5, SLP_EN with \
+              0             the VM migrated to another Swiftlet (the source's status); \
+            the guest powered off: ACPI sleep state S5, SLP_EN with \
             SLP_TYP 0 (0x2000) written to PM1a_CNT at port 0x604; or you quit with Ctrl-A x
               2             Swiftlet could not build or run the VM, or the command line \
             is wrong (one line on stderr says why)
@@ -220,12 +240,19 @@ struct RunCommand: ParsableCommand {
                                             valueName: "tap=name[,mac=xx:xx:xx:xx:xx:xx][,rx_bps=rate][,tx_bps=rate]..."))
     var net: [NetArgument] = []
 
+    @Option(name: .long, help: ArgumentHelp("Serve the monitor on this Unix socket (see MONITOR AND MIGRATION).", valueName: "path"))
+    var monitor: String?
+
+    @Option(name: .long, help: ArgumentHelp("Wait at this address for a VM migrated from another Swiftlet and run it.", valueName: "unix:path|tcp:host:port"))
+    var incoming: String?
+
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
     var virtioTransport: VMConfiguration.VirtioTransport?
 
     func validate() throws {
         if let cpus, cpus < 1 { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
+        if restore != nil && incoming != nil { throw ValidationError("--restore and --incoming cannot be used together") }
         if restore != nil {
             // The snapshot is the machine: what would build another one contradicts it.
             let machineOptions: [(Bool, String)] = [
@@ -252,7 +279,9 @@ struct RunCommand: ParsableCommand {
 
     func run() throws {
         let boot: VMConfiguration.Boot
-        if let restore {
+        if let incoming {
+            boot = .incoming(address: incoming)
+        } else if let restore {
             var status = stat()
             if stat(restore, &status) == 0, status.st_mode & S_IFMT == S_IFDIR {
                 boot = .snapshot(directory: restore)
@@ -288,6 +317,8 @@ struct RunCommand: ParsableCommand {
         configuration.forwardStandardInput = true
         configuration.handleTerminationSignals = true
         configuration.onConsoleFailure = { message in FileHandleOutput.standardError("swiftlet: \(message)") }
+        configuration.monitor = monitor
+        configuration.onMigrationEvent = { message in FileHandleOutput.standardError("swiftlet: \(message)") }
         switch serial {
         case .stdio: configuration.console = .standardOutput
         case let .file(path): configuration.console = .file(path)
@@ -307,7 +338,7 @@ struct RunCommand: ParsableCommand {
         if let table = result.exitTable { FileHandleOutput.standardError(table) }
         if let report = result.memoryReport { FileHandleOutput.standardError(report) }
         switch result.exit {
-        case .crash, .timeout, .reset, .powerOff, .signal:
+        case .crash, .timeout, .reset, .powerOff, .signal, .migrated:
             FileHandleOutput.standardError("swiftlet: \(result.exit)")
         default:
             break
