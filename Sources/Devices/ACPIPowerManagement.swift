@@ -51,11 +51,14 @@ public final class ACPIPowerManagement: IODevice {
         var control: UInt16 = 0
         /// Timer ticks when TMR_STS was last cleared.
         var timerStatusClearedAt: UInt64 = 0
+        /// The clock's reading when the timer had the count `timerAtStart`: the device's
+        /// creation (count 0), or a restore (the saved count).
+        var clockStart: UInt64
+        var timerAtStart: UInt64 = 0
     }
 
-    private let state = Mutex(State())
+    private let state: Mutex<State>
     private let clock: @Sendable () -> UInt64
-    private let start: UInt64
     private let onPowerOff: @Sendable () -> Void
 
     /// - Parameters:
@@ -64,23 +67,23 @@ public final class ACPIPowerManagement: IODevice {
     ///   - onPowerOff: called (from a vCPU thread) when the guest enters sleep state S5.
     public init(clock: @escaping @Sendable () -> UInt64, onPowerOff: @escaping @Sendable () -> Void) {
         self.clock = clock
-        self.start = clock()
+        self.state = Mutex(State(clockStart: clock()))
         self.onPowerOff = onPowerOff
     }
 
-    /// Timer ticks since the device was made, not truncated to 24 bits.
-    private func ticks() -> UInt64 {
-        let elapsed = clock() &- start
+    /// Timer ticks now, not truncated to 24 bits.
+    private func ticks(_ state: State) -> UInt64 {
+        let elapsed = clock() &- state.clockStart
         let nanosecondsPerSecond: UInt64 = 1_000_000_000
-        return (elapsed / nanosecondsPerSecond) &* Self.timerFrequency
+        return state.timerAtStart &+ (elapsed / nanosecondsPerSecond) &* Self.timerFrequency
             &+ (elapsed % nanosecondsPerSecond) * Self.timerFrequency / nanosecondsPerSecond
     }
 
     public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
-        let now = ticks()
-        let (status, enable, control) = state.withLock { state -> (UInt16, UInt16, UInt16) in
+        let (now, status, enable, control) = state.withLock { state -> (UInt64, UInt16, UInt16, UInt16) in
+            let now = ticks(state)
             let carried = now >> Self.timerCarryBit != state.timerStatusClearedAt >> Self.timerCarryBit
-            return (carried ? Self.timerStatus : 0, state.enable, state.control | Self.sciEnable)
+            return (now, carried ? Self.timerStatus : 0, state.enable, state.control | Self.sciEnable)
         }
         let timer = UInt32(truncatingIfNeeded: now & Self.timerMask)
         for index in data.indices {
@@ -125,9 +128,8 @@ public final class ACPIPowerManagement: IODevice {
                 break    // the timer is read-only; 6-7 are not registers
             }
         }
-        let now = statusClear & Self.timerStatus != 0 ? ticks() : 0
         let sleepType = state.withLock { state -> UInt8? in
-            if statusClear & Self.timerStatus != 0 { state.timerStatusClearedAt = now }
+            if statusClear & Self.timerStatus != 0 { state.timerStatusClearedAt = ticks(state) }
             state.enable = (state.enable & ~enableMask | enableValue & enableMask) & Self.enableBits
             let control = state.control & ~controlMask | controlValue & controlMask
             state.control = control & Self.controlKeptBits
@@ -139,5 +141,48 @@ public final class ACPIPowerManagement: IODevice {
 
     private static func byte(_ value: UInt16, _ index: Int) -> UInt8 {
         UInt8(truncatingIfNeeded: value >> (8 * UInt16(index)))
+    }
+}
+
+// MARK: Snapshot
+
+extension ACPIPowerManagement: SnapshotDevice {
+    /// PM1_EN, PM1_CNT's kept bits, the timer's count and the count when TMR_STS was last
+    /// cleared. The timer continues from the saved count when restored: it does not jump
+    /// by the time the snapshot spent on disk, so a guest's clocksource sees no gap.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var enable: UInt16
+        public var control: UInt16
+        /// The timer's count, all 64 bits (the guest reads the low 24).
+        public var timer: UInt64
+        public var timerStatusClearedAt: UInt64
+    }
+
+    static let deviceName = "ACPI power management"
+
+    public func saveState() -> SavedState {
+        state.withLock { state in
+            SavedState(enable: state.enable, control: state.control, timer: ticks(state),
+                       timerStatusClearedAt: state.timerStatusClearedAt)
+        }
+    }
+
+    /// Checks `saved` (only the bits the registers keep; TMR_STS cleared at a count the
+    /// timer had reached) and puts it back, the timer counting on from `saved.timer`.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        func refuse(_ reason: String) -> DeviceStateError { DeviceStateError(device: Self.deviceName, reason) }
+        guard saved.enable & ~Self.enableBits == 0 else {
+            throw refuse("PM1_EN 0x\(String(saved.enable, radix: 16)) sets bits the register does not keep")
+        }
+        guard saved.control & ~Self.controlKeptBits == 0 else {
+            throw refuse("PM1_CNT 0x\(String(saved.control, radix: 16)) sets bits the register does not keep")
+        }
+        guard saved.timerStatusClearedAt <= saved.timer else {
+            throw refuse("TMR_STS was cleared at count \(saved.timerStatusClearedAt), after the timer's count \(saved.timer)")
+        }
+        state.withLock { state in
+            state = State(enable: saved.enable, control: saved.control, timerStatusClearedAt: saved.timerStatusClearedAt,
+                          clockStart: clock(), timerAtStart: saved.timer)
+        }
     }
 }

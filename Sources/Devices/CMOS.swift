@@ -4,7 +4,7 @@ import Synchronization
 ///
 /// Owns the 128 bytes of CMOS memory and the selected index. Register it at
 /// ``basePort`` with length ``portCount``. Bit 7 of the index write is the NMI-disable
-/// bit and is ignored. The time registers (0x00-0x09, century 0x32) are computed on
+/// bit: it is kept (a snapshot records it) and has no effect (KVM delivers NMIs itself). The time registers (0x00-0x09, century 0x32) are computed on
 /// each read from the injected clock, in BCD and 24-hour mode unless the guest changes
 /// status register B's data-mode bits. Guest writes to the time registers are ignored
 /// (the host clock stays the source of truth). Status A reports no update in progress,
@@ -27,6 +27,8 @@ public final class CMOS: IODevice {
     struct State {
         var index = 0
         var memory = [UInt8](repeating: 0, count: 128)
+        /// Bit 7 of the last index write.
+        var nmiDisabled = false
     }
 
     private let state: Mutex<State>
@@ -73,7 +75,8 @@ public final class CMOS: IODevice {
         guard let value = data.first else { return }
         state.withLock { state in
             if offset == 0 {
-                state.index = Int(value & 0x7F)      // bit 7: NMI disable, not modelled
+                state.index = Int(value & 0x7F)
+                state.nmiDisabled = value & 0x80 != 0   // kept, not modelled
             } else if offset == 1 {
                 switch state.index {
                 case Self.seconds...Self.year, Self.century, Self.statusC, Self.statusD:
@@ -114,6 +117,44 @@ public final class CMOS: IODevice {
             }
         default:
             return memory[index]
+        }
+    }
+}
+
+// MARK: Snapshot
+
+extension CMOS: SnapshotDevice {
+    /// The 128 bytes of CMOS memory, the selected index and the NMI-disable bit. The time
+    /// is not saved: it keeps coming from the host clock, as it does on a PC whose RTC
+    /// runs on while the machine is off.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var index: Int
+        public var nmiDisabled: Bool
+        public var memory: [UInt8]
+    }
+
+    static let deviceName = "CMOS RTC"
+
+    public func saveState() -> SavedState {
+        state.withLock { SavedState(index: $0.index, nmiDisabled: $0.nmiDisabled, memory: $0.memory) }
+    }
+
+    /// Checks `saved` (128 bytes, an index below 128, status registers a guest cannot
+    /// change still as the device made them) and puts it back.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        func refuse(_ reason: String) -> DeviceStateError { DeviceStateError(device: Self.deviceName, reason) }
+        guard saved.memory.count == 128 else { throw refuse("\(saved.memory.count) bytes of CMOS memory, not 128") }
+        guard (0..<128).contains(saved.index) else { throw refuse("index \(saved.index) is outside the 128 registers") }
+        let current = state.withLock { $0.memory }
+        // The clock registers, status C and D, and status A's update-in-progress bit are
+        // never written by the guest.
+        let fixed = Array(Self.seconds...Self.year) + [Self.century, Self.statusC, Self.statusD]
+        if let register = fixed.first(where: { saved.memory[$0] != current[$0] }) {
+            throw refuse("register 0x\(String(register, radix: 16)) is read-only, but holds 0x\(String(saved.memory[register], radix: 16))")
+        }
+        guard saved.memory[Self.statusA] & 0x80 == 0 else { throw refuse("status A has the read-only update-in-progress bit set") }
+        state.withLock { state in
+            state = State(index: saved.index, memory: saved.memory, nmiDisabled: saved.nmiDisabled)
         }
     }
 }

@@ -53,12 +53,17 @@ public final class FwCfg: IODevice {
             return
         }
         state.withLock { state in
-            let item = state.selector & Self.archLocal != 0 ? [] : items[state.selector & Self.entryMask] ?? []
+            let item = item(state.selector)
             for index in data.indices {
                 data[index] = state.position < item.count ? item[state.position] : 0
                 if state.position < item.count { state.position += 1 }
             }
         }
+    }
+
+    /// The item `selector` names (empty for an unknown one or the architecture table).
+    private func item(_ selector: UInt16) -> [UInt8] {
+        selector & Self.archLocal != 0 ? [] : items[selector & Self.entryMask] ?? []
     }
 
     public func write(offset: UInt64, from data: UnsafeRawBufferPointer) {
@@ -69,5 +74,33 @@ public final class FwCfg: IODevice {
             state.selector = value
             state.position = 0
         }
+    }
+}
+
+// MARK: Snapshot
+
+extension FwCfg: SnapshotDevice {
+    /// The selector and the read position in the selected item. The items themselves come
+    /// from the machine's configuration, which a restore builds the same.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var selector: UInt16
+        public var position: Int
+    }
+
+    static let deviceName = "fw_cfg"
+
+    public func saveState() -> SavedState {
+        state.withLock { SavedState(selector: $0.selector, position: $0.position) }
+    }
+
+    /// Checks that the position lies within the selected item (it stops at the item's end)
+    /// and puts the state back.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        let length = item(saved.selector).count
+        guard (0...length).contains(saved.position) else {
+            throw DeviceStateError(device: Self.deviceName,
+                                   "read position \(saved.position) is outside item 0x\(String(saved.selector, radix: 16)) of \(length) bytes")
+        }
+        state.withLock { $0 = State(selector: saved.selector, position: saved.position) }
     }
 }

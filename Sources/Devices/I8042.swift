@@ -30,7 +30,7 @@ public final class I8042: IODevice {
     static let configKeyboardInterrupt: UInt8 = 0x01
 
     /// Controller commands that take a parameter byte on the data port.
-    enum PendingWrite { case commandByte, outputPort, keyboardOutput, auxOutput, auxDevice }
+    public enum PendingWrite: String, Codable, Sendable { case commandByte, outputPort, keyboardOutput, auxOutput, auxDevice }
 
     struct State {
         var output: [UInt8] = []
@@ -174,6 +174,57 @@ extension I8042.State {
         case 0xF2: return enqueue([0xFA, 0xAB, 0x83])                      // identify: MF2 keyboard
         case 0xFF: return enqueue([0xFA, 0xAA])                            // reset, self test passed
         default: return enqueue([0xFA])
+        }
+    }
+}
+
+// MARK: Snapshot
+
+extension I8042: SnapshotDevice {
+    /// The output queue, the command byte, the command waiting for its parameter byte,
+    /// the status register's command/data flag, the keyboard command waiting for its
+    /// argument, and the level IRQ 1 is driven to.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var output: [UInt8]
+        public var commandByte: UInt8
+        public var pendingWrite: PendingWrite?
+        public var lastWasCommand: Bool
+        public var keyboardPending: UInt8?
+        public var interruptLineHigh: Bool
+    }
+
+    static let deviceName = "i8042 keyboard controller"
+
+    public func saveState() -> SavedState {
+        state.withLock { state in
+            SavedState(output: state.output, commandByte: state.commandByte, pendingWrite: state.pending,
+                       lastWasCommand: state.lastWasCommand, keyboardPending: state.keyboardPending,
+                       interruptLineHigh: state.interruptLineHigh)
+        }
+    }
+
+    /// Checks `saved`, puts it back and drives IRQ 1 to the saved level.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        func refuse(_ reason: String) -> DeviceStateError { DeviceStateError(device: Self.deviceName, reason) }
+        guard saved.output.count <= Self.outputLimit else {
+            throw refuse("\(saved.output.count) bytes in an output queue of \(Self.outputLimit)")
+        }
+        if let pending = saved.keyboardPending, pending != 0xED, pending != 0xF3 {
+            throw refuse("keyboard command 0x\(String(pending, radix: 16)) does not take an argument")
+        }
+        var restored = State()
+        restored.output = saved.output
+        restored.commandByte = saved.commandByte
+        restored.pending = saved.pendingWrite
+        restored.lastWasCommand = saved.lastWasCommand
+        restored.keyboardPending = saved.keyboardPending
+        restored.interruptLineHigh = saved.interruptLineHigh
+        guard restored.interruptLevel == saved.interruptLineHigh else {
+            throw refuse("IRQ 1 is saved \(saved.interruptLineHigh ? "high" : "low") but the output queue and command byte say otherwise")
+        }
+        state.withLock { state in
+            state = restored
+            irq?.setLevel(restored.interruptLineHigh)
         }
     }
 }

@@ -126,6 +126,43 @@ public struct PCIConfigurationHeader: Sendable {
         }
     }
 
+    /// The bits of each byte a driver can change: the command register's writable bits,
+    /// the interrupt status bit, BAR address bits above each BAR's size, the interrupt
+    /// line, and the capability bytes marked writable. `functionBits` adds the bits the
+    /// function changes itself (offset -> mask, such as MSI-X message control).
+    func changeableBits(functionBits: [Int: UInt8]) -> [UInt8] {
+        var masks = [UInt8](repeating: 0, count: Self.size)
+        masks[0x04] = UInt8(truncatingIfNeeded: Self.commandWritable)
+        masks[0x05] = UInt8(truncatingIfNeeded: Self.commandWritable >> 8)
+        masks[0x06] = 1 << 3
+        for (bar, size) in barSizes.enumerated() where size > 0 {
+            for byte in 0..<4 {
+                let mask = UInt8(truncatingIfNeeded: ~(size - 1) >> (8 * UInt64(byte))) & (byte == 0 ? 0xF0 : 0xFF)
+                masks[0x10 + 4 * bar + byte] = mask
+            }
+        }
+        masks[0x3C] = 0xFF
+        for position in writable.indices where writable[position] { masks[position] = 0xFF }
+        for (offset, bits) in functionBits where offset >= 0 && offset < Self.size { masks[offset] |= bits }
+        return masks
+    }
+
+    /// Takes `saved` as the header's bytes if this header could have become it: the same
+    /// size, and every byte equal to this header's except in the bits a driver (or the
+    /// function, `functionBits`) can change. Returns why not, or nil when it took them.
+    /// A restore uses it on a header made as the saved one was, so identity, BAR sizes and
+    /// the capability list cannot be changed by a snapshot file.
+    public mutating func restore(_ saved: [UInt8], functionBits: [Int: UInt8] = [:]) -> String? {
+        guard saved.count == Self.size else { return "\(saved.count) bytes of configuration header, not \(Self.size)" }
+        let masks = changeableBits(functionBits: functionBits)
+        for position in 0..<Self.size where (saved[position] ^ bytes[position]) & ~masks[position] != 0 {
+            return "configuration byte 0x\(String(position, radix: 16)) is 0x\(String(saved[position], radix: 16)), "
+                + "which no driver write can make of 0x\(String(bytes[position], radix: 16))"
+        }
+        bytes = saved
+        return nil
+    }
+
     /// Applies a configuration write. Returns the BARs whose base changed (old, new).
     @discardableResult
     public mutating func write(offset: Int, from data: UnsafeRawBufferPointer) -> [(index: Int, old: UInt64, new: UInt64)] {
@@ -173,6 +210,8 @@ public struct PCIConfigurationHeader: Sendable {
 public final class PCIHostBridge: Sendable {
     public static let configurationAddressPort: UInt64 = 0xCF8
     public static let slotCount = 32
+    /// The bits CONFIG_ADDRESS keeps: enable, bus, device, function, register.
+    static let configurationAddressBits: UInt32 = 0x80FF_FFFC
 
     /// The host bridge's own function at 00:00.0 (class 06 00 00, host bridge).
     final class HostFunction: PCIFunction {
@@ -249,7 +288,7 @@ public final class PCIHostBridge: Sendable {
             switch offset {
             case 0 where data.count == 4:
                 let value = UInt32(littleEndian: data.loadUnaligned(as: UInt32.self))
-                bridge.address.withLock { $0 = value & 0x80FF_FFFC }
+                bridge.address.withLock { $0 = value & PCIHostBridge.configurationAddressBits }
             case 1 where data.count == 1:
                 bridge.resetControl?.write(offset: 0, from: data)
             case 4..<8 where offset + UInt64(data.count) <= 8:
@@ -327,5 +366,26 @@ public final class PCIHostBridge: Sendable {
             guard let (function, bar, inside) = route(offset, data.count) else { return }
             function.writeBAR(bar, offset: inside, from: data)
         }
+    }
+}
+
+// MARK: Snapshot
+
+extension PCIHostBridge: SnapshotDevice {
+    /// CONFIG_ADDRESS, the one register the bridge owns. The functions' configuration
+    /// headers are saved with each function's own state.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var configurationAddress: UInt32
+    }
+
+    public func saveState() -> SavedState { SavedState(configurationAddress: address.withLock { $0 }) }
+
+    /// Puts CONFIG_ADDRESS back; bits the register does not keep (1:0, 30:24) are refused.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        guard saved.configurationAddress & ~Self.configurationAddressBits == 0 else {
+            throw DeviceStateError(device: "PCI host bridge",
+                                   "CONFIG_ADDRESS 0x\(String(saved.configurationAddress, radix: 16)) sets bits the register does not keep")
+        }
+        address.withLock { $0 = saved.configurationAddress }
     }
 }

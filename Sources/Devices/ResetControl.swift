@@ -58,3 +58,23 @@ public final class ResetControl: IODevice {
         return "soft reset"
     }
 }
+
+// MARK: Snapshot
+
+extension ResetControl: SnapshotDevice {
+    /// The kept bits (SYS_RST, FULL_RST).
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var value: UInt8
+    }
+
+    public func saveState() -> SavedState { SavedState(value: value.withLock { $0 }) }
+
+    /// Puts the value back; bits other than SYS_RST and FULL_RST never stick, so a value
+    /// with them is refused. Restoring starts no reset.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        guard saved.value & ~Self.keptBits == 0 else {
+            throw DeviceStateError(device: "reset control register", "0x\(String(saved.value, radix: 16)) sets bits the register does not keep")
+        }
+        value.withLock { $0 = saved.value }
+    }
+}

@@ -242,3 +242,81 @@ public final class Serial16550: IODevice {
         }
     }
 }
+
+// MARK: Snapshot
+
+extension Serial16550: SnapshotDevice {
+    /// Every register, both FIFOs (the receive FIFO and the host input waiting for it),
+    /// the pending THRE interrupt and the level the IRQ line is driven to.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var interruptEnable: UInt8
+        public var lineControl: UInt8
+        public var modemControl: UInt8
+        public var lineStatus: UInt8
+        public var scratch: UInt8
+        public var fifoControl: UInt8
+        public var divisor: UInt16
+        public var receiveFIFO: [UInt8]
+        public var pendingInput: [UInt8]
+        public var transmitInterruptPending: Bool
+        public var interruptLineHigh: Bool
+    }
+
+    static let deviceName = "serial (16550)"
+
+    public func saveState() -> SavedState {
+        state.withLock { state in
+            SavedState(interruptEnable: state.ier, lineControl: state.lcr, modemControl: state.mcr, lineStatus: state.lsr,
+                       scratch: state.scr, fifoControl: state.fcr, divisor: state.divisor,
+                       receiveFIFO: Array(state.receiveFIFO), pendingInput: Array(state.pendingInput),
+                       transmitInterruptPending: state.transmitInterruptPending, interruptLineHigh: state.interruptLineHigh)
+        }
+    }
+
+    /// Checks `saved` against what the registers can hold, puts it back, and drives the
+    /// IRQ line to the saved level (in a new machine the line starts low; the irqchip's
+    /// own state is restored by the machine first).
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        func refuse(_ reason: String) -> DeviceStateError { DeviceStateError(device: Self.deviceName, reason) }
+        guard saved.interruptEnable & ~0x0F == 0 else { throw refuse("IER 0x\(String(saved.interruptEnable, radix: 16)) has bits above 3") }
+        guard saved.modemControl & ~0x1F == 0 else { throw refuse("MCR 0x\(String(saved.modemControl, radix: 16)) has bits above 4") }
+        guard saved.fifoControl & ~0xC9 == 0 else { throw refuse("FCR 0x\(String(saved.fifoControl, radix: 16)) keeps bits the UART does not") }
+        let statusBits = Self.lsrDataReady | Self.lsrOverrun | Self.lsrTransmitterHoldingEmpty | Self.lsrTransmitterEmpty
+        let transmitterEmpty = Self.lsrTransmitterHoldingEmpty | Self.lsrTransmitterEmpty
+        guard saved.lineStatus & ~statusBits == 0, saved.lineStatus & transmitterEmpty == transmitterEmpty else {
+            throw refuse("LSR 0x\(String(saved.lineStatus, radix: 16)) is not a state of this UART (its transmitter is always empty)")
+        }
+        let capacity = saved.fifoControl & Self.fcrEnable != 0 ? Self.fifoDepth : 1
+        guard saved.receiveFIFO.count <= capacity else {
+            throw refuse("\(saved.receiveFIFO.count) bytes in a receive FIFO of \(capacity)")
+        }
+        guard (saved.lineStatus & Self.lsrDataReady != 0) == !saved.receiveFIFO.isEmpty else {
+            throw refuse("LSR data ready disagrees with the \(saved.receiveFIFO.count) bytes in the receive FIFO")
+        }
+        guard saved.pendingInput.count <= Self.pendingInputLimit else {
+            throw refuse("\(saved.pendingInput.count) bytes of host input waiting, more than the \(Self.pendingInputLimit) kept")
+        }
+        guard !saved.transmitInterruptPending || saved.interruptEnable & Self.ierTransmitterEmpty != 0 else {
+            throw refuse("a THRE interrupt pending while IER does not enable it")
+        }
+        var restored = State()
+        restored.ier = saved.interruptEnable
+        restored.lcr = saved.lineControl
+        restored.mcr = saved.modemControl
+        restored.lsr = saved.lineStatus
+        restored.scr = saved.scratch
+        restored.fcr = saved.fifoControl
+        restored.divisor = saved.divisor
+        restored.receiveFIFO = Deque(saved.receiveFIFO)
+        restored.pendingInput = Deque(saved.pendingInput)
+        restored.transmitInterruptPending = saved.transmitInterruptPending
+        restored.interruptLineHigh = saved.interruptLineHigh
+        guard Self.interruptLevel(restored) == saved.interruptLineHigh else {
+            throw refuse("the IRQ line is saved \(saved.interruptLineHigh ? "high" : "low") but the registers say \(saved.interruptLineHigh ? "low" : "high")")
+        }
+        state.withLock { state in
+            state = restored
+            interrupt.setLevel(restored.interruptLineHigh)
+        }
+    }
+}

@@ -44,3 +44,20 @@ public final class SystemControlPortA: IODevice {
         if rising { onReset() }
     }
 }
+
+// MARK: Snapshot
+
+extension SystemControlPortA: SnapshotDevice {
+    /// The port's byte (every value reads back).
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var value: UInt8
+    }
+
+    public func saveState() -> SavedState { SavedState(value: value.withLock { $0 }) }
+
+    /// Puts the byte back. A saved bit 0 starts no reset: only a guest write's rising
+    /// edge does.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        value.withLock { $0 = saved.value }
+    }
+}

@@ -39,7 +39,7 @@ public final class TestDevice: Sendable {
 
     /// The read-back register at 0xE0.
     public final class Register: IODevice {
-        private let value = Mutex<UInt32>(0)
+        fileprivate let value = Mutex<UInt32>(0)
 
         public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
             let current = value.withLock { $0 }
@@ -59,9 +59,11 @@ public final class TestDevice: Sendable {
         }
     }
 
-    /// Ports 0x2000 + N: set interrupt line N.
+    /// Ports 0x2000 + N: set interrupt line N. Keeps each line's level (bit N), so a
+    /// snapshot can drive the lines again.
     public final class IRQLines: IODevice {
         private let setIRQ: @Sendable (UInt32, Bool) -> Void
+        fileprivate let levels = Mutex<UInt32>(0)
 
         init(setIRQ: @escaping @Sendable (UInt32, Bool) -> Void) { self.setIRQ = setIRQ }
 
@@ -71,13 +73,28 @@ public final class TestDevice: Sendable {
 
         public func write(offset: UInt64, from data: UnsafeRawBufferPointer) {
             guard offset < TestDevice.irqLineCount else { return }
-            setIRQ(UInt32(offset), data.contains { $0 != 0 })
+            let high = data.contains { $0 != 0 }
+            // Under the lock, so the lines change in the order the writes came.
+            levels.withLock { levels in
+                if high { levels |= 1 << UInt32(offset) } else { levels &= ~(1 << UInt32(offset)) }
+                setIRQ(UInt32(offset), high)
+            }
+        }
+
+        /// Sets each line whose level differs from `levels` (a restore).
+        fileprivate func drive(_ levels: UInt32) {
+            self.levels.withLock { current in
+                for line in 0..<UInt32(TestDevice.irqLineCount) where (current ^ levels) & (1 << line) != 0 {
+                    setIRQ(line, levels & (1 << line) != 0)
+                }
+                current = levels
+            }
         }
     }
 
     /// 64 KiB of memory reached through MMIO exits.
     public final class IORAM: IODevice {
-        private let bytes = Mutex([UInt8](repeating: 0, count: Int(TestDevice.ioRAMLength)))
+        fileprivate let bytes = Mutex([UInt8](repeating: 0, count: Int(TestDevice.ioRAMLength)))
 
         public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
             bytes.withLock { bytes in
@@ -96,5 +113,39 @@ public final class TestDevice: Sendable {
                 }
             }
         }
+    }
+}
+
+// MARK: Snapshot
+
+extension TestDevice: SnapshotDevice {
+    /// The read-back register, the level of each interrupt line it drives, and the 64 KiB
+    /// of I/O RAM (as base64).
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var register: UInt32
+        /// Bit N: line N is high.
+        public var irqLevels: UInt32
+        public var ioRAM: SavedBytes
+    }
+
+    static let deviceName = "pc-testdev"
+
+    public func saveState() -> SavedState {
+        SavedState(register: register.value.withLock { $0 }, irqLevels: irqLines.levels.withLock { $0 },
+                   ioRAM: SavedBytes(ioRAM.bytes.withLock { $0 }))
+    }
+
+    /// Checks `saved` (exactly 64 KiB of I/O RAM, lines 0-23 only), puts it back and
+    /// drives each line to its saved level.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        guard saved.ioRAM.bytes.count == Int(Self.ioRAMLength) else {
+            throw DeviceStateError(device: Self.deviceName, "\(saved.ioRAM.bytes.count) bytes of I/O RAM, not \(Self.ioRAMLength)")
+        }
+        guard saved.irqLevels >> UInt32(Self.irqLineCount) == 0 else {
+            throw DeviceStateError(device: Self.deviceName, "interrupt lines above \(Self.irqLineCount - 1) are high")
+        }
+        register.value.withLock { $0 = saved.register }
+        ioRAM.bytes.withLock { $0 = saved.ioRAM.bytes }
+        irqLines.drive(saved.irqLevels)
     }
 }

@@ -138,11 +138,13 @@ extension Board {
 
     /// Puts `attachments` on the buses with `transport`. With PCI, the host bridge also
     /// takes ports 0xCF8-0xCFF (answering 1-byte accesses at 0xCF9 with `resetControl`),
-    /// the ECAM window and the BAR window. Returns the transports' cores (for reports).
+    /// the ECAM window and the BAR window. Returns the transports, in device order, and
+    /// the host bridge (with PCI).
     static func attachVirtio(_ attachments: [VirtioAttachment], transport: VirtioTransportKind, vm: VirtualMachine,
                              memory: GuestMemory, services: KVMVirtioServices, resetControl: any IODevice,
-                             ports: inout IOBus.Builder, mmio: inout IOBus.Builder) throws -> [VirtioTransportCore] {
-        var cores: [VirtioTransportCore] = []
+                             ports: inout IOBus.Builder, mmio: inout IOBus.Builder) throws
+        -> (transports: [AttachedVirtioTransport], bridge: PCIHostBridge?) {
+        var transports: [AttachedVirtioTransport] = []
         switch transport {
         case .mmio:
             try ports.register(resetControl, name: "reset control register", base: ResetControl.port, length: ResetControl.width)
@@ -153,8 +155,9 @@ extension Board {
                 let transport = try VirtioMMIOTransport(device: attachment.device, memory: memory, base: base,
                                                         interruptEvent: interrupt, services: services)
                 try mmio.register(transport, name: "\(attachment.name), virtio-mmio", base: base, length: VirtioMMIOTransport.windowSize)
-                cores.append(transport.core)
+                transports.append(.mmio(transport))
             }
+            return (transports, nil)
         case .pci:
             var functions: [Int: any PCIFunction] = [:]
             for (index, attachment) in attachments.enumerated() {
@@ -162,7 +165,7 @@ extension Board {
                 let function = try VirtioPCIFunction(device: attachment.device, memory: memory, classCode: attachment.pciClass,
                                                      barBase: barBase, intxGSI: gsi, services: services)
                 functions[slot] = function
-                cores.append(function.core)
+                transports.append(.pci(function))
             }
             let bridge = PCIHostBridge(functions: functions, resetControl: resetControl)
             try ports.register(bridge.configurationPorts, name: "PCI configuration ports (and reset control at 0xCF9)",
@@ -170,7 +173,7 @@ extension Board {
             try mmio.register(bridge.ecam, name: "PCI ECAM", base: AddressMap.pciECAMStart, length: AddressMap.pciECAMSize)
             try mmio.register(bridge.memoryWindow(base: AddressMap.pciMemoryWindowStart), name: "PCI memory window",
                               base: AddressMap.pciMemoryWindowStart, length: AddressMap.pciMemoryWindowSize)
+            return (transports, bridge)
         }
-        return cores
     }
 }

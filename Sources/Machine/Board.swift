@@ -37,6 +37,10 @@ final class Board: Sendable {
     let virtioTransports: [VirtioTransportCore]
     /// The network interfaces, in order.
     let networkInterfaces: [NetworkInterface]
+    /// Every user-space device whose state a snapshot records (see Board+DeviceState.swift).
+    let stateful: StatefulDevices
+    /// KVM's side of the virtio transports (ioeventfds, irqfds, MSI routes).
+    private let virtioServices: KVMVirtioServices
 
     /// Builds the VM with `memorySize` bytes of RAM and the PC devices. `withTestDevice`
     /// adds QEMU's pc-testdev (kvm-unit-tests expect it next to Multiboot kernels).
@@ -84,13 +88,16 @@ final class Board: Sendable {
         var ports = IOBus.Builder.portBus()
         var mmio = IOBus.Builder.mmioBus()
         do {
-            let resetControl = try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory,
-                                                                cpuCount: configuration.cpuCount)
-            if withTestDevice { try Self.registerTestDevice(&ports, &mmio, vm: vm) }
+            let platform = try Self.registerPlatformDevices(&ports, serial: serial, stop: stop, memory: memory,
+                                                            cpuCount: configuration.cpuCount)
+            let testDevice = withTestDevice ? try Self.registerTestDevice(&ports, &mmio, vm: vm) : nil
             if configuration.showMemory { try Self.registerSlotControl(&ports, &mmio, slots: slots) }
             let services = KVMVirtioServices(vm: vm, loop: loop)
-            virtioTransports = try Self.attachVirtio(attachments, transport: configuration.virtioTransport, vm: vm, memory: memory,
-                                                     services: services, resetControl: resetControl, ports: &ports, mmio: &mmio)
+            virtioServices = services
+            let virtio = try Self.attachVirtio(attachments, transport: configuration.virtioTransport, vm: vm, memory: memory,
+                                               services: services, resetControl: platform.resetControl, ports: &ports, mmio: &mmio)
+            virtioTransports = virtio.transports.map(\.core)
+            stateful = StatefulDevices(platform: platform, testDevice: testDevice, pciHostBridge: virtio.bridge, virtio: virtio.transports)
             for (core, attachment) in zip(virtioTransports, attachments) {
                 let name = attachment.name
                 let warn = configuration.onWarning
@@ -103,23 +110,33 @@ final class Board: Sendable {
         mmioBus = mmio.build()
     }
 
+    /// Stops the virtio devices and breaks the references between each transport and its
+    /// device, so they, and the disk images and TAPs they hold (with their locks), go away
+    /// with the board: a machine restored in the same process can open them again.
+    deinit {
+        for transport in virtioTransports { transport.detach() }
+        virtioServices.detach()
+    }
+
     /// The PC devices that live in user space. (The PICs, IOAPIC, local APICs and the
     /// PIT, with port 0x61, are in the kernel.)
-    /// Returns the reset control register, which the PCI host bridge shares ports with.
+    /// Returns them; the reset control register is not registered yet: the PCI host bridge
+    /// shares ports with it.
     private static func registerPlatformDevices(_ ports: inout IOBus.Builder, serial: Serial16550, stop: StopController,
-                                                memory: GuestMemory, cpuCount: Int) throws(IOBusError) -> any IODevice {
+                                                memory: GuestMemory, cpuCount: Int) throws(IOBusError) -> PlatformStatefulDevices {
         try ports.register(serial, name: "serial (COM1)", base: com1Port, length: 8)
         try ports.register(DebugExit { value in stop.stop(.guestExit(value: value)) },
                            name: "debug exit", base: DebugExit.defaultPort, length: DebugExit.width)
         try ports.register(IgnoredPorts(), name: "POST diagnostic port", base: 0x80, length: 1)
-        let resetControl = try registerResetAndPowerOff(&ports, stop: stop)
+        let (keyboardController, portA, resetControl, powerManagement) = try registerResetAndPowerOff(&ports, stop: stop)
         let below4G = memory.regions[0].size
-        try ports.register(CMOS(ramBelow4G: below4G, ramAbove4G: memory.size - below4G, cpuCount: cpuCount,
-                                now: { Int64(time(nil)) }),
-                           name: "CMOS RTC", base: CMOS.basePort, length: CMOS.portCount)
-        try ports.register(FwCfg(cpuCount: cpuCount, ramSize: memory.size), name: "fw_cfg",
-                           base: FwCfg.basePort, length: FwCfg.portCount)
-        return resetControl
+        let cmos = CMOS(ramBelow4G: below4G, ramAbove4G: memory.size - below4G, cpuCount: cpuCount, now: { Int64(time(nil)) })
+        try ports.register(cmos, name: "CMOS RTC", base: CMOS.basePort, length: CMOS.portCount)
+        let firmwareConfiguration = FwCfg(cpuCount: cpuCount, ramSize: memory.size)
+        try ports.register(firmwareConfiguration, name: "fw_cfg", base: FwCfg.basePort, length: FwCfg.portCount)
+        return PlatformStatefulDevices(serial: serial, keyboardController: keyboardController, cmos: cmos,
+                                       firmwareConfiguration: firmwareConfiguration, powerManagement: powerManagement,
+                                       resetControl: resetControl, systemControlPortA: portA)
     }
 
     /// Every way a PC guest resets or powers off the machine, each ending the VM with its
@@ -130,7 +147,8 @@ final class Board: Sendable {
     /// The reset control register takes the single byte at 0xCF9 inside PCI configuration
     /// mechanism #1's ports (0xCF8-0xCFF), so it is returned, not registered: the virtio
     /// wiring places it alone or inside the PCI host bridge's ports (``attachVirtio``).
-    private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError) -> ResetControl {
+    private static func registerResetAndPowerOff(_ ports: inout IOBus.Builder, stop: StopController) throws(IOBusError)
+        -> (I8042, SystemControlPortA, ResetControl, ACPIPowerManagement) {
         let keyboardController = I8042 { stop.stop(.reset(how: "i8042 keyboard controller reset line")) }
         let portA = SystemControlPortA { stop.stop(.reset(how: "system control port A at port 0x92: fast reset, bit 0")) }
         let resetControl = ResetControl { value in
@@ -148,16 +166,18 @@ final class Board: Sendable {
         try ports.register(portA, name: "system control port A", base: SystemControlPortA.port, length: SystemControlPortA.width)
         try ports.register(powerManagement, name: "ACPI PM1a registers and PM timer", base: ACPILayout.powerManagementBase,
                            length: ACPILayout.powerManagementLength)
-        return resetControl
+        return (keyboardController, portA, resetControl, powerManagement)
     }
 
     /// kvm-unit-tests (Multiboot kernels) expect QEMU's pc-testdev; see ``TestDevice``.
-    private static func registerTestDevice(_ ports: inout IOBus.Builder, _ mmio: inout IOBus.Builder, vm: VirtualMachine) throws(IOBusError) {
+    private static func registerTestDevice(_ ports: inout IOBus.Builder, _ mmio: inout IOBus.Builder,
+                                           vm: VirtualMachine) throws(IOBusError) -> TestDevice {
         let device = TestDevice { gsi, high in try? vm.setIRQLine(gsi, high: high) }
         try ports.register(device.register, name: "pc-testdev register", base: TestDevice.ioPort, length: TestDevice.ioPortLength)
         try ports.register(device.flushPage, name: "pc-testdev flush page", base: TestDevice.flushPagePort, length: 4)
         try ports.register(device.irqLines, name: "pc-testdev IRQ lines", base: TestDevice.irqPortBase, length: TestDevice.irqLineCount)
         try mmio.register(device.ioRAM, name: "pc-testdev I/O RAM", base: AddressMap.testDeviceRAM, length: AddressMap.testDeviceRAMSize)
+        return device
     }
 }
 

@@ -59,7 +59,10 @@ final class VCPURunner: @unchecked Sendable {
             finished.signal()
         }
         thread.withLock { $0 = started }
-        stop.onStop { [self] in kick() }
+        // Weak: the stop controller outlives the run (the board's devices hold it), and a
+        // strong reference would keep this runner, its buses and every device on them
+        // (with their disk images, locks included) alive after the machine is gone.
+        stop.onStop { [weak self] in self?.kick() }
     }
 
     /// Waits up to `seconds` for the thread to leave its loop, then joins it. Returns

@@ -18,6 +18,9 @@ final class KVMVirtioServices: VirtioMachineServices {
     }
 
     private let routing = Mutex(Routing())
+    /// The event loop registrations made for level lines (their closures refer to the
+    /// transports), dropped by ``detach()``.
+    private let registrations = Mutex<[EventLoop.Registration]>([])
 
     init(vm: VirtualMachine, loop: EventLoop) {
         self.vm = vm
@@ -48,11 +51,19 @@ final class KVMVirtioServices: VirtioMachineServices {
         try vm.assignIRQFD(trigger.rawValue, gsi: gsi, resampleFD: resample.rawValue)
         // KVM lowers the line when the guest acknowledges the interrupt and says so on the
         // resamplefd; while the device still has something pending, raise it again.
-        try loop.register(resample.rawValue, for: .readable, owner: resample) { _ in
+        let registration = try loop.register(resample.rawValue, for: .readable, owner: resample) { _ in
             resample.drain()
             if isAsserted() { trigger.signal() }
         }
+        registrations.withLock { $0.append(registration) }
         return KVMLevelLine(trigger: trigger)
+    }
+
+    /// The machine goes away: drops the loop's registrations, whose closures would keep
+    /// the transports (and their devices) alive.
+    func detach() {
+        for registration in registrations.withLock({ $0 }) { loop.unregister(registration) }
+        registrations.withLock { $0 = [] }
     }
 
     /// Installs the routing table: KVM's default irqchip routes plus one route per MSI

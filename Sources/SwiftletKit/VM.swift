@@ -314,6 +314,14 @@ public final class VM: Sendable {
         do { try machine.startDirtyTracking() } catch { throw SwiftletError(message: error.description) }
     }
 
+    /// Types `bytes` into the guest's serial console, as ``VMConfiguration/forwardStandardInput``
+    /// would from standard input; allowed while paused too (the bytes are then saved in a
+    /// snapshot with the UART). Returns how many were taken (the UART holds up to 64 KiB).
+    @discardableResult
+    public func typeOnConsole(_ bytes: [UInt8]) -> Int {
+        machine.typeOnConsole(bytes)
+    }
+
     /// Moves the running (or paused) VM to a Swiftlet started with
     /// ``VMConfiguration/Boot/incoming(address:)`` at `address` (`unix:PATH` or
     /// `tcp:HOST:PORT`): RAM is copied while the guest runs, then the guest pauses for the

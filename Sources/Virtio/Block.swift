@@ -104,6 +104,9 @@ public final class VirtioBlock: VirtioDevice {
     let configurationSpace: BlockConfigurationSpace
     private let configurationBytes: [UInt8]
     private let session = Mutex<BlockSession?>(nil)
+    /// The machine is paused: an activation in the meantime (a restore re-activating the
+    /// device) starts with its queues paused too.
+    private let paused = Atomic<Bool>(false)
     /// The rate limiter of all its queues; it outlives activations (a reset keeps it).
     private let rateLimiter: SharedRateLimiter
 
@@ -194,6 +197,7 @@ public final class VirtioBlock: VirtioDevice {
                 writeZeroesMayUnmap: configurationSpace.writeZeroesMayUnmap)
             let control = try BlockSessionControl(handler: handler, interrupt: activation.interrupt,
                                                   rateLimiter: rateLimiter, needsReset: activation.needsReset)
+            control.paused.store(paused.load(ordering: .sequentiallyConsistent), ordering: .sequentiallyConsistent)
             session = try BlockSession(control: control, activation: activation, options: options)
         }
     }
@@ -209,16 +213,57 @@ public final class VirtioBlock: VirtioDevice {
     /// took is answered (status, used ring, interrupt), the others wait in the available
     /// ring, so a saved state has no request half-done.
     public func pause() {
-        guard let current = session.withLock({ $0 }) else { return }
+        guard let current = session.withLock({ session in
+            paused.store(true, ordering: .sequentiallyConsistent)
+            return session
+        }) else { return }
         current.control.paused.store(true, ordering: .sequentiallyConsistent)
         while current.servers.contains(where: { $0.requestsInFlight > 0 }) { usleep(200) }
     }
 
-    /// Takes requests again.
+    /// Takes requests again, first those the driver made available meanwhile.
     public func resume() {
-        guard let current = session.withLock({ $0 }) else { return }
+        guard let current = session.withLock({ session in
+            paused.store(false, ordering: .sequentiallyConsistent)
+            return session
+        }) else { return }
         current.control.paused.store(false, ordering: .sequentiallyConsistent)
         for server in current.servers { server.nudge() }
+    }
+
+    /// What a snapshot records of a virtio-blk device: nothing changes while it runs (its
+    /// configuration space is read-only: no CONFIG_WCE, so no writeback flag), so the
+    /// state is the disk as the driver knows it, checked on restore so that a snapshot is
+    /// not continued with another disk under the driver's feet.
+    public struct SavedState: Codable, Sendable, Equatable {
+        /// The capacity the driver read, in 512-byte sectors.
+        public var capacity: UInt64
+        public var readOnly: Bool
+        public var serial: String
+        public var queueCount: Int
+        public var queueSize: UInt16
+    }
+
+    public func saveDeviceState() -> VirtioDeviceState {
+        .block(state: SavedState(capacity: configurationSpace.capacity, readOnly: isReadOnly, serial: serial,
+                                 queueCount: options.queueCount, queueSize: options.queueSize))
+    }
+
+    /// Refuses a state saved from another kind of device or from a different disk (size,
+    /// read-only, serial, queues): the guest's driver would go on with what it read then.
+    public func restoreDeviceState(_ state: VirtioDeviceState) throws(VirtioError) {
+        guard case let .block(saved) = state else { throw VirtioError("a saved \(state.kind) state does not fit a virtio-blk device") }
+        guard case let .block(current) = saveDeviceState() else { return }
+        var differences: [String] = []
+        if saved.capacity != current.capacity { differences.append("\(saved.capacity) sectors, this disk has \(current.capacity)") }
+        if saved.readOnly != current.readOnly { differences.append(saved.readOnly ? "read-only, this disk is writable" : "writable, this disk is read-only") }
+        if saved.serial != current.serial { differences.append("serial '\(saved.serial)', this disk's is '\(current.serial)'") }
+        if saved.queueCount != current.queueCount || saved.queueSize != current.queueSize {
+            differences.append("\(saved.queueCount) queues of \(saved.queueSize), this disk has \(current.queueCount) of \(current.queueSize)")
+        }
+        guard differences.isEmpty else {
+            throw VirtioError("the snapshot's disk was \(differences.joined(separator: "; "))")
+        }
     }
 
     /// The rate limiter's buckets now.

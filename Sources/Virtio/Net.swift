@@ -54,7 +54,16 @@ public final class VirtioNet: VirtioDevice {
     public let options: VirtioNetOptions
     private let configurationBytes: [UInt8]
     private let counters = NetCounters()
-    private let session = Mutex<NetSession?>(nil)
+    private let running = Mutex(Running())
+
+    /// What the device is doing: the activation it serves (from DRIVER_OK to the reset),
+    /// the session serving it (none while paused), and whether the machine is paused.
+    private struct Running {
+        var activation: VirtioActivation?
+        var negotiation: NetNegotiation?
+        var session: NetSession?
+        var paused = false
+    }
     /// The rate limiters of reception and transmission; they outlive activations.
     private let limiters: NetRateLimiters
 
@@ -98,9 +107,12 @@ public final class VirtioNet: VirtioDevice {
     /// which is not offered): writes are ignored.
     public func writeConfiguration(offset: UInt64, from data: UnsafeRawBufferPointer) {}
 
+    /// Starts serving the queues, or, while the machine is paused (a restore activates the
+    /// device before the machine resumes), keeps the activation for ``resume()``. The TAP
+    /// is told the offloads the driver accepted either way.
     public func activate(_ activation: VirtioActivation) throws(VirtioError) {
-        try session.withLock { (session) throws(VirtioError) in
-            guard session == nil else { throw VirtioError("virtio-net: activated again without a reset") }
+        try running.withLock { (running) throws(VirtioError) in
+            guard running.activation == nil else { throw VirtioError("virtio-net: activated again without a reset") }
             guard activation.queues.count == 2, activation.notifications.count == 2 else {
                 throw VirtioError("virtio-net: activated with \(activation.queues.count) queues and "
                                   + "\(activation.notifications.count) notifiers for its 2 queues")
@@ -112,15 +124,82 @@ public final class VirtioNet: VirtioDevice {
             } catch {
                 throw VirtioError("virtio-net: \(error)")
             }
-            session = try NetSession(activation: activation, negotiation: negotiation, backend: backend,
-                                     counters: counters, limiters: limiters, name: "net\(options.index)")
+            if !running.paused {
+                running.session = try NetSession(activation: activation, negotiation: negotiation, backend: backend,
+                                                 counters: counters, limiters: limiters, name: "net\(options.index)")
+            }
+            running.activation = activation
+            running.negotiation = negotiation
         }
     }
 
     public func reset() {
-        session.withLock { session in
-            session?.stop()
-            session = nil
+        running.withLock { running in
+            running.session?.stop()
+            running.session = nil
+            running.activation = nil
+            running.negotiation = nil
+        }
+    }
+
+    /// The machine pauses: the data path stops (no frame is read from the TAP or taken
+    /// from a queue any more; frames the host sends meanwhile wait in the TAP's queue) and
+    /// puts back the chains it held, so nothing is half-done. Returns once the device's
+    /// thread has stopped.
+    public func pause() {
+        running.withLock { running in
+            running.paused = true
+            guard let session = running.session else { return }
+            session.stop()
+            session.putBackHeldChains()
+            running.session = nil
+        }
+    }
+
+    /// The machine resumes: a new data path takes up the queues where the old one left
+    /// them (and looks at both rings at once: the driver may have notified meanwhile, or,
+    /// after a restore, in the process the snapshot was taken from).
+    public func resume() {
+        running.withLock { running in
+            running.paused = false
+            guard running.session == nil, let activation = running.activation, let negotiation = running.negotiation else { return }
+            do throws(VirtioError) {
+                running.session = try NetSession(activation: activation, negotiation: negotiation, backend: backend,
+                                                 counters: counters, limiters: limiters, name: "net\(options.index)")
+            } catch {
+                activation.needsReset(error.message)
+            }
+        }
+    }
+
+    /// What a snapshot records of a virtio-net device: what the driver read from its
+    /// configuration space (the MAC and the link status) and the queue size, checked on
+    /// restore so that the guest does not continue with another interface under its feet.
+    /// The features the driver accepted (and so the offloads the TAP is told) are the
+    /// transport's; the queues' places are the transport's too. The data path keeps no
+    /// state of its own across a pause: ``pause()`` puts back the chains it held.
+    public struct SavedState: Codable, Sendable, Equatable {
+        /// "52:54:00:12:34:56".
+        public var mac: String
+        /// The status field (VIRTIO_NET_S_LINK_UP).
+        public var status: UInt16
+        public var queueSize: UInt16
+    }
+
+    public func saveDeviceState() -> VirtioDeviceState {
+        .network(state: SavedState(mac: options.mac.description, status: NetConfigurationSpace.linkUp, queueSize: options.queueSize))
+    }
+
+    /// Refuses a state saved from another kind of device, or from an interface with another
+    /// MAC, link status or queue size.
+    public func restoreDeviceState(_ state: VirtioDeviceState) throws(VirtioError) {
+        guard case let .network(saved) = state else { throw VirtioError("a saved \(state.kind) state does not fit a virtio-net device") }
+        var differences: [String] = []
+        if MACAddress(saved.mac) != options.mac { differences.append("the MAC \(saved.mac), this interface's is \(options.mac)") }
+        if saved.status != NetConfigurationSpace.linkUp { differences.append("the link status \(saved.status), this interface's is \(NetConfigurationSpace.linkUp)") }
+        if saved.queueSize != options.queueSize { differences.append("queues of \(saved.queueSize), this interface's are \(options.queueSize)") }
+        guard differences.isEmpty else {
+            throw VirtioError("the snapshot's network interface had \(differences.joined(separator: "; "))")
         }
     }
 
@@ -135,7 +214,7 @@ public final class VirtioNet: VirtioDevice {
     public func updateRateLimiters(receive: RateLimiterConfiguration?, transmit: RateLimiterConfiguration?) {
         if let receive { limiters.receive.update(receive) }
         if let transmit { limiters.transmit.update(transmit) }
-        session.withLock { $0 }?.rateLimitersChanged()
+        running.withLock { $0.session }?.rateLimitersChanged()
     }
 }
 
@@ -187,5 +266,10 @@ final class NetSession: Sendable {
         loop.stop()
         thread.join()
         dataPath.unregisterAll()
+    }
+
+    /// After ``stop()``: puts back the chains the data path held.
+    func putBackHeldChains() {
+        dataPath.putBackHeldChains()
     }
 }

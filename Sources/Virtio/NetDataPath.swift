@@ -113,6 +113,8 @@ final class NetDataPath: Sendable {
     private struct State {
         /// Receive chains taken from the ring and not yet filled, oldest first.
         var receiveChains = Deque<DescriptorChain>()
+        /// Where each of them was in the available ring (its available index).
+        var receivePositions = Deque<UInt16>()
         /// Their writable bytes.
         var receiveCapacity: UInt64 = 0
         /// The TAP's registration, and what it is watched for.
@@ -205,6 +207,43 @@ final class NetDataPath: Sendable {
             for registration in state.registrations { loop.unregister(registration) }
             state.registrations = []
             state.backendRegistration = nil
+        }
+    }
+
+    /// The device pauses and the loop has stopped: the chains the data path holds go back
+    /// untouched, so that nothing is half-done while paused or in a snapshot. The receive
+    /// chains it took ahead of frames, and a transmit chain waiting for room in the TAP,
+    /// are put back in the available ring (``Virtqueue/putBack(_:)``): the next data path
+    /// takes them again, and the driver sees each used once. Receive chains that are not
+    /// the last ones taken (a chain too small for a header was returned after them) cannot
+    /// be put back in order: they are returned empty, as such a chain is.
+    func putBackHeldChains() {
+        state.withLock { state in
+            guard !state.halted else { return }
+            do {
+                if let queue = receiveQueue, !state.receiveChains.isEmpty {
+                    let count = UInt16(state.receiveChains.count)
+                    let first = queue.indices.nextAvailable &- count
+                    let lastTaken = state.receivePositions.enumerated().allSatisfy { $0.element == first &+ UInt16($0.offset) }
+                    if lastTaken {
+                        try queue.putBack(count)
+                    } else {
+                        counters.update { $0.receiveUnusableBuffers += UInt64(count) }
+                        try queue.pushUsed(state.receiveChains.map { (head: $0.head, writtenLength: UInt32(0)) })
+                        if try queue.shouldNotifyDriver() { interrupt.signalQueue(Self.receiveIndex) }
+                    }
+                    state.receiveChains.removeAll()
+                    state.receivePositions.removeAll()
+                    state.receiveCapacity = 0
+                }
+                if let queue = transmitQueue, state.blockedTransmit != nil {
+                    // Transmit chains go back in order, so the blocked one is the last taken.
+                    try queue.putBack(1)
+                    state.blockedTransmit = nil
+                }
+            } catch {
+                halt(&state, "virtio-net: pausing: \(error)")
+            }
         }
     }
 
@@ -437,6 +476,7 @@ final class NetDataPath: Sendable {
                 continue
             }
             state.receiveChains.append(chain)
+            state.receivePositions.append(queue.indices.nextAvailable &- 1)
             state.receiveCapacity += capacity
         }
         return true
@@ -596,6 +636,7 @@ final class NetDataPath: Sendable {
         if !negotiation.guestChecksum { try header.write([0], at: UInt64(VirtioNetHeader.flagsOffset), memory: memory) }
         for chain in state.receiveChains.prefix(entries.count) { state.receiveCapacity -= chain.writableLength }
         state.receiveChains.removeFirst(entries.count)
+        state.receivePositions.removeFirst(entries.count)
         counters.update {
             $0.receivedFrames += 1
             $0.receivedBytes += UInt64(frameLength)

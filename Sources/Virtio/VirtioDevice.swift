@@ -29,7 +29,7 @@ public enum VirtioFeature {
 }
 
 /// Device IDs (virtio 1.2, 5).
-public enum VirtioDeviceType: UInt32, Sendable {
+public enum VirtioDeviceType: UInt32, Codable, Sendable {
     case network = 1
     case block = 2
 }
@@ -112,6 +112,13 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func pause()
     /// The machine resumes: serve the queues again.
     func resume()
+    /// What a snapshot records of the device itself, beyond its transport's registers and
+    /// its queues' indices (which the transport saves). Called while paused.
+    func saveDeviceState() -> VirtioDeviceState
+    /// Puts back what ``saveDeviceState()`` recorded, on a device built with the same
+    /// configuration, before the transport re-activates it. A state of another kind of
+    /// device, or one this device could not have had, is refused.
+    func restoreDeviceState(_ state: VirtioDeviceState) throws(VirtioError)
 }
 
 extension VirtioDevice {
@@ -119,4 +126,28 @@ extension VirtioDevice {
     /// parked, nothing notifies them.
     public func pause() {}
     public func resume() {}
+
+    /// A device whose state is all in its transport and queues saves nothing of its own.
+    public func saveDeviceState() -> VirtioDeviceState { .stateless }
+
+    public func restoreDeviceState(_ state: VirtioDeviceState) throws(VirtioError) {
+        guard state == .stateless else { throw VirtioError("a saved \(state.kind) state does not fit this device, which saves none") }
+    }
+}
+
+/// A virtio device's own saved state, one case per kind of device that keeps one.
+public enum VirtioDeviceState: Codable, Sendable, Equatable {
+    /// Nothing beyond the transport and the queues.
+    case stateless
+    case block(state: VirtioBlock.SavedState)
+    case network(state: VirtioNet.SavedState)
+
+    /// What kind of state it is, for messages.
+    public var kind: String {
+        switch self {
+        case .stateless: return "stateless"
+        case .block: return "virtio-blk"
+        case .network: return "virtio-net"
+        }
+    }
 }

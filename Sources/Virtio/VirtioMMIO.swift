@@ -158,3 +158,38 @@ public final class VirtioMMIOTransport: IODevice, VirtioInterrupt {
         "virtio_mmio.device=0x\(String(windowSize, radix: 16))@0x\(String(base, radix: 16)):\(irq)"
     }
 }
+
+// MARK: Snapshot
+
+extension VirtioMMIOTransport: SnapshotDevice {
+    /// The common registers (with the device's state and its queues' indices) and
+    /// InterruptStatus.
+    ///
+    /// The interrupt line has no level to save: each interrupt is one edge through the
+    /// irqfd, and an edge the guest has not handled yet is in the irqchip's state, which
+    /// the machine saves. InterruptStatus tells the driver what the edge was for.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var transport: VirtioTransportCore.SavedState
+        public var interruptStatus: UInt32
+    }
+
+    public func saveState() -> SavedState {
+        SavedState(transport: core.saveState(), interruptStatus: interruptStatus)
+    }
+
+    /// Checks and puts back `saved` (InterruptStatus may hold only the used-buffer and
+    /// configuration-change bits); the device comes back paused, see
+    /// ``VirtioTransportCore/restoreState(_:)``.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        guard saved.interruptStatus & ~3 == 0 else {
+            throw DeviceStateError(device: "virtio-mmio transport",
+                                   "InterruptStatus 0x\(String(saved.interruptStatus, radix: 16)) has bits other than used buffer and configuration change")
+        }
+        do {
+            try core.restoreState(saved.transport)
+        } catch {
+            throw DeviceStateError(device: "virtio-mmio \(error.device)", error.reason)
+        }
+        interruptStatusBits.withLock { $0 = saved.interruptStatus }
+    }
+}

@@ -45,7 +45,12 @@ public final class VirtioPCIFunction: PCIFunction, VirtioInterrupt {
     private var intx: (any LevelLine)? { intxBox.withLock { $0 } }
     private let intxBox = Mutex<(any LevelLine)?>(nil)
 
-    struct MSIXEntry { var address: UInt64 = 0; var data: UInt32 = 0; var masked = true }
+    /// One MSI-X table entry: the message address and data, and the vector's mask bit.
+    public struct MSIXEntry: Codable, Sendable, Equatable {
+        public var address: UInt64 = 0
+        public var data: UInt32 = 0
+        public var masked = true
+    }
 
     struct State {
         var header: PCIConfigurationHeader
@@ -410,6 +415,90 @@ public final class VirtioPCIFunction: PCIFunction, VirtioInterrupt {
             if address == 0 { msiLines[entry].clearMessage() } else { try? msiLines[entry].setMessage(address: address, data: data) }
         }
         for vector in deliver { msiLines[vector].trigger() }
+    }
+}
+
+// MARK: Snapshot
+
+extension VirtioPCIFunction: SnapshotDevice {
+    /// The common registers (with the device's state and its queues' indices), the PCI
+    /// configuration header as the guest programmed it (command, BAR, interrupt line,
+    /// MSI-X enable and function mask, the PCI_CFG window), the ISR, the MSI-X table and
+    /// pending bits, and where the notify ioeventfds are registered.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var transport: VirtioTransportCore.SavedState
+        public var header: [UInt8]
+        public var isr: UInt8
+        public var msixTable: [MSIXEntry]
+        public var msixPending: [Bool]
+        /// The BAR base the notify ioeventfds are registered at (it lags the BAR while
+        /// memory decoding is off).
+        public var notifyBase: UInt64?
+    }
+
+    public func saveState() -> SavedState {
+        let transport = core.saveState()
+        return state.withLock { state in
+            SavedState(transport: transport, header: state.header.bytes, isr: state.isr, msixTable: state.table,
+                       msixPending: state.pending, notifyBase: state.notifyBase)
+        }
+    }
+
+    /// Checks `saved` against this function (built for the same device, so identity, BAR
+    /// size and capabilities must be unchanged: only bits a guest can write may differ),
+    /// then puts it back: the transport and device (paused, see
+    /// ``VirtioTransportCore/restoreState(_:)``), the notify ioeventfds at the saved BAR
+    /// base, the GSI route of every MSI-X vector with a message (as the guest's table
+    /// write made it), and INTA asserted again when the ISR is set and INTx is in use.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        let name = "virtio-pci function"
+        func refuse(_ reason: String) -> DeviceStateError { DeviceStateError(device: name, reason) }
+        guard saved.isr & ~3 == 0 else { throw refuse("ISR 0x\(String(saved.isr, radix: 16)) has bits other than queue and configuration") }
+        let vectors = msiLines.count
+        guard saved.msixTable.count == vectors, saved.msixPending.count == vectors else {
+            throw refuse("\(saved.msixTable.count) MSI-X entries and \(saved.msixPending.count) pending bits saved, the function has \(vectors) vectors")
+        }
+        var header = state.withLock { $0.header }
+        let control = Self.capabilityMSIX + 3
+        if let reason = header.restore(saved.header, functionBits: [control: 0xC0]) { throw refuse(reason) }
+        let enabled = header.bytes[control] & 0x80 != 0
+        let functionMask = header.bytes[control] & 0x40 != 0
+        if enabled && !functionMask,
+           let vector = saved.msixPending.indices.first(where: { saved.msixPending[$0] && !saved.msixTable[$0].masked }) {
+            throw refuse("MSI-X vector \(vector) is pending although nothing masks it")
+        }
+        if let base = saved.notifyBase {
+            guard base % Self.barSize == 0, base <= UInt64(UInt32.max) - Self.barSize + 1 else {
+                throw refuse("notifications at 0x\(String(base, radix: 16)), where BAR 0 cannot be")
+            }
+        }
+        if header.memoryDecoding && saved.notifyBase != header.barBase(0) {
+            throw refuse("notifications saved at \(saved.notifyBase.map { "0x" + String($0, radix: 16) } ?? "no address") while BAR 0 decodes at 0x\(String(header.barBase(0), radix: 16))")
+        }
+        do {
+            try core.restoreState(saved.transport)
+        } catch {
+            throw DeviceStateError(device: "virtio-pci \(error.device)", error.reason)
+        }
+        state.withLock { state in
+            state.header = header
+            state.isr = saved.isr
+            state.msixEnabled = enabled
+            state.msixFunctionMask = functionMask
+            state.table = saved.msixTable
+            state.pending = saved.msixPending
+        }
+        selectedFeaturePage.withLock { $0 = saved.transport.deviceFeatureSelect }
+        selectedDriverFeaturePage.withLock { $0 = saved.transport.driverFeatureSelect }
+        moveNotifications(to: saved.notifyBase)
+        for (vector, entry) in saved.msixTable.enumerated() where entry.address != 0 {
+            do {
+                try msiLines[vector].setMessage(address: entry.address, data: entry.data)
+            } catch {
+                throw refuse("MSI-X vector \(vector) cannot be routed again: \(error)")
+            }
+        }
+        if saved.isr != 0 && !enabled && !header.interruptDisabled { intx?.trigger() }
     }
 }
 

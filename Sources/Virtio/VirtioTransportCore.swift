@@ -1,3 +1,4 @@
+import Devices
 import EventLoop
 import Memory
 import Synchronization
@@ -67,6 +68,9 @@ public final class VirtioTransportCore: Sendable {
         var configurationMSIXVector: UInt16 = VirtioTransportCore.noVector
         var active = false
         var needsResetReason: String?
+        /// The queues made at DRIVER_OK (nil for a queue the driver did not enable), kept
+        /// so a snapshot can record where the device is in each.
+        var virtqueues: [Virtqueue?] = []
     }
 
     public static let noVector: UInt16 = 0xFFFF
@@ -149,13 +153,17 @@ public final class VirtioTransportCore: Sendable {
                 return markNeedsReset("queue \(index): \(error)")
             }
         }
-        let activation = VirtioActivation(memory: memory, features: features, queues: made, notifications: notifications,
-                                          interrupt: interrupt, needsReset: { [weak self] reason in self?.markNeedsReset(reason) })
+        state.withLock { $0.virtqueues = made }
         do {
-            try device.activate(activation)
+            try device.activate(activation(features: features, queues: made, interrupt: interrupt))
         } catch {
             markNeedsReset("the device could not start: \(error)")
         }
+    }
+
+    private func activation(features: UInt64, queues: [Virtqueue?], interrupt: any VirtioInterrupt) -> VirtioActivation {
+        VirtioActivation(memory: memory, features: features, queues: queues, notifications: notifications,
+                         interrupt: interrupt, needsReset: { [weak self] reason in self?.markNeedsReset(reason) })
     }
 
     /// Sets DEVICE_NEEDS_RESET and tells the driver through a configuration-change
@@ -182,6 +190,16 @@ public final class VirtioTransportCore: Sendable {
     /// reset: the machine reports it, since it means the guest's driver misbehaved.
     public func onNeedsReset(_ report: @escaping @Sendable (String) -> Void) {
         reporter.withLock { $0 = report }
+    }
+
+    /// The machine goes away: the device stops serving its queues (as at a reset), and the
+    /// transport forgets its interrupt, which refers back to the transport. Without it the
+    /// transport, this core and the device keep each other (and the device's disk or TAP,
+    /// with its lock) alive after the machine is gone. The transport must not be used after.
+    public func detach() {
+        reset()
+        interruptBox.withLock { $0 = nil }
+        reporter.withLock { $0 = nil }
     }
 
     /// Status 0: the device forgets everything the driver set, after its queues stopped.
@@ -299,5 +317,155 @@ public final class VirtioTransportCore: Sendable {
 
     public func writeConfiguration(offset: UInt64, from data: UnsafeRawBufferPointer) {
         device.writeConfiguration(offset: offset, from: data)
+    }
+}
+
+// MARK: Snapshot
+
+extension VirtioTransportCore: SnapshotDevice {
+    /// One queue's registers and, while the device is active, where the device is in its
+    /// rings.
+    public struct SavedQueue: Codable, Sendable, Equatable {
+        public var size: UInt16
+        public var ready: Bool
+        public var descriptorTable: UInt64
+        public var driverArea: UInt64
+        public var deviceArea: UInt64
+        /// virtio-pci: the queue's MSI-X vector.
+        public var msixVector: UInt16
+        /// The device's indices in an active queue; nil before DRIVER_OK, for a queue the
+        /// driver did not enable, and for a device that needs a reset.
+        public var indices: VirtqueueIndices?
+    }
+
+    /// The common registers (status, feature selects and the driver's features, queue
+    /// select, each queue), the configuration generation and MSI-X vector, why the
+    /// device needs a reset (if it does), and the device's own state.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var deviceType: VirtioDeviceType
+        public var status: UInt8
+        public var deviceFeatureSelect: UInt32
+        public var driverFeatureSelect: UInt32
+        public var driverFeatures: UInt64
+        public var queueSelect: UInt16
+        public var queues: [SavedQueue]
+        public var configurationGeneration: UInt32
+        public var configurationVector: UInt16
+        /// The driver set DRIVER_OK and the device was activated.
+        public var active: Bool
+        public var needsResetReason: String?
+        public var device: VirtioDeviceState
+    }
+
+    static let knownStatusBits = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.driverOK
+        | VirtioStatus.featuresOK | VirtioStatus.deviceNeedsReset | VirtioStatus.failed
+
+    /// The state now. Called while the device is paused, so no queue moves meanwhile.
+    public func saveState() -> SavedState {
+        let saved = state.withLock { state in
+            SavedState(deviceType: device.deviceType, status: state.status, deviceFeatureSelect: state.deviceFeatureSelect,
+                       driverFeatureSelect: state.driverFeatureSelect, driverFeatures: state.driverFeatures,
+                       queueSelect: state.queueSelect,
+                       queues: state.queues.enumerated().map { index, queue in
+                           let made = index < state.virtqueues.count ? state.virtqueues[index] : nil
+                           let needsReset = state.status & VirtioStatus.deviceNeedsReset != 0
+                           return SavedQueue(size: queue.size, ready: queue.ready, descriptorTable: queue.descriptorTable,
+                                             driverArea: queue.driverArea, deviceArea: queue.deviceArea, msixVector: queue.msixVector,
+                                             indices: state.active && !needsReset ? made?.savedIndices : nil)
+                       },
+                       configurationGeneration: state.configurationGeneration,
+                       configurationVector: state.configurationMSIXVector, active: state.active,
+                       needsResetReason: state.needsResetReason, device: .stateless)
+        }
+        var withDevice = saved
+        withDevice.device = device.saveDeviceState()
+        return withDevice
+    }
+
+    /// Puts `saved` back into this transport, freshly built for the same device, and, when
+    /// the driver had the device running, activates the device again with each queue at
+    /// its saved indices (checked against the rings in guest memory, which must be
+    /// restored first). The device comes back paused, as it was saved: it takes nothing
+    /// from its queues until ``VirtioDevice/resume()``.
+    ///
+    /// Refused (nothing changed): another kind of device, another number of queues,
+    /// status bits virtio does not define, FEATURES_OK with features the device did not
+    /// offer or without VERSION_1, a status no sequence of driver writes makes, an active
+    /// queue without indices or with indices that disagree with its ring, and a device
+    /// state the device refuses.
+    public func restoreState(_ saved: SavedState) throws(DeviceStateError) {
+        let name = "virtio transport"
+        func refuse(_ reason: String) -> DeviceStateError { DeviceStateError(device: name, reason) }
+        guard saved.deviceType == device.deviceType else {
+            throw refuse("saved for a \(saved.deviceType) device, this is a \(device.deviceType) device")
+        }
+        guard saved.queues.count == queueCount else { throw refuse("\(saved.queues.count) queues saved, the device has \(queueCount)") }
+        let status = saved.status
+        guard status & ~Self.knownStatusBits == 0 else { throw refuse("status 0x\(String(status, radix: 16)) has bits virtio does not define") }
+        let needsReset = status & VirtioStatus.deviceNeedsReset != 0
+        guard needsReset == (saved.needsResetReason != nil) else {
+            throw refuse("DEVICE_NEEDS_RESET is \(needsReset ? "set" : "clear") but a reason is \(needsReset ? "missing" : "given")")
+        }
+        if status & VirtioStatus.featuresOK != 0 {
+            let unoffered = saved.driverFeatures & ~offeredFeatures
+            guard unoffered == 0 else { throw refuse("FEATURES_OK with features 0x\(String(unoffered, radix: 16)) the device does not offer") }
+            guard saved.driverFeatures & VirtioFeature.version1 != 0 else { throw refuse("FEATURES_OK without VERSION_1") }
+        }
+        let driverOK = status & VirtioStatus.driverOK != 0
+        if saved.active {
+            guard driverOK, status & VirtioStatus.featuresOK != 0 else { throw refuse("active without DRIVER_OK and FEATURES_OK") }
+        } else {
+            guard !driverOK || needsReset else { throw refuse("DRIVER_OK set on a device that was never activated, without DEVICE_NEEDS_RESET") }
+        }
+        // An active device that does not need a reset gets its queues back, at their indices.
+        let running = saved.active && !needsReset
+        var made: [Virtqueue?] = []
+        for (index, queue) in saved.queues.enumerated() {
+            guard running, queue.ready else {
+                guard queue.indices == nil else { throw refuse("queue \(index) has indices but the device was not using it") }
+                made.append(nil)
+                continue
+            }
+            guard let indices = queue.indices else { throw refuse("queue \(index) is in use but its indices are missing") }
+            let configuration = VirtqueueConfiguration(size: queue.size, descriptorTable: queue.descriptorTable,
+                                                       driverArea: queue.driverArea, deviceArea: queue.deviceArea)
+            do {
+                made.append(try Virtqueue(memory: memory, configuration: configuration, maximumSize: device.queueMaximumSizes[index],
+                                          eventIndex: saved.driverFeatures & VirtioFeature.ringEventIndex != 0, resumingAt: indices))
+            } catch {
+                throw refuse("queue \(index): \(error)")
+            }
+        }
+        do {
+            try device.restoreDeviceState(saved.device)
+        } catch {
+            throw DeviceStateError(device: "device", error.message)
+        }
+        // A fresh transport is at status 0; any other is reset first, as a driver would.
+        if state.withLock({ $0.status != 0 || $0.active }) { reset() }
+        device.pause()
+        state.withLock { state in
+            state.status = status
+            state.deviceFeatureSelect = saved.deviceFeatureSelect
+            state.driverFeatureSelect = saved.driverFeatureSelect
+            state.driverFeatures = saved.driverFeatures
+            state.queueSelect = saved.queueSelect
+            state.queues = saved.queues.map { queue in
+                QueueRegisters(size: queue.size, ready: queue.ready, descriptorTable: queue.descriptorTable,
+                               driverArea: queue.driverArea, deviceArea: queue.deviceArea, msixVector: queue.msixVector)
+            }
+            state.configurationGeneration = saved.configurationGeneration
+            state.configurationMSIXVector = saved.configurationVector
+            state.active = saved.active
+            state.needsResetReason = saved.needsResetReason
+            state.virtqueues = made
+        }
+        guard running else { return }
+        guard let interrupt = interruptBox.withLock({ $0 }) else { throw refuse("the transport has no interrupt") }
+        do {
+            try device.activate(activation(features: saved.driverFeatures, queues: made, interrupt: interrupt))
+        } catch {
+            throw refuse("the device could not start again: \(error)")
+        }
     }
 }

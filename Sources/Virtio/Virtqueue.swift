@@ -21,6 +21,20 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
     }
 }
 
+/// Where a device is in a split virtqueue's rings: all a snapshot needs of an active
+/// queue besides its configuration (the rings themselves are in guest memory).
+public struct VirtqueueIndices: Codable, Sendable, Equatable {
+    /// The next available-ring entry the device will take.
+    public var nextAvailable: UInt16
+    /// The used index the device will publish next.
+    public var nextUsed: UInt16
+
+    public init(nextAvailable: UInt16, nextUsed: UInt16) {
+        self.nextAvailable = nextAvailable
+        self.nextUsed = nextUsed
+    }
+}
+
 /// A guest buffer named by one descriptor: checked to lie in guest RAM when the chain was
 /// taken from the queue (the guest may still change its contents at any time).
 public struct GuestBuffer: Sendable, Equatable {
@@ -138,6 +152,40 @@ public final class Virtqueue: Sendable {
         state.withLock { ($0.nextAvailable, $0.nextUsed) }
     }
 
+    /// Where the device is in the rings, as a snapshot saves it (read while the device is
+    /// paused: nothing is taken or returned meanwhile).
+    public var savedIndices: VirtqueueIndices {
+        state.withLock { VirtqueueIndices(nextAvailable: $0.nextAvailable, nextUsed: $0.nextUsed) }
+    }
+
+    /// Makes the queue a restored device continues with: checked as ``init(memory:configuration:maximumSize:eventIndex:)``
+    /// checks a new one, and at `indices`, which must agree with the rings in guest
+    /// memory: the used index the device will publish next is the one the ring holds
+    /// (the device published every entry it made), and at most `size` chains are between
+    /// the two indices (taken and not yet returned). The next chain taken is the one at
+    /// `indices.nextAvailable`, so no request is taken twice or skipped.
+    ///
+    /// The interrupt decision restarts at `nextUsed`: a device pauses only after deciding
+    /// on the interrupt for every entry it returned.
+    public convenience init(memory: GuestMemory, configuration: VirtqueueConfiguration, maximumSize: UInt16,
+                            eventIndex: Bool, resumingAt indices: VirtqueueIndices) throws(VirtioError) {
+        try self.init(memory: memory, configuration: configuration, maximumSize: maximumSize, eventIndex: eventIndex)
+        let ringUsed = try load { () throws(GuestMemoryError) in try memory.loadAcquire16(at: usedIndexAddress) }
+        guard ringUsed == indices.nextUsed else {
+            throw VirtioError("the saved used index \(indices.nextUsed) disagrees with the used ring's index \(ringUsed) in guest memory")
+        }
+        let inFlight = indices.nextAvailable &- indices.nextUsed
+        guard inFlight <= size else {
+            throw VirtioError("the saved next available index \(indices.nextAvailable) is \(inFlight) entries past the used index "
+                              + "\(indices.nextUsed), more than the queue's \(size)")
+        }
+        state.withLock { state in
+            state.nextAvailable = indices.nextAvailable
+            state.nextUsed = indices.nextUsed
+            state.usedAtLastSignal = indices.nextUsed
+        }
+    }
+
     /// Takes the next chain the driver made available, or `nil` when there is none.
     public func popAvailable() throws(VirtioError) -> DescriptorChain? {
         try withState { (state) throws(VirtioError) -> DescriptorChain? in
@@ -153,6 +201,26 @@ public final class Virtqueue: Sendable {
             let chain = try walk(head: head)
             state.nextAvailable &+= 1
             return chain
+        }
+    }
+
+    /// Puts back the last `count` chains taken and not returned, untouched: the next
+    /// ``popAvailable()`` takes them again, in the same order. A device uses it when it
+    /// pauses holding chains it took ahead of need (virtio-net's receive buffers, a frame
+    /// the TAP could not take yet), so a snapshot has no chain half-used: the available
+    /// ring still names them (the driver reuses an entry only after the chain it named
+    /// came back), so taking them again later is what the driver sees as one use.
+    /// The caller guarantees they are the most recent chains it took; more than are out
+    /// (taken and not returned) is refused.
+    public func putBack(_ count: UInt16) throws(VirtioError) {
+        // A refusal is the device's mistake, not the driver's: the queue is not marked broken.
+        try state.withLock { (state) throws(VirtioError) in
+            if let broken = state.broken { throw broken }
+            let out = state.nextAvailable &- state.nextUsed
+            guard count <= out else {
+                throw VirtioError("cannot put back \(count) chains: only \(out) are taken and not returned")
+            }
+            state.nextAvailable &-= count
         }
     }
 

@@ -2,6 +2,7 @@ import DiskImage
 import KVM
 import RateLimit
 import Snapshot
+import Virtio
 import X86
 
 /// The version of Swiftlet, recorded in snapshots and shown by `swiftlet --version`.
@@ -43,6 +44,13 @@ struct SavedMachineConfiguration: Codable, Sendable, Equatable {
         var rateLimiter: RateLimiterConfiguration?
     }
 
+    /// A network interface: the TAP it was on and the MAC the guest knows it by.
+    struct Network: Codable, Sendable, Equatable {
+        var tap: String
+        /// "52:54:00:12:34:56".
+        var mac: String
+    }
+
     var memorySize: UInt64
     var cpuCount: Int
     /// The CPU model as given (`host`, `x86-64-v2,-avx`): for people reading the file; the
@@ -50,6 +58,8 @@ struct SavedMachineConfiguration: Codable, Sendable, Equatable {
     var cpuModel: String
     var virtioTransport: String
     var disks: [Disk]
+    /// Absent in snapshots from before virtio-net: none.
+    var networks: [Network]?
     var completeInstructions: Bool
     var tripleFault: String
     /// With the multiboot test device (kvm-unit-tests).
@@ -78,9 +88,10 @@ struct SavedMemory: Codable, Sendable, Equatable {
 
 extension MachineConfiguration {
     /// The part of the configuration a snapshot records.
-    /// `diskRateLimiters` are the disks' limiters as they are now (they may have changed
-    /// since the machine was built).
-    func saved(testDevice: Bool, diskRateLimiters: [RateLimiterConfiguration] = []) -> SavedMachineConfiguration {
+    /// `networkMACs`: the MAC of each network interface as the board made it (a random one
+    /// where the configuration names none). `diskRateLimiters` are the disks' limiters as
+    /// they are now (they may have changed since the machine was built).
+    func saved(testDevice: Bool, networkMACs: [MACAddress] = [], diskRateLimiters: [RateLimiterConfiguration] = []) -> SavedMachineConfiguration {
         SavedMachineConfiguration(
             memorySize: memorySize, cpuCount: cpuCount, cpuModel: cpuModel.description,
             virtioTransport: virtioTransport.rawValue,
@@ -89,6 +100,7 @@ extension MachineConfiguration {
                 return .init(path: disk.path, readOnly: disk.readOnly, format: disk.format?.rawValue, serial: disk.serial,
                              queues: disk.queues, rateLimiter: limiter?.isLimiting == true ? limiter : nil)
             },
+            networks: zip(networks, networkMACs).map { .init(tap: $0.tap, mac: $1.description) },
             completeInstructions: completeInstructions, tripleFault: tripleFault.rawValue, testDevice: testDevice)
     }
 
@@ -111,6 +123,15 @@ extension MachineConfiguration {
             converted.queues = disk.queues
             converted.rateLimiter = disk.rateLimiter
             return converted
+        }
+        result.networks = try (saved.networks ?? []).map { (network) throws(SnapshotError) in
+            guard !network.tap.isEmpty, network.tap.utf8.count < 16, !network.tap.contains("/") else {
+                throw .malformed("'\(network.tap)' is not a TAP interface name")
+            }
+            guard let mac = MACAddress(network.mac), !mac.isMulticast, !mac.isZero else {
+                throw .malformed("'\(network.mac)' is not a unicast MAC address")
+            }
+            return NetworkConfiguration(tap: network.tap, mac: mac)
         }
         result.completeInstructions = saved.completeInstructions
         result.tripleFault = TripleFaultAction(rawValue: saved.tripleFault) ?? .stop
