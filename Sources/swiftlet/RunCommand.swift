@@ -187,7 +187,22 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
     var virtioTransport: VMConfiguration.VirtioTransport = .pci
 
+    @Option(name: .customLong("api-sock"), help: ArgumentHelp("Serve Firecracker's REST API on this Unix socket; the VM is configured and started through it (see docs/api.md).", valueName: "path"))
+    var apiSocket: String?
+
+    @Option(name: .customLong("config-file"), help: ArgumentHelp("Boot the VM described by this Firecracker JSON configuration (boot-source, drives, machine-config, network-interfaces).", valueName: "path"))
+    var configFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("The instance ID the API reports (with --api-sock or --config-file).", valueName: "id"))
+    var id: String = "anonymous-instance"
+
     func validate() throws {
+        if apiSocket != nil || configFile != nil {
+            for (given, option) in [(kernel != nil, "--kernel"), (flat != nil, "--flat"), (!disk.isEmpty, "--disk"), (!net.isEmpty, "--net"),
+                                    (initrd != nil, "--initrd"), (cmdline != nil, "--cmdline")] where given {
+                throw ValidationError("\(option) cannot be used with --api-sock or --config-file (the VM is configured through the API)")
+            }
+        }
         guard cpus >= 1 else { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
         if kernel == nil {
@@ -204,6 +219,19 @@ struct RunCommand: ParsableCommand {
     }
 
     func run() throws {
+        if apiSocket != nil || configFile != nil {
+            var frontEnd = APIFrontEnd()
+            frontEnd.socketPath = apiSocket
+            frontEnd.configFile = configFile
+            frontEnd.instanceID = id
+            frontEnd.transport = virtioTransport
+            frontEnd.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
+            switch serial {
+            case .stdio: frontEnd.console = .standardOutput
+            case let .file(path): frontEnd.console = .file(path)
+            }
+            frontEnd.run()
+        }
         let boot: VMConfiguration.Boot
         if let kernel {
             boot = .kernel(.file(kernel), initrd: initrd.map { .file($0) }, commandLine: cmdline)

@@ -1,0 +1,79 @@
+import Boot
+import Foundation
+import SwiftletKit
+
+/// Turns the API's configuration (Firecracker's resources) into a SwiftletKit
+/// ``VMConfiguration``. Pure apart from reading the kernel's first bytes to tell a flat
+/// binary from a kernel: testable without /dev/kvm.
+public enum VMMapping {
+    /// Largest file taken as a flat binary: it is loaded at 0x7C00 and must fit below the
+    /// EBDA/VGA hole at 0x9FC00 anyway.
+    static let flatLimit = 0x9FC00 - 0x7C00
+
+    /// The boot-source as a ``VMConfiguration/Boot``: a file with a kernel format
+    /// (bzImage, ELF vmlinux, Multiboot) boots as a kernel; a small file with none is a
+    /// flat binary entered in real mode at 0x7C00 (Swiftlet's teaching guests).
+    public static func boot(_ source: BootSource, commandLine: String?) throws(APIError) -> VMConfiguration.Boot {
+        guard let handle = FileHandle(forReadingAtPath: source.kernelImagePath) else {
+            throw APIError("Cannot open kernel image `\(source.kernelImagePath)`: \(String(cString: strerror(errno)))")
+        }
+        defer { try? handle.close() }
+        let head = (try? handle.read(upToCount: flatLimit + 1)) ?? Data()
+        let bytes = [UInt8](head)
+        if bytes.count <= flatLimit, KernelImage.detect(bytes) == .unknown {
+            guard source.initrdPath == nil else { throw APIError("initrd_path needs a kernel; `\(source.kernelImagePath)` is a flat binary") }
+            return .flat(.file(source.kernelImagePath))
+        }
+        return .kernel(.file(source.kernelImagePath), initrd: source.initrdPath.map { .file($0) }, commandLine: commandLine)
+    }
+
+    /// The kernel command line: `boot_args` (or Swiftlet's default Linux line), with
+    /// `root=` for the root drive as Firecracker adds it (`/dev/vda`, or
+    /// `PARTUUID=...` when the drive has one; `ro` or `rw`).
+    public static func commandLine(bootArgs: String?, drives: [Drive]) -> String? {
+        guard let root = drives.first(where: \.isRootDevice) else { return bootArgs }
+        var line = bootArgs ?? VMConfiguration.defaultLinuxCommandLine
+        let device = root.partuuid.map { "PARTUUID=\($0)" } ?? "/dev/vda"
+        line += " root=\(device) \(root.isReadOnly == true ? "ro" : "rw")"
+        return line
+    }
+
+    /// The whole configuration. The root drive goes first (the guest's /dev/vda), the
+    /// others follow in the order they were added.
+    public static func configuration(machine: MachineConfig, boot source: BootSource, drives: [Drive],
+                                     networks: [NetworkInterface]) throws(APIError) -> VMConfiguration {
+        let ordered = drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice }
+        var configuration = VMConfiguration(boot: try boot(source, commandLine: commandLine(bootArgs: source.bootArgs, drives: ordered)))
+        configuration.memorySize = UInt64(machine.memSizeMib) << 20
+        configuration.cpus = machine.vcpuCount
+        configuration.transparentHugePages = machine.hugePages == "Transparent"
+        configuration.disks = ordered.map { drive in
+            VMConfiguration.Disk(path: drive.pathOnHost, readOnly: drive.isReadOnly ?? false,
+                                 format: drive.format.flatMap(VMConfiguration.Disk.Format.init(rawValue:)), serial: drive.driveId)
+        }
+        configuration.networks = networks.map { VMConfiguration.Network(tap: $0.hostDevName, mac: $0.guestMac) }
+        applyRateLimiters(to: &configuration, drives: ordered, networks: networks)
+        return configuration
+    }
+
+    // MARK: - Merge point with the `ratelimit` branch
+
+    /// >>> RATE LIMITERS: where the API hands `rate_limiter` (drives) and
+    /// `rx_rate_limiter`/`tx_rate_limiter` (network interfaces) to the VM configuration.
+    /// The `RateLimit` module (branch `ratelimit`) adds `rateLimiter` to
+    /// ``VMConfiguration/Disk`` and `rxRateLimiter`/`txRateLimiter` to
+    /// ``VMConfiguration/Network``; at the merge, convert ``RateLimiter`` to its
+    /// `RateLimiterConfiguration` (same fields) and assign them here. Until then the limiters
+    /// are parsed and validated but not applied (docs/api.md says so).
+    static func applyRateLimiters(to configuration: inout VMConfiguration, drives: [Drive], networks: [NetworkInterface]) {
+        _ = (configuration, drives, networks)
+    }
+
+    /// >>> RATE LIMITERS, while running (`PATCH /drives/{id}`, `PATCH /network-interfaces/{id}`):
+    /// at the merge, call the library's calls that change a running device's limiters.
+    static func updateRateLimiters(vm: VM, driveIndex: Int?, networkIndex: Int?, limiter: RateLimiter?,
+                                   rx: RateLimiter?, tx: RateLimiter?) throws(APIError) {
+        _ = (vm, driveIndex, networkIndex, limiter, rx, tx)
+        throw APIError.notSupported("changing rate limiters of a running microVM (not yet wired in this build)")
+    }
+}
