@@ -123,7 +123,7 @@ public final class APIController: Sendable {
             response = try route(method: request.method, parts: parts, body: request.body)
         } catch {
             metrics.count(group, "\(endpoint)_fails")
-            logger.error("Received Error. Status code: 400 Bad Request. Message: \(error.message)")
+            logger.info("Received Error. Status code: 400 Bad Request. Message: \(error.message)")
             return .fault(error.message)
         }
         return response

@@ -110,6 +110,16 @@ public struct MachineConfig: Codable, Sendable, Equatable {
         hugePages = try c.decodeIfPresent(String.self, forKey: .hugePages)
     }
 
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(vcpuCount, forKey: .vcpuCount)
+        try c.encode(memSizeMib, forKey: .memSizeMib)
+        try c.encode(smt ?? false, forKey: .smt)
+        try c.encode(trackDirtyPages ?? false, forKey: .trackDirtyPages)
+        try c.encodeIfPresent(cpuTemplate, forKey: .cpuTemplate)
+        try c.encode(hugePages ?? "None", forKey: .hugePages)
+    }
+
     /// Largest guest RAM the API accepts (1 TiB): beyond it `mem_size_mib << 20` is no
     /// longer a sensible mapping on any host.
     public static let maximumMemoryMib = 1 << 20

@@ -64,7 +64,8 @@ struct ControllerTests {
         expectFault(api.call("PUT", "/machine-config", "[1, 2]"), "deserializing")
         expectFault(api.call("PUT", "/machine-config", "null"), "deserializing")
         expectFault(api.call("PUT", "/machine-config"), "Empty PUT")
-        expectFault(api.call("PUT", "/boot-source", "{\"kernel_image_path\": \"a\u{0}b\"}"), "NUL")
+        expectFault(api.call("PUT", "/boot-source", #"{"kernel_image_path": "a\u0000b"}"#), "NUL")
+        expectFault(api.call("PUT", "/boot-source", "{\"kernel_image_path\": \"a\u{0}b\"}"), "deserializing")
         expectFault(api.call("PUT", "/actions", #"{"action_type": "Explode"}"#), "deserializing")
         expectFault(api.call("PATCH", "/vm", #"{"state": "Sleeping"}"#), "deserializing")
     }
@@ -83,7 +84,7 @@ struct ControllerTests {
     func drives() throws {
         let api = APIController()
         let disk = FileManager.default.temporaryDirectory.appendingPathComponent("api-disk-\(UUID().uuidString)").path
-        FileManager.default.createFile(atPath: disk, contents: Data(count: 4096))
+        _ = FileManager.default.createFile(atPath: disk, contents: Data(count: 4096))
         defer { try? FileManager.default.removeItem(atPath: disk) }
         #expect(api.call("PUT", "/drives/rootfs", #"{"drive_id": "rootfs", "path_on_host": "\#(disk)", "is_root_device": true, "is_read_only": false}"#) == .noContent)
         expectFault(api.call("PUT", "/drives/other", #"{"drive_id": "rootfs", "path_on_host": "\#(disk)", "is_root_device": false}"#),

@@ -74,7 +74,7 @@ final class APIProcess {
         socket = directory.appendingPathComponent("api.sock").path
         console = directory.appendingPathComponent("console").path
         stderrPath = directory.appendingPathComponent("stderr").path
-        FileManager.default.createFile(atPath: stderrPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
         process.executableURL = executable
         process.arguments = name == "firecracker" ? ["--api-sock", socket] + arguments
             : ["run", "--api-sock", socket, "--serial", "file:\(console)"] + arguments
@@ -219,9 +219,10 @@ struct APISocketTests {
         }
         // Many clients at once, each with a valid and an invalid request.
         let results = Mutex<[Int]>([])
+        let socket = vm.socket
         DispatchQueue.concurrentPerform(iterations: 32) { index in
-            let good = UnixHTTP.request(vm.socket, "GET", "/machine-config")
-            let bad = UnixHTTP.request(vm.socket, "PUT", "/machine-config", #"{"vcpu_count": \#(index + 100), "mem_size_mib": 16}"#)
+            let good = UnixHTTP.request(socket, "GET", "/machine-config")
+            let bad = UnixHTTP.request(socket, "PUT", "/machine-config", #"{"vcpu_count": \#(index + 100), "mem_size_mib": 16}"#)
             results.withLock { $0 += [good.status, bad.status] }
         }
         let statuses = results.withLock { $0 }
@@ -250,7 +251,7 @@ struct APISocketTests {
              "drives": [], "network-interfaces": []}
             """.utf8).write(to: config)
         let output = directory.appendingPathComponent("out").path
-        FileManager.default.createFile(atPath: output, contents: nil)
+        _ = FileManager.default.createFile(atPath: output, contents: nil)
         let process = Process()
         process.executableURL = link
         process.arguments = ["--no-api", "--config-file", config.path, "--id", "fc-test", "--level", "Info", "--no-seccomp"]
