@@ -392,9 +392,10 @@ public final class APIController: Sendable {
     func createSnapshot(_ params: SnapshotCreateParams) throws(APIError) {
         try paths.check(params.snapshotPath, "snapshot_path")
         try paths.check(params.memFilePath, "mem_file_path")
+        let diff: Bool
         switch params.snapshotType {
-        case nil, "Full": break
-        case "Diff": throw APIError.notSupported("Diff snapshots (not yet wired in this build)")
+        case nil, "Full": diff = false
+        case "Diff": diff = true
         case let other?: throw APIError("unknown variant `\(other)` of snapshot_type, expected `Full` or `Diff`")
         }
         try state.withLock { (s) throws(APIError) in
@@ -403,7 +404,7 @@ public final class APIController: Sendable {
             case .stopped: throw APIError("The microVM has stopped.")
             case .running: throw APIError("Create snapshot error: the microVM must be paused (PATCH /vm {\"state\": \"Paused\"}) first.")
             case let .paused(vm, _):
-                try SnapshotFiles.create(vm: vm, statePath: params.snapshotPath, memoryPath: params.memFilePath)
+                try SnapshotCalls.create(vm: vm, statePath: params.snapshotPath, memoryPath: params.memFilePath, diff: diff)
             }
         }
         logger.info("Snapshot written to \(params.snapshotPath) and \(params.memFilePath)")
@@ -416,7 +417,6 @@ public final class APIController: Sendable {
         if let overrides = params.networkOverrides, !overrides.isEmpty {
             throw APIError.notSupported("network_overrides (a restored interface keeps its TAP)")
         }
-        if params.trackDirtyPages == true { throw APIError.notSupported("track_dirty_pages (not yet wired in this build)") }
         switch params.hugePages {
         case nil, "Snapshot", "None", "Transparent": break
         case "2M": throw APIError.notSupported("hugetlbfs huge pages (`2M`)")
@@ -427,7 +427,8 @@ public final class APIController: Sendable {
             guard !s.configured else {
                 throw APIError("Loading a microVM snapshot not allowed after configuring boot-specific resources.")
             }
-            let vm = try SnapshotFiles.load(statePath: params.snapshotPath, memoryPath: memoryPath, prepare: prepare)
+            let vm = try SnapshotCalls.load(statePath: params.snapshotPath, memoryPath: memoryPath,
+                                            trackDirtyPages: params.trackDirtyPages ?? false, prepare: prepare)
             if params.resumeVM == true {
                 try launch(vm)
                 s.phase = .running(vm)

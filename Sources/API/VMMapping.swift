@@ -47,6 +47,7 @@ public enum VMMapping {
         configuration.memorySize = UInt64(machine.memSizeMib) << 20
         configuration.cpus = machine.vcpuCount
         configuration.transparentHugePages = machine.hugePages == "Transparent"
+        configuration.trackDirtyPages = machine.trackDirtyPages ?? false
         configuration.disks = ordered.map { drive in
             VMConfiguration.Disk(path: drive.pathOnHost, readOnly: drive.isReadOnly ?? false,
                                  format: drive.format.flatMap(VMConfiguration.Disk.Format.init(rawValue:)), serial: drive.driveId)

@@ -143,7 +143,7 @@ struct APISocketTests {
         #expect(vm.call("GET", "/").body.contains("\"state\":\"Not started\""))
         #expect(vm.call("PUT", "/logger", #"{"log_path": "\#(log)", "level": "Info"}"#).status == 204)
         #expect(vm.call("PUT", "/metrics", #"{"metrics_path": "\#(metrics)"}"#).status == 204)
-        #expect(vm.call("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 16}"#).status == 204)
+        #expect(vm.call("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 16, "track_dirty_pages": true}"#).status == 204)
         #expect(vm.call("PUT", "/boot-source", #"{"kernel_image_path": "\#(Swiftlet.guest("counter"))"}"#).status == 204)
         let start = vm.call("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
         #expect(start.status == 204, "\(start.body) \(vm.stderr)")
@@ -169,6 +169,16 @@ struct APISocketTests {
         #expect(vm.call("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
         #expect(vm.wait(forCountAbove: atPause + 2))
         expectConsecutive(vm.counts)
+        // A diff snapshot (track_dirty_pages) holds only the pages written since the first.
+        #expect(vm.call("PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
+        let diffState = vm.directory.appendingPathComponent("diff.state").path
+        let diffMemory = vm.directory.appendingPathComponent("diff.mem").path
+        let diff = vm.call("PUT", "/snapshot/create", #"{"snapshot_path": "\#(diffState)", "mem_file_path": "\#(diffMemory)", "snapshot_type": "Diff"}"#)
+        #expect(diff.status == 204, "\(diff.body)")
+        var full = stat(), partial = stat()
+        #expect(stat(memoryPath, &full) == 0 && stat(diffMemory, &partial) == 0)
+        #expect(partial.st_blocks < full.st_blocks, "diff \(partial.st_blocks) blocks, full \(full.st_blocks)")
+        #expect(vm.call("PATCH", "/vm", #"{"state": "Resumed"}"#).status == 204)
         #expect(vm.call("PUT", "/actions", #"{"action_type": "FlushMetrics"}"#).status == 204)
         let config = vm.call("GET", "/vm/config")
         #expect(config.status == 200 && config.body.contains("\"mem_size_mib\":16") && config.body.contains("counter.bin"))
