@@ -69,8 +69,8 @@ public final class APIServer: Sendable {
         return "\(error)"
     }
 
-    /// The handlers of one connection: NIO's HTTP/1.1 parser and encoder, an idle timeout,
-    /// and the request handler. Tests build the same pipeline on an `EmbeddedChannel`.
+    /// The handlers of one connection: NIO's HTTP/1.1 parser and encoder, a timeout for a
+    /// request that stops arriving halfway, and the request handler. Tests build the same pipeline on an `EmbeddedChannel`.
     public static func configure(_ pipeline: ChannelPipeline.SynchronousOperations, controller: APIController,
                                  maxPayload: Int, idleTimeout: TimeAmount = .seconds(60)) throws {
         try pipeline.configureHTTPServerPipeline(withPipeliningAssistance: false, withErrorHandling: false)
@@ -177,6 +177,9 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is IdleStateHandler.IdleStateEvent {
+            // Only a request left half-sent is given up on; an idle keep-alive
+            // connection between requests stays open, as Firecracker keeps it.
+            guard head != nil else { return }
             closing = true
             context.close(promise: nil)
         } else {

@@ -51,9 +51,13 @@ struct APIFrontEnd {
             FileHandleOutput.standardError("swiftlet: \(message)")
             exit(VMExit.failureStatus)
         }
+        // Paths on the command line come from the user who started Swiftlet (/dev/stdout
+        // is a fine log path there); the API's clients get `paths`.
+        var trusted = PathPolicy()
+        trusted.denied = []
         do {
-            try controller.logSink.configure(logger, paths: PathPolicy())
-            if let metricsPath { try controller.metrics.configure(MetricsConfig(metricsPath: metricsPath), paths: PathPolicy()) }
+            try controller.logSink.configure(logger, paths: trusted)
+            if let metricsPath { try controller.metrics.configure(MetricsConfig(metricsPath: metricsPath), paths: trusted) }
         } catch {
             fail(error.message)
         }

@@ -108,6 +108,15 @@ struct RunCommand: ParsableCommand {
             name, with one line and status 2. 'swiftlet cpu' lists models and features; \
             'swiftlet cpu --show MODEL' shows what a vCPU gets here. See docs/booting.md.
 
+            FIRECRACKER'S API
+              --api-sock PATH serves Firecracker's REST API (HTTP/1.1 on a Unix socket): \
+            the VM is configured with PUT /machine-config, /boot-source, /drives/ID, \
+            /network-interfaces/ID and started with PUT /actions InstanceStart; PATCH /vm \
+            pauses and resumes it, PUT /snapshot/create and /snapshot/load save and restore \
+            it. --config-file PATH boots Firecracker's JSON configuration without any call. \
+            Run through a symlink named 'firecracker', swiftlet takes Firecracker's own \
+            flags. See docs/api.md.
+
             EXIT STATUS
               A guest's exit value always gives an odd status; everything Swiftlet \
             decides itself is even, so the two cannot be confused.
