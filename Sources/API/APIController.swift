@@ -1,5 +1,6 @@
 import Basics
-import Foundation
+import FoundationEssentials
+import Glibc
 import Logging
 import Synchronization
 import SwiftletKit
@@ -291,7 +292,7 @@ public final class APIController: Sendable {
         } catch let error as DecodingError {
             throw APIError("An error occurred when deserializing the json body of a request: \(error.summary).")
         } catch {
-            throw APIError("An error occurred when deserializing the json body of a request: \(error.localizedDescription)")
+            throw APIError("An error occurred when deserializing the json body of a request: \(error)")
         }
     }
 
@@ -459,7 +460,7 @@ public final class APIController: Sendable {
 
     @discardableResult
     public func flushMetrics() -> Bool {
-        metrics.flush(extra: ["swiftlet": ["state": stateName]])
+        metrics.flush(extra: ["swiftlet": .object(["state": .string(stateName)])])
     }
 
     /// `GET /vm/config`: everything configured (after a restore, what the snapshot had is

@@ -1,5 +1,6 @@
 import CLinux
-import Foundation
+import FoundationEssentials
+import Glibc
 import Logging
 import Synchronization
 
@@ -105,7 +106,7 @@ public final class LogSink: Sendable {
             if let module = s.module, !label.hasPrefix(module) { return }
             var text = Self.timestamp() + " [\(instanceID):\(Self.threadName())]"
             if s.showLevel { text += " [\(Self.name(of: level))]" }
-            if s.showOrigin { text += " [\((file as NSString).lastPathComponent):\(line)]" }
+            if s.showOrigin { text += " [\(file.split(separator: "/").last.map(String.init) ?? file):\(line)]" }
             text += " " + message + "\n"
             writeAll(s.descriptor, Array(text.utf8))
         }
@@ -117,8 +118,12 @@ public final class LogSink: Sendable {
         var seconds = time_t(now.tv_sec)
         var parts = tm()
         gmtime_r(&seconds, &parts)
-        return String(format: "%04d-%02d-%02dT%02d:%02d:%02d.%09ld", parts.tm_year + 1900, parts.tm_mon + 1, parts.tm_mday,
-                      parts.tm_hour, parts.tm_min, parts.tm_sec, now.tv_nsec)
+        func padded(_ value: Int, _ width: Int) -> String {
+            let digits = String(value)
+            return String(repeating: "0", count: max(0, width - digits.count)) + digits
+        }
+        return "\(padded(Int(parts.tm_year) + 1900, 4))-\(padded(Int(parts.tm_mon) + 1, 2))-\(padded(Int(parts.tm_mday), 2))T"
+            + "\(padded(Int(parts.tm_hour), 2)):\(padded(Int(parts.tm_min), 2)):\(padded(Int(parts.tm_sec), 2)).\(padded(Int(now.tv_nsec), 9))"
     }
 
     static func threadName() -> String {

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import Glibc
 import Synchronization
 
 /// Firecracker-style metrics: counters kept while the VMM runs, written as one JSON
@@ -42,26 +43,46 @@ public final class MetricsRecorder: Sendable {
         state.withLock { s in s.counters[group, default: [:]][name, default: 0] &+= amount }
     }
 
-    /// The line a flush writes now (without resetting anything): for tests.
-    func line(resetting: Bool, extra: [String: Any] = [:]) -> [UInt8] {
+    /// The line a flush writes now.
+    func line(resetting: Bool, extra: [String: MetricValue] = [:]) -> [UInt8] {
         state.withLock { s in
-            var object: [String: Any] = ["utc_timestamp_ms": Int64(Date().timeIntervalSince1970 * 1000)]
-            for (group, counters) in s.counters { object[group] = counters }
-            if s.config?.emitId == true { object["id"] = instanceID }
-            if let properties = s.config?.properties { object["properties"] = properties }
+            var object: [String: MetricValue] = ["utc_timestamp_ms": .integer(Int64(Date().timeIntervalSince1970 * 1000))]
+            for (group, counters) in s.counters {
+                object[group] = .object(counters.mapValues { .integer(Int64(clamping: $0)) })
+            }
+            if s.config?.emitId == true { object["id"] = .string(instanceID) }
+            if let properties = s.config?.properties { object["properties"] = .object(properties.mapValues { .string($0) }) }
             for (key, value) in extra { object[key] = value }
             if resetting { s.counters = [:] }
-            let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            let data = (try? encoder.encode(object)) ?? Data("{}".utf8)
             return Array(data) + [0x0A]
         }
     }
 
     /// Writes one line of metrics; `false` when no output is configured.
     @discardableResult
-    public func flush(extra: [String: Any] = [:]) -> Bool {
+    public func flush(extra: [String: MetricValue] = [:]) -> Bool {
         guard let descriptor = state.withLock({ $0.descriptor }) else { return false }
         let bytes = line(resetting: true, extra: extra)
         writeAll(descriptor, bytes)
         return true
+    }
+}
+
+/// A value in a metrics line: a counter, a string, or a group of them.
+public enum MetricValue: Encodable, Sendable, Equatable {
+    case integer(Int64)
+    case string(String)
+    case object([String: MetricValue])
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        switch self {
+        case let .integer(value): try container.encode(value)
+        case let .string(value): try container.encode(value)
+        case let .object(value): try container.encode(value)
+        }
     }
 }

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import Glibc
 
 /// Which host paths an API client may name (kernels, drives, snapshot files, log and
 /// metrics outputs). A client of the socket is less trusted than the user who started
@@ -34,18 +35,26 @@ public struct PathPolicy: Sendable, Equatable {
     /// prefix resolved (a file that does not exist yet is judged by its directory).
     static func resolve(_ path: String) -> String {
         let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
-        var existing = URL(fileURLWithPath: absolute).standardized.path
+        // `.` and `..` removed lexically (`..` at the root stays at the root).
+        var components: [String] = []
+        for part in absolute.split(separator: "/") {
+            if part == "." { continue }
+            if part == ".." { _ = components.popLast(); continue }
+            components.append(String(part))
+        }
         var rest: [String] = []
+        var existing = "/" + components.joined(separator: "/")
         while existing != "/" && !FileManager.default.fileExists(atPath: existing) {
-            rest.insert((existing as NSString).lastPathComponent, at: 0)
-            existing = (existing as NSString).deletingLastPathComponent
+            rest.insert(components.removeLast(), at: 0)
+            existing = "/" + components.joined(separator: "/")
         }
         var resolvedBase = existing
         if let real = realpath(existing, nil) {
             resolvedBase = String(cString: real)
             free(real)
         }
-        return ([resolvedBase] + rest).joined(separator: "/").replacingOccurrences(of: "//", with: "/")
+        guard !rest.isEmpty else { return resolvedBase }
+        return (resolvedBase == "/" ? "" : resolvedBase) + "/" + rest.joined(separator: "/")
     }
 
     static func isBeneath(_ path: String, _ prefix: String) -> Bool {

@@ -56,7 +56,7 @@ extension DecodingError {
             return "missing field `\(key.stringValue)`\(path(context))"
         case let .dataCorrupted(context):
             if let underlying = context.underlyingError {
-                return "\(context.debugDescription)\(path(context)) (\(underlying.localizedDescription))"
+                return "\(context.debugDescription)\(path(context)) (\(underlying))"
             }
             return "\(context.debugDescription)\(path(context))"
         @unknown default:

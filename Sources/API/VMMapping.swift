@@ -1,5 +1,5 @@
 import Boot
-import Foundation
+import Glibc
 import SwiftletKit
 
 /// Turns the API's configuration (Firecracker's resources) into a SwiftletKit
@@ -14,12 +14,26 @@ public enum VMMapping {
     /// (bzImage, ELF vmlinux, Multiboot) boots as a kernel; a small file with none is a
     /// flat binary entered in real mode at 0x7C00 (Swiftlet's teaching guests).
     public static func boot(_ source: BootSource, commandLine: String?) throws(APIError) -> VMConfiguration.Boot {
-        guard let handle = FileHandle(forReadingAtPath: source.kernelImagePath) else {
+        let descriptor = open(source.kernelImagePath, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        guard descriptor >= 0 else {
             throw APIError("Cannot open kernel image `\(source.kernelImagePath)`: \(String(cString: strerror(errno)))")
         }
-        defer { try? handle.close() }
-        let head = (try? handle.read(upToCount: flatLimit + 1)) ?? Data()
-        let bytes = [UInt8](head)
+        defer { close(descriptor) }
+        var status = stat()
+        guard fstat(descriptor, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
+            throw APIError("kernel_image_path `\(source.kernelImagePath)` is not a regular file")
+        }
+        // The first flatLimit + 1 bytes: enough to tell a kernel format, and to know a
+        // flat binary fits.
+        var bytes = [UInt8](repeating: 0, count: flatLimit + 1)
+        var filled = 0
+        while filled < bytes.count {
+            let count = bytes[filled...].withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { break }
+            filled += count
+        }
+        bytes.removeSubrange(filled...)
         if bytes.count <= flatLimit, KernelImage.detect(bytes) == .unknown {
             guard source.initrdPath == nil else { throw APIError("initrd_path needs a kernel; `\(source.kernelImagePath)` is a flat binary") }
             return .flat(.file(source.kernelImagePath))

@@ -1,6 +1,6 @@
 import API
 import Basics
-import Foundation
+import Glibc
 import NIOCore
 import NIOHTTP1
 import NIOPosix

@@ -1,6 +1,6 @@
 import API
 import APIServer
-import Foundation
+import FoundationEssentials
 import Glibc
 import Synchronization
 import SwiftletKit
