@@ -195,7 +195,8 @@ public final class APIController: Sendable {
             try checkPathID(parts[1], update.driveId)
             try update.rateLimiter?.validate("rate_limiter")
             let (vm, index) = try postBoot { (s) throws(APIError) -> Int in
-                guard let index = s.drives.firstIndex(where: { $0.driveId == update.driveId }) else {
+                // The VM's disk index: the root drive first, as VMMapping orders them.
+                guard let index = VMMapping.ordered(s.drives).firstIndex(where: { $0.driveId == update.driveId }) else {
                     throw APIError("Invalid block device ID: \(update.driveId)")
                 }
                 return index
@@ -206,6 +207,9 @@ public final class APIController: Sendable {
             }
             guard update.rateLimiter != nil else { return .noContent }
             try VMMapping.updateRateLimiters(vm: vm, driveIndex: index, networkIndex: nil, limiter: update.rateLimiter, rx: nil, tx: nil)
+            state.withLock { s in
+                if let stored = s.drives.firstIndex(where: { $0.driveId == update.driveId }) { s.drives[stored].rateLimiter = update.rateLimiter }
+            }
             return .noContent
         case ("PUT", 2, "network-interfaces"):
             let interface = try decode(NetworkInterface.self, body, method)
@@ -240,6 +244,10 @@ public final class APIController: Sendable {
             guard update.rxRateLimiter != nil || update.txRateLimiter != nil else { return .noContent }
             try VMMapping.updateRateLimiters(vm: vm, driveIndex: nil, networkIndex: index, limiter: nil,
                                              rx: update.rxRateLimiter, tx: update.txRateLimiter)
+            state.withLock { s in
+                if let rx = update.rxRateLimiter { s.networks[index].rxRateLimiter = rx }
+                if let tx = update.txRateLimiter { s.networks[index].txRateLimiter = tx }
+            }
             return .noContent
         case ("PUT", 1, "actions"):
             let action = try decode(InstanceAction.self, body, method)

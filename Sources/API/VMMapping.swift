@@ -1,5 +1,6 @@
 import Boot
 import Glibc
+import RateLimit
 import SwiftletKit
 
 /// Turns the API's configuration (Firecracker's resources) into a SwiftletKit
@@ -52,11 +53,17 @@ public enum VMMapping {
         return line
     }
 
+    /// The drives in the guest's order: the root drive first (/dev/vda), then the others
+    /// in the order they were added.
+    static func ordered(_ drives: [Drive]) -> [Drive] {
+        drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice }
+    }
+
     /// The whole configuration. The root drive goes first (the guest's /dev/vda), the
     /// others follow in the order they were added.
     public static func configuration(machine: MachineConfig, boot source: BootSource, drives: [Drive],
                                      networks: [NetworkInterface]) throws(APIError) -> VMConfiguration {
-        let ordered = drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice }
+        let ordered = Self.ordered(drives)
         var configuration = VMConfiguration(boot: try boot(source, commandLine: commandLine(bootArgs: source.bootArgs, drives: ordered)))
         configuration.memorySize = UInt64(machine.memSizeMib) << 20
         configuration.cpus = machine.vcpuCount
@@ -71,24 +78,44 @@ public enum VMMapping {
         return configuration
     }
 
-    // MARK: - Merge point with the `ratelimit` branch
+    // MARK: - Rate limiters
 
-    /// >>> RATE LIMITERS: where the API hands `rate_limiter` (drives) and
-    /// `rx_rate_limiter`/`tx_rate_limiter` (network interfaces) to the VM configuration.
-    /// The `RateLimit` module (branch `ratelimit`) adds `rateLimiter` to
-    /// ``VMConfiguration/Disk`` and `rxRateLimiter`/`txRateLimiter` to
-    /// ``VMConfiguration/Network``; at the merge, convert ``RateLimiter`` to its
-    /// `RateLimiterConfiguration` (same fields) and assign them here. Until then the limiters
-    /// are parsed and validated but not applied (docs/api.md says so).
+    /// Where the API hands `rate_limiter` (drives) and `rx_rate_limiter`/`tx_rate_limiter`
+    /// (network interfaces) to the VM configuration (the `RateLimit` module's types).
     static func applyRateLimiters(to configuration: inout VMConfiguration, drives: [Drive], networks: [NetworkInterface]) {
-        _ = (configuration, drives, networks)
+        for (index, drive) in drives.enumerated() {
+            configuration.disks[index].rateLimiter = drive.rateLimiter.map(RateLimiterConfiguration.init)
+        }
+        for (index, interface) in networks.enumerated() {
+            configuration.networks[index].rxRateLimiter = interface.rxRateLimiter.map(RateLimiterConfiguration.init)
+            configuration.networks[index].txRateLimiter = interface.txRateLimiter.map(RateLimiterConfiguration.init)
+        }
     }
 
-    /// >>> RATE LIMITERS, while running (`PATCH /drives/{id}`, `PATCH /network-interfaces/{id}`):
-    /// at the merge, call the library's calls that change a running device's limiters.
+    /// `PATCH /drives/{id}` and `PATCH /network-interfaces/{id}` while running: the
+    /// library's calls that change a running device's limiters.
     static func updateRateLimiters(vm: VM, driveIndex: Int?, networkIndex: Int?, limiter: RateLimiter?,
                                    rx: RateLimiter?, tx: RateLimiter?) throws(APIError) {
-        _ = (vm, driveIndex, networkIndex, limiter, rx, tx)
-        throw APIError.notSupported("changing rate limiters of a running microVM (not yet wired in this build)")
+        do throws(SwiftletError) {
+            if let driveIndex {
+                try vm.updateRateLimiter(disk: driveIndex, limiter.map(RateLimiterConfiguration.init))
+            }
+            if let networkIndex {
+                try vm.updateRateLimiters(networkInterface: networkIndex, rx: rx.map(RateLimiterConfiguration.init),
+                                          tx: tx.map(RateLimiterConfiguration.init))
+            }
+        } catch {
+            throw APIError("Cannot update the rate limiter: \(error.message)")
+        }
+    }
+}
+
+extension RateLimiterConfiguration {
+    /// The API's (strictly decoded, validated) limiter as the `RateLimit` module's.
+    init(_ limiter: RateLimiter) {
+        func bucket(_ bucket: TokenBucket?) -> TokenBucketConfiguration? {
+            bucket.map { TokenBucketConfiguration(size: $0.size, oneTimeBurst: $0.oneTimeBurst, refillTime: $0.refillTime) }
+        }
+        self.init(bandwidth: bucket(limiter.bandwidth), ops: bucket(limiter.ops))
     }
 }

@@ -55,7 +55,8 @@ extension Board {
             } catch {
                 throw .cannotOpen(path: disk.path, purpose: "disk", reason: "\(error)")
             }
-            var options = VirtioBlockOptions(readOnly: disk.readOnly, serial: disk.serial, diskIndex: index, queueCount: disk.queues)
+            var options = VirtioBlockOptions(readOnly: disk.readOnly, serial: disk.serial, diskIndex: index, queueCount: disk.queues,
+                                             rateLimiter: disk.rateLimiter)
             options.readOnly = disk.readOnly || image.isReadOnly
             do {
                 let device = try VirtioBlock(disk: image, options: options)
@@ -82,7 +83,9 @@ extension Board {
             }
             let mac = network.mac ?? MACAddress.randomLocallyAdministered()
             do {
-                let device = try VirtioNet(backend: tap, options: VirtioNetOptions(mac: mac, index: index))
+                let options = VirtioNetOptions(mac: mac, index: index, receiveRateLimiter: network.rxRateLimiter,
+                                               transmitRateLimiter: network.txRateLimiter)
+                let device = try VirtioNet(backend: tap, options: options)
                 interfaces.append(NetworkInterface(name: name, tap: tap, device: device))
             } catch {
                 throw .invalidConfiguration("\(name): \(error)")

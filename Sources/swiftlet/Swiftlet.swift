@@ -13,7 +13,7 @@ struct SwiftletCommand: ParsableCommand {
 
             Run 'swiftlet run' with no arguments to boot the built-in hello guest.
             """,
-        subcommands: [RunCommand.self, ImageCommand.self, CPUCommand.self],
+        subcommands: [RunCommand.self, ImageCommand.self, CPUCommand.self, MonitorCommand.self],
         defaultSubcommand: RunCommand.self
     )
 }

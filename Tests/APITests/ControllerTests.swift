@@ -209,6 +209,16 @@ struct MappingTests {
         #expect(configuration.disks[0].readOnly && configuration.disks[1].format == .qcow2)
         #expect(configuration.memorySize == 64 << 20 && configuration.cpus == 2)
         #expect(configuration.networks.map(\.tap) == ["tap9"])
+        // Rate limiters reach the VM configuration, following the drive's new position.
+        data.rateLimiter = RateLimiter(bandwidth: TokenBucket(size: 4096, oneTimeBurst: 512, refillTime: 100))
+        var interface = NetworkInterface(ifaceId: "eth0", hostDevName: "tap9")
+        interface.txRateLimiter = RateLimiter(ops: TokenBucket(size: 10, refillTime: 1000))
+        let limited = try VMMapping.configuration(machine: MachineConfig(vcpuCount: 1, memSizeMib: 64),
+                                                  boot: BootSource(kernelImagePath: "\(guestsDirectory)/multiboot.elf"),
+                                                  drives: [data, root], networks: [interface])
+        #expect(limited.disks[0].rateLimiter == nil)
+        #expect(limited.disks[1].rateLimiter?.bandwidth?.size == 4096 && limited.disks[1].rateLimiter?.bandwidth?.oneTimeBurst == 512)
+        #expect(limited.networks[0].txRateLimiter?.ops?.refillTime == 1000 && limited.networks[0].rxRateLimiter == nil)
     }
 }
 

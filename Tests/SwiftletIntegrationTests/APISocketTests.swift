@@ -145,9 +145,17 @@ struct APISocketTests {
         #expect(vm.call("PUT", "/metrics", #"{"metrics_path": "\#(metrics)"}"#).status == 204)
         #expect(vm.call("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 16, "track_dirty_pages": true}"#).status == 204)
         #expect(vm.call("PUT", "/boot-source", #"{"kernel_image_path": "\#(Swiftlet.guest("counter"))"}"#).status == 204)
+        let disk = vm.directory.appendingPathComponent("data.img").path
+        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
+        #expect(vm.call("PUT", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(disk)", "is_root_device": false, "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#).status == 204)
         let start = vm.call("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
         #expect(start.status == 204, "\(start.body) \(vm.stderr)")
         #expect(vm.wait(forCountAbove: 3))
+        // A running drive's rate limiter changes; an unknown drive is refused.
+        let patched = vm.call("PATCH", "/drives/data", #"{"drive_id": "data", "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 100}}}"#)
+        #expect(patched.status == 204, "\(patched.body)")
+        #expect(vm.call("GET", "/vm/config").body.contains("\"size\":1048576"))
+        #expect(vm.call("PATCH", "/drives/nothing", #"{"drive_id": "nothing", "rate_limiter": {}}"#).status == 400)
         #expect(vm.call("GET", "/").body.contains("\"state\":\"Running\""))
         // Pre-boot only calls are refused now, with Firecracker's message.
         let late = vm.call("PUT", "/machine-config", #"{"vcpu_count": 2, "mem_size_mib": 16}"#)

@@ -12,6 +12,10 @@
  *   write SEED   fill the whole disk with the pattern below, flush (if the device offers
  *                VIRTIO_BLK_F_FLUSH), and print  "written: N sectors"
  *   id           ask for the device's serial (VIRTIO_BLK_T_GET_ID), print  serial: "..."
+ *   bench KIND [DEPTH [SECONDS]]
+ *                time the disk: KIND is seqread, seqwrite or randread, with DEPTH requests
+ *                in flight (default 8, at most 32) for SECONDS seconds (default 3); one
+ *                result line "bench KIND: ..." (bench.c says what each does and prints)
  *
  * Options (anywhere on the command line):
  *   virtio_mmio.device=<size>@<base>:<irq>   a virtio-mmio device (virtio-mmio.c)
@@ -36,6 +40,7 @@
  */
 #include "blk.h"
 #include "kernel.h"
+#include "bench.h"
 
 const char program_name[] = "virtio-blk";
 
@@ -227,14 +232,26 @@ static void job_id(void)
 void user_main(void)
 {
     const char *cmdline = boot_info.cmdline;
-    char words[3][32];
-    int count = job_words(cmdline, boot_info.protocol == BOOT_MULTIBOOT, words, 3);
+    char words[4][32];
+    int count = job_words(cmdline, boot_info.protocol == BOOT_MULTIBOOT, words, 4);
     if (count == 0)
-        fail("no job on the command line (\"%s\"): expected crc, write SEED or id", cmdline);
+        fail("no job on the command line (\"%s\"): expected crc, write SEED, id or bench KIND", cmdline);
 
     /* Check the job before touching any device. */
     uint64_t seed = 0;
-    if (equal(words[0], "write")) {
+    enum bench_kind bench_kind = BENCH_SEQREAD;
+    uint64_t bench_depth = BENCH_DEFAULT_DEPTH, bench_seconds = BENCH_DEFAULT_SECONDS;
+    if (equal(words[0], "bench")) {
+        if (count < 2 || count > 4 || !bench_kind_from_name(words[1], &bench_kind))
+            fail("bench needs a KIND (seqread, seqwrite or randread), then optionally DEPTH and SECONDS");
+        size_t n;
+        if (count >= 3 && ((n = parse_u64(words[2], &bench_depth)) == 0 || words[2][n] != 0 || bench_depth == 0 ||
+                           bench_depth > BLK_MAX_REQUESTS))
+            fail("bench: DEPTH \"%s\" must be a number from 1 to %u", words[2], BLK_MAX_REQUESTS);
+        if (count == 4 && ((n = parse_u64(words[3], &bench_seconds)) == 0 || words[3][n] != 0 ||
+                           bench_seconds == 0 || bench_seconds > BENCH_MAX_SECONDS))
+            fail("bench: SECONDS \"%s\" must be a number from 1 to %u", words[3], BENCH_MAX_SECONDS);
+    } else if (equal(words[0], "write")) {
         size_t n = count >= 2 ? parse_u64(words[1], &seed) : 0;
         if (count != 2 || n == 0 || words[1][n] != 0 || seed > 0xFFFFFFFFu)
             fail("write needs one SEED, a 32-bit number (decimal or 0x hexadecimal)");
@@ -242,7 +259,7 @@ void user_main(void)
         if (count != 1)
             fail("%s takes no argument, but the command line has %d words for the job", words[0], count);
     } else {
-        fail("unknown job \"%s\": expected crc, write SEED or id", words[0]);
+        fail("unknown job \"%s\": expected crc, write SEED, id or bench KIND", words[0]);
     }
     uint16_t cs;
     __asm__("mov %%cs, %0" : "=r"(cs));  /* the low two bits of CS: the privilege level */
@@ -253,9 +270,12 @@ void user_main(void)
     if (!virtio_mmio_find(cmdline, VIRTIO_ID_BLOCK, &device) && !virtio_pci_find(cmdline, VIRTIO_ID_BLOCK, &device))
         fail("no virtio block device found (looked at the virtio_mmio.device= windows of the command line, "
              "then PCI bus 0 for 1af4:1042 and 1af4:1001)");
-    blk_init(&blk, &device);
+    bool bench = equal(words[0], "bench");
+    blk_init(&blk, &device, bench ? (uint32_t)bench_depth : 0);
 
-    if (equal(words[0], "crc"))
+    if (bench)
+        bench_run(&blk, bench_kind, (uint32_t)bench_depth, (uint32_t)bench_seconds);
+    else if (equal(words[0], "crc"))
         job_crc();
     else if (equal(words[0], "write"))
         job_write((uint32_t)seed);
