@@ -22,6 +22,9 @@
 //   Machine    Puts it together: VM, vCPU threads, exit loop, console.
 //   SwiftletKit  The library: configure a VM, run it, get its exit and console (the API
 //              the CLI and test suites use).
+//   API        Firecracker's REST API without sockets: request and response models, what may
+//              be called when, the mapping to SwiftletKit, metrics and logging set-up.
+//   APIServer  The API's HTTP/1.1 server on a Unix socket (SwiftNIO), on threads named "api".
 //   swiftlet   The command-line tool, a thin layer over SwiftletKit.
 import PackageDescription
 
@@ -36,6 +39,8 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         .target(name: "CLinux"),
@@ -60,10 +65,16 @@ let package = Package(
         .target(name: "Snapshot", dependencies: ["Basics", "CZlib"]),
         .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot", "RateLimit"]),
         .target(name: "SwiftletKit", dependencies: ["Basics", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM", "RateLimit"]),
+        .target(name: "API", dependencies: ["Basics", "Boot", "CLinux", "SwiftletKit", "RateLimit", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "APIServer", dependencies: ["API", "Basics", "CLinux",
+                                                 .product(name: "NIOCore", package: "swift-nio"),
+                                                 .product(name: "NIOPosix", package: "swift-nio"),
+                                                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                                                 .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
-                "Basics", "SwiftletKit", "DiskImage", "RateLimit",
+                "Basics", "SwiftletKit", "DiskImage", "RateLimit", "API", "APIServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -80,6 +91,10 @@ let package = Package(
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "RateLimit"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot"]),
+        .testTarget(name: "APITests", dependencies: ["API", "APIServer", "SwiftletKit",
+                                                    .product(name: "NIOCore", package: "swift-nio"),
+                                                    .product(name: "NIOEmbedded", package: "swift-nio"),
+                                                    .product(name: "NIOHTTP1", package: "swift-nio")]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -25,6 +25,10 @@ int clinux_set_thread_name(const char *name) {
     return pthread_setname_np(pthread_self(), truncated);
 }
 
+int clinux_get_thread_name(char *buffer, unsigned long length) {
+    return pthread_getname_np(pthread_self(), buffer, length);
+}
+
 int clinux_epoll_create(void) {
     return epoll_create1(EPOLL_CLOEXEC);
 }

@@ -137,6 +137,15 @@ struct RunCommand: ParsableCommand {
             gives up its lock just before the target opens it. Network interfaces \
             cannot be migrated yet. See docs/migration.md.
 
+            FIRECRACKER'S API
+              --api-sock PATH serves Firecracker's REST API (HTTP/1.1 on a Unix socket): \
+            the VM is configured with PUT /machine-config, /boot-source, /drives/ID, \
+            /network-interfaces/ID and started with PUT /actions InstanceStart; PATCH /vm \
+            pauses and resumes it, PUT /snapshot/create and /snapshot/load save and restore \
+            it. --config-file PATH boots Firecracker's JSON configuration without any call. \
+            Run through a symlink named 'firecracker', swiftlet takes Firecracker's own \
+            flags. See docs/api.md.
+
             EXIT STATUS
               A guest's exit value always gives an odd status; everything Swiftlet \
             decides itself is even, so the two cannot be confused.
@@ -249,7 +258,22 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
     var virtioTransport: VMConfiguration.VirtioTransport?
 
+    @Option(name: .customLong("api-sock"), help: ArgumentHelp("Serve Firecracker's REST API on this Unix socket; the VM is configured and started through it (see docs/api.md).", valueName: "path"))
+    var apiSocket: String?
+
+    @Option(name: .customLong("config-file"), help: ArgumentHelp("Boot the VM described by this Firecracker JSON configuration (boot-source, drives, machine-config, network-interfaces).", valueName: "path"))
+    var configFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("The instance ID the API reports (with --api-sock or --config-file).", valueName: "id"))
+    var id: String = "anonymous-instance"
+
     func validate() throws {
+        if apiSocket != nil || configFile != nil {
+            for (given, option) in [(kernel != nil, "--kernel"), (flat != nil, "--flat"), (!disk.isEmpty, "--disk"), (!net.isEmpty, "--net"),
+                                    (initrd != nil, "--initrd"), (cmdline != nil, "--cmdline"), (restore != nil, "--restore"), (monitor != nil, "--monitor"), (incoming != nil, "--incoming")] where given {
+                throw ValidationError("\(option) cannot be used with --api-sock or --config-file (the VM is configured through the API)")
+            }
+        }
         if let cpus, cpus < 1 { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
         if restore != nil && incoming != nil { throw ValidationError("--restore and --incoming cannot be used together") }
@@ -278,6 +302,19 @@ struct RunCommand: ParsableCommand {
     }
 
     func run() throws {
+        if apiSocket != nil || configFile != nil {
+            var frontEnd = APIFrontEnd()
+            frontEnd.socketPath = apiSocket
+            frontEnd.configFile = configFile
+            frontEnd.instanceID = id
+            frontEnd.transport = virtioTransport ?? .pci
+            frontEnd.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
+            switch serial {
+            case .stdio: frontEnd.console = .standardOutput
+            case let .file(path): frontEnd.console = .file(path)
+            }
+            frontEnd.run()
+        }
         let boot: VMConfiguration.Boot
         if let incoming {
             boot = .incoming(address: incoming)

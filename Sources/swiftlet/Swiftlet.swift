@@ -22,6 +22,10 @@ struct SwiftletCommand: ParsableCommand {
 enum Main {
     static func main() {
         StandardDescriptors.keepOccupied()
+        // Started through a symlink named `firecracker`: Firecracker's command line.
+        if let name = CommandLine.arguments.first?.split(separator: "/").last, name == "firecracker" {
+            APIFrontEnd.runAsFirecracker(Array(CommandLine.arguments.dropFirst()))
+        }
         do {
             let arguments = ImageCommand.Resize.movingNegativeSize(Array(CommandLine.arguments.dropFirst()))
             var command = try SwiftletCommand.parseAsRoot(arguments)

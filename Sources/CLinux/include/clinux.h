@@ -13,6 +13,8 @@
 /// Names the calling thread (at most 15 bytes are kept), for `top -H` and `ps -L`.
 /// Returns 0 or an errno value.
 int clinux_set_thread_name(const char *name);
+/// The calling thread's name (at most 15 bytes and a NUL) into `buffer`.
+int clinux_get_thread_name(char *buffer, unsigned long length);
 
 // --- epoll ------------------------------------------------------------------------------
 // struct epoll_event is packed on x86-64; these wrappers take and return plain fields.
