@@ -18,6 +18,8 @@
 //   Virtio     Virtqueues, the virtio device interface, transports and devices. No KVM.
 //   X86        x86 vCPU set-up: the CPU model (CPUID), boot MSRs, entry registers, dumps.
 //   Snapshot   The snapshot state file's envelope: format version, length, checksum. No KVM.
+//   Sandbox    Confines Swiftlet's threads: seccomp-BPF filters per thread kind (written as
+//              data, compiled by our own BPF assembler), no_new_privs, Landlock; the jailer.
 //   Machine    Puts it together: VM, vCPU threads, exit loop, console.
 //   SwiftletKit  The library: configure a VM, run it, get its exit and console (the API
 //              the CLI and test suites use).
@@ -42,6 +44,8 @@ let package = Package(
         .target(name: "Layout"),
         .target(name: "EventLoop", dependencies: ["Basics", "CLinux"]),
         .target(name: "CKVM"),
+        .target(name: "CSandbox"),
+        .target(name: "Sandbox", dependencies: ["CSandbox", "CKVM"]),
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "Memory", dependencies: ["Basics", "CLinux", "Layout"]),
         .target(name: "Devices", dependencies: ["Basics", "Memory", "Layout", .product(name: "DequeModule", package: "swift-collections")]),
@@ -56,12 +60,12 @@ let package = Package(
         .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage",
                                          .product(name: "DequeModule", package: "swift-collections")]),
         .target(name: "Snapshot", dependencies: ["Basics", "CZlib"]),
-        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot"]),
-        .target(name: "SwiftletKit", dependencies: ["Basics", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM"]),
+        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot", "Sandbox", "Compression"]),
+        .target(name: "SwiftletKit", dependencies: ["Basics", "Sandbox", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
-                "Basics", "SwiftletKit", "DiskImage",
+                "Basics", "SwiftletKit", "DiskImage", "Sandbox",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -77,6 +81,7 @@ let package = Package(
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot"]),
+        .testTarget(name: "SandboxTests", dependencies: ["Sandbox"]),
     ],
     swiftLanguageModes: [.v6]
 )

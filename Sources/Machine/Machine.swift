@@ -5,6 +5,7 @@ import Dispatch
 import EventLoop
 import KVM
 import Memory
+import Sandbox
 import Synchronization
 import X86
 
@@ -149,7 +150,8 @@ public final class Machine: Sendable {
                                                                 exitOnEveryFailure: exitOnEveryFailure)
                 runners.append(VCPURunner(vcpu: vcpu, portBus: board.portBus, mmioBus: board.mmioBus, stop: stop,
                                           traceExits: configuration.traceExits, tripleFault: configuration.tripleFault,
-                                          emulationFailures: emulationFailures, pause: pauseControl, guestImage: guestImage))
+                                          emulationFailures: emulationFailures, pause: pauseControl, guestImage: guestImage,
+                                          sandbox: configuration.sandbox))
             }
             self.runners = runners
             cpuidTables = tables
@@ -222,11 +224,18 @@ public final class Machine: Sendable {
         gate.enter()
         do {
             try watchStopSources(on: loop)
-            loopThread = try loop.start(name: "events")
+            loopThread = try NamedThread(name: "events") { [loop, sandbox = configuration.sandbox] in
+                SandboxedThreads.confine(sandbox, .eventLoop, name: "events")
+                loop.run()
+            }
             stop.onStop { [loop] in loop.stop() }
             // A stop while paused lets the parked vCPU threads go, so they can end.
             stop.onStop { [pauseControl] in pauseControl.resumeAll() }
             for runner in runners { try runner.start(after: gate) }
+            // Every thread exists: the calling thread is confined last (the CLI's).
+            if configuration.confineCallingThread {
+                SandboxedThreads.confine(configuration.sandbox, .control, name: "swiftlet")
+            }
             gate.leave()
         } catch {
             stop.stop(.crash("could not start the VM"))

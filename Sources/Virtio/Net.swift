@@ -51,11 +51,17 @@ public final class VirtioNet: VirtioDevice {
     private let configurationBytes: [UInt8]
     private let counters = NetCounters()
     private let session = Mutex<NetSession?>(nil)
+    private let threadStarter: ThreadStarter
+
+    /// The name of a session's event loop thread.
+    public static func threadName(options: VirtioNetOptions) -> String { "net\(options.index)" }
 
     /// The size of the configuration space.
     public static let configurationSize = NetConfigurationSpace.size
 
-    public init(backend: any NetBackend, options: VirtioNetOptions) throws(VirtioError) {
+    /// The event loop thread of a session (named ``threadName(options:)``) comes from
+    /// `threads`: on demand, or from a reserve started with the VM when threads are confined.
+    public init(backend: any NetBackend, options: VirtioNetOptions, threads: ThreadStarter = .onDemand) throws(VirtioError) {
         let size = options.queueSize
         guard size >= 16, size <= Virtqueue.largestSize, size & (size - 1) == 0 else {
             throw VirtioError("virtio-net: queue size \(size) is not a power of two from 16 to \(Virtqueue.largestSize)")
@@ -65,6 +71,7 @@ public final class VirtioNet: VirtioDevice {
         }
         self.backend = backend
         self.options = options
+        self.threadStarter = threads
         queueMaximumSizes = [size, size]
         offeredFeatures = VirtioFeature.version1 | VirtioFeature.ringIndirectDescriptors | VirtioFeature.ringEventIndex
             | VirtioNetFeature.mac | VirtioNetFeature.status | VirtioNetFeature.mergeableReceiveBuffers
@@ -105,7 +112,8 @@ public final class VirtioNet: VirtioDevice {
                 throw VirtioError("virtio-net: \(error)")
             }
             session = try NetSession(activation: activation, negotiation: negotiation, backend: backend,
-                                     counters: counters, name: "net\(options.index)")
+                                     counters: counters, name: Self.threadName(options: options),
+                                     threads: threadStarter)
         }
     }
 
@@ -121,10 +129,10 @@ public final class VirtioNet: VirtioDevice {
 final class NetSession: Sendable {
     private let loop: EventLoop
     private let dataPath: NetDataPath
-    private let thread: NamedThread
+    private let thread: any JoinableThread
 
     init(activation: VirtioActivation, negotiation: NetNegotiation, backend: any NetBackend, counters: NetCounters,
-         name: String) throws(VirtioError) {
+         name: String, threads: ThreadStarter) throws(VirtioError) {
         do {
             loop = try EventLoop()
         } catch {
@@ -138,7 +146,7 @@ final class NetSession: Sendable {
             throw VirtioError("virtio-net: cannot watch its descriptors: \(error)")
         }
         do {
-            thread = try loop.start(name: name)
+            thread = try threads.start(name: name) { [loop] in loop.run() }
         } catch {
             dataPath.unregisterAll()
             throw VirtioError("virtio-net: \(error)")

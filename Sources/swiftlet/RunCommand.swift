@@ -106,6 +106,9 @@ struct RunCommand: ParsableCommand {
             (port 0x64); a byte with bit 2 set to the reset control register (port 0xCF9, \
             which the FADT's RESET_REG names with value 0x06); bit 0 of port 0x92 going \
             from 0 to 1; or a triple fault with --triple-fault reset
+              8             a Swiftlet thread made a system call its seccomp filter \
+            forbids (one line on stderr names the thread and the call); see \
+            docs/security.md
               124           --timeout elapsed
               SIGINT, SIGTERM, SIGHUP or SIGQUIT stop the VM cleanly (the terminal is \
             restored), then Swiftlet ends by that same signal: a shell shows 128 + its \
@@ -187,6 +190,9 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
     var virtioTransport: VMConfiguration.VirtioTransport = .pci
 
+    @Option(name: .long, help: ArgumentHelp("Seccomp filters on every thread: on (default), off (debugging only: no filters), or log (forbidden calls are allowed and logged by the kernel's audit).", valueName: "mode"))
+    var seccomp: VMConfiguration.Seccomp = .on
+
     func validate() throws {
         guard cpus >= 1 else { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
@@ -233,6 +239,15 @@ struct RunCommand: ParsableCommand {
         configuration.forwardStandardInput = true
         configuration.handleTerminationSignals = true
         configuration.onConsoleFailure = { message in FileHandleOutput.standardError("swiftlet: \(message)") }
+        configuration.seccomp = seccomp
+        configuration.confineCallingThread = true
+        if seccomp != .on {
+            FileHandleOutput.standardError("""
+                swiftlet: WARNING: --seccomp \(seccomp.rawValue): the VM's threads run WITHOUT seccomp filters\
+                \(seccomp == .log ? " (forbidden calls are only logged)" : ""). A guest that exploits a bug in a \
+                device model gets everything this process may do. Use this only for debugging.
+                """)
+        }
         switch serial {
         case .stdio: configuration.console = .standardOutput
         case let .file(path): configuration.console = .file(path)
@@ -295,6 +310,7 @@ struct MemorySizeArgument: ExpressibleByArgument {
 
 extension VMConfiguration.LinuxEntry: ExpressibleByArgument {}
 extension VMConfiguration.VirtioTransport: ExpressibleByArgument {}
+extension VMConfiguration.Seccomp: ExpressibleByArgument {}
 
 /// `--disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N]`, QEMU-style: options
 /// after the path, separated by commas; a comma inside the path is written twice.
