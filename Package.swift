@@ -78,10 +78,10 @@ let package = Package(
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Compression"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "X86Tests", dependencies: ["X86", "KVM", "Memory"], exclude: ["Fixtures"]),
-        .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
+        .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet", "Sandbox"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot"]),
-        .testTarget(name: "SandboxTests", dependencies: ["Sandbox"]),
+        .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "CKVM"]),
     ],
     swiftLanguageModes: [.v6]
 )

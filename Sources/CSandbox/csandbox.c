@@ -12,6 +12,14 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <grp.h>
+#include <sched.h>
+#include <sys/mount.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -151,4 +159,100 @@ int csandbox_landlock_allow_path(int ruleset, int path_fd, uint64_t access) {
 
 int csandbox_landlock_restrict_self(int ruleset) {
     return syscall(SYS_landlock_restrict_self, ruleset, 0) == 0 ? 0 : errno;
+}
+
+// --- Audits and tests -----------------------------------------------------------------------
+
+int csandbox_read_filter(int tid, struct csandbox_instruction *out, int capacity) {
+    if (ptrace(PTRACE_SEIZE, tid, 0, 0) != 0) return -errno;
+    int result;
+    if (ptrace(PTRACE_INTERRUPT, tid, 0, 0) != 0) {
+        result = -errno;
+    } else {
+        int status;
+        if (waitpid(tid, &status, __WALL) < 0) {
+            result = -errno;
+        } else {
+            long count = ptrace(PTRACE_SECCOMP_GET_FILTER, tid, 0, NULL);
+            if (count < 0) {
+                result = -errno;
+            } else if (count > capacity) {
+                result = -ENOSPC;
+            } else {
+                long copied = ptrace(PTRACE_SECCOMP_GET_FILTER, tid, 0, out);
+                result = copied < 0 ? -errno : (int)copied;
+            }
+        }
+    }
+    ptrace(PTRACE_DETACH, tid, 0, 0);
+    return result;
+}
+
+int csandbox_probe(const struct csandbox_instruction *program, uint16_t count, int handler, int stderr_fd,
+                   long number, long a0, long a1, long a2) {
+    pid_t child = fork();
+    if (child < 0) return -1;
+    if (child == 0) {
+        struct rlimit none = { 0, 0 };
+        setrlimit(RLIMIT_CORE, &none);
+        signal(SIGSYS, SIG_DFL);
+        if (stderr_fd >= 0) dup2(stderr_fd, 2);
+        if (handler) {
+            csandbox_install_violation_handler(8);
+            csandbox_label_calling_thread("probe");
+        }
+        if (csandbox_set_no_new_privs() != 0 || csandbox_install_filter(program, count) != 0) _exit(100);
+        syscall(number, a0, a1, a2);
+        _exit(0);
+    }
+    int status;
+    while (waitpid(child, &status, 0) < 0) {
+        if (errno != EINTR) return -1;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// --- The jailer -------------------------------------------------------------------------------
+
+int csandbox_unshare_mounts(int new_pid_namespace) {
+    if (unshare(CLONE_NEWNS | (new_pid_namespace ? CLONE_NEWPID : 0)) != 0) return errno;
+    return mount(NULL, "/", NULL, MS_SLAVE | MS_REC, NULL) == 0 ? 0 : errno;
+}
+
+int csandbox_join_network_namespace(int fd) {
+    return setns(fd, CLONE_NEWNET) == 0 ? 0 : errno;
+}
+
+int csandbox_bind(const char *source, const char *target, int writable) {
+    if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) != 0) return errno;
+    if (writable) return 0;
+    return mount(NULL, target, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) == 0 ? 0 : errno;
+}
+
+int csandbox_pivot_into(const char *root) {
+    if (chdir(root) != 0) return errno;
+    if (mkdir("old_root", 0700) != 0 && errno != EEXIST) return errno;
+    if (syscall(SYS_pivot_root, ".", "old_root") != 0) return errno;
+    if (chdir("/") != 0) return errno;
+    if (umount2("/old_root", MNT_DETACH) != 0) return errno;
+    return rmdir("/old_root") == 0 ? 0 : errno;
+}
+
+int csandbox_make_char_device(const char *path, unsigned major_number, unsigned minor_number, unsigned mode,
+                              unsigned uid, unsigned gid) {
+    if (mknod(path, S_IFCHR | mode, makedev(major_number, minor_number)) != 0 && errno != EEXIST) return errno;
+    if (chmod(path, mode) != 0) return errno;
+    return chown(path, uid, gid) == 0 ? 0 : errno;
+}
+
+int csandbox_drop_to(unsigned uid, unsigned gid) {
+    if (setgroups(0, NULL) != 0) return errno;
+    if (setresgid(gid, gid, gid) != 0) return errno;
+    return setresuid(uid, uid, uid) == 0 ? 0 : errno;
+}
+
+void csandbox_close_from(int first) {
+    if (syscall(SYS_close_range, first, ~0U, 0) == 0) return;
+    long limit = sysconf(_SC_OPEN_MAX);
+    for (int fd = first; fd < limit; fd++) close(fd);
 }

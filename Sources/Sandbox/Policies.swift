@@ -10,18 +10,19 @@ import Glibc
 // makes it. Order matters only for speed: the hot calls of a kind come first.
 
 extension ThreadKind {
-    /// The kind's filter; every call it does not allow gets `otherwise`.
-    public func filter(otherwise: SeccompAction = .trap) -> SeccompFilter {
-        SeccompFilter(rules: rules, otherwise: otherwise)
+    /// The kind's filter; every call it does not allow gets `otherwise`. `processID` is the
+    /// process the thread belongs to (a vCPU may signal only its own process's threads).
+    public func filter(otherwise: SeccompAction = .trap, processID: Int32 = getpid()) -> SeccompFilter {
+        SeccompFilter(rules: rules(processID: processID), otherwise: otherwise)
     }
 
     /// Whether the kind may open files once confined (Landlock then limits which).
     public var opensFiles: Bool { self == .api || self == .migration }
 
     /// The rules of the kind, hot calls first.
-    public var rules: [SeccompRule] {
+    public func rules(processID: Int32 = getpid()) -> [SeccompRule] {
         switch self {
-        case .vcpu: return Self.vcpuRules + Self.common
+        case .vcpu: return Self.vcpuRules(processID: processID) + Self.common
         case .control: return Self.controlRules + Self.common
         case .eventLoop: return Self.eventLoopRules + Self.common
         case .blockDispatcher: return Self.blockDispatcherRules + Self.common
@@ -73,12 +74,12 @@ extension ThreadKind {
         CSANDBOX_TUNSETOFFLOAD
     )
 
-    static var vcpuRules: [SeccompRule] {
+    static func vcpuRules(processID: Int32) -> [SeccompRule] {
         [
             .allow(.ioctl, when: .argument(1, in: vcpuIoctls), because: "KVM_RUN; KVM state and VM requests; TUNSETOFFLOAD at virtio-net activation"),
             .allow(.write, "serial output to stdout or a --serial file; eventfd signals to device threads"),
             .allow(.read, "eventfd counters"),
-            .allow(.tgkill, when: .argument(0, is: UInt64(UInt32(bitPattern: getpid()))), .argument(2, is: UInt64(ckvm_kick_signal())),
+            .allow(.tgkill, when: .argument(0, is: UInt64(UInt32(bitPattern: processID))), .argument(2, is: UInt64(ckvm_kick_signal())),
                    because: "a stop kicks the other vCPUs out of KVM_RUN"),
             .allow(.eventfd2, "virtio-net activation makes its event loop"),
             .allow(.epoll_create1, "virtio-net activation makes its event loop"),
@@ -91,8 +92,9 @@ extension ThreadKind {
 
     static let controlRules: [SeccompRule] = [
         .allow(.write, "reports on stderr"),
-        .allow(.ioctl, when: .argument(1, in: requests(CSANDBOX_TCGETS, CSANDBOX_TCSETS, CSANDBOX_TCSETSW, CSANDBOX_TCSETSF)),
-               because: "restoring the terminal"),
+        .allow(.ioctl, when: .argument(1, in: requests(CSANDBOX_TCGETS, CSANDBOX_TCSETS, CSANDBOX_TCSETSW, CSANDBOX_TCSETSF,
+                                                        CKVM_GET_DIRTY_LOG)),
+               because: "restoring the terminal; --show-memory's written pages at the end"),
         .allow(.tgkill, "kicking vCPUs; ending by the signal that stopped the VM"),
         .allow(.rt_sigaction, "ending by the signal that stopped the VM (SIG_DFL)"),
         .allow(.setrlimit, "no core dump for SIGQUIT"),

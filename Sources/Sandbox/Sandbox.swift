@@ -141,3 +141,26 @@ extension Sandbox {
         systemCall(.ioctl, -1, Int(0xAE01), 0)
     }
 }
+
+extension Sandbox {
+    /// The seccomp filter thread `tid` (of another process) runs under, newest first, read
+    /// with PTRACE_SECCOMP_GET_FILTER (root): for audits and tests. Nil when it cannot be
+    /// read (no filter, no permission).
+    public static func installedFilter(thread tid: Int32) -> [BPFInstruction]? {
+        var buffer = [csandbox_instruction](repeating: csandbox_instruction(), count: 4096)
+        let count = buffer.withUnsafeMutableBufferPointer { csandbox_read_filter(tid, $0.baseAddress, Int32($0.count)) }
+        guard count >= 0 else { return nil }
+        return buffer.prefix(Int(count)).map { BPFInstruction(code: $0.code, jumpIfTrue: $0.jt, jumpIfFalse: $0.jf, k: $0.k) }
+    }
+
+    /// What happens when a child process under `program` makes `call`: 0 when the call was
+    /// allowed (whatever it returned), 128 + SIGSYS when the filter trapped or killed it, 8
+    /// with `handler` (the violation handler ran, its line on `stderr`).
+    public static func probe(_ program: [BPFInstruction], _ call: Int32, _ a0: Int = 0, _ a1: Int = 0, _ a2: Int = 0,
+                             handler: Bool = false, stderr: Int32 = -1) -> Int32 {
+        let instructions = program.map { csandbox_instruction(code: $0.code, jt: $0.jumpIfTrue, jf: $0.jumpIfFalse, k: $0.k) }
+        return instructions.withUnsafeBufferPointer {
+            csandbox_probe($0.baseAddress, UInt16($0.count), handler ? 1 : 0, stderr, Int(call), a0, a1, a2)
+        }
+    }
+}

@@ -13,7 +13,7 @@ struct SwiftletCommand: ParsableCommand {
 
             Run 'swiftlet run' with no arguments to boot the built-in hello guest.
             """,
-        subcommands: [RunCommand.self, ImageCommand.self, CPUCommand.self],
+        subcommands: [RunCommand.self, ImageCommand.self, CPUCommand.self, JailCommand.self],
         defaultSubcommand: RunCommand.self
     )
 }
@@ -23,7 +23,9 @@ enum Main {
     static func main() {
         StandardDescriptors.keepOccupied()
         do {
-            let arguments = ImageCommand.Resize.movingNegativeSize(Array(CommandLine.arguments.dropFirst()))
+            var arguments = ImageCommand.Resize.movingNegativeSize(Array(CommandLine.arguments.dropFirst()))
+            // Called as `jailer` (a symlink): Firecracker jailer's command line.
+            if CommandLine.arguments.first?.split(separator: "/").last == "jailer" { arguments.insert("jail", at: 0) }
             var command = try SwiftletCommand.parseAsRoot(arguments)
             try command.run()
         } catch {

@@ -60,3 +60,34 @@ static const unsigned long CSANDBOX_TCSETS = TCSETS;
 static const unsigned long CSANDBOX_TCSETSW = TCSETSW;
 static const unsigned long CSANDBOX_TCSETSF = TCSETSF;
 static const unsigned long CSANDBOX_FIONBIO = FIONBIO;
+
+// --- Audits and tests ---------------------------------------------------------------------
+/// Reads the newest seccomp filter installed on thread `tid` of another process
+/// (PTRACE_SECCOMP_GET_FILTER; needs CAP_SYS_ADMIN): seizes the thread, stops it, copies at
+/// most `capacity` instructions into `out`, lets it go. Returns the instruction count or
+/// -errno.
+int csandbox_read_filter(int tid, struct csandbox_instruction *out, int capacity);
+/// Forks a child that installs `program` (with no_new_privs; with the violation handler
+/// when `handler` is set, stderr sent to `stderr_fd` when it is >= 0) and makes system
+/// call `number`, then exits 0. Returns the child's exit status, or 128 + the signal that
+/// ended it (SIGSYS when the filter trapped or killed it). Only C runs in the child.
+int csandbox_probe(const struct csandbox_instruction *program, uint16_t count, int handler, int stderr_fd,
+                   long number, long a0, long a1, long a2);
+
+// --- The jailer -------------------------------------------------------------------------------
+// Each returns 0 or an errno value.
+/// unshare(CLONE_NEWNS [| CLONE_NEWPID]), then makes every mount a slave of the host's, so
+/// that mounts made in the jail do not show outside.
+int csandbox_unshare_mounts(int new_pid_namespace);
+/// setns(fd, CLONE_NEWNET) for a network namespace file (/var/run/netns/NAME).
+int csandbox_join_network_namespace(int fd);
+/// mount --bind `source` on `target`, read-only unless `writable`.
+int csandbox_bind(const char *source, const char *target, int writable);
+/// pivot_root into `root` (a mount point), then detaches and removes the old root.
+int csandbox_pivot_into(const char *root);
+/// mknod a character device with `major`:`minor`, `mode`, owned by `uid`:`gid`.
+int csandbox_make_char_device(const char *path, unsigned major, unsigned minor, unsigned mode, unsigned uid, unsigned gid);
+/// Drops supplementary groups, then sets the group and user IDs (real, effective, saved).
+int csandbox_drop_to(unsigned uid, unsigned gid);
+/// Closes every descriptor from `first` up (close_range, else one by one).
+void csandbox_close_from(int first);
