@@ -1,4 +1,5 @@
 import ArgumentParser
+import Basics
 import Glibc
 import SwiftletKit
 
@@ -23,9 +24,11 @@ enum Main {
     static func main() {
         StandardDescriptors.keepOccupied()
         do {
-            var arguments = ImageCommand.Resize.movingNegativeSize(Array(CommandLine.arguments.dropFirst()))
+            // Not CommandLine.arguments: that reads /proc/self/cmdline, which a jail lacks.
+            let commandLine = ProcessArguments.all
+            var arguments = ImageCommand.Resize.movingNegativeSize(Array(commandLine.dropFirst()))
             // Called as `jailer` (a symlink): Firecracker jailer's command line.
-            if CommandLine.arguments.first?.split(separator: "/").last == "jailer" { arguments.insert("jail", at: 0) }
+            if commandLine.first?.split(separator: "/").last == "jailer" { arguments.insert("jail", at: 0) }
             var command = try SwiftletCommand.parseAsRoot(arguments)
             try command.run()
         } catch {

@@ -142,17 +142,22 @@ import Testing
         }
     }
 
-    @Test(.enabled(if: geteuid() == 0)) func aJailedGuestPrints() throws {
-        let id = "hello-\(getpid())"
-        defer { Self.cleanUp(id, exec: Swiftlet.binary.path) }
+    @Test(.enabled(if: geteuid() == 0)) func aJailedGuestReadsItsDiskAndPrints() throws {
+        let id = "blk-\(getpid())"
+        let (directory, image) = try SandboxIntegrationTests.scratchDisk()
+        defer { Self.cleanUp(id, exec: Swiftlet.binary.path); try? FileManager.default.removeItem(at: directory) }
+        // The jailed user may read the image (it is bound in, not copied).
+        chown(image, 65534, 65534)
         let result = try Self.jail(id, exec: Swiftlet.binary.path, extra: ["--new-pid-ns"],
-                                   ["run", "--flat", Swiftlet.guest("hello-real")])
-        #expect(result.stdout.contains("Hello from real mode!"), "\(result.stderr)")
+                                   ["run", "--kernel", SandboxIntegrationTests.virtioBlkGuest, "--disk", image + ",readonly",
+                                    "--cmdline", "crc", "--timeout", "120"])
+        // Not the built-in hello guest (what Swiftlet runs when its arguments are lost).
+        #expect(result.stdout.contains("disk: 8192 sectors, crc32 "), "\(result.stdout)\n\(result.stderr)")
         #expect(result.status == 1, "\(result.stderr)")
-        // The chroot holds the binary, its libraries, the guest and the device nodes.
+        // The chroot holds the binary, its libraries, the guest, the disk and the device nodes.
         let root = "\(Self.base)/swiftlet/\(id)/root"
         let top = Set((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [])
-        #expect(top.isSuperset(of: ["swiftlet", "hello-real.bin", "dev"]), "\(top)")
+        #expect(top.isSuperset(of: ["swiftlet", "virtio-blk.elf", "disk.raw", "dev"]), "\(top)")
         #expect(top.isDisjoint(with: ["etc", "home", "root", "proc", "tmp", "work"]), "\(top)")
     }
 
@@ -181,8 +186,15 @@ import Testing
             ? ["--cgroup", "memory.max=1073741824", "--cgroup", "cpu.max=50000 100000"]
             : ["--cgroup-version", "1", "--cgroup", "memory.limit_in_bytes=1073741824", "--cgroup", "cpu.cfs_quota_us=50000"]
         let result = try Self.jail(id, exec: Swiftlet.binary.path, extra: ["--new-pid-ns"] + limits,
-                                   ["run", "--flat", Swiftlet.guest("hello-real")])
-        #expect(result.stdout.contains("Hello from real mode!"), "\(result.stderr)")
+                                   ["run", "--flat", Swiftlet.guest("long-mode")])
+        #expect(result.stdout.contains("long mode"), "\(result.stdout)\n\(result.stderr)")
+        #expect(result.status == 1, "\(result.stderr)")
+        // The limit is in the jail's cgroup, which the jailed process joined.
+        let limitFile = v2HasMemory
+            ? ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"].map { "\($0)/swiftlet/\(id)/memory.max" }
+            : ["/sys/fs/cgroup/memory/swiftlet/\(id)/memory.limit_in_bytes"]
+        let limit = limitFile.compactMap { try? String(contentsOfFile: $0, encoding: .utf8) }.first
+        #expect(limit?.trimmingCharacters(in: .whitespacesAndNewlines) == "1073741824")
         let again = try Self.jail(id, exec: Swiftlet.binary.path, ["run"])
         #expect(again.status == 2)
         #expect(again.stderr.contains("a jail with this --id exists"), "\(again.stderr)")
