@@ -51,6 +51,8 @@ public final class Machine: Sendable {
     /// records these rather than what `KVM_GET_CPUID2` reads back, which some KVMs fill
     /// with bits of their own.
     let cpuidTables: [[CPUIDEntry]]
+    /// Whether written pages are being tracked, and the snapshot a diff would build on.
+    let tracking = Mutex(DirtyTracking())
 
     /// How the machine starts: a payload booted from its entry point, or a snapshot
     /// continued where it was taken.
@@ -65,9 +67,9 @@ public final class Machine: Sendable {
     public init(configuration given: MachineConfiguration) throws(MachineError) {
         var configuration = given
         let start: Start
-        if case let .snapshot(directory) = given.boot {
-            let snapshot = try LoadedSnapshot.load(directory: directory)
-            do { configuration = try given.applying(snapshot.manifest.machine) } catch { throw .snapshot(directory: directory, error) }
+        if case let .snapshot(paths) = given.boot {
+            let snapshot = try LoadedSnapshot.load(paths: paths)
+            do { configuration = try given.applying(snapshot.manifest.machine) } catch { throw .snapshot(path: paths.description, error) }
             start = .restore(snapshot)
         } else {
             // Read (and check) the payload before touching /dev/kvm: a wrong file is
@@ -106,7 +108,7 @@ public final class Machine: Sendable {
             (entry, loadSummary) = try payload.load(into: board.memory)
             guestImage = Self.guestImage(configuration.boot, format: payload.format)
         case let .restore(snapshot):
-            loadSummary = "restored the snapshot in \(snapshot.directory) (\(configuration.cpuCount) vCPU, "
+            loadSummary = "restored the snapshot \(snapshot.paths) (\(configuration.cpuCount) vCPU, "
                 + "\(ByteSize.exact(configuration.memorySize)) of RAM, taken by Swiftlet \(snapshot.manifest.swiftletVersion))"
         }
 
@@ -169,6 +171,13 @@ public final class Machine: Sendable {
             throw .kvm(error)
         } catch {
             throw .invalidConfiguration("\(error)")
+        }
+        if configuration.trackDirtyPages {
+            try startDirtyTracking()
+            // A restored machine's RAM is its snapshot's: the first diff builds on that.
+            if case let .restore(snapshot) = start {
+                tracking.withLock { $0.base = (snapshot.absoluteStatePath, snapshot.manifest.id) }
+            }
         }
     }
 
@@ -365,6 +374,14 @@ extension Machine {
             throw .invalidConfiguration("the VM could not be paused: a vCPU did not leave KVM_RUN")
         }
         for core in board.virtioTransports { core.device.pause() }
+        // A guest with kvmclock learns it was paused (KVM_KVMCLOCK_CTRL), so its watchdogs
+        // do not take the pause for a hung CPU. EINVAL (no kvmclock set up) is expected.
+        if board.vm.check(.kvmclockControl) > 0 {
+            for runner in runners {
+                let vcpu = runner.vcpu
+                _ = pauseControl.perform(onRunner: vcpu.id) { () -> Bool in (try? vcpu.notifyPaused()) != nil }
+            }
+        }
     }
 
     /// Lets the devices and the vCPUs go on exactly where they stopped. From `paused` only.

@@ -55,7 +55,7 @@ public enum BootSource: Sendable {
     /// A snapshot directory (``Machine/snapshot(to:)`` wrote it): the machine it describes
     /// continues where it was saved. The configuration's machine shape (RAM, vCPUs, disks,
     /// transport) comes from the snapshot; its run-time options (console, timeout) apply.
-    case snapshot(String)
+    case snapshot(SnapshotFiles)
 }
 
 /// What a triple fault does. On a PC the chipset turns a triple fault into a CPU reset;
@@ -137,6 +137,11 @@ public struct MachineConfiguration: Sendable {
     /// ``Machine/memorySlotTable()`` and ``Machine/writtenPagesReport()``, and give the guest
     /// the ``SlotControl`` device, which adds memory slots while it runs.
     public var showMemory = false
+    /// Track the pages the guest and the devices write from the start (KVM's dirty log on
+    /// the RAM slots and Swiftlet's own write log), so that a snapshot can be a diff over
+    /// the one before it. Costs guest time on writes (KVM maps RAM with 4 KiB pages and
+    /// write-protects them, or the CPU logs them with PML).
+    public var trackDirtyPages = false
     /// How virtio devices are presented. PCI by default: every stock kernel finds PCI
     /// devices by enumerating the bus, while virtio-mmio needs `virtio_mmio.device=` on the
     /// command line (a kernel option some distributions leave out: Debian's cloud kernel

@@ -14,7 +14,7 @@ public enum MachineError: Error, CustomStringConvertible {
     /// A lifecycle move the machine's state does not allow (resume a running VM, ...).
     case invalidTransition(action: String, state: String)
     /// A snapshot that cannot be written, read or run here.
-    case snapshot(directory: String, SnapshotError)
+    case snapshot(path: String, SnapshotError)
 
     public var description: String {
         switch self {
@@ -25,7 +25,7 @@ public enum MachineError: Error, CustomStringConvertible {
         case let .load(message): return message
         case let .thread(error): return error.description
         case let .invalidTransition(action, state): return "cannot \(action) the VM: it is \(state)"
-        case let .snapshot(directory, error): return "snapshot '\(directory)': \(error)"
+        case let .snapshot(path, error): return "snapshot '\(path)': \(error)"
         }
     }
 }

@@ -25,14 +25,14 @@ final class MemorySlots: MemorySlotHost {
         /// "RAM", "RAM added at run time", ...
         let purpose: String
 
-        var pageCount: Int { Int(size / DirtyPageBitmap.pageSize) }
+        var pageCount: Int { Int(size / PageBitmap.pageSize) }
         var range: String { "\(Hex.prefixed(guestBase, width: 16))-\(Hex.prefixed(guestBase + size - 1, width: 16))" }
     }
 
     private struct State {
         var slots: [Slot] = []
         /// Pages written so far, per slot: every read of the dirty log is added here.
-        var written: [UInt32: DirtyPageBitmap] = [:]
+        var written: [UInt32: PageBitmap] = [:]
         /// Host mappings this object made (address, length), unmapped in deinit.
         var mappings: [(address: UInt, length: Int)] = []
     }
@@ -66,12 +66,49 @@ final class MemorySlots: MemorySlotHost {
                                    flags: slot.flags)
         state.withLock { state in
             state.slots.append(slot)
-            if slot.flags.contains(.logDirtyPages) { state.written[slot.number] = DirtyPageBitmap(pageCount: slot.pageCount) }
+            if slot.flags.contains(.logDirtyPages) { state.written[slot.number] = PageBitmap(pageCount: slot.pageCount) }
         }
     }
 
     /// The slots, in slot order.
     var slots: [Slot] { state.withLock { $0.slots } }
+
+    // MARK: Dirty tracking of guest RAM (diff snapshots, migration)
+
+    /// Turns dirty logging of the guest RAM slots on or off while the guest runs: each RAM
+    /// slot is registered again with its flags changed (`KVM_SET_USER_MEMORY_REGION`; KVM
+    /// keeps the memory mapped and starts the slot's log empty). With `--show-memory` the
+    /// slots log from the start and keep logging.
+    func setRAMDirtyLogging(_ on: Bool, regionCount: Int) throws(KVMError) {
+        try adding.withLock { (_) throws(KVMError) in
+            for number in 0..<UInt32(regionCount) {
+                guard let slot = slots.first(where: { $0.number == number }) else { continue }
+                let flags = on || logDirtyPages ? slot.flags.union(.logDirtyPages) : slot.flags.subtracting(.logDirtyPages)
+                guard flags != slot.flags else { continue }
+                try vm.setUserMemoryRegion(slot: slot.number, guestAddress: slot.guestBase, size: slot.size,
+                                           hostAddress: slot.hostAddress, flags: flags)
+                let changed = Slot(number: slot.number, guestBase: slot.guestBase, size: slot.size, hostAddress: slot.hostAddress,
+                                   flags: flags, purpose: slot.purpose)
+                state.withLock { state in
+                    if let index = state.slots.firstIndex(where: { $0.number == number }) { state.slots[index] = changed }
+                    if on, state.written[number] == nil { state.written[number] = PageBitmap(pageCount: changed.pageCount) }
+                }
+            }
+        }
+    }
+
+    /// The pages of guest RAM the guest wrote since the last call (or since logging
+    /// started), numbered as ``GuestMemory`` numbers them: slot N is region N of `memory`.
+    /// Reads and clears KVM's log of each RAM slot; the pages also count for the
+    /// `--show-memory` report.
+    func takeRAMDirtyPages(memory: GuestMemory) throws(KVMError) -> PageBitmap {
+        var pages = PageBitmap(pageCount: memory.pageCount)
+        for index in memory.regions.indices {
+            guard let slot = slots.first(where: { $0.number == UInt32(index) }), slot.flags.contains(.logDirtyPages) else { continue }
+            pages.formUnion(try readDirtyLog(slot), offset: memory.pageOffset(ofRegion: index))
+        }
+        return pages
+    }
 
     // MARK: Slots added while the guest runs
 
@@ -80,7 +117,7 @@ final class MemorySlots: MemorySlotHost {
     /// serialize: ``addSlot(_:)``); KVM makes the slot visible to every vCPU at once. The
     /// memory is unmapped again if KVM refuses the slot.
     func add(at guestBase: UInt64, size: UInt64, flags: MemorySlotFlags, purpose: String, contents: [UInt8]) throws -> Slot {
-        guard let length = Int(exactly: size), size % DirtyPageBitmap.pageSize == 0, contents.count <= length else {
+        guard let length = Int(exactly: size), size % PageBitmap.pageSize == 0, contents.count <= length else {
             throw MachineError.invalidConfiguration("a memory slot of \(size) bytes cannot hold its \(contents.count) bytes")
         }
         let pointer = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -124,16 +161,16 @@ final class MemorySlots: MemorySlotHost {
     func takeDirtyPages() -> [UInt64] {
         guard let slot = slots.first(where: { $0.guestBase == AddressMap.runtimeSlotRAM }),
               let bitmap = try? readDirtyLog(slot) else { return [] }
-        return bitmap.dirtyRuns.flatMap { $0 }.map { slot.guestBase + UInt64($0) * DirtyPageBitmap.pageSize }
+        return bitmap.runs.flatMap { $0 }.map { slot.guestBase + UInt64($0) * PageBitmap.pageSize }
     }
 
     /// Reads the dirty log of `slot` (clearing KVM's copy), adds it to what was written so
     /// far, and returns the new pages. Empty for a slot without dirty logging.
     @discardableResult
-    private func readDirtyLog(_ slot: Slot) throws(KVMError) -> DirtyPageBitmap {
-        guard slot.flags.contains(.logDirtyPages) else { return DirtyPageBitmap(pageCount: 0) }
+    private func readDirtyLog(_ slot: Slot) throws(KVMError) -> PageBitmap {
+        guard slot.flags.contains(.logDirtyPages) else { return PageBitmap(pageCount: 0) }
         let bitmap = try vm.dirtyLog(slot: slot.number, pageCount: slot.pageCount)
-        state.withLock { $0.written[slot.number, default: DirtyPageBitmap(pageCount: slot.pageCount)].formUnion(bitmap) }
+        state.withLock { $0.written[slot.number, default: PageBitmap(pageCount: slot.pageCount)].formUnion(bitmap) }
         return bitmap
     }
 
@@ -164,7 +201,7 @@ final class MemorySlots: MemorySlotHost {
                 line += ": the guest cannot write here (each write was an MMIO exit)"
             } else if slot.flags.contains(.logDirtyPages) {
                 _ = try? readDirtyLog(slot)
-                let written = state.withLock { $0.written[slot.number] } ?? DirtyPageBitmap(pageCount: 0)
+                let written = state.withLock { $0.written[slot.number] } ?? PageBitmap(pageCount: 0)
                 line += ": " + Self.describeWritten(written, base: slot.guestBase)
             }
             lines.append(line)
@@ -181,13 +218,13 @@ final class MemorySlots: MemorySlotHost {
     }
 
     /// "3 pages written: 0x1000-0x2fff, 0x5000-0x5fff" (at most ``runsShown`` runs).
-    static func describeWritten(_ bitmap: DirtyPageBitmap, base: UInt64) -> String {
-        let count = bitmap.dirtyCount
+    static func describeWritten(_ bitmap: PageBitmap, base: UInt64) -> String {
+        let count = bitmap.count
         guard count > 0 else { return "no page written" }
-        let runs = bitmap.dirtyRuns
+        let runs = bitmap.runs
         let shown = runs.prefix(runsShown).map { run in
-            "\(Hex.prefixed(base + UInt64(run.lowerBound) * DirtyPageBitmap.pageSize))-"
-                + Hex.prefixed(base + UInt64(run.upperBound) * DirtyPageBitmap.pageSize - 1)
+            "\(Hex.prefixed(base + UInt64(run.lowerBound) * PageBitmap.pageSize))-"
+                + Hex.prefixed(base + UInt64(run.upperBound) * PageBitmap.pageSize - 1)
         }
         let more = runs.count > runsShown ? ", and \(runs.count - runsShown) more runs" : ""
         return "\(count) page\(count == 1 ? "" : "s") written: " + shown.joined(separator: ", ") + more

@@ -223,12 +223,19 @@ public final class GuestMemory: @unchecked Sendable {
         return buffer
     }
 
-    /// Like ``checkedBuffer(at:count:)`` for a range about to be written: with the write
-    /// log on (``startLoggingWrites()``), its pages are recorded first.
+    /// Like ``checkedBuffer(at:count:)`` for a range about to be written. Call
+    /// ``noteWritten(_:)`` once the write is done.
     func writableBuffer(at address: GuestAddress, count: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
-        let buffer = try checkedBuffer(at: address, count: count)
+        try checkedBuffer(at: address, count: count)
+    }
+
+    /// With the write log on (``startLoggingWrites()``), records the pages of `buffer`.
+    /// Called AFTER the write: a reader that takes the log (a migration round copying
+    /// pages) and then sees no mark must be sure the page's data was already final when it
+    /// copied it, so the mark may come late but never early.
+    @inline(__always)
+    func noteWritten(_ buffer: UnsafeMutableRawBufferPointer) {
         if logging.load(ordering: .relaxed) { logWrite(buffer) }
-        return buffer
     }
 
     /// Runs `body` with the host bytes behind guest-physical `[address, address + count)`,
@@ -238,7 +245,9 @@ public final class GuestMemory: @unchecked Sendable {
     public func withBytes<Result>(at address: GuestAddress, count: UInt64,
                                   _ body: (UnsafeMutableRawBufferPointer) throws -> Result) throws -> Result {
         // The body may write (a disk read lands here), so the range counts as written.
-        try body(try writableBuffer(at: address, count: count))
+        let buffer = try writableBuffer(at: address, count: count)
+        defer { noteWritten(buffer) }
+        return try body(buffer)
     }
 
     /// Runs `body` with the host bytes behind each of the guest-physical `ranges`, in
@@ -251,6 +260,8 @@ public final class GuestMemory: @unchecked Sendable {
         var buffers: [UnsafeMutableRawBufferPointer] = []
         buffers.reserveCapacity(ranges.underestimatedCount)
         for range in ranges { buffers.append(try checkedBuffer(at: range.address, count: range.count)) }
+        // The body may write (a received frame lands here), so the ranges count as written.
+        defer { for buffer in buffers { noteWritten(buffer) } }
         return try body(buffers)
     }
 
@@ -265,12 +276,14 @@ public final class GuestMemory: @unchecked Sendable {
     public func write(_ bytes: some Collection<UInt8>, at address: GuestAddress) throws(GuestMemoryError) {
         let target = try writableBuffer(at: address, count: UInt64(bytes.count))
         _ = target.initializeMemory(as: UInt8.self, from: bytes)
+        noteWritten(target)
     }
 
     /// Copies raw bytes into guest memory at `address`.
     public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
         let target = try writableBuffer(at: address, count: UInt64(bytes.count))
         if let base = bytes.baseAddress { target.baseAddress!.copyMemory(from: base, byteCount: bytes.count) }
+        noteWritten(target)
     }
 
     /// Reads `count` bytes from guest memory at `address`.
@@ -289,6 +302,7 @@ public final class GuestMemory: @unchecked Sendable {
     public func zero(at address: GuestAddress, count: UInt64) throws(GuestMemoryError) {
         let target = try writableBuffer(at: address, count: count)
         if let base = target.baseAddress { memset(base, 0, target.count) }
+        noteWritten(target)
     }
 
     // MARK: Little-endian scalars (x86 and virtio are little-endian)
@@ -303,15 +317,24 @@ public final class GuestMemory: @unchecked Sendable {
     public func store<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
         let target = try writableBuffer(at: address, count: UInt64(MemoryLayout<T>.size))
         target.storeBytes(of: value.littleEndian, as: T.self)
+        noteWritten(target)
     }
 
     // MARK: Ordered access (virtqueue indices shared with the guest's CPUs)
 
     /// A naturally aligned location for an ordered access of `size` bytes.
-    private func alignedPointer(_ address: GuestAddress, size: Int, writing: Bool = false) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+    private func alignedPointer(_ address: GuestAddress, size: Int) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
         guard address % UInt64(size) == 0 else { throw .misaligned(address: address, size: size) }
-        if writing { return try writableBuffer(at: address, count: UInt64(size)).baseAddress! }
         return try checkedBuffer(at: address, count: UInt64(size)).baseAddress!
+    }
+
+    /// Runs `write` on the naturally aligned location of `size` bytes at `address`, then
+    /// records the write in the write log.
+    private func writeAligned<Result>(_ address: GuestAddress, size: Int, _ write: (UnsafeMutableRawPointer) -> Result) throws(GuestMemoryError) -> Result {
+        let pointer = try alignedPointer(address, size: size)
+        let result = write(pointer)
+        noteWritten(UnsafeMutableRawBufferPointer(start: pointer, count: size))
+        return result
     }
 
     /// Loads a little-endian 16-bit value with acquire ordering: later loads are not done
@@ -328,12 +351,12 @@ public final class GuestMemory: @unchecked Sendable {
     /// Stores a little-endian 16-bit value with release ordering: earlier stores are
     /// visible before it (used-ring entries before the used index that publishes them).
     public func storeRelease16(_ value: UInt16, at address: GuestAddress) throws(GuestMemoryError) {
-        clinux_store_release_16(try alignedPointer(address, size: 2, writing: true), value.littleEndian)
+        try writeAligned(address, size: 2) { clinux_store_release_16($0, value.littleEndian) }
     }
 
     /// Stores a little-endian 32-bit value with release ordering.
     public func storeRelease32(_ value: UInt32, at address: GuestAddress) throws(GuestMemoryError) {
-        clinux_store_release_32(try alignedPointer(address, size: 4, writing: true), value.littleEndian)
+        try writeAligned(address, size: 4) { clinux_store_release_32($0, value.littleEndian) }
     }
 
     /// Atomically replaces the naturally aligned little-endian 4- or 8-byte value at
@@ -341,10 +364,11 @@ public final class GuestMemory: @unchecked Sendable {
     /// sets accessed and dirty bits this way, as the CPU does, while other vCPUs run.)
     public func compareExchange(at address: GuestAddress, size: Int, expected: UInt64, desired: UInt64) throws(GuestMemoryError) -> Bool {
         guard size == 4 || size == 8 else { throw .misaligned(address: address, size: size) }
-        let pointer = try alignedPointer(address, size: size, writing: true)
-        if size == 8 { return clinux_compare_exchange_64(pointer, expected.littleEndian, desired.littleEndian) != 0 }
-        return clinux_compare_exchange_32(pointer, UInt32(truncatingIfNeeded: expected).littleEndian,
-                                          UInt32(truncatingIfNeeded: desired).littleEndian) != 0
+        return try writeAligned(address, size: size) { pointer in
+            if size == 8 { return clinux_compare_exchange_64(pointer, expected.littleEndian, desired.littleEndian) != 0 }
+            return clinux_compare_exchange_32(pointer, UInt32(truncatingIfNeeded: expected).littleEndian,
+                                              UInt32(truncatingIfNeeded: desired).littleEndian) != 0
+        }
     }
 
     /// A full memory barrier (the specification's `mb()`): needed between publishing the

@@ -59,9 +59,11 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// What a snapshot wrote: its directory, the state file's size, the pages of RAM written
-/// (zero pages are holes) and how long it took.
+/// What a snapshot wrote: where, the state file's size, the pages of RAM written (zero
+/// pages are holes) and how long it took.
 public typealias SnapshotSummary = MachineSnapshotSummary
+/// Where a snapshot's state file and memory file are.
+public typealias SnapshotPaths = SnapshotFiles
 
 /// Where a VM is in its life.
 public enum VMState: String, Sendable, Equatable {
@@ -142,8 +144,8 @@ public final class VM: Sendable {
             case .pvh: kernel.linuxEntry = .pvh
             }
             boot = .kernel(kernel)
-        case let .snapshot(directory):
-            boot = .snapshot(directory)
+        case let .snapshot(paths):
+            boot = .snapshot(paths)
         }
         var machineConfiguration = MachineConfiguration(boot: boot)
         machineConfiguration.memorySize = configuration.memorySize
@@ -157,6 +159,7 @@ public final class VM: Sendable {
         machineConfiguration.timeout = configuration.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
         machineConfiguration.traceExits = configuration.traceExits
         machineConfiguration.showMemory = configuration.showMemory
+        machineConfiguration.trackDirtyPages = configuration.trackDirtyPages
         machineConfiguration.tripleFault = configuration.tripleFault == .reset ? .reset : .stop
         machineConfiguration.kvmPath = configuration.kvmDevice
         machineConfiguration.completeInstructions = configuration.completeInstructions
@@ -248,10 +251,27 @@ public final class VM: Sendable {
 
     /// Writes the paused VM to `directory` (made if missing): a state file and a memory
     /// file, which ``VMConfiguration/Boot/snapshot(directory:)`` restores in this or
-    /// another process. The VM stays paused.
+    /// another process. The VM stays paused. `diff`: see ``snapshot(to:diff:)-(SnapshotPaths,_)``.
     @discardableResult
-    public func snapshot(to directory: String) throws(SwiftletError) -> SnapshotSummary {
-        do { return try machine.snapshot(to: directory) } catch { throw SwiftletError(message: error.description) }
+    public func snapshot(to directory: String, diff: Bool = false) throws(SwiftletError) -> SnapshotSummary {
+        try snapshot(to: SnapshotPaths(directory: directory), diff: diff)
+    }
+
+    /// Writes the paused VM to a state file and a memory file (Firecracker's
+    /// `snapshot_path` and `mem_file_path`). With `diff`, the memory file holds only the
+    /// pages written since the VM's previous snapshot (or the one it was restored from),
+    /// and the state file names that one as its parent; it needs
+    /// ``VMConfiguration/trackDirtyPages`` or ``startDirtyTracking()`` before that
+    /// snapshot. The VM stays paused.
+    @discardableResult
+    public func snapshot(to paths: SnapshotPaths, diff: Bool = false) throws(SwiftletError) -> SnapshotSummary {
+        do { return try machine.snapshot(to: paths, diff: diff) } catch { throw SwiftletError(message: error.description) }
+    }
+
+    /// Starts tracking the pages of RAM written (by the guest and by devices), for diff
+    /// snapshots and migration. Works while the VM runs.
+    public func startDirtyTracking() throws(SwiftletError) {
+        do { try machine.startDirtyTracking() } catch { throw SwiftletError(message: error.description) }
     }
 
     /// Stops a running VM from another thread; ``run()`` then returns `exit`.

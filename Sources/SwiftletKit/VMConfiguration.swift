@@ -28,10 +28,13 @@ public struct VMConfiguration: Sendable {
         /// Multiboot kernel (kvm-unit-tests' `.flat` files are Multiboot ELFs). `nil`
         /// `commandLine` gives Linux Swiftlet's default (serial console on ttyS0).
         case kernel(Image, initrd: Image? = nil, commandLine: String? = nil)
-        /// A snapshot directory written by ``VM/snapshot(to:)`` (or `swiftlet`): the
-        /// machine continues where it was saved. Its RAM, vCPUs, disks and transport come
-        /// from the snapshot; the console, timeout and tracing options here apply.
-        case snapshot(directory: String)
+        /// A snapshot written by ``VM/snapshot(to:diff:)`` (or `swiftlet`): the machine
+        /// continues where it was saved. Its RAM, vCPUs, disks and transport come from the
+        /// snapshot; the console, timeout and tracing options here apply.
+        case snapshot(SnapshotPaths)
+
+        /// The snapshot in `directory` (`directory/state`, `directory/memory`).
+        public static func snapshot(directory: String) -> Boot { .snapshot(SnapshotPaths(directory: directory)) }
     }
 
     /// Where the guest's serial console (COM1) goes.
@@ -151,6 +154,10 @@ public struct VMConfiguration: Sendable {
     /// ``VMResult/memoryReport``) and give the guest the memory slot device at port 0x5A0,
     /// which adds slots while it runs (docs/memory.md).
     public var showMemory = false
+    /// Track the pages written from the start, so that ``VM/snapshot(to:diff:)`` can write
+    /// only what changed since the snapshot before (KVM's dirty log; costs guest time on
+    /// writes).
+    public var trackDirtyPages = false
     /// Ask the host for transparent huge pages for guest RAM.
     public var transparentHugePages = true
     /// Complete the instructions some KVMs cannot emulate (int3, int n, fwait, ldmxcsr,

@@ -75,6 +75,25 @@ struct RunCommand: ParsableCommand {
             0xF0200000 while it runs, and reads the dirty log. See docs/memory.md and \
             guests/memory-slots.s.
 
+            SNAPSHOTS
+              A snapshot is the whole machine on disk: every vCPU's registers, the \
+            in-kernel interrupt controllers and timer, every device's state, and guest RAM \
+            as a separate memory file (zero pages are holes). --restore DIR continues it \
+            where it was taken, in this new process: RAM is mapped from the memory file \
+            (MAP_PRIVATE: pages are read when the guest first touches them, and the file is \
+            never changed), so a restore does not read all of RAM first. The snapshot \
+            decides the machine (RAM, vCPUs, CPU model, disks, network interfaces, \
+            transport), so --restore refuses the options that would build another one; the \
+            console, --timeout and tracing options apply. A snapshot from a newer Swiftlet, \
+            for a CPU feature this host lacks, damaged or truncated, is refused before the \
+            guest runs. Disks are not copied: the restored VM continues with the same image \
+            files, so restore a snapshot once, or copy the disks with it.
+              --track-dirty-pages has KVM log the pages the guest writes from the start \
+            (and Swiftlet the pages its devices write), so that a later snapshot can be a \
+            diff: only the pages written since the snapshot before, naming that one as its \
+            parent. It costs guest time on writes. Take snapshots with the monitor \
+            (--monitor) or the API (--api-sock). See docs/lifecycle.md.
+
             CPU MODEL
               --cpu MODEL[,+feature,-feature...] chooses what the guest sees through \
             CPUID, as QEMU's -cpu. 'host' (the default) is everything this host's KVM \
@@ -124,6 +143,7 @@ struct RunCommand: ParsableCommand {
               swiftlet run --kernel x86/smptest.flat --cpus 2      (kvm-unit-tests)
               swiftlet run --kernel vmlinux --cpu x86-64-v3,-avx2,+pcid
               swiftlet run --kernel bzImage --disk root.qcow2 --net tap=tap0
+              swiftlet run --restore /var/tmp/vm1-snapshot
             """
     )
 
@@ -146,14 +166,20 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("linux-entry"), help: ArgumentHelp("How to enter a Linux ELF: auto (PVH when the kernel has the note), linux64 or pvh (--kernel only).", valueName: "entry"))
     var linuxEntry: VMConfiguration.LinuxEntry?
 
-    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, like 64M, 1G or 1536M (a bare number means MiB).", valueName: "size"))
-    var memory: MemorySizeArgument = MemorySizeArgument(bytes: 256 << 20)
+    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, like 64M, 1G or 1536M (a bare number means MiB; default 256M).", valueName: "size"))
+    var memory: MemorySizeArgument?
 
-    @Option(name: .long, help: ArgumentHelp("Number of virtual CPUs (1 to 254).", valueName: "n"))
-    var cpus: Int = 1
+    @Option(name: .long, help: ArgumentHelp("Number of virtual CPUs (1 to 254; default 1).", valueName: "n"))
+    var cpus: Int?
 
-    @Option(name: .long, help: ArgumentHelp("The CPU the guest sees: host, x86-64-v1 ... x86-64-v4, then +feature/-feature edits (see CPU MODEL).", valueName: "model"))
-    var cpu: String = "host"
+    @Option(name: .long, help: ArgumentHelp("The CPU the guest sees: host (the default), x86-64-v1 ... x86-64-v4, then +feature/-feature edits (see CPU MODEL).", valueName: "model"))
+    var cpu: String?
+
+    @Option(name: .long, help: ArgumentHelp("Continue the VM saved in a snapshot (a directory, or its state file) instead of booting one (see SNAPSHOTS).", valueName: "snapshot"))
+    var restore: String?
+
+    @Flag(name: .customLong("track-dirty-pages"), help: "Track the guest pages written from the start, so that a snapshot can be a diff over the one before (see SNAPSHOTS).")
+    var trackDirtyPages = false
 
     @Option(name: .long, help: ArgumentHelp("Where the serial console writes: 'stdio' or 'file:PATH' (a regular file or a character device).", valueName: "target"))
     var serial: SerialTarget = .stdio
@@ -162,7 +188,7 @@ struct RunCommand: ParsableCommand {
     var timeout: Double?
 
     @Option(name: .customLong("triple-fault"), help: ArgumentHelp("What a triple fault does: stop (a crash, status 4, with the registers) or reset (the guest's reset, status 6, like QEMU's -no-reboot).", valueName: "action"))
-    var tripleFault: VMConfiguration.TripleFault = .stop
+    var tripleFault: VMConfiguration.TripleFault?
 
     @Flag(name: .long, help: "At the end, print a table of VM exits by reason, device and address, with the time spent handling them.")
     var traceExits = false
@@ -188,14 +214,25 @@ struct RunCommand: ParsableCommand {
     var net: [NetArgument] = []
 
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
-    var virtioTransport: VMConfiguration.VirtioTransport = .pci
+    var virtioTransport: VMConfiguration.VirtioTransport?
 
     @Option(name: .long, help: ArgumentHelp("Seccomp filters on every thread: on (default), off (debugging only: no filters), or log (forbidden calls are allowed and logged by the kernel's audit).", valueName: "mode"))
     var seccomp: VMConfiguration.Seccomp = .on
 
     func validate() throws {
-        guard cpus >= 1 else { throw ValidationError("--cpus must be at least 1") }
+        if let cpus, cpus < 1 { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
+        if restore != nil {
+            // The snapshot is the machine: what would build another one contradicts it.
+            let machineOptions: [(Bool, String)] = [
+                (kernel != nil, "--kernel"), (flat != nil, "--flat"), (memory != nil, "--memory"), (cpus != nil, "--cpus"),
+                (cpu != nil, "--cpu"), (!disk.isEmpty, "--disk"), (!net.isEmpty, "--net"), (virtioTransport != nil, "--virtio-transport"),
+                (tripleFault != nil, "--triple-fault"), (noCompleteInstructions, "--no-complete-instructions"), (showMemory, "--show-memory"),
+            ]
+            for (given, option) in machineOptions where given {
+                throw ValidationError("\(option) cannot be used with --restore: the snapshot records the machine it continues")
+            }
+        }
         if kernel == nil {
             for (given, option) in [(initrd != nil, "--initrd"), (cmdline != nil, "--cmdline"),
                                     (linuxEntry != nil, "--linux-entry"), (decompressOnHost != nil, "--[no-]decompress-on-host")] where given {
@@ -203,7 +240,7 @@ struct RunCommand: ParsableCommand {
             }
         }
         // The names are checked before any file is read; what KVM supports, when the VM is built.
-        do { try CPUModels.validate(cpu) } catch { throw ValidationError(error.message) }
+        do { try CPUModels.validate(cpu ?? "host") } catch { throw ValidationError(error.message) }
         if let timeout, !(timeout > 0) || !timeout.isFinite {
             throw ValidationError("--timeout must be a positive number of seconds")
         }
@@ -211,7 +248,14 @@ struct RunCommand: ParsableCommand {
 
     func run() throws {
         let boot: VMConfiguration.Boot
-        if let kernel {
+        if let restore {
+            var status = stat()
+            if stat(restore, &status) == 0, status.st_mode & S_IFMT == S_IFDIR {
+                boot = .snapshot(directory: restore)
+            } else {
+                boot = .snapshot(SnapshotPaths(state: restore, memory: nil))
+            }
+        } else if let kernel {
             boot = .kernel(.file(kernel), initrd: initrd.map { .file($0) }, commandLine: cmdline)
         } else if let flat {
             boot = .flat(.file(flat))
@@ -220,9 +264,10 @@ struct RunCommand: ParsableCommand {
         }
 
         var configuration = VMConfiguration(boot: boot)
-        configuration.memorySize = memory.bytes
-        configuration.cpus = cpus
-        configuration.cpu = cpu
+        configuration.memorySize = memory?.bytes ?? 256 << 20
+        configuration.cpus = cpus ?? 1
+        configuration.cpu = cpu ?? "host"
+        configuration.trackDirtyPages = trackDirtyPages
         configuration.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
         configuration.traceExits = traceExits
         configuration.showMemory = showMemory
@@ -230,9 +275,9 @@ struct RunCommand: ParsableCommand {
         configuration.kvmDevice = kvmDevice
         configuration.disks = disk.map(\.disk)
         configuration.networks = net.map(\.network)
-        configuration.virtioTransport = virtioTransport
+        configuration.virtioTransport = virtioTransport ?? .pci
         configuration.onWarning = { message in FileHandleOutput.standardError("swiftlet: warning: \(message)") }
-        configuration.tripleFault = tripleFault
+        configuration.tripleFault = tripleFault ?? .stop
         configuration.completeInstructions = !noCompleteInstructions
         configuration.decompressKernelOnHost = decompressOnHost ?? true
         configuration.linuxEntry = linuxEntry ?? .automatic

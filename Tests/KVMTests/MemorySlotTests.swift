@@ -1,3 +1,4 @@
+import Basics
 import CKVM
 import Foundation
 @testable import KVM
@@ -47,13 +48,13 @@ struct MemorySlotTests {
         ]
         let tiny = try TinyVM(code: code, slotFlags: .logDirtyPages)
         let pages = Int(tiny.memory.size / 4096)
-        #expect(try tiny.vm.dirtyLog(slot: 0, pageCount: pages).dirtyCount == 0)
+        #expect(try tiny.vm.dirtyLog(slot: 0, pageCount: pages).count == 0)
         #expect(try tiny.runToPortExit()?.port == 0x80)
         let first = try tiny.vm.dirtyLog(slot: 0, pageCount: pages)
-        #expect(first.dirtyRuns == [5..<7])
-        #expect(try tiny.vm.dirtyLog(slot: 0, pageCount: pages).dirtyCount == 0)
+        #expect(first.runs == [5..<7])
+        #expect(try tiny.vm.dirtyLog(slot: 0, pageCount: pages).count == 0)
         #expect(try tiny.runToPortExit()?.port == 0x81)
-        #expect(try tiny.vm.dirtyLog(slot: 0, pageCount: pages).dirtyRuns == [9..<10])
+        #expect(try tiny.vm.dirtyLog(slot: 0, pageCount: pages).runs == [9..<10])
     }
 
     @Test("A slot added while the guest runs appears at once; an address without one is an MMIO exit")
@@ -110,31 +111,31 @@ struct MemorySlotTests {
     }
 }
 
-@Suite("DirtyPageBitmap")
-struct DirtyPageBitmapTests {
+@Suite("PageBitmap (the dirty log's layout)")
+struct PageBitmapTests {
     @Test("Runs of written pages, across word boundaries; bits past the slot are ignored")
     func runs() {
         var words: [UInt64] = [0, 0]
         for page in [0, 1, 2, 63, 64, 70] { words[page / 64] |= 1 << UInt64(page % 64) }
         words[1] |= 1 << 40                  // page 104: outside a 100-page slot
-        let bitmap = DirtyPageBitmap(pageCount: 100, words: words)
-        #expect(bitmap.dirtyRuns == [0..<3, 63..<65, 70..<71])
-        #expect(bitmap.dirtyCount == 6)
-        #expect(!bitmap.isDirty(104) && !bitmap.isDirty(-1))
+        let bitmap = PageBitmap(pageCount: 100, words: words)
+        #expect(bitmap.runs == [0..<3, 63..<65, 70..<71])
+        #expect(bitmap.count == 6)
+        #expect(!bitmap.contains(104) && !bitmap.contains(-1))
     }
 
     @Test("Runs across whole words of written pages, up to the end of the slot")
     func longRuns() {
-        #expect(DirtyPageBitmap(pageCount: 130, words: [.max, .max, .max]).dirtyRuns == [0..<130])
-        #expect(DirtyPageBitmap(pageCount: 200, words: [1 << 63, .max, 1, 0]).dirtyRuns == [63..<129])
-        #expect(DirtyPageBitmap(pageCount: 256, words: [0, 0, 0, 1 << 63]).dirtyRuns == [255..<256])
+        #expect(PageBitmap(pageCount: 130, words: [.max, .max, .max]).runs == [0..<130])
+        #expect(PageBitmap(pageCount: 200, words: [1 << 63, .max, 1, 0]).runs == [63..<129])
+        #expect(PageBitmap(pageCount: 256, words: [0, 0, 0, 1 << 63]).runs == [255..<256])
     }
 
     @Test("A union keeps the pages of every read")
     func union() {
-        var total = DirtyPageBitmap(pageCount: 10, words: [0b11])
-        total.formUnion(DirtyPageBitmap(pageCount: 10, words: [0b1000]))
-        #expect(total.dirtyRuns == [0..<2, 3..<4])
-        #expect(DirtyPageBitmap(pageCount: 0).dirtyRuns.isEmpty)
+        var total = PageBitmap(pageCount: 10, words: [0b11])
+        total.formUnion(PageBitmap(pageCount: 10, words: [0b1000]))
+        #expect(total.runs == [0..<2, 3..<4])
+        #expect(PageBitmap(pageCount: 0).runs.isEmpty)
     }
 }

@@ -188,6 +188,156 @@ struct SnapshotTests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: directory + "/memory")) == memoryBefore)
     }
 
+    /// The counter's lines, checked to run 1, 2, 3, ... with the right sums; returns the
+    /// last count checked.
+    func checkCounting(_ text: String) -> Int {
+        let lines = text.split(separator: "\n").dropLast().filter { $0.hasPrefix("count ") }
+        var expected = 1
+        var sum = 0
+        for line in lines {
+            sum += expected
+            #expect(line == "count \(expected) sum \(sum)", "after count \(expected - 1)")
+            if line != "count \(expected) sum \(sum)" { break }
+            expected += 1
+        }
+        return expected - 1
+    }
+
+    @Test("A diff snapshot writes only the pages written since the one before, and restores through its parent")
+    func diffSnapshot() throws {
+        let full = temporaryDirectory(), diff = temporaryDirectory(), diff2 = temporaryDirectory()
+        defer { for path in [full, diff, diff2] { try? FileManager.default.removeItem(atPath: path) } }
+        var configuration = VMConfiguration(boot: .flat(.file(guests.appendingPathComponent("counter.bin").path)))
+        configuration.memorySize = 64 << 20
+        configuration.trackDirtyPages = true
+        let first = LiveConsole()
+        configuration.console = .file(first.path)
+        let vm = try VM(configuration)
+        let finished = start(vm)
+        #expect(first.wait(forCountAbove: 3))
+        try vm.pause()
+        // Before any full snapshot there is nothing to build on.
+        #expect(throws: SwiftletError.self) { try vm.snapshot(to: diff, diff: true) }
+        let base = try vm.snapshot(to: full)
+        #expect(!base.isDiff)
+        try vm.resume()
+        #expect(first.wait(forCountAbove: (first.counts.last?.0 ?? 0) + 3))
+        try vm.pause()
+        // A diff over its own parent's files is refused.
+        #expect(throws: SwiftletError.self) { try vm.snapshot(to: full, diff: true) }
+        let changed = try vm.snapshot(to: diff, diff: true)
+        #expect(changed.isDiff)
+        #expect(changed.pagesWritten > 0 && changed.pagesWritten < base.pagesWritten,
+                "the counter changes a few pages: \(changed.pagesWritten) of \(base.pagesWritten)")
+        try vm.resume()
+        #expect(first.wait(forCountAbove: (first.counts.last?.0 ?? 0) + 3))
+        try vm.pause()
+        let chained = try vm.snapshot(to: diff2, diff: true)
+        #expect(chained.isDiff && chained.pagesWritten < base.pagesWritten)
+        let printed = first.counts
+        vm.stop()
+        _ = finished()
+        let last = try #require(printed.last)
+        // The diff's memory file is sparse: a few pages of data, the rest holes.
+        var status = stat()
+        #expect(stat(diff + "/memory", &status) == 0)
+        #expect(Int(status.st_blocks) * 512 <= (changed.pagesWritten + 16) * 4096)
+
+        let second = LiveConsole()
+        var restore = VMConfiguration(boot: .snapshot(directory: diff2))
+        restore.console = .file(second.path)
+        let restored = try VM(restore)
+        let finishedAgain = start(restored)
+        #expect(second.wait(forCountAbove: last.0 + 5))
+        restored.stop()
+        _ = finishedAgain()
+        #expect(checkCounting(first.text + second.text) >= last.0 + 5)
+    }
+
+    /// The `swiftlet` binary next to the test runner.
+    static let binary: String = {
+        var directory = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
+            .deletingLastPathComponent()
+        while !FileManager.default.isExecutableFile(atPath: directory.appendingPathComponent("swiftlet").path),
+              directory.pathComponents.count > 2 {
+            directory.deleteLastPathComponent()
+        }
+        return directory.appendingPathComponent("swiftlet").path
+    }()
+
+    /// Runs the binary; returns the status, stdout and stderr.
+    func runBinary(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
+    }
+
+    @Test("swiftlet run --restore continues a snapshot in a new process, and refuses options that would build another machine")
+    func restoreFromTheCommandLine() throws {
+        let directory = temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var configuration = VMConfiguration(boot: .flat(.file(guests.appendingPathComponent("counter.bin").path)))
+        configuration.memorySize = 16 << 20
+        let console = LiveConsole()
+        configuration.console = .file(console.path)
+        let vm = try VM(configuration)
+        let finished = start(vm)
+        #expect(console.wait(forCountAbove: 3))
+        try vm.pause()
+        try vm.snapshot(to: directory)
+        let last = try #require(console.counts.last)
+        vm.stop()
+        _ = finished()
+
+        let restored = try runBinary(["run", "--restore", directory, "--timeout", "1"])
+        #expect(restored.status == 124, "\(restored.stderr)")
+        #expect(checkCounting(console.text + restored.stdout) > last.0)
+        // The state file alone names its memory file.
+        let byStateFile = try runBinary(["run", "--restore", directory + "/state", "--timeout", "0.5"])
+        #expect(byStateFile.status == 124, "\(byStateFile.stderr)")
+
+        let conflicting = try runBinary(["run", "--restore", directory, "--memory", "1G"])
+        #expect(conflicting.status == 2)
+        #expect(conflicting.stderr.contains("--memory cannot be used with --restore"))
+        let missing = try runBinary(["run", "--restore", directory + "/nothing-here"])
+        #expect(missing.status == 2)
+        #expect(missing.stderr.split(separator: "\n").count == 1, "one line: \(missing.stderr)")
+    }
+
+    @Test("A diff needs dirty tracking")
+    func diffNeedsTracking() throws {
+        let full = temporaryDirectory(), diff = temporaryDirectory()
+        defer { for path in [full, diff] { try? FileManager.default.removeItem(atPath: path) } }
+        var configuration = VMConfiguration(boot: .flat(.file(guests.appendingPathComponent("counter.bin").path)))
+        configuration.memorySize = 16 << 20
+        configuration.console = .discard
+        let vm = try VM(configuration)
+        let finished = start(vm)
+        usleep(200_000)
+        try vm.pause()
+        try vm.snapshot(to: full)
+        let error = #expect(throws: SwiftletError.self) { try vm.snapshot(to: diff, diff: true) }
+        #expect(error?.message.contains("track dirty pages") == true)
+        // Tracking started now: the next full snapshot is a base.
+        try vm.startDirtyTracking()
+        try vm.snapshot(to: full)
+        try vm.resume()
+        usleep(100_000)
+        try vm.pause()
+        #expect(try vm.snapshot(to: diff, diff: true).isDiff)
+        vm.stop()
+        _ = finished()
+    }
+
     @Test("A snapshot is refused when it is not paused, damaged, truncated, newer or missing")
     func refusals() throws {
         let directory = temporaryDirectory()

@@ -6,8 +6,8 @@ import Memory
 import Snapshot
 import X86
 
-/// A snapshot directory read and checked, ready to become a machine: its state file
-/// decoded, its memory file (and those of the snapshots a diff builds on) open.
+/// A snapshot read and checked, ready to become a machine: its state file decoded, its
+/// memory file (and those of the snapshots a diff builds on) open.
 ///
 /// Every check that can refuse it runs before any vCPU exists: the state file's format,
 /// length and checksum (``SnapshotEnvelope``), the memory files' sizes, a diff's parent,
@@ -20,15 +20,18 @@ final class LoadedSnapshot {
     /// The longest chain of diff snapshots followed.
     static let maximumChain = 64
 
-    let directory: String
+    let paths: SnapshotFiles
     let manifest: SnapshotManifest
+    /// The state file as an absolute path (what a diff over this snapshot names).
+    let absoluteStatePath: String
     /// The memory files, the full one first, then each diff over it in order, with the
     /// pages each diff holds.
     private let layers: [(descriptor: Int32, pages: [Range<Int>]?)]
 
-    private init(directory: String, manifest: SnapshotManifest, layers: [(descriptor: Int32, pages: [Range<Int>]?)]) {
-        self.directory = directory
+    private init(paths: SnapshotFiles, manifest: SnapshotManifest, layers: [(descriptor: Int32, pages: [Range<Int>]?)]) {
+        self.paths = paths
         self.manifest = manifest
+        absoluteStatePath = Self.absolute(paths.state)
         self.layers = layers
     }
 
@@ -36,23 +39,40 @@ final class LoadedSnapshot {
         for layer in layers { close(layer.descriptor) }
     }
 
-    /// Reads and checks the snapshot in `directory`.
-    static func load(directory: String) throws(MachineError) -> LoadedSnapshot {
+    /// `path` made absolute against the working directory (and resolved, when it exists).
+    static func absolute(_ path: String) -> String {
+        if let resolved = realpath(path, nil) {
+            defer { free(resolved) }
+            return String(cString: resolved)
+        }
+        if path.hasPrefix("/") { return path }
+        guard let cwd = getcwd(nil, 0) else { return path }
+        defer { free(cwd) }
+        return "\(String(cString: cwd))/\(path)"
+    }
+
+    /// Reads and checks the snapshot whose state file is `paths.state`; its memory file is
+    /// `paths.memory`, or without one the file the state file names.
+    static func load(paths: SnapshotFiles) throws(MachineError) -> LoadedSnapshot {
         var descriptors: [Int32] = []
         do {
+            // Each link: the manifest, and its memory file's path.
             var chain: [(SnapshotManifest, String)] = []
-            var current = directory
+            var current = paths.state
             var expectedID: String?
             while true {
                 let manifest = try readManifest(current)
                 if let expectedID, manifest.id != expectedID {
                     throw SnapshotError.incompatible("the diff snapshot's parent '\(current)' is another snapshot (id \(manifest.id), expected \(expectedID))")
                 }
-                chain.append((manifest, current))
+                let directory = SnapshotFiles.directory(of: current)
+                let memoryPath = chain.isEmpty ? (paths.memory ?? SnapshotFiles.resolve(manifest.memory.file, from: directory))
+                    : SnapshotFiles.resolve(manifest.memory.file, from: directory)
+                chain.append((manifest, memoryPath))
                 guard let parent = manifest.memory.parent else { break }
                 guard chain.count < maximumChain else { throw SnapshotError.malformed("more than \(maximumChain) diff snapshots in a chain") }
                 expectedID = parent.id
-                current = parent.directory.hasPrefix("/") ? parent.directory : "\(current)/\(parent.directory)"
+                current = SnapshotFiles.resolve(parent.state, from: directory)
             }
             let newest = chain[0].0
             var layers: [(descriptor: Int32, pages: [Range<Int>]?)] = []
@@ -60,7 +80,7 @@ final class LoadedSnapshot {
                 guard manifest.memory.size == newest.memory.size else {
                     throw SnapshotError.incompatible("the snapshot in '\(path)' has \(manifest.memory.size) bytes of RAM, its diff \(newest.memory.size)")
                 }
-                let descriptor = try openMemoryFile(manifest, in: path)
+                let descriptor = try openMemoryFile(manifest, at: path)
                 descriptors.append(descriptor)
                 let pages = try manifest.memory.pages.map { (runs) throws(SnapshotError) -> [Range<Int>] in
                     try runs.map { (pair) throws(SnapshotError) -> Range<Int> in
@@ -75,18 +95,17 @@ final class LoadedSnapshot {
                 layers.append((descriptor, manifest.memory.parent == nil ? nil : pages))
             }
             try checkShape(newest)
-            return LoadedSnapshot(directory: directory, manifest: newest, layers: layers)
+            return LoadedSnapshot(paths: paths, manifest: newest, layers: layers)
         } catch {
             for descriptor in descriptors { close(descriptor) }
-            if let error = error as? SnapshotError { throw .snapshot(directory: directory, error) }
+            if let error = error as? SnapshotError { throw .snapshot(path: paths.description, error) }
             if let error = error as? MachineError { throw error }
-            throw .snapshot(directory: directory, .malformed("\(error)"))
+            throw .snapshot(path: paths.description, .malformed("\(error)"))
         }
     }
 
-    /// The manifest of the state file in `directory`, checked.
-    static func readManifest(_ directory: String) throws -> SnapshotManifest {
-        let path = "\(directory)/\(stateFileName)"
+    /// The manifest of the state file at `path`, checked.
+    static func readManifest(_ path: String) throws -> SnapshotManifest {
         let bytes: [UInt8]
         do {
             bytes = try HostFile.read(path, purpose: "snapshot state file", maximumSize: UInt64(SnapshotEnvelope.maximumPayload + 4096))
@@ -122,11 +141,9 @@ final class LoadedSnapshot {
         }
     }
 
-    /// Opens the memory file of `manifest` and checks its size.
-    private static func openMemoryFile(_ manifest: SnapshotManifest, in directory: String) throws -> Int32 {
-        let name = manifest.memory.file
-        guard !name.isEmpty, !name.contains("/") else { throw SnapshotError.malformed("the memory file's name '\(name)' is not a plain file name") }
-        let path = "\(directory)/\(name)"
+    /// Opens the memory file of `manifest` at `path` and checks its size.
+    private static func openMemoryFile(_ manifest: SnapshotManifest, at path: String) throws -> Int32 {
+        guard !manifest.memory.file.isEmpty else { throw SnapshotError.malformed("the state names no memory file") }
         let descriptor: Int32
         do { descriptor = try HostFile.open(path, purpose: "snapshot memory file") } catch {
             throw MachineError.cannotOpen(path: path, purpose: "snapshot memory file", reason: error.reason)
@@ -173,7 +190,7 @@ final class LoadedSnapshot {
             }
             return memory
         } catch {
-            throw .snapshot(directory: directory, .malformed("cannot map the memory file: \(error)"))
+            throw .snapshot(path: paths.description, .malformed("cannot map the memory file: \(error)"))
         }
     }
 
@@ -184,12 +201,12 @@ final class LoadedSnapshot {
         var missing: [String] = []
         for name in manifest.cpuFeatures {
             guard let feature = CPUFeature.named(name) else {
-                throw .snapshot(directory: directory, .incompatible("it needs the CPU feature '\(name)', which this Swiftlet does not know"))
+                throw .snapshot(path: paths.description, .incompatible("it needs the CPU feature '\(name)', which this Swiftlet does not know"))
             }
             if !feature.isManaged, !table.has(feature.location) { missing.append(name) }
         }
         guard missing.isEmpty else {
-            throw .snapshot(directory: directory, .incompatible("the guest was given CPU features this host's KVM lacks: \(missing.joined(separator: ", "))"))
+            throw .snapshot(path: paths.description, .incompatible("the guest was given CPU features this host's KVM lacks: \(missing.joined(separator: ", "))"))
         }
     }
 
@@ -199,7 +216,7 @@ final class LoadedSnapshot {
             try manifest.vm.restore(into: vm)
             for (vcpu, saved) in zip(vcpus, manifest.vcpus) { try saved.restore(into: vcpu) }
         } catch {
-            throw .snapshot(directory: directory, .incompatible(error.description))
+            throw .snapshot(path: paths.description, .incompatible(error.description))
         }
         try board.restoreDeviceState(manifest.devices)
     }

@@ -6,54 +6,108 @@ import Memory
 import Snapshot
 import X86
 
-/// What ``Machine/snapshot(to:)`` wrote, for messages and measurements.
+/// What ``Machine/snapshot(to:diff:)`` wrote, for messages and measurements.
 public struct MachineSnapshotSummary: Sendable, Equatable {
-    public var directory: String
+    /// Where it went (a directory, or the state file and the memory file).
+    public var location: String
     /// Bytes of the state file.
     public var stateBytes: Int
     /// Pages of RAM written to the memory file (the rest are holes: zeros, or in a diff,
     /// the parent's).
     public var pagesWritten: Int
+    /// Whether it is a diff over an earlier snapshot.
+    public var isDiff: Bool
     /// Nanoseconds from the start of the snapshot to its files being on disk.
     public var nanoseconds: UInt64
 }
 
 extension Machine {
-    /// Writes the paused machine to `directory` (made if missing): the state file
-    /// (`state`: vCPUs, in-kernel devices, user-space devices, configuration) and the
-    /// memory file (`memory`: RAM, zero pages as holes). Each is written under a temporary
-    /// name, flushed, then renamed, so a crash midway leaves the older snapshot whole; the
-    /// machine's own memory file (a restored machine maps its snapshot's) is never written.
-    /// The machine must be paused, and stays paused.
-    public func snapshot(to directory: String) throws(MachineError) -> MachineSnapshotSummary {
+    /// Writes the paused machine to `directory` (made if missing): `directory/state` and
+    /// `directory/memory`. See ``snapshot(to:diff:)``.
+    public func snapshot(to directory: String, diff: Bool = false) throws(MachineError) -> MachineSnapshotSummary {
+        try snapshot(to: SnapshotFiles(directory: directory), diff: diff)
+    }
+
+    /// Writes the paused machine to `paths`: the state file (vCPUs, in-kernel devices,
+    /// user-space devices, configuration) and the memory file (RAM; zero pages as holes).
+    /// Each is written under a temporary name, flushed, then renamed, so a crash midway
+    /// leaves an older snapshot there whole; the machine's own memory file (a restored
+    /// machine maps its snapshot's) is never written. The machine must be paused, and
+    /// stays paused.
+    ///
+    /// With `diff`, the memory file holds only the pages written since the snapshot this
+    /// machine last took or was restored from (which needs ``startDirtyTracking()`` or
+    /// ``MachineConfiguration/trackDirtyPages`` since then), and the state file names that
+    /// snapshot as its parent: a restore reads the parent's memory, then this one's pages.
+    /// The parent must stay where it is. While tracking, every snapshot becomes the base of
+    /// the next diff.
+    public func snapshot(to paths: SnapshotFiles, diff: Bool = false) throws(MachineError) -> MachineSnapshotSummary {
         guard state == .paused else { throw .invalidTransition(action: "snapshot", state: state.rawValue) }
         let started = MonotonicClock.nanoseconds()
+        let memoryPath = paths.memory ?? SnapshotFiles(directory: paths.stateDirectory).memory!
+        let tracked = tracking.withLock { $0 }
+        if diff {
+            guard tracked.active else {
+                throw .snapshot(path: paths.description, .incompatible("a diff snapshot needs the pages written since an earlier "
+                    + "snapshot: track dirty pages from the start (--track-dirty-pages, track_dirty_pages) or before that snapshot"))
+            }
+            guard let base = tracked.base else {
+                throw .snapshot(path: paths.description, .incompatible("a diff snapshot builds on an earlier one: take a full "
+                    + "snapshot of this VM first (or restore one) while tracking dirty pages"))
+            }
+            let absoluteState = LoadedSnapshot.absolute(paths.state)
+            let absoluteMemory = LoadedSnapshot.absolute(memoryPath)
+            guard absoluteState != base.state, absoluteMemory != LoadedSnapshot.absolute(baseMemoryPath(base.state)) else {
+                throw .snapshot(path: paths.description, .incompatible("a diff snapshot cannot replace the snapshot it builds on "
+                    + "(\(base.state)); write it somewhere else"))
+            }
+        }
         do {
-            try Self.makeDirectory(directory)
-            let manifest = try captureManifest(memoryFile: LoadedSnapshot.memoryFileName)
-            let memoryPath = "\(directory)/\(LoadedSnapshot.memoryFileName)"
+            if paths.memory == nil || paths == SnapshotFiles(directory: paths.stateDirectory) { try Self.makeDirectory(paths.stateDirectory) }
+            let stateDirectory = LoadedSnapshot.absolute(paths.stateDirectory)
+            // The pages written since the base: taken while paused, so nothing is missed
+            // between them and the memory file.
+            let dirty: PageBitmap? = tracked.active ? try takeDirtyPages() : nil
+            var memory = SavedMemory(file: SnapshotFiles.relative(LoadedSnapshot.absolute(memoryPath), to: stateDirectory),
+                                     size: board.memory.size, parent: nil, pages: nil)
+            if diff, let base = tracked.base, let dirty {
+                memory.parent = .init(state: SnapshotFiles.relative(base.state, to: stateDirectory), id: base.id)
+                memory.pages = dirty.runs.map { [$0.lowerBound, $0.upperBound] }
+            }
+            let manifest = try captureManifest(memory: memory)
             let written = try Self.writeAtomically(memoryPath) { (descriptor) throws in
-                try board.memory.writeImage(to: descriptor).pagesWritten
+                try board.memory.writeImage(to: descriptor, pages: diff ? dirty : nil).pagesWritten
             }
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             let payload = try encoder.encode(manifest)
             let file = SnapshotEnvelope.encode(payload: Array(payload))
-            try Self.writeAtomically("\(directory)/\(LoadedSnapshot.stateFileName)") { (descriptor) throws in
+            try Self.writeAtomically(paths.state) { (descriptor) throws in
                 try Self.writeAll(descriptor, file)
             }
-            Self.syncDirectory(directory)
-            return MachineSnapshotSummary(directory: directory, stateBytes: file.count, pagesWritten: written,
-                                   nanoseconds: MonotonicClock.nanoseconds() - started)
+            Self.syncDirectory(paths.stateDirectory)
+            Self.syncDirectory(SnapshotFiles.directory(of: memoryPath))
+            if tracked.active {
+                let state = LoadedSnapshot.absolute(paths.state)
+                tracking.withLock { $0.base = (state, manifest.id) }
+            }
+            return MachineSnapshotSummary(location: paths.description, stateBytes: file.count, pagesWritten: written, isDiff: diff,
+                                          nanoseconds: MonotonicClock.nanoseconds() - started)
         } catch let error as MachineError {
             throw error
         } catch {
-            throw .snapshot(directory: directory, .malformed("cannot write it: \(error)"))
+            throw .snapshot(path: paths.description, .malformed("cannot write it: \(error)"))
         }
     }
 
+    /// The memory file the state file at `state` names (for refusing to overwrite it).
+    private func baseMemoryPath(_ state: String) -> String {
+        guard let manifest = try? LoadedSnapshot.readManifest(state) else { return state }
+        return SnapshotFiles.resolve(manifest.memory.file, from: SnapshotFiles.directory(of: state))
+    }
+
     /// The state of everything but RAM. Each vCPU's state is read on its own thread.
-    func captureManifest(memoryFile: String) throws -> SnapshotManifest {
+    func captureManifest(memory: SavedMemory) throws -> SnapshotManifest {
         let msrIndices = try board.system.msrIndexList()
         var vcpus: [SavedVCPU] = []
         for runner in runners {
@@ -77,7 +131,7 @@ extension Machine {
             format: SnapshotEnvelope.currentVersion, swiftletVersion: SwiftletVersion.current,
             id: Self.randomID(), createdAt: Int64(time(nil)),
             machine: configuration.saved(testDevice: hasTestDevice), cpuFeatures: features,
-            memory: SavedMemory(file: memoryFile, size: board.memory.size, parent: nil, pages: nil),
+            memory: memory,
             vm: try SavedVMDevices.capture(board.vm), vcpus: vcpus, devices: board.saveDeviceState())
     }
 

@@ -55,18 +55,20 @@ struct SavedMachineConfiguration: Codable, Sendable, Equatable {
 
 /// Where RAM is and which pages the memory file holds.
 struct SavedMemory: Codable, Sendable, Equatable {
-    /// The memory file's name in the snapshot directory.
+    /// The memory file: a name or path relative to the state file's directory, or an
+    /// absolute path.
     var file: String
     /// Bytes of RAM (the memory file's length).
     var size: UInt64
-    /// A diff snapshot: the snapshot whose RAM this one changes (its directory as written,
-    /// and its ``SnapshotManifest/id``), and the pages (runs of page numbers) this memory
-    /// file holds. The other pages come from the parent.
+    /// A diff snapshot: the snapshot whose RAM this one changes (its state file, relative
+    /// to this state file's directory or absolute, and its ``SnapshotManifest/id``), and
+    /// the pages (runs of page numbers, `[first, end)`) this memory file holds. The other
+    /// pages come from the parent.
     var parent: Parent?
     var pages: [[Int]]?
 
     struct Parent: Codable, Sendable, Equatable {
-        var directory: String
+        var state: String
         var id: String
     }
 }
