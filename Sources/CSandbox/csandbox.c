@@ -202,8 +202,8 @@ int csandbox_probe(const struct csandbox_instruction *program, uint16_t count, i
             csandbox_label_calling_thread("probe");
         }
         if (csandbox_set_no_new_privs() != 0 || csandbox_install_filter(program, count) != 0) _exit(100);
-        syscall(number, a0, a1, a2);
-        _exit(0);
+        long result = syscall(number, a0, a1, a2);
+        _exit(result < 0 && errno == EACCES ? 13 : 0);
     }
     int status;
     while (waitpid(child, &status, 0) < 0) {

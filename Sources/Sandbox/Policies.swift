@@ -42,6 +42,9 @@ extension ThreadKind {
     /// What every Swiftlet thread does: the Swift runtime and glibc (locks, memory, thread
     /// exit), and the violation handler's one line on stderr and exit.
     static let common: [SeccompRule] = [
+        .fail(.openat, errno: EACCES, because: "glibc's malloc reads /proc/sys/vm/overcommit_memory the first time a thread's heap "
+              + "shrinks, and takes a failure as 'no overcommit'; every other open fails the same way (Landlock refuses them too)"),
+        .fail(.open, errno: EACCES, because: "as openat"),
         .allow(.futex, "Mutex, DispatchSemaphore, condition variables, pthread_join"),
         .allow(.write, when: .argument(0, is: 2), because: "messages on stderr; the SIGSYS handler's line"),
         .allow(.madvise, "malloc returning memory; glibc freeing a thread's stack"),

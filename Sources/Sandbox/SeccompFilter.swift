@@ -64,13 +64,23 @@ public struct ArgumentCondition: Sendable, Equatable {
 public struct SeccompRule: Sendable, Equatable {
     public let call: SystemCall
     public let conditions: [ArgumentCondition]
+    /// What the call gets when the conditions hold: ``SeccompAction/allow``, or an error
+    /// for a call that must fail quietly rather than end the VM.
+    public let action: SeccompAction
     /// Why the thread makes this call (where in Swiftlet or the runtime), for audits.
     public let reason: String
 
-    public init(_ call: SystemCall, when conditions: [ArgumentCondition] = [], _ reason: String = "") {
+    public init(_ call: SystemCall, when conditions: [ArgumentCondition] = [], action: SeccompAction = .allow, _ reason: String = "") {
         self.call = call
         self.conditions = conditions
+        self.action = action
         self.reason = reason
+    }
+
+    /// The call fails with `errno` instead of ending the VM: for calls the C library makes on
+    /// its own and copes with failing.
+    public static func fail(_ call: SystemCall, errno: Int32, because reason: String) -> SeccompRule {
+        SeccompRule(call, action: .errno(UInt16(errno)), reason)
     }
 
     public static func allow(_ call: SystemCall, _ reason: String = "") -> SeccompRule { SeccompRule(call, reason) }
@@ -129,13 +139,13 @@ public struct SeccompFilter: Sendable {
             let group = byCall[call]!
             let nextCall = asm.newLabel()
             asm.jump(BPFInstruction.jeq, UInt32(call.rawValue), ifTrue: nil, ifFalse: nextCall)
-            if group.contains(where: { $0.conditions.isEmpty }) {
-                asm.emit(.return(SeccompAction.allow.value))
+            if let unconditional = group.first(where: { $0.conditions.isEmpty }) {
+                asm.emit(.return(unconditional.action.value))
             } else {
                 for rule in group {
                     let ruleFails = asm.newLabel()
                     for condition in rule.conditions { Self.emit(condition, failing: ruleFails, into: &asm) }
-                    asm.emit(.return(SeccompAction.allow.value))
+                    asm.emit(.return(rule.action.value))
                     asm.place(ruleFails)
                 }
                 asm.emit(.return(otherwise.value))

@@ -287,11 +287,10 @@ struct RunCommand: ParsableCommand {
         configuration.seccomp = seccomp
         configuration.confineCallingThread = true
         if seccomp != .on {
-            FileHandleOutput.standardError("""
-                swiftlet: WARNING: --seccomp \(seccomp.rawValue): the VM's threads run WITHOUT seccomp filters\
-                \(seccomp == .log ? " (forbidden calls are only logged)" : ""). A guest that exploits a bug in a \
-                device model gets everything this process may do. Use this only for debugging.
-                """)
+            let what = seccomp == .off ? "the VM's threads run WITHOUT seccomp filters"
+                : "system calls the filters forbid are ALLOWED and only logged by the kernel"
+            FileHandleOutput.standardError("swiftlet: WARNING: --seccomp \(seccomp.rawValue): \(what). A guest that exploits a "
+                + "bug in a device model gets everything this process may do. Use this only for debugging.")
         }
         switch serial {
         case .stdio: configuration.console = .standardOutput

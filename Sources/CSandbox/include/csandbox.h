@@ -69,7 +69,7 @@ static const unsigned long CSANDBOX_FIONBIO = FIONBIO;
 int csandbox_read_filter(int tid, struct csandbox_instruction *out, int capacity);
 /// Forks a child that installs `program` (with no_new_privs; with the violation handler
 /// when `handler` is set, stderr sent to `stderr_fd` when it is >= 0) and makes system
-/// call `number`, then exits 0. Returns the child's exit status, or 128 + the signal that
+/// call `number`, then exits 0 (13 when the call failed with EACCES). Returns the child's exit status, or 128 + the signal that
 /// ended it (SIGSYS when the filter trapped or killed it). Only C runs in the child.
 int csandbox_probe(const struct csandbox_instruction *program, uint16_t count, int handler, int stderr_fd,
                    long number, long a0, long a1, long a2);
