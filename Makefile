@@ -60,6 +60,7 @@ bench:
 	python3 bench/vm.py $(RELEASE)
 	python3 bench/virtio-net.py $(RELEASE)
 	python3 bench/lifecycle.py $(RELEASE)
+	python3 bench/seccomp.py $(RELEASE)
 	SWIFTLET_BENCH_SCRATCH=$(CURDIR)/.build bash bench/disk-image.sh
 	python3 bench/linux-boot.py $(RELEASE)
 
