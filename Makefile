@@ -52,7 +52,8 @@ test:
 	$(SWIFT) test
 
 # Each script measures Swiftlet against a baseline in the same run and prints ratios;
-# docs/performance.md explains them. The Linux boot benchmark takes about 10 minutes
+# docs/performance.md explains them. The virtio-blk benchmark (the guest's disk against
+# fio on the host, same file) takes about 5 minutes; the Linux boot benchmark about 10
 # here (a bzImage decompressing itself runs ~4 minutes on this nested-KVM host).
 bench:
 	@$(SETUP) bench
@@ -61,7 +62,9 @@ bench:
 	python3 bench/virtio-net.py $(RELEASE)
 	python3 bench/lifecycle.py $(RELEASE)
 	python3 bench/seccomp.py $(RELEASE)
+	python3 bench/migration.py $(RELEASE)
 	SWIFTLET_BENCH_SCRATCH=$(CURDIR)/.build bash bench/disk-image.sh
+	python3 bench/virtio-blk.py $(RELEASE)
 	python3 bench/linux-boot.py $(RELEASE)
 
 embed: guests

@@ -15,6 +15,7 @@
 //   DiskImage  Raw and qcow2 disk images over file descriptors. No KVM.
 //   Boot       Kernel formats and boot protocols (flat, Linux, PVH, Multiboot), and the
 //              firmware tables that describe the Devices. No KVM.
+//   RateLimit  Token buckets and rate limiters (Firecracker's semantics) for device I/O. No KVM.
 //   Virtio     Virtqueues, the virtio device interface, transports and devices. No KVM.
 //   X86        x86 vCPU set-up: the CPU model (CPUID), boot MSRs, entry registers, dumps.
 //   Snapshot   The snapshot state file's envelope: format version, length, checksum. No KVM.
@@ -57,29 +58,31 @@ let package = Package(
         .systemLibrary(name: "CLz4", path: "Sources/CLz4"),
         .target(name: "Boot", dependencies: ["Basics", "Layout", "Memory", "Devices", "Compression", "CLzma", "CLz4"]),
         .target(name: "X86", dependencies: ["Basics", "KVM", "Boot"]),
-        .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage",
+        .target(name: "RateLimit"),
+        .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage", "RateLimit",
                                          .product(name: "DequeModule", package: "swift-collections")]),
         .target(name: "Snapshot", dependencies: ["Basics", "CZlib"]),
-        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot", "Sandbox", "Compression"]),
-        .target(name: "SwiftletKit", dependencies: ["Basics", "Sandbox", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM"]),
+        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot", "RateLimit", "Sandbox", "Compression"]),
+        .target(name: "SwiftletKit", dependencies: ["Basics", "Sandbox", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM", "RateLimit"]),
         .executableTarget(
             name: "swiftlet",
             dependencies: [
-                "Basics", "SwiftletKit", "DiskImage", "Sandbox",
+                "Basics", "SwiftletKit", "DiskImage", "RateLimit", "Sandbox",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "BasicsTests", dependencies: ["Basics"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "Basics"]),
         .testTarget(name: "KVMTests", dependencies: ["Basics", "KVM", "Memory", "EventLoop"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Memory", "EventLoop", "Devices", "DiskImage"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Memory", "EventLoop", "Devices", "DiskImage", "RateLimit"]),
+        .testTarget(name: "RateLimitTests", dependencies: ["RateLimit"]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Memory", "Layout"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Compression"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "X86Tests", dependencies: ["X86", "KVM", "Memory"], exclude: ["Fixtures"]),
         .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet", "Sandbox"]),
-        .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit"]),
+        .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "RateLimit"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot"]),
         .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "CKVM"]),
     ],

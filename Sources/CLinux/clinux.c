@@ -11,6 +11,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 _Static_assert(EPOLLIN == 0x001 && EPOLLOUT == 0x004 && EPOLLERR == 0x008 && EPOLLHUP == 0x010, "epoll bits");
@@ -65,6 +66,11 @@ int clinux_memfd_create(const char *name) {
 
 int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length);
+}
+
+int64_t clinux_pread_nowait(int fd, void *buffer, uint64_t length, int64_t offset) {
+    struct iovec vector = { buffer, (size_t)length };
+    return preadv2(fd, &vector, 1, (off_t)offset, RWF_NOWAIT);
 }
 
 // --- TAP devices ----------------------------------------------------------------------------

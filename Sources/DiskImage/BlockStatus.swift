@@ -196,7 +196,7 @@ public final class BlockStatusReader {
         let needed = min(inCluster + length, (q.l2Entries - l2Index) << q.clusterBits)
 
         let l1Index = index / q.l2Entries
-        let hasL2 = q.state.withLock { s in l1Index < UInt64(s.l1.count) && s.l1[Int(l1Index)] & QCOW2Image.offsetMask != 0 }
+        let hasL2 = q.metadata.shared { m in l1Index < UInt64(m.l1.count) && m.l1[Int(l1Index)] & QCOW2Image.offsetMask != 0 }
         var result = BlockStatus(start: offset, length: needed - inCluster)
         guard hasL2 else { return result }
 
@@ -306,6 +306,8 @@ public final class BlockStatusReader {
 struct RefcountReader {
     let image: QCOW2Image
     let table: [UInt64]
+    /// Blocks by table index that are read from memory instead of the file (a writer's cache).
+    var cachedBlocks: [Int: [UInt8]] = [:]
 
     init(image q: QCOW2Image) throws {
         // The header may have moved the table since the image was opened; read it again.
@@ -321,6 +323,7 @@ struct RefcountReader {
 
     /// The refcount block at table index `t`, decoded, or nil if there is none.
     func block(_ t: Int) throws -> [UInt64]? {
+        if let bytes = cachedBlocks[t] { return decode(bytes) }
         let e = table[t]
         let offset = e & ~(image.clusterSize - 1)
         guard offset != 0 else { return nil }

@@ -100,13 +100,13 @@ extension QCOW2Image {
     /// A crash before the bit is cleared just means the repair runs again next time.
     func repairDirtyImage() throws {
         let before = try check(verifyCompressed: false)
-        try writer.withLock { w in
+        try metadata.exclusive { m in
             for (c, r) in before.references.enumerated() where c < before.storedRefcounts.count
                 && UInt64(r) != before.storedRefcounts[c] {
-                try setRefcount(cluster: UInt64(c), UInt64(r), w: &w)
+                try setRefcount(cluster: UInt64(c), UInt64(r), m: &m)
             }
+            try commit(&m)
         }
-        try file.sync()
         let after = try check(verifyCompressed: false)
         guard after.exitStatus == 0 else {
             throw DiskImageError.corruptMetadata(

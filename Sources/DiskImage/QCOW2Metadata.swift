@@ -34,9 +34,9 @@ enum CopiedFlagUpdate {
     case matchRefcounts
 }
 
-// Metadata editing shared by resize, snapshot and rebase. All of it runs under the writer lock
-// (`w`), on an image opened for writing, and leaves the caller to `fdatasync` at the points its
-// crash-safe order needs.
+// Metadata editing shared by resize and snapshot. All of it runs with the metadata lock held
+// alone (`m`), on an image opened for writing that nobody else uses, and leaves the caller to
+// `commit` (write the cached changes in order, fdatasync) at the points its crash-safe order needs.
 extension QCOW2Image {
     /// Reads `count` big-endian table entries at `offset`.
     func readEntries(at offset: UInt64, count: Int) throws -> [UInt64] {
@@ -53,21 +53,6 @@ extension QCOW2Image {
         for (i, e) in entries.enumerated() where e != 0 { bytes.setBE(e, at: i * 8) }
         try file.write(bytes: bytes, at: offset)
         noteFileEnd(offset + UInt64(bytes.count))
-    }
-
-    /// Allocates `count` consecutive clusters after the end of the file (refcount 1 each) and
-    /// returns the first one's offset. Refcount blocks this needs go after the run.
-    func allocateRun(clusters count: UInt64, w: inout WriterState) throws -> UInt64 {
-        let start = w.nextFree
-        w.nextFree += count * clusterSize
-        for i in 0..<count {
-            let cluster = (start >> clusterBits) + i
-            guard try refcount(cluster: cluster, w: &w) == 0 else {
-                throw DiskImageError.corruptMetadata("host cluster \(cluster) past the end of the file is already in use")
-            }
-            try setRefcount(cluster: cluster, 1, w: &w)
-        }
-        return start
     }
 
     /// Clusters needed for a table of `entries` 8-byte entries.
@@ -91,10 +76,8 @@ extension QCOW2Image {
     func hostRange(entry: UInt64, bitmap: UInt64, guestCluster: UInt64) throws -> (start: UInt64, length: UInt64)? {
         let mapping = try mapping(entry: entry, bitmap: bitmap, guestCluster: guestCluster)
         if case .compressed = mapping {
-            let shift = 62 - (clusterBits - 8)
-            let coffset = entry & ((1 << shift) - 1)
-            let sectors = ((entry >> shift) & ((1 << (clusterBits - 8)) - 1)) + 1
-            return (coffset & ~511, sectors * 512)
+            let (offset, size) = compressedRange(entry)
+            return (offset & ~511, size)
         }
         let host = entry & Self.offsetMask
         return host == 0 ? nil : (host, clusterSize)
@@ -152,37 +135,24 @@ extension QCOW2Image {
         }
     }
 
-    /// Validates `changes`, then (unless `dryRun`) writes each changed refcount block once.
-    /// Nothing is written if any change does not fit.
-    func apply(_ changes: RefcountChanges, dryRun: Bool = false, w: inout WriterState) throws {
+    /// Validates `changes`, then (unless `dryRun`) makes them in the cached refcount blocks.
+    /// Nothing changes if any change does not fit. The caller commits them.
+    func apply(_ changes: RefcountChanges, dryRun: Bool = false, m: inout QCOW2Metadata) throws {
         guard !changes.isEmpty else { return }
-        try validate(changes, reader: RefcountReader(image: self, table: w.refcountTable))
+        try validate(changes, reader: RefcountReader(image: self, metadata: m))
         guard !dryRun else { return }
-        let perBlock = refcountEntriesPerBlock
-        var byBlock: [Int: [(UInt64, Int64)]] = [:]
-        for (cluster, delta) in changes.deltas where delta != 0 {
-            byBlock[Int(cluster / perBlock), default: []].append((cluster, delta))
-        }
-        let reader = RefcountReader(image: self, table: w.refcountTable)
-        for (t, list) in byBlock.sorted(by: { $0.key < $1.key }) {
-            let block = try refcountBlock(t, w: &w)
-            var bytes = [UInt8](repeating: 0, count: Int(clusterSize))
-            try bytes.withUnsafeMutableBytes { try file.readZeroFilled(into: $0, at: block) }
-            let values = reader.decode(bytes)
-            for (cluster, delta) in list {
-                let index = cluster % perBlock
-                let old = values[Int(index)]
-                encodeRefcount(&bytes, index: index, value: delta < 0 ? old - UInt64(-delta) : old + UInt64(delta))
-            }
-            try file.write(bytes: bytes, at: block)
+        for (cluster, delta) in changes.deltas.sorted(by: { $0.key < $1.key }) where delta != 0 {
+            let old = try refcount(cluster: cluster, m: &m)
+            try setRefcount(cluster: cluster, delta < 0 ? old - UInt64(-delta) : old + UInt64(delta), m: &m)
+            if delta < 0 && old == UInt64(-delta) { m.freeHint = min(m.freeHint, cluster) }
         }
     }
 
     /// Brings the COPIED flags of the tables reachable from the L1 table at `l1Offset` in line
     /// with `update`, writing only the L2 tables and L1 entries that change.
     func syncCopiedFlags(l1Offset: UInt64, l1: inout [UInt64], _ update: CopiedFlagUpdate,
-                         w: inout WriterState) throws {
-        let reader = RefcountReader(image: self, table: w.refcountTable)
+                         m: inout QCOW2Metadata) throws {
+        let reader = RefcountReader(image: self, metadata: m)
         var blocks: [Int: [UInt64]] = [:]
         func exclusive(_ offset: UInt64) throws -> Bool {
             let cluster = offset >> clusterBits
@@ -221,25 +191,28 @@ extension QCOW2Image {
     }
 
     /// Forgets cached L2 tables and reloads the active L1 table after tables changed on disk.
-    func reloadTables(l1Offset: UInt64, count: Int) throws {
-        let l1 = try readEntries(at: l1Offset, count: count)
-        state.withLock { s in
-            s.l1 = l1
-            s.l2Cache = [:]
-            s.lastCompressed = nil
-        }
+    /// The caller has committed every cached change.
+    func reloadTables(l1Offset: UInt64, count: Int, m: inout QCOW2Metadata) throws {
+        m.l1 = try readEntries(at: l1Offset, count: count)
+        m.l1Dirty = []
+        m.l2 = [:]
+        m.dirtyL2Tables = 0
+        m.l2Removals += 1
+        m.protectedClusters = nil
+        lastCompressed.withLock { $0 = nil }
     }
 
     /// Replaces the active L1 table with a larger copy of `count` entries after the end of the
     /// file: written and synced first, then the header's `l1_size` and `l1_table_offset` are
     /// switched in one 12-byte write, and only then are the old table's clusters released.
-    func growL1(to count: UInt64, w: inout WriterState) throws {
-        let old = state.withLock { $0.l1 }
+    /// The caller has committed every cached change.
+    func growL1(to count: UInt64, m: inout QCOW2Metadata) throws {
+        let old = m.l1
         guard count > UInt64(old.count) else { return }
         guard count <= QCOW2Header.maxL1Entries else {
             throw DiskImageError.tableTooLarge(table: "L1 table", entries: count, limit: QCOW2Header.maxL1Entries)
         }
-        let newOffset = try allocateRun(clusters: clusters(forEntries: count), w: &w)
+        let newOffset = try allocateRun(clusters: clusters(forEntries: count), m: &m)
         let table = old + [UInt64](repeating: 0, count: Int(count) - old.count)
         try writeEntries(table, at: newOffset)
         // The rest of the last cluster: zeros, so the file holds whole clusters.
@@ -247,150 +220,26 @@ extension QCOW2Image {
         let written = newOffset + count * 8
         if end > written { try file.write(bytes: [UInt8](repeating: 0, count: Int(end - written)), at: written) }
         noteFileEnd(end)
-        try file.sync()
+        try commit(&m)
         var fields = [UInt8](repeating: 0, count: 12)
         fields.setBE(UInt32(count), at: 0)
         fields.setBE(newOffset, at: 4)
         try writeHeaderFields(fields, at: 36)
-        let oldOffset = w.l1TableOffset
-        w.l1TableOffset = newOffset
-        let grown = table
-        state.withLock { $0.l1 = grown }
+        let oldOffset = m.l1TableOffset
+        m.l1TableOffset = newOffset
+        m.l1 = table
+        m.protectedClusters = nil
         if !old.isEmpty && oldOffset != 0 {
-            try releaseRange(start: oldOffset, length: UInt64(old.count) * 8, w: &w)
-        }
-    }
-
-    /// Makes the guest range `[start, end)` read as zeros with zero flags, keeping any host
-    /// cluster a zeroed cluster had (QEMU's `qcow2_subcluster_zeroize` without unmapping).
-    /// `start` is subcluster-aligned; `end` is too, or is the end of the image. Version 3 only.
-    /// A whole compressed cluster becomes a plain zero cluster and its host range is released
-    /// after the L2 writes are synced; part of one is copied out and zeroed by the write path.
-    func zeroize(from start: UInt64, to end: UInt64, w: inout WriterState) throws {
-        guard start < end else { return }
-        var releases: [(UInt64, UInt64)] = []
-        let scSize = clusterSize / 32
-        let step = extended ? 2 : 1
-        var pos = start
-        while pos < end {
-            let l1Index = Int((pos >> clusterBits) / l2Entries)
-            let l2Offset = try writableL2(l1Index: l1Index, w: &w)
-            var table = try readEntries(at: l2Offset, count: Int(clusterSize / 8))
-            var first = Int.max, last = -1
-            func flush() throws {
-                guard last >= first else { return }
-                try writeEntries(Array(table[first...last]), at: l2Offset + UInt64(first) * 8)
-                let copy = table
-                state.withLock { s in if s.l2Cache[l2Offset] != nil { s.l2Cache[l2Offset]!.entries = copy } }
-                first = Int.max
-                last = -1
-            }
-            let l2End = min(end, UInt64(l1Index + 1) * l2Entries << clusterBits)
-            while pos < l2End {
-                let i = pos >> clusterBits
-                let slot = Int(i % l2Entries) * step
-                let clusterStart = i << clusterBits
-                let clusterEnd = min(l2End, clusterStart + clusterSize)
-                let entry = table[slot]
-                let bitmap = extended ? table[slot + 1] : 0
-                let whole = pos == clusterStart && (clusterEnd == clusterStart + clusterSize || clusterEnd == end)
-                let range = try hostRange(entry: entry, bitmap: bitmap, guestCluster: i)
-                if entry & Self.compressedFlag != 0, let (hs, hl) = range {
-                    guard whole else {
-                        try flush()
-                        let zeros = [UInt8](repeating: 0, count: Int(clusterEnd - pos))
-                        try zeros.withUnsafeBytes { try writeInCluster($0, guestOffset: pos, w: &w) }
-                        table = try readEntries(at: l2Offset, count: Int(clusterSize / 8))
-                        pos = clusterEnd
-                        continue
-                    }
-                    releases.append((hs, hl))
-                    table[slot] = extended ? 0 : Self.zeroFlag
-                    if extended { table[slot + 1] = 0xffff_ffff << 32 }
-                } else if extended {
-                    let from = Int((pos - clusterStart) / scSize)
-                    let to = whole ? 32 : Int((clusterEnd - clusterStart + scSize - 1) / scSize)
-                    let mask = UInt64(UInt32.max >> UInt32(32 - (to - from))) << UInt64(from)
-                    table[slot + 1] = (bitmap | mask << 32) & ~mask
-                } else {
-                    table[slot] = entry | Self.zeroFlag
-                }
-                first = min(first, slot)
-                last = max(last, slot + step - 1)
-                pos = clusterEnd
-            }
-            try flush()
-        }
-        try file.sync()
-        for (s, l) in releases { try releaseRange(start: s, length: l, w: &w) }
-    }
-}
-
-extension QCOW2Image {
-    /// Writes `buffer` at a cluster-aligned guest `offset` (ending on a cluster boundary or at the
-    /// end of the disk), many clusters at a time where this image has nothing yet: their refcounts
-    /// are raised, the data written in one call, synced once, and only then the L2 entries pointing
-    /// to them written in one call. Clusters that hold something go through `write`'s path.
-    /// Used by rebase, which copies into unallocated ranges, so it costs one `fdatasync` per run
-    /// instead of one per cluster.
-    func writeIntoUnallocated(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        guard !isReadOnly else { throw DiskImageError.readOnly(path: file.path) }
-        try checkRange(offset, buffer.count, virtualSize)
-        let end = offset + UInt64(buffer.count)
-        guard offset % clusterSize == 0, end % clusterSize == 0 || end == virtualSize else {
-            return try write(buffer, at: offset)
-        }
-        let step = extended ? 2 : 1
-        try writer.withLock { w in
-            var pos = offset
-            while pos < end {
-                let index = pos >> clusterBits
-                let l1Index = Int(index / l2Entries)
-                let l2End = min(end, UInt64(l1Index + 1) * l2Entries << clusterBits)
-                let l2 = try writableL2(l1Index: l1Index, w: &w)
-                let table = try readEntries(at: l2, count: Int(clusterSize / 8))
-                let first = Int(index % l2Entries) * step
-                var n = 0
-                while pos + UInt64(n) * clusterSize < l2End, table[first + n * step] == 0,
-                      !extended || table[first + n * step + 1] == 0 {
-                    n += 1
-                }
-                let done = Int(pos - offset)
-                guard n > 0 else {
-                    let length = Int(min(clusterSize, end - pos))
-                    try writeInCluster(UnsafeRawBufferPointer(rebasing: buffer[done..<(done + length)]), guestOffset: pos, w: &w)
-                    pos += UInt64(length)
-                    continue
-                }
-                let runBytes = UInt64(n) * clusterSize
-                let length = Int(min(runBytes, end - pos))
-                let host = try allocateRun(clusters: UInt64(n), w: &w)
-                try file.write(UnsafeRawBufferPointer(rebasing: buffer[done..<(done + length)]), at: host)
-                if UInt64(length) < runBytes {
-                    try file.write(bytes: [UInt8](repeating: 0, count: Int(runBytes) - length), at: host + UInt64(length))
-                }
-                noteFileEnd(host + runBytes)
-                try file.sync()
-                var entries = [UInt64](repeating: 0, count: n * step)
-                for i in 0..<n {
-                    entries[i * step] = (host + UInt64(i) * clusterSize) | Self.copiedFlag
-                    if extended { entries[i * step + 1] = 0xffff_ffff }
-                }
-                try writeEntries(entries, at: l2 + UInt64(first) * 8)
-                var updated = table
-                updated.replaceSubrange(first..<(first + n * step), with: entries)
-                let copy = updated
-                state.withLock { s in if s.l2Cache[l2] != nil { s.l2Cache[l2]!.entries = copy } }
-                pos += UInt64(length)
-            }
+            try releaseRange(start: oldOffset, length: UInt64(old.count) * 8, m: &m)
         }
     }
 }
 
 extension RefcountReader {
-    /// A reader over a refcount table already in memory (the writer's).
-    init(image: QCOW2Image, table: [UInt64]) {
+    /// A reader over the writer's refcount table and cached blocks (newer than the file's).
+    init(image: QCOW2Image, metadata m: borrowing QCOW2Metadata) {
         self.image = image
-        self.table = table
+        self.table = m.refcountTable
+        self.cachedBlocks = m.refcountBlocks.mapValues(\.bytes)
     }
 }

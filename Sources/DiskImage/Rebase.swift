@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 // `qemu-img rebase`: give an image another backing file, or none.
 //
 // Safe mode (the default) keeps what the guest sees: every range the image does not allocate
@@ -9,7 +15,7 @@
 // Unsafe mode (`-u`) only rewrites the backing file name and format in the header: for a backing
 // file that was renamed or moved, whose contents are the same.
 extension DiskImage {
-    /// Largest range compared at once (QEMU: 2 MiB; larger here, so that one fdatasync covers more copied data).
+    /// Largest range compared at once (QEMU: 2 MiB; larger here, for fewer and longer writes).
     static let rebaseChunk: UInt64 = 16 * 1024 * 1024
 
     /// Rebases the qcow2 image at `path` onto `backing` (stored as given; a relative name is
@@ -167,7 +173,7 @@ extension QCOW2Image {
                     if oldEOF {
                         try writeZeroes(at: at, length: UInt64(runEnd - done), imageEnd: size)
                     } else {
-                        try writeIntoUnallocated(UnsafeRawBufferPointer(rebasing: oldBuf[done..<runEnd]), at: at)
+                        try write(UnsafeRawBufferPointer(rebasing: oldBuf[done..<runEnd]), at: at)
                     }
                 }
                 done = runEnd
@@ -183,22 +189,16 @@ extension QCOW2Image {
         return (memcmp(a.baseAddress! + at, b.baseAddress! + at, n) != 0, n)
     }
 
-    /// Makes `[offset, offset + length)` read as zeros: zero clusters in a version 3 image when the
-    /// range is subcluster-aligned (or ends the image), written zeros otherwise.
+    /// Makes `[offset, offset + length)` read as zeros: zero clusters in a version 3 image (zeros
+    /// written where a range ends inside a (sub)cluster), written zeros in a version 2 image.
     func writeZeroes(at offset: UInt64, length: UInt64, imageEnd: UInt64) throws {
-        let unit = extended ? clusterSize / 32 : clusterSize
-        let end = offset + length
-        if header.version >= 3 && offset % unit == 0 && (end % unit == 0 || end == imageEnd) {
-            try writer.withLock { w in try zeroize(from: offset, to: end, w: &w) }
+        if header.version >= 3 {
+            try hostIO.shared {
+                try zeroRange(from: offset, to: offset + length, imageEnd: imageEnd, deallocate: false, always: true)
+            }
             return
         }
         let zeros = [UInt8](repeating: 0, count: Int(length))
         try zeros.withUnsafeBytes { try write($0, at: offset) }
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif

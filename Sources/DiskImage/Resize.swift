@@ -1,3 +1,5 @@
+import Basics
+
 /// The size `resize` is asked for: absolute, or relative to the current size.
 public enum ResizeTarget: Sendable, Equatable {
     case absolute(UInt64)
@@ -93,32 +95,32 @@ extension QCOW2Image {
         var backingLength: UInt64 = 0
         if let backing { backingLength = BlockStatusReader.length(of: backing) }
         let needZero = backingLength > old && newSize > old
-        try writer.withLock { w in
-            if needZero {
-                let unit = extended ? clusterSize / 32 : clusterSize
-                let zeroStart = (old + unit - 1) / unit * unit
-                if zeroStart > old {
-                    // The unaligned head, inside the old last (sub)cluster: written as data.
-                    let zeros = [UInt8](repeating: 0, count: Int(min(zeroStart, newSize) - old))
-                    try zeros.withUnsafeBytes { try writeInCluster($0, guestOffset: old, w: &w) }
-                }
-                try growL1(to: l1Entries, w: &w)
-                if newSize > zeroStart { try zeroize(from: zeroStart, to: newSize, w: &w) }
-            } else {
-                try growL1(to: l1Entries, w: &w)
-            }
-            try file.sync()
-            try writeSize(newSize)
+        let unit = extended ? clusterSize / 32 : clusterSize
+        let zeroStart = (old + unit - 1) / unit * unit
+        if needZero && zeroStart > old {
+            // The unaligned head, inside the old last (sub)cluster: written as data.
+            let zeros = [UInt8](repeating: 0, count: Int(min(zeroStart, newSize) - old))
+            try zeros.withUnsafeBytes { buffer in try hostIO.shared { try writeRange(buffer, at: old) } }
         }
+        try metadata.exclusive { m in
+            try commit(&m)
+            try growL1(to: l1Entries, m: &m)
+        }
+        if needZero && newSize > zeroStart {
+            try hostIO.shared { try zeroRange(from: zeroStart, to: newSize, imageEnd: newSize, deallocate: false, always: true) }
+        }
+        try flush()
+        try writeSize(newSize)
     }
 
     private func shrink(to newSize: UInt64, l1Entries newL1: UInt64) throws {
         let h = header
-        try writer.withLock { w in
+        try metadata.exclusive { m in
+            try commit(&m)
             let cut = (newSize + clusterSize - 1) & ~(clusterSize - 1)
             let oldEnd = (h.size + clusterSize - 1) & ~(clusterSize - 1)
             let step = extended ? 2 : 1
-            let l1 = state.withLock { $0.l1 }
+            let l1 = m.l1
 
             // What goes: the entries of the last L2 table kept that lie past the new end, and
             // every path through the L1 entries past it. Checked before anything is written.
@@ -140,45 +142,51 @@ extension QCOW2Image {
             }
             let dropped = Int(newL1) < l1.count ? Array(l1[Int(newL1)...]) : []
             try collectReferences(l1: dropped, delta: -1, into: &loss)
-            try apply(loss, dryRun: true, w: &w)
+            try apply(loss, dryRun: true, m: &m)
 
             // The new size first: from here on nothing past it is visible.
             try writeSize(newSize)
             if let (l1Index, first, end) = straddling {
-                let l2 = try writableL2(l1Index: l1Index, w: &w)
-                var table = try readEntries(at: l2, count: Int(clusterSize / 8))
+                // A table shared with a snapshot is copied first (and its L1 entry committed).
+                let cached = try writableL2(l1Index: l1Index, m: &m)
+                try commit(&m)
+                let l2 = m.l1[l1Index] & Self.offsetMask
+                var table = cached.entries
                 for i in first..<max(first, end) {
                     let slot = Int(i % l2Entries) * step
                     table[slot] = 0
                     if extended { table[slot + 1] = 0 }
                 }
                 try writeEntries(table, at: l2)
-                let copy = table
-                state.withLock { s in if s.l2Cache[l2] != nil { s.l2Cache[l2]!.entries = copy } }
+                cached.entries = table
             }
             if dropped.contains(where: { $0 != 0 }) {
-                try writeEntries([UInt64](repeating: 0, count: dropped.count), at: w.l1TableOffset + newL1 * 8)
+                try writeEntries([UInt64](repeating: 0, count: dropped.count), at: m.l1TableOffset + newL1 * 8)
                 let kept = Array(l1[..<Int(newL1)]) + [UInt64](repeating: 0, count: dropped.count)
-                state.withLock { s in
-                    s.l1 = kept
-                    s.l2Cache = [:]
-                }
+                m.l1 = kept
+                m.l2 = [:]
+                m.l2Removals += 1
+                m.protectedClusters = nil
             }
-            try file.sync()
-            try apply(loss, w: &w)
-            try file.sync()
-            try trimFile(w: &w)
+            try commit(&m)
+            try apply(loss, m: &m)
+            try commit(&m)
+            try trimFile(m: &m)
         }
     }
 
     /// Frees refcount blocks that count nothing but themselves, then truncates the file after
     /// its last cluster in use (QEMU's `qcow2_shrink_reftable` and tail truncation).
-    func trimFile(w: inout WriterState) throws {
-        let reader = RefcountReader(image: self, table: w.refcountTable)
+    func trimFile(m: inout QCOW2Metadata) throws {
+        let reader = RefcountReader(image: self, metadata: m)
         let perBlock = reader.entriesPerBlock
         var unused: [(t: Int, offset: UInt64)] = []
-        for t in w.refcountTable.indices {
-            let offset = try refcountBlock(t, w: &w)
+        for t in m.refcountTable.indices {
+            let e = m.refcountTable[t]
+            guard e & 0x1ff == 0 else {
+                throw DiskImageError.corruptMetadata("refcount table entry \(t) (0x\(Hex.digits(e))) is not cluster-aligned")
+            }
+            let offset = e & ~(clusterSize - 1)
             guard offset != 0, var values = try reader.block(t) else { continue }
             let own = offset >> clusterBits
             if own / perBlock == UInt64(t) { values[Int(own % perBlock)] = 0 }
@@ -187,20 +195,22 @@ extension QCOW2Image {
         if !unused.isEmpty {
             let zero = [UInt8](repeating: 0, count: 8)
             for (t, _) in unused {
-                try file.write(bytes: zero, at: w.refcountTableOffset + UInt64(t) * 8)
-                w.refcountTable[t] = 0
+                try file.write(bytes: zero, at: m.refcountTableOffset + UInt64(t) * 8)
+                m.refcountTable[t] = 0
+                if let block = m.refcountBlocks.removeValue(forKey: t), block.dirty { m.dirtyRefcountBlocks -= 1 }
             }
-            try file.sync()
+            m.protectedClusters = nil
+            try commit(&m)
             // A block counted in another block gives its count back there.
             for (t, offset) in unused where (offset >> clusterBits) / perBlock != UInt64(t) {
-                try releaseRange(start: offset, length: clusterSize, w: &w)
+                try releaseRange(start: offset, length: clusterSize, m: &m)
             }
-            try file.sync()
+            try commit(&m)
         }
 
-        let fileSize = try file.size()
-        let endCluster = (fileSize + clusterSize - 1) >> clusterBits
-        let current = RefcountReader(image: self, table: w.refcountTable)
+        let size = try file.size()
+        let endCluster = (size + clusterSize - 1) >> clusterBits
+        let current = RefcountReader(image: self, metadata: m)
         var last: UInt64?
         var t = Int(min(UInt64(current.table.count), (endCluster + perBlock - 1) / perBlock))
         while last == nil && t > 0 {
@@ -215,11 +225,12 @@ extension QCOW2Image {
         }
         guard let last else { return }
         let newEnd = (last + 1) << clusterBits
-        if newEnd < fileSize {
+        if newEnd < size {
             try file.truncate(to: newEnd)
             try file.sync()
-            state.withLock { $0.fileSize = newEnd }
-            w.nextFree = newEnd
+            fileSize.store(newEnd, ordering: .relaxed)
+            m.endOfFile = newEnd
+            m.freeHint = min(m.freeHint, last + 1)
         }
     }
 }

@@ -209,24 +209,25 @@ extension QCOW2Image {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         let when = date ?? (UInt32(truncatingIfNeeded: ts.tv_sec), UInt32(ts.tv_nsec / 1000 * 1000))
-        return try writer.withLock { w in
-            let plan = try planSnapshotCreation(reader: RefcountReader(image: self, table: w.refcountTable))
+        return try metadata.exclusive { m in
+            try commit(&m)
+            let plan = try planSnapshotCreation(reader: RefcountReader(image: self, metadata: m))
             var snapshotL1Offset: UInt64 = 0
             if !plan.l1.isEmpty {
-                snapshotL1Offset = try writeNewTable(plan.l1.map { $0 & ~Self.copiedFlag }, w: &w)
+                snapshotL1Offset = try writeNewTable(plan.l1.map { $0 & ~Self.copiedFlag }, m: &m)
             }
             var active = plan.l1
-            try syncCopiedFlags(l1Offset: w.l1TableOffset, l1: &active, .clearAll, w: &w)
-            try file.sync()
-            try apply(plan.gain, w: &w)
-            try file.sync()
+            try syncCopiedFlags(l1Offset: m.l1TableOffset, l1: &active, .clearAll, m: &m)
+            try commit(&m)
+            try apply(plan.gain, m: &m)
+            try commit(&m)
 
             let record = SnapshotRecord(
                 id: SnapshotTable.nextID(plan.records), name: name, l1TableOffset: snapshotL1Offset, l1Size: h.l1Size,
                 dateSeconds: when.seconds, dateNanoseconds: when.nanoseconds, vmClockNanoseconds: 0, vmStateSize: 0,
                 diskSize: h.size & ~511, icount: 0)
-            try replaceSnapshotTable(plan.records + [record], old: h, oldBytes: plan.tableBytes, w: &w)
-            try reloadTables(l1Offset: w.l1TableOffset, count: Int(h.l1Size))
+            try replaceSnapshotTable(plan.records + [record], old: h, oldBytes: plan.tableBytes, m: &m)
+            try reloadTables(l1Offset: m.l1TableOffset, count: Int(h.l1Size), m: &m)
             return record
         }
     }
@@ -272,15 +273,16 @@ extension QCOW2Image {
     /// See `DiskImage.applySnapshot`.
     func applySnapshot(name: String) throws {
         let h = header
-        try writer.withLock { w in
-            let plan = try planSnapshotApplication(name: name, reader: RefcountReader(image: self, table: w.refcountTable))
+        try metadata.exclusive { m in
+            try commit(&m)
+            let plan = try planSnapshotApplication(name: name, reader: RefcountReader(image: self, metadata: m))
             let s = plan.snapshot
             var snapshotL1 = plan.snapshotL1
-            try syncCopiedFlags(l1Offset: s.l1TableOffset, l1: &snapshotL1, .clearAll, w: &w)
-            try file.sync()
-            try apply(plan.gain, w: &w)
-            try file.sync()
-            let newL1Offset = snapshotL1.isEmpty ? 0 : try writeNewTable(snapshotL1, w: &w)
+            try syncCopiedFlags(l1Offset: s.l1TableOffset, l1: &snapshotL1, .clearAll, m: &m)
+            try commit(&m)
+            try apply(plan.gain, m: &m)
+            try commit(&m)
+            let newL1Offset = snapshotL1.isEmpty ? 0 : try writeNewTable(snapshotL1, m: &m)
 
             var fields = [UInt8](repeating: 0, count: 24)
             fields.setBE(s.diskSize, at: 0)
@@ -288,14 +290,14 @@ extension QCOW2Image {
             fields.setBE(s.l1Size, at: 12)
             fields.setBE(newL1Offset, at: 16)
             try writeHeaderFields(fields, at: 24)
-            w.l1TableOffset = newL1Offset
+            m.l1TableOffset = newL1Offset
 
-            try apply(plan.loss, w: &w)
-            try file.sync()
+            try apply(plan.loss, m: &m)
+            try commit(&m)
             var active = snapshotL1
-            try syncCopiedFlags(l1Offset: newL1Offset, l1: &active, .matchRefcounts, w: &w)
-            try file.sync()
-            try reloadTables(l1Offset: newL1Offset, count: Int(s.l1Size))
+            try syncCopiedFlags(l1Offset: newL1Offset, l1: &active, .matchRefcounts, m: &m)
+            try commit(&m)
+            try reloadTables(l1Offset: newL1Offset, count: Int(s.l1Size), m: &m)
         }
     }
 
@@ -324,17 +326,18 @@ extension QCOW2Image {
     /// See `DiskImage.deleteSnapshot`.
     func deleteSnapshot(name: String) throws {
         let h = header
-        try writer.withLock { w in
-            let plan = try planSnapshotDeletion(name: name, reader: RefcountReader(image: self, table: w.refcountTable))
+        try metadata.exclusive { m in
+            try commit(&m)
+            let plan = try planSnapshotDeletion(name: name, reader: RefcountReader(image: self, metadata: m))
             var remaining = plan.records
             remaining.remove(at: plan.index)
-            try replaceSnapshotTable(remaining, old: h, oldBytes: plan.tableBytes, w: &w)
-            try apply(plan.loss, w: &w)
-            try file.sync()
-            var active = try readEntries(at: w.l1TableOffset, count: Int(h.l1Size))
-            try syncCopiedFlags(l1Offset: w.l1TableOffset, l1: &active, .matchRefcounts, w: &w)
-            try file.sync()
-            try reloadTables(l1Offset: w.l1TableOffset, count: Int(h.l1Size))
+            try replaceSnapshotTable(remaining, old: h, oldBytes: plan.tableBytes, m: &m)
+            try apply(plan.loss, m: &m)
+            try commit(&m)
+            var active = try readEntries(at: m.l1TableOffset, count: Int(h.l1Size))
+            try syncCopiedFlags(l1Offset: m.l1TableOffset, l1: &active, .matchRefcounts, m: &m)
+            try commit(&m)
+            try reloadTables(l1Offset: m.l1TableOffset, count: Int(h.l1Size), m: &m)
         }
     }
 
@@ -349,37 +352,37 @@ extension QCOW2Image {
 
     /// Writes `entries` as a table in newly allocated clusters (zero-padded to whole clusters),
     /// syncs, and returns its offset.
-    func writeNewTable(_ entries: [UInt64], w: inout WriterState) throws -> UInt64 {
+    func writeNewTable(_ entries: [UInt64], m: inout QCOW2Metadata) throws -> UInt64 {
         let count = clusters(forEntries: UInt64(entries.count))
-        let offset = try allocateRun(clusters: count, w: &w)
+        let offset = try allocateRun(clusters: count, m: &m)
         var bytes = [UInt8](repeating: 0, count: Int(count * clusterSize))
         for (i, e) in entries.enumerated() where e != 0 { bytes.setBE(e, at: i * 8) }
         try file.write(bytes: bytes, at: offset)
         noteFileEnd(offset + UInt64(bytes.count))
-        try file.sync()
+        try commit(&m)
         return offset
     }
 
     /// Writes `records` as a new snapshot table, switches the header to it with one 12-byte
     /// write (`nb_snapshots`, `snapshots_offset`), then releases the old table's clusters.
     func replaceSnapshotTable(_ records: [SnapshotRecord], old h: QCOW2Header, oldBytes: UInt64,
-                              w: inout WriterState) throws {
+                              m: inout QCOW2Metadata) throws {
         let bytes = try SnapshotTable.encode(records)
         var offset: UInt64 = 0
         if !records.isEmpty {
             let count = (UInt64(bytes.count) + clusterSize - 1) >> clusterBits
-            offset = try allocateRun(clusters: count, w: &w)
+            offset = try allocateRun(clusters: count, m: &m)
             try file.write(bytes: bytes + [UInt8](repeating: 0, count: Int(count * clusterSize) - bytes.count), at: offset)
             noteFileEnd(offset + count * clusterSize)
-            try file.sync()
+            try commit(&m)
         }
         var fields = [UInt8](repeating: 0, count: 12)
         fields.setBE(UInt32(records.count), at: 0)
         fields.setBE(offset, at: 4)
         try writeHeaderFields(fields, at: 60)
         if h.snapshotCount > 0 && oldBytes > 0 {
-            try releaseRange(start: h.snapshotsOffset, length: oldBytes, w: &w)
-            try file.sync()
+            try releaseRange(start: h.snapshotsOffset, length: oldBytes, m: &m)
+            try commit(&m)
         }
     }
 }

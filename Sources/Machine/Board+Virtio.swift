@@ -58,7 +58,8 @@ extension Board {
             } catch {
                 throw .cannotOpen(path: disk.path, purpose: "disk", reason: "\(error)")
             }
-            var options = VirtioBlockOptions(readOnly: disk.readOnly, serial: disk.serial, diskIndex: index, queueCount: disk.queues)
+            var options = VirtioBlockOptions(readOnly: disk.readOnly, serial: disk.serial, diskIndex: index, queueCount: disk.queues,
+                                             rateLimiter: disk.rateLimiter)
             options.readOnly = disk.readOnly || image.isReadOnly
             do {
                 let names = VirtioBlock.threadNames(options: options)
@@ -87,7 +88,8 @@ extension Board {
             }
             let mac = network.mac ?? MACAddress.randomLocallyAdministered()
             do {
-                let options = VirtioNetOptions(mac: mac, index: index)
+                let options = VirtioNetOptions(mac: mac, index: index, receiveRateLimiter: network.rxRateLimiter,
+                                               transmitRateLimiter: network.txRateLimiter)
                 let threads = try SandboxedThreads.starter(sandbox, [([VirtioNet.threadName(options: options)], .netLoop)])
                 let device = try VirtioNet(backend: tap, options: options, threads: threads)
                 interfaces.append(NetworkInterface(name: name, tap: tap, device: device))

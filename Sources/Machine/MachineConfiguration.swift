@@ -2,6 +2,7 @@ import Boot
 import DiskImage
 import Devices
 import KVM
+import RateLimit
 import Sandbox
 import Virtio
 import X86
@@ -56,6 +57,9 @@ public enum BootSource: Sendable {
     /// continues where it was saved. The configuration's machine shape (RAM, vCPUs, disks,
     /// transport) comes from the snapshot; its run-time options (console, timeout) apply.
     case snapshot(SnapshotFiles)
+    /// A VM migrated from another Swiftlet: wait at this address for one source, receive
+    /// the machine (which must match this configuration's RAM, vCPUs and disks) and run it.
+    case incoming(MigrationAddress)
 }
 
 /// What a triple fault does. On a PC the chipset turns a triple fault into a CPU reset;
@@ -79,6 +83,9 @@ public struct DiskConfiguration: Sendable, Equatable {
     public var serial: String?
     /// Request queues (more than one offers virtio-blk's multi-queue feature).
     public var queues = 1
+    /// The disk's rate limiter (Firecracker's token buckets); `nil`: unlimited. Changed
+    /// while the machine runs with ``Machine/updateRateLimiter(disk:_:)``.
+    public var rateLimiter: RateLimiterConfiguration?
 
     public init(path: String, readOnly: Bool = false, format: ImageFormat? = nil, serial: String? = nil) {
         self.path = path
@@ -96,6 +103,11 @@ public struct NetworkConfiguration: Sendable, Equatable {
     public var tap: String
     /// The guest's MAC address; `nil` gives a random locally administered one.
     public var mac: MACAddress?
+    /// Rate limiters of what the guest receives and sends (Firecracker's token buckets);
+    /// `nil`: unlimited. Changed while the machine runs with
+    /// ``Machine/updateRateLimiters(networkInterface:receive:transmit:)``.
+    public var rxRateLimiter: RateLimiterConfiguration?
+    public var txRateLimiter: RateLimiterConfiguration?
 
     public init(tap: String, mac: MACAddress? = nil) {
         self.tap = tap
@@ -167,6 +179,11 @@ public struct MachineConfiguration: Sendable {
     /// Confine the thread that calls ``Machine/run()`` too (as ``ThreadKind/control``),
     /// once the other threads exist: for a process that runs one VM and ends (the CLI).
     public var confineCallingThread = false
+    /// A Unix socket to serve the monitor on (``MonitorServer``): `status`, `stop`, `cont`,
+    /// `snapshot`, `migrate`, `quit`, one line each.
+    public var monitorPath: String?
+    /// Called with a line on a migration's progress (the target listening, ...).
+    public var onMigrationEvent: (@Sendable (String) -> Void)?
 
     public init(boot: BootSource) { self.boot = boot }
 }

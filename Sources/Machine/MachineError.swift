@@ -15,6 +15,8 @@ public enum MachineError: Error, CustomStringConvertible {
     case invalidTransition(action: String, state: String)
     /// A snapshot that cannot be written, read or run here.
     case snapshot(path: String, SnapshotError)
+    /// A migration that failed, on either side.
+    case migration(String)
 
     public var description: String {
         switch self {
@@ -26,6 +28,7 @@ public enum MachineError: Error, CustomStringConvertible {
         case let .thread(error): return error.description
         case let .invalidTransition(action, state): return "cannot \(action) the VM: it is \(state)"
         case let .snapshot(path, error): return "snapshot '\(path)': \(error)"
+        case let .migration(message): return "migration: \(message)"
         }
     }
 }

@@ -35,8 +35,8 @@ struct Payload {
     static func read(_ boot: BootSource, memorySize: UInt64, cpuCount: Int, platform: PlatformDevices = .none,
                      mmioCommandLine: [String] = []) throws(MachineError) -> Payload {
         switch boot {
-        case .snapshot:
-            throw .load("a snapshot is restored, not loaded as a payload")
+        case .snapshot, .incoming:
+            throw .load("a snapshot or a migrated VM is restored, not loaded as a payload")
         case let .flat(source):
             return Payload(content: .flat(try bytes(of: source, purpose: "flat binary", limit: memorySize)), format: nil)
         case let .kernel(kernel):

@@ -22,6 +22,8 @@ public enum StopReason: Sendable, Equatable, CustomStringConvertible {
     /// The guest crashed: a triple fault (unless configured as a reset), an instruction KVM
     /// could not emulate, an invalid vCPU state. The message has the vCPU's registers.
     case crash(String)
+    /// The VM migrated to another Swiftlet (at this address), which runs it now.
+    case migrated(to: String)
 
     /// Status for a guest crash.
     public static let crashStatus: Int32 = 4
@@ -37,7 +39,7 @@ public enum StopReason: Sendable, Equatable, CustomStringConvertible {
     public var exitStatus: Int32 {
         switch self {
         case let .guestExit(value): return Self.guestExitStatus(value)
-        case .powerOff, .userQuit: return 0
+        case .powerOff, .userQuit, .migrated: return 0
         case .reset: return Self.resetStatus
         case .timeout: return Self.timeoutStatus
         case let .signal(number): return 128 + number
@@ -59,6 +61,7 @@ public enum StopReason: Sendable, Equatable, CustomStringConvertible {
         case .timeout: return "timed out"
         case let .signal(number): return "stopped by signal \(number)"
         case let .crash(message): return message
+        case let .migrated(destination): return "the VM migrated to \(destination), which runs it now"
         }
     }
 }

@@ -1,6 +1,7 @@
 import Devices
 import DiskImage
 import Machine
+import RateLimit
 import Sandbox
 import Virtio
 import X86
@@ -22,8 +23,10 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
     case timeout
     /// A termination signal arrived (with ``VMConfiguration/handleTerminationSignals``).
     case signal(Int32)
-    /// The user typed `Ctrl-A x` on the console: status 0.
+    /// The user typed `Ctrl-A x` on the console (or `quit` on the monitor): status 0.
     case userQuit
+    /// The VM migrated to another Swiftlet (``VM/migrate(to:)``), which runs it now: status 0.
+    case migrated(to: String)
 
     /// The status `swiftlet run` exits with (a signal: 128 + its number, as shells show it).
     public var exitStatus: Int32 { stopReason.exitStatus }
@@ -43,6 +46,7 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
         case .timeout: self = .timeout
         case let .signal(number): self = .signal(number)
         case .userQuit: self = .userQuit
+        case let .migrated(destination): self = .migrated(to: destination)
         }
     }
 
@@ -55,6 +59,7 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
         case .timeout: return .timeout
         case let .signal(number): return .signal(number)
         case .userQuit: return .userQuit
+        case let .migrated(destination): return .migrated(to: destination)
         }
     }
 }
@@ -64,6 +69,11 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
 public typealias SnapshotSummary = MachineSnapshotSummary
 /// Where a snapshot's state file and memory file are.
 public typealias SnapshotPaths = SnapshotFiles
+
+/// What a migration did: rounds, pages and bytes sent, total time and the guest's downtime.
+public typealias MigrationSummary = MachineMigrationSummary
+/// When a migration stops copying while the guest runs (downtime target, most rounds).
+public typealias MigrationOptions = MachineMigrationOptions
 
 /// Where a VM is in its life.
 public enum VMState: String, Sendable, Equatable {
@@ -146,6 +156,8 @@ public final class VM: Sendable {
             boot = .kernel(kernel)
         case let .snapshot(paths):
             boot = .snapshot(paths)
+        case let .incoming(address):
+            do { boot = .incoming(try MigrationAddress(parsing: address)) } catch { throw SwiftletError(message: error.description) }
         }
         var machineConfiguration = MachineConfiguration(boot: boot)
         machineConfiguration.memorySize = configuration.memorySize
@@ -172,6 +184,7 @@ public final class VM: Sendable {
             var converted = DiskConfiguration(path: disk.path, readOnly: disk.readOnly, format: disk.format.flatMap { ImageFormat(rawValue: $0.rawValue) },
                                               serial: disk.serial)
             converted.queues = disk.queues
+            converted.rateLimiter = disk.rateLimiter
             return converted
         }
         machineConfiguration.networks = try configuration.networks.enumerated().map { (index, network) throws(SwiftletError) in
@@ -179,13 +192,19 @@ public final class VM: Sendable {
                 throw SwiftletError(message: "net\(index): '\(network.tap)' is not an interface name (1 to 15 bytes, "
                                     + "no '/', ':' or spaces)")
             }
-            guard let text = network.mac else { return NetworkConfiguration(tap: network.tap) }
+            var converted = NetworkConfiguration(tap: network.tap)
+            converted.rxRateLimiter = network.rxRateLimiter
+            converted.txRateLimiter = network.txRateLimiter
+            guard let text = network.mac else { return converted }
             guard VMConfiguration.Network.isValidMAC(text), let mac = MACAddress(text) else {
                 throw SwiftletError(message: "net\(index): '\(text)' is not a unicast MAC address (like 02:00:00:00:00:01)")
             }
-            return NetworkConfiguration(tap: network.tap, mac: mac)
+            converted.mac = mac
+            return converted
         }
         machineConfiguration.onWarning = configuration.onWarning
+        machineConfiguration.monitorPath = configuration.monitor
+        machineConfiguration.onMigrationEvent = configuration.onMigrationEvent
         if let timeout = machineConfiguration.timeout, !(timeout > 0) {
             throw SwiftletError(message: "the timeout must be positive")
         }
@@ -217,6 +236,30 @@ public final class VM: Sendable {
             throw SwiftletError(message: error.description)
         }
     }
+
+    /// Changes disk `index`'s rate limiter while the VM runs (or before, or while paused),
+    /// from any thread, as Firecracker's `PATCH /drives/{id}` does: a bucket left out of
+    /// `configuration` stays as it is, one with `size` or `refill_time` 0 is removed, any
+    /// other replaces the old one and starts full (with its one-time burst). `nil` changes
+    /// nothing. A request waiting for tokens looks at the new buckets at once.
+    public func updateRateLimiter(disk index: Int, _ configuration: RateLimiterConfiguration?) throws(SwiftletError) {
+        do { try machine.updateRateLimiter(disk: index, configuration) } catch { throw SwiftletError(message: error.description) }
+    }
+
+    /// Changes network interface `index`'s receive and transmit rate limiters, from any
+    /// thread, with the rules of ``updateRateLimiter(disk:_:)``; `nil` leaves one as it is.
+    public func updateRateLimiters(networkInterface index: Int, rx: RateLimiterConfiguration?,
+                                   tx: RateLimiterConfiguration?) throws(SwiftletError) {
+        do {
+            try machine.updateRateLimiters(networkInterface: index, receive: rx, transmit: tx)
+        } catch {
+            throw SwiftletError(message: error.description)
+        }
+    }
+
+    /// Each disk's rate limiter as it is now (``updateRateLimiter(disk:_:)`` included):
+    /// what Firecracker's `GET /vm/config` reports. An unlimited disk has no bucket.
+    public var diskRateLimiters: [RateLimiterConfiguration] { machine.diskRateLimiters }
 
     /// The guest's network interfaces, in the order of ``VMConfiguration/networks``, with
     /// the MAC address each got.
@@ -272,6 +315,21 @@ public final class VM: Sendable {
     /// snapshots and migration. Works while the VM runs.
     public func startDirtyTracking() throws(SwiftletError) {
         do { try machine.startDirtyTracking() } catch { throw SwiftletError(message: error.description) }
+    }
+
+    /// Moves the running (or paused) VM to a Swiftlet started with
+    /// ``VMConfiguration/Boot/incoming(address:)`` at `address` (`unix:PATH` or
+    /// `tcp:HOST:PORT`): RAM is copied while the guest runs, then the guest pauses for the
+    /// last pages and the vCPU and device state, and the target runs it. On success this VM
+    /// has stopped (``run()`` returns ``VMExit/migrated(to:)``); on any failure it goes on
+    /// as before and this throws. Blocks until the migration ends.
+    @discardableResult
+    public func migrate(to address: String, options: MigrationOptions = MigrationOptions()) throws(SwiftletError) -> MigrationSummary {
+        do {
+            return try machine.migrate(to: try MigrationAddress(parsing: address), options: options)
+        } catch {
+            throw SwiftletError(message: error.description)
+        }
     }
 
     /// Stops a running VM from another thread; ``run()`` then returns `exit`.

@@ -1,3 +1,4 @@
+import RateLimit
 import Virtio
 
 /// A virtual machine to run: what it boots and the machine around it.
@@ -35,6 +36,12 @@ public struct VMConfiguration: Sendable {
 
         /// The snapshot in `directory` (`directory/state`, `directory/memory`).
         public static func snapshot(directory: String) -> Boot { .snapshot(SnapshotPaths(directory: directory)) }
+        /// A VM migrated from another Swiftlet (``VM/migrate(to:)``): listen at `address`
+        /// (`unix:PATH` or `tcp:HOST:PORT`; `tcp::PORT` listens on every address), wait for
+        /// one source, and run the VM it sends. The source's RAM size, vCPUs, transport and
+        /// disks must be this configuration's, or the target refuses it (and the source goes
+        /// on). ``VM/init(_:)`` returns once the VM has arrived.
+        case incoming(address: String)
     }
 
     /// Where the guest's serial console (COM1) goes.
@@ -80,6 +87,10 @@ public struct VMConfiguration: Sendable {
         public var serial: String?
         /// Request queues (more than one offers multi-queue).
         public var queues = 1
+        /// The disk's rate limiter: Firecracker's `bandwidth` (bytes) and `ops` token
+        /// buckets; `nil`: unlimited. Change it while the VM runs with
+        /// ``VM/updateRateLimiter(disk:_:)``.
+        public var rateLimiter: RateLimiterConfiguration?
 
         public init(path: String, readOnly: Bool = false, format: Format? = nil, serial: String? = nil) {
             self.path = path
@@ -98,6 +109,11 @@ public struct VMConfiguration: Sendable {
         /// The guest's MAC address, `XX:XX:XX:XX:XX:XX` (unicast); `nil` gives a random
         /// locally administered one (see ``VM/networkInterfaces``).
         public var mac: String?
+        /// Rate limiters of the frames the guest receives and sends (Firecracker's
+        /// `rx_rate_limiter` and `tx_rate_limiter`); `nil`: unlimited. Change them while the
+        /// VM runs with ``VM/updateRateLimiters(networkInterface:rx:tx:)``.
+        public var rxRateLimiter: RateLimiterConfiguration?
+        public var txRateLimiter: RateLimiterConfiguration?
 
         public init(tap: String, mac: String? = nil) {
             self.tap = tap
@@ -177,6 +193,12 @@ public struct VMConfiguration: Sendable {
     /// Called with a one-line message for problems that do not stop the VM (a guest
     /// driver that broke a device's rules).
     public var onWarning: (@Sendable (String) -> Void)?
+    /// A Unix socket for the monitor: one command per line (`status`, `stop`, `cont`,
+    /// `snapshot [--diff] DIR`, `migrate ADDRESS`, `quit`, `help`), one line back for each, while the
+    /// VM runs. Use it with `socat - UNIX-CONNECT:PATH` or `swiftlet monitor PATH COMMAND`.
+    public var monitor: String?
+    /// Called with a line on a migration's progress (the target listening for its source).
+    public var onMigrationEvent: (@Sendable (String) -> Void)?
 
     // Front-end options: what `swiftlet run` turns on for an interactive user. A library
     // user normally leaves them off.

@@ -56,9 +56,20 @@
 //   in flight; the dispatcher then waits for a worker before taking more.
 // - notifications with nothing available: one wake-up each, no spinning.
 //
+// Rate limit (`VirtioBlockOptions.rateLimiter`, changed with `updateRateLimiter`): the
+// dispatcher takes one op and a read's or write's data bytes from the device's limiter
+// before it hands a chain to a worker; without tokens, the chain goes back to the
+// available ring and the dispatcher sleeps on its queue's timerfd until they are there
+// (docs/virtio.md, "Rate limits").
+//
 // Threads: at `activate`, per queue, one dispatcher (waits on the queue's notification
 // EventFD and the stop EventFD with poll, takes chains) and `workersPerQueue` workers (each
 // runs one request at a time; several requests in flight reach the disk in parallel).
+// The dispatcher answers one kind of request itself: a read of at most 16 KiB from a raw
+// image whose data the host's page cache holds (preadv2 with RWF_NOWAIT, which never waits
+// for the disk); copying it costs less than waking a worker. Anything else, and a read that
+// finds any of its data uncached, goes to a worker, which rings only when needed: the
+// dispatcher wakes one idle worker per chain it hands over.
 // A worker completes a request with the status byte, `pushUsed`, then
 // `shouldNotifyDriver` and at most one `signalQueue`. `reset` stops all of them and waits
 // until no request is in flight. Nothing runs on the caller's (vCPU) thread except
@@ -71,6 +82,7 @@ import Basics
 import DiskImage
 import EventLoop
 import Memory
+import RateLimit
 import Synchronization
 
 /// A virtio-blk device over a disk image. See the comment at the top of this file for
@@ -93,6 +105,8 @@ public final class VirtioBlock: VirtioDevice {
     let configurationSpace: BlockConfigurationSpace
     private let configurationBytes: [UInt8]
     private let session = Mutex<BlockSession?>(nil)
+    /// The rate limiter of all its queues; it outlives activations (a reset keeps it).
+    private let rateLimiter: SharedRateLimiter
 
     /// The size of the configuration space (`struct virtio_blk_config` of virtio 1.2).
     public static let configurationSize = BlockConfigurationSpace.size
@@ -138,6 +152,7 @@ public final class VirtioBlock: VirtioDevice {
         self.options = options
         self.threadStarter = threads
         self.serial = serial
+        rateLimiter = SharedRateLimiter(options.rateLimiter)
         isReadOnly = options.readOnly || disk.isReadOnly
         queueMaximumSizes = Array(repeating: size, count: options.queueCount)
 
@@ -197,7 +212,7 @@ public final class VirtioBlock: VirtioDevice {
                 writeZeroesNegotiated: features & VirtioBlockFeature.writeZeroes != 0,
                 writeZeroesMayUnmap: configurationSpace.writeZeroesMayUnmap)
             let control = try BlockSessionControl(handler: handler, interrupt: activation.interrupt,
-                                                  needsReset: activation.needsReset)
+                                                  rateLimiter: rateLimiter, needsReset: activation.needsReset)
             session = try BlockSession(control: control, activation: activation, options: options, threads: threadStarter)
         }
     }
@@ -224,6 +239,18 @@ public final class VirtioBlock: VirtioDevice {
         current.control.paused.store(false, ordering: .sequentiallyConsistent)
         for server in current.servers { server.nudge() }
     }
+
+    /// The rate limiter's buckets now.
+    public var rateLimiterConfiguration: RateLimiterConfiguration { rateLimiter.configuration }
+
+    /// Changes the rate limiter while the device runs (from any thread), with Firecracker's
+    /// rules (``RateLimiter/update(_:)``): a bucket left out stays, one with size or refill
+    /// time 0 goes, others start full. A queue waiting for tokens looks again at once.
+    public func updateRateLimiter(_ configuration: RateLimiterConfiguration) {
+        rateLimiter.update(configuration)
+        guard let current = session.withLock({ $0 }) else { return }
+        for server in current.servers { server.rateLimiterChanged() }
+    }
 }
 
 /// One activation: the queue servers and their threads, from DRIVER_OK to the reset.
@@ -246,7 +273,7 @@ final class BlockSession: Sendable {
             for server in servers {
                 for worker in 0..<server.workerCount {
                     threads.append(try starter.start(name: VirtioBlock.workerName(options: options, queue: server.index, worker: worker)) {
-                        server.runWorker()
+                        server.runWorker(worker)
                     })
                 }
                 threads.append(try starter.start(name: VirtioBlock.dispatcherName(options: options, queue: server.index)) {

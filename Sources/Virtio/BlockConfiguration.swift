@@ -1,4 +1,5 @@
 import DiskImage
+import RateLimit
 
 /// virtio-blk feature bits (virtio 1.2, 5.2.3). Swiftlet offers the ones marked "offered".
 public enum VirtioBlockFeature {
@@ -80,9 +81,13 @@ public struct VirtioBlockOptions: Sendable, Equatable {
     /// I/O worker threads per queue, so that requests in flight reach the disk in
     /// parallel: 1 to 64.
     public var workersPerQueue: Int
+    /// The rate limiter's buckets (`nil`: unlimited); changed while the device runs with
+    /// ``VirtioBlock/updateRateLimiter(_:)``.
+    public var rateLimiter: RateLimiterConfiguration?
 
     public init(readOnly: Bool = false, serial: String? = nil, diskIndex: Int = 0, queueCount: Int = 1,
-                queueSize: UInt16 = 256, workersPerQueue: Int = 4) {
+                queueSize: UInt16 = 256, workersPerQueue: Int = 4, rateLimiter: RateLimiterConfiguration? = nil) {
+        self.rateLimiter = rateLimiter
         self.readOnly = readOnly
         self.serial = serial
         self.diskIndex = diskIndex

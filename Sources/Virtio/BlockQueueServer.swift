@@ -1,5 +1,6 @@
 import Basics
 import EventLoop
+import RateLimit
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -10,6 +11,8 @@ import Glibc
 final class BlockSessionControl: Sendable {
     let handler: BlockRequestHandler
     let interrupt: any VirtioInterrupt
+    /// The device's rate limiter, shared by its queues.
+    let rateLimiter: SharedRateLimiter
     private let needsReset: @Sendable (String) -> Void
     /// Readable once a reset began: every dispatcher polls it.
     let stopEvent: EventFD
@@ -21,10 +24,11 @@ final class BlockSessionControl: Sendable {
     /// The machine is paused: dispatchers take no new chains (requests in flight finish).
     let paused = Atomic<Bool>(false)
 
-    init(handler: BlockRequestHandler, interrupt: any VirtioInterrupt,
+    init(handler: BlockRequestHandler, interrupt: any VirtioInterrupt, rateLimiter: SharedRateLimiter,
          needsReset: @escaping @Sendable (String) -> Void) throws(VirtioError) {
         self.handler = handler
         self.interrupt = interrupt
+        self.rateLimiter = rateLimiter
         self.needsReset = needsReset
         do { stopEvent = try EventFD() } catch { throw VirtioError("virtio-blk: cannot create an eventfd: \(error)") }
     }
@@ -50,7 +54,9 @@ final class BlockSessionControl: Sendable {
 /// available chain and hands it to the pool; it never does I/O itself, so notifications
 /// are re-enabled at once and a driver with many requests outstanding keeps every worker
 /// busy. Each worker runs one request at a time on the disk, writes its status, returns
-/// it in the used ring and interrupts the driver if it asked for it.
+/// it in the used ring and interrupts the driver if it asked for it, then takes the next
+/// queued chain or sleeps at its own doorbell; the dispatcher rings one idle worker per
+/// chain it queues, never more.
 ///
 /// At most `size` requests of the queue are in flight: a legitimate driver cannot have
 /// more (each holds a descriptor), and a hostile one that makes the same head available
@@ -60,11 +66,15 @@ final class BlockQueueServer: Sendable {
     let queue: Virtqueue
     private let notification: EventFD
     private let control: BlockSessionControl
-    /// Counts chains waiting for a worker (a blocking semaphore): a worker sleeps in its read.
-    private let work: EventFD
+    /// One doorbell per worker (blocking): an idle worker sleeps in its read until the
+    /// dispatcher rings it. Ringing only idle workers, one per chain, wakes no worker for
+    /// nothing (one eventfd that all of them read would wake all of them at every write).
+    private let doorbells: [EventFD]
     /// Signalled by a worker when the dispatcher waits for room (`throttled`).
     private let room: EventFD
-    private let pending = Mutex<[DescriptorChain]>([])
+    /// Fires when the rate limiter has the tokens the next request needs.
+    private let refill: TimerFD
+    private let handOff = Mutex(HandOff())
     /// Chains taken from the queue and not yet returned.
     private let inFlight = Atomic<Int>(0)
     private let throttled = Atomic<Bool>(false)
@@ -80,10 +90,11 @@ final class BlockQueueServer: Sendable {
         self.workerCount = workers
         limit = Int(queue.configuration.size)
         do {
-            work = try EventFD(semaphore: true, nonBlocking: false)
+            doorbells = try (0..<workers).map { _ throws(SystemError) in try EventFD(nonBlocking: false) }
             room = try EventFD()
+            refill = try TimerFD()
         } catch {
-            throw VirtioError("virtio-blk: cannot create an eventfd: \(error)")
+            throw VirtioError("virtio-blk: cannot create an eventfd or a timerfd: \(error)")
         }
     }
 
@@ -95,63 +106,130 @@ final class BlockQueueServer: Sendable {
 
     /// Makes every worker return (after a ``BlockSessionControl/beginReset()``).
     func wakeWorkers() {
-        work.signal(UInt64(workerCount))
+        for doorbell in doorbells { doorbell.signal() }
     }
 
     // MARK: Dispatcher
+
+    /// Why the dispatcher stopped taking chains, and so what it waits for.
+    enum Stall: Equatable {
+        /// The queue is empty (notifications are on), or the machine is paused.
+        case empty
+        /// `limit` requests are in flight: wait for a worker to finish one.
+        case full
+        /// The rate limiter has no tokens for the next request, which is back in the
+        /// available ring: wait for the refill timer.
+        case rateLimited
+    }
 
     /// The dispatcher thread's body: returns at a reset, when the queue breaks, or when
     /// its notification descriptor fails.
     func dispatch() {
         while !control.halted.load(ordering: .sequentiallyConsistent) {
-            let full: Bool
+            let stall: Stall
             do {
-                full = try takeAvailable()
+                stall = try takeAvailable()
             } catch {
                 control.fail("virtio-blk: queue \(index): \(error)")
                 return
             }
-            guard wait(forRoom: full) else { return }
+            let woken: Bool
+            switch stall {
+            case .empty: woken = wait(on: notification.rawValue) { notification.drain() }
+            case .full: woken = wait(on: room.rawValue) { room.drain() }
+            case .rateLimited: woken = wait(on: refill.rawValue) { refill.expirations() }
+            }
+            guard woken else { return }
         }
     }
 
-    /// Takes chains until the queue is empty (and notifications are enabled again) or the
-    /// in-flight limit is reached. Returns true in the latter case.
-    private func takeAvailable() throws(VirtioError) -> Bool {
+    /// Takes chains until the queue is empty (and notifications are enabled again), the
+    /// in-flight limit is reached, or the rate limiter says wait.
+    private func takeAvailable() throws(VirtioError) -> Stall {
         try queue.disableNotifications()
         while true {
             var taken: [DescriptorChain] = []
-            // Hands what was taken to the workers with one eventfd write.
-            defer {
-                if !taken.isEmpty {
-                    pending.withLock { $0.append(contentsOf: taken) }
-                    work.signal(UInt64(taken.count))
-                }
-            }
+            // Hands what was taken to the workers, ringing an idle one per chain.
+            defer { handToWorkers(taken) }
             while inFlight.load(ordering: .sequentiallyConsistent) < limit {
-                guard !control.halted.load(ordering: .sequentiallyConsistent),
-                      !control.paused.load(ordering: .sequentiallyConsistent) else { return false }
-                guard let chain = try queue.popAvailable() else {
+                // A chain counts as in flight from before the pause flag is read until it is
+                // answered, also while this thread answers it: pause() sets the flag, then
+                // waits for the count to drop to zero, so either it sees this chain or this
+                // thread sees the flag (both sequentially consistent).
+                inFlight.add(1, ordering: .sequentiallyConsistent)
+                let chain: DescriptorChain?
+                do {
+                    guard !control.halted.load(ordering: .sequentiallyConsistent),
+                          !control.paused.load(ordering: .sequentiallyConsistent) else {
+                        inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                        return .empty
+                    }
+                    chain = try queue.popAvailable()
+                } catch {
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                    throw error
+                }
+                guard let chain else {
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
                     // Empty: ask for notifications, then look once more for a chain that
                     // arrived before they were on (no notification comes for it).
-                    guard try queue.enableNotifications() else { return false }
+                    guard try queue.enableNotifications() else { return .empty }
                     continue
                 }
-                inFlight.add(1, ordering: .sequentiallyConsistent)
+                guard admit(chain) else {
+                    // No tokens: the chain goes back to the ring, where it waits (nothing
+                    // is held, so a pause or a snapshot finds nothing half-taken), and the
+                    // queue waits with it, notifications off.
+                    queue.returnLastAvailable()
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                    return .rateLimited
+                }
+                // A small read the page cache holds costs less to copy here than to hand
+                // off (a worker's wake-up): it is answered at once.
+                if let outcome = control.handler.serveIfCached(chain) {
+                    complete(chain, outcome)
+                    inFlight.subtract(1, ordering: .sequentiallyConsistent)
+                    continue
+                }
                 taken.append(chain)
             }
             // Full: wait for a worker to finish, unless one finished meanwhile.
             throttled.store(true, ordering: .sequentiallyConsistent)
-            if inFlight.load(ordering: .sequentiallyConsistent) >= limit { return true }
+            if inFlight.load(ordering: .sequentiallyConsistent) >= limit { return .full }
             throttled.store(false, ordering: .sequentiallyConsistent)
         }
     }
 
-    /// Sleeps until the driver notifies (or, when `forRoom`, a worker makes room) or a
-    /// reset begins. Returns false when the dispatcher must stop.
-    private func wait(forRoom: Bool) -> Bool {
-        let source = forRoom ? room : notification
-        var fds = [pollfd(fd: source.rawValue, events: Int16(POLLIN), revents: 0),
+    /// Takes one op and the request's bytes from the rate limiter. When it says wait, arms
+    /// the refill timer for that long and returns false.
+    private func admit(_ chain: DescriptorChain) -> Bool {
+        let limiter = control.rateLimiter
+        if limiter.isUnlimited { return true }
+        let generation = limiter.generation
+        guard case let .wait(nanoseconds) = limiter.consume(bytes: control.handler.transferLength(of: chain)) else { return true }
+        armRefill(after: nanoseconds)
+        // An update between the consume and the arming may have been missed by its own
+        // wake-up (this arming replaced it): look again at once.
+        if limiter.generation != generation { armRefill(after: 0) }
+        return false
+    }
+
+    /// The rate limiter changed: a dispatcher waiting for tokens looks again now. (A
+    /// dispatcher not waiting finds the timer fired later and takes one extra look.)
+    func rateLimiterChanged() { armRefill(after: 0) }
+
+    private func armRefill(after nanoseconds: UInt64) {
+        do {
+            try refill.arm(after: .nanoseconds(Int64(clamping: nanoseconds)))
+        } catch {
+            control.fail("virtio-blk: queue \(index): cannot arm the rate limiter's timer: \(error)")
+        }
+    }
+
+    /// Sleeps until `descriptor` is readable (then calls `consume`) or a reset begins.
+    /// Returns false when the dispatcher must stop.
+    private func wait(on descriptor: Int32, consume: () -> Void) -> Bool {
+        var fds = [pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: control.stopEvent.rawValue, events: Int16(POLLIN), revents: 0)]
         while true {
             let count = poll(&fds, nfds_t(fds.count), -1)
@@ -165,22 +243,51 @@ final class BlockQueueServer: Sendable {
         if fds[1].revents != 0 { return false }
         let events = fds[0].revents
         if events & Int16(POLLIN) != 0 {
-            source.drain()
+            consume()
             return true
         }
         // POLLERR, POLLHUP or POLLNVAL: the descriptor is unusable; polling it again would spin.
-        control.fail("virtio-blk: queue \(index): its notification descriptor failed (poll events 0x\(String(events, radix: 16)))")
+        control.fail("virtio-blk: queue \(index): a descriptor it waits on failed (poll events 0x\(String(events, radix: 16)))")
         return false
     }
 
     // MARK: Workers
 
+    /// Chains waiting for a worker, and the workers asleep at their doorbells.
+    private struct HandOff {
+        var chains: [DescriptorChain] = []
+        var idle: [Int] = []
+    }
+
+    /// Queues `chains` and rings as many idle workers as there are chains (or idle
+    /// workers). A busy worker takes the rest when it finishes its request.
+    private func handToWorkers(_ chains: [DescriptorChain]) {
+        guard !chains.isEmpty else { return }
+        let woken = handOff.withLock { state in
+            state.chains.append(contentsOf: chains)
+            let count = min(chains.count, state.idle.count)
+            defer { state.idle.removeLast(count) }
+            return state.idle.suffix(count)
+        }
+        for worker in woken { doorbells[worker].signal() }
+    }
+
     /// A worker thread's body: returns at a reset.
-    func runWorker() {
+    func runWorker(_ worker: Int) {
         let cancelled = { [control] in control.resetting.load(ordering: .sequentiallyConsistent) }
-        while true {
-            guard work.drain() == 1, !control.resetting.load(ordering: .sequentiallyConsistent) else { return }
-            guard let chain = pending.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { continue }
+        while !control.resetting.load(ordering: .sequentiallyConsistent) {
+            // The next chain, or else: asleep until rung. The worker says it is idle under
+            // the same lock under which the dispatcher queues chains, so a chain is never
+            // queued unseen while every worker sleeps.
+            let next = handOff.withLock { state -> DescriptorChain? in
+                if !state.chains.isEmpty { return state.chains.removeFirst() }
+                state.idle.append(worker)
+                return nil
+            }
+            guard let chain = next else {
+                doorbells[worker].drain()
+                continue
+            }
             if !control.halted.load(ordering: .sequentiallyConsistent) {
                 let outcome = control.handler.serve(chain, cancelled: cancelled)
                 complete(chain, outcome)
@@ -210,3 +317,4 @@ final class BlockQueueServer: Sendable {
         }
     }
 }
+

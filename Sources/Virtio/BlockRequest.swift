@@ -1,5 +1,10 @@
+import CLinux
 import DiskImage
 import Memory
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What became of one request: an answer for the driver, or nothing the device can say.
 enum BlockOutcome: Equatable, Sendable {
@@ -36,6 +41,8 @@ struct BlockRequestHandler: Sendable {
     let writeZeroesNegotiated: Bool
     /// `write_zeroes_may_unmap`: a write-zeroes with the unmap flag may free space.
     let writeZeroesMayUnmap: Bool
+    /// Reads that never wait for the disk (``serveIfCached(_:)``).
+    let cachedReads = CachedReads()
 
     /// Serves `chain`. `cancelled` is polled between the pieces of a long discard or
     /// write-zeroes, so that a reset does not wait for all of it.
@@ -46,6 +53,21 @@ struct BlockRequestHandler: Sendable {
         let (status, dataWritten) = perform(chain, cancelled: cancelled)
         // `written` counts what the device wrote: the data it filled in, then the status byte.
         return .answer(status: status, statusAddress: statusAddress, written: dataWritten + 1)
+    }
+
+    /// The data bytes `chain` moves, for the rate limiter's bandwidth bucket: a read's
+    /// device-writable bytes before the status, a write's device-readable bytes after the
+    /// header; 0 for every other request and for one whose header cannot be read (it fails
+    /// anyway). As in Firecracker, only reads and writes draw on the bandwidth bucket.
+    func transferLength(of chain: DescriptorChain) -> UInt64 {
+        guard chain.readableLength >= VirtioBlockLayout.headerSize,
+              let header = try? copy(from: chain.readable, at: 0, count: 4) else { return 0 }
+        let type = header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
+        switch type {
+        case VirtioBlockRequestType.read: return chain.writableLength > 0 ? chain.writableLength - 1 : 0
+        case VirtioBlockRequestType.write: return chain.readableLength - VirtioBlockLayout.headerSize
+        default: return 0
+        }
     }
 
     /// Runs the request; returns its status and how many data bytes it wrote into the
@@ -108,6 +130,43 @@ struct BlockRequestHandler: Sendable {
             // SCSI commands and anything unknown.
             return (VirtioBlockStatus.unsupported, 0)
         }
+    }
+
+    // MARK: Cached reads, served at once
+
+    /// The largest read ``serveIfCached(_:)`` takes: a few pages, which cost less to copy
+    /// than a worker's wake-up. Larger reads go to the workers, which copy them in parallel
+    /// (measured from the guest: 64 KiB reads served here were a quarter slower than with
+    /// the workers; 4 KiB reads 1.4 to 2 times faster).
+    static let inlineReadLimit: UInt64 = 16 << 10
+
+    /// Serves `chain` here and now if it is a read of at most ``inlineReadLimit`` bytes
+    /// from a raw image whose data the host's page cache holds, without ever waiting for
+    /// the disk (`preadv2` with `RWF_NOWAIT`, which fails with EAGAIN rather than read
+    /// from the disk). Returns nil for anything else, and when any of the data is not
+    /// cached: the caller then hands the chain to a worker, which serves it from the start
+    /// (overwriting what was copied here) and answers every error.
+    func serveIfCached(_ chain: DescriptorChain) -> BlockOutcome? {
+        let writable = chain.writableLength
+        guard writable >= 1, writable - 1 <= Self.inlineReadLimit, let raw = disk as? RawImage, cachedReads.isSupported,
+              let statusAddress = Self.lastByte(of: chain.writable),
+              chain.readableLength >= VirtioBlockLayout.headerSize,
+              let header = try? copy(from: chain.readable, at: 0, count: Int(VirtioBlockLayout.headerSize)) else {
+            return nil
+        }
+        let type = header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) }
+        let sector = header.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+        let count = writable - 1
+        guard type == VirtioBlockRequestType.read, let offset = byteRange(sector: sector, count: count) else { return nil }
+        var position = offset
+        for segment in Self.slice(chain.writable, from: 0, count: count) where segment.length > 0 {
+            let copied = try? memory.withBytes(at: segment.address, count: UInt64(segment.length)) { buffer in
+                cachedReads.read(raw.file.fd, into: buffer, at: position)
+            }
+            guard copied == true else { return nil }
+            position += UInt64(segment.length)
+        }
+        return .answer(status: VirtioBlockStatus.ok, statusAddress: statusAddress, written: UInt32(count) + 1)
     }
 
     // MARK: Reads and writes
@@ -235,5 +294,24 @@ struct BlockRequestHandler: Sendable {
     static func lastByte(of buffers: [GuestBuffer]) -> GuestAddress? {
         guard let last = buffers.last(where: { $0.length > 0 }) else { return nil }
         return last.address + UInt64(last.length) - 1
+    }
+}
+
+/// Reads from the page cache only: `preadv2(RWF_NOWAIT)`. A file system or kernel that
+/// cannot do them (EOPNOTSUPP, or EINVAL before Linux 4.14) is not asked again.
+final class CachedReads: Sendable {
+    private let unsupported = Atomic<Bool>(false)
+
+    var isSupported: Bool { !unsupported.load(ordering: .relaxed) }
+
+    /// Fills `buffer` from `offset` of `fd` if the page cache holds all of it; false
+    /// otherwise (the buffer may then hold part of the data).
+    func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        guard let base = buffer.baseAddress, offset <= UInt64(Int64.max) else { return false }
+        let count = clinux_pread_nowait(fd, base, UInt64(buffer.count), Int64(offset))
+        if count < 0 && (errno == EOPNOTSUPP || errno == EINVAL) {
+            unsupported.store(true, ordering: .relaxed)
+        }
+        return count == Int64(buffer.count)
     }
 }

@@ -14,6 +14,9 @@
 //
 // Configuration space (5.1.4, read-only): mac, status (LINK_UP), max_virtqueue_pairs (1).
 //
+// Rate limits: one limiter per direction (`VirtioNetOptions.receiveRateLimiter` and
+// `transmitRateLimiter`, changed with `updateRateLimiters`); see `NetDataPath`.
+//
 // What a hostile or broken driver gets (each case has a test in NetHostileTests):
 // - a transmit chain shorter than the 12-byte header plus an Ethernet header, a header
 //   asking for a checksum or segmentation offload that was not negotiated: the frame is
@@ -34,6 +37,7 @@
 import Basics
 import EventLoop
 import Memory
+import RateLimit
 import Synchronization
 
 /// A virtio-net device over a TAP (any ``NetBackend``). See the comment at the top of this
@@ -52,6 +56,8 @@ public final class VirtioNet: VirtioDevice {
     private let counters = NetCounters()
     private let session = Mutex<NetSession?>(nil)
     private let threadStarter: ThreadStarter
+    /// The rate limiters of reception and transmission; they outlive activations.
+    private let limiters: NetRateLimiters
 
     /// The name of a session's event loop thread.
     public static func threadName(options: VirtioNetOptions) -> String { "net\(options.index)" }
@@ -72,6 +78,8 @@ public final class VirtioNet: VirtioDevice {
         self.backend = backend
         self.options = options
         self.threadStarter = threads
+        limiters = NetRateLimiters(receive: SharedRateLimiter(options.receiveRateLimiter),
+                                   transmit: SharedRateLimiter(options.transmitRateLimiter))
         queueMaximumSizes = [size, size]
         offeredFeatures = VirtioFeature.version1 | VirtioFeature.ringIndirectDescriptors | VirtioFeature.ringEventIndex
             | VirtioNetFeature.mac | VirtioNetFeature.status | VirtioNetFeature.mergeableReceiveBuffers
@@ -112,7 +120,7 @@ public final class VirtioNet: VirtioDevice {
                 throw VirtioError("virtio-net: \(error)")
             }
             session = try NetSession(activation: activation, negotiation: negotiation, backend: backend,
-                                     counters: counters, name: Self.threadName(options: options),
+                                     counters: counters, limiters: limiters, name: Self.threadName(options: options),
                                      threads: threadStarter)
         }
     }
@@ -123,6 +131,26 @@ public final class VirtioNet: VirtioDevice {
             session = nil
         }
     }
+
+    /// The rate limiters' buckets now.
+    public var rateLimiterConfigurations: (receive: RateLimiterConfiguration, transmit: RateLimiterConfiguration) {
+        (limiters.receive.configuration, limiters.transmit.configuration)
+    }
+
+    /// Changes the rate limiters while the device runs (from any thread), with
+    /// Firecracker's rules (``RateLimiter/update(_:)``); `nil` leaves a limiter as it is.
+    /// A direction waiting for tokens looks again at once.
+    public func updateRateLimiters(receive: RateLimiterConfiguration?, transmit: RateLimiterConfiguration?) {
+        if let receive { limiters.receive.update(receive) }
+        if let transmit { limiters.transmit.update(transmit) }
+        session.withLock { $0 }?.rateLimitersChanged()
+    }
+}
+
+/// A device's two rate limiters.
+struct NetRateLimiters: Sendable {
+    let receive: SharedRateLimiter
+    let transmit: SharedRateLimiter
 }
 
 /// One activation: the event loop, its thread and the data path, from DRIVER_OK to the reset.
@@ -132,14 +160,18 @@ final class NetSession: Sendable {
     private let thread: any JoinableThread
 
     init(activation: VirtioActivation, negotiation: NetNegotiation, backend: any NetBackend, counters: NetCounters,
-         name: String, threads: ThreadStarter) throws(VirtioError) {
+         limiters: NetRateLimiters, name: String, threads: ThreadStarter) throws(VirtioError) {
         do {
             loop = try EventLoop()
         } catch {
             throw VirtioError("virtio-net: cannot make an event loop: \(error)")
         }
-        dataPath = NetDataPath(activation: activation, negotiation: negotiation, backend: backend, counters: counters,
-                               loop: loop)
+        do {
+            dataPath = try NetDataPath(activation: activation, negotiation: negotiation, backend: backend, counters: counters,
+                                       limiters: limiters, loop: loop)
+        } catch {
+            throw VirtioError("virtio-net: cannot make the rate limiters' timers: \(error)")
+        }
         do {
             try dataPath.start()
         } catch {
@@ -151,6 +183,11 @@ final class NetSession: Sendable {
             dataPath.unregisterAll()
             throw VirtioError("virtio-net: \(error)")
         }
+    }
+
+    /// Makes the data path look at its rate limiters again (on the loop's thread).
+    func rateLimitersChanged() {
+        dataPath.rateLimitersChanged()
     }
 
     /// Stops the loop and waits for its thread: when this returns, no frame is moving.

@@ -1,3 +1,5 @@
+import RateLimit
+
 /// virtio-net feature bits (virtio 1.2, 5.1.3). Swiftlet offers MAC, STATUS, MRG_RXBUF,
 /// and the checksum and segmentation offloads its TAP accepts.
 public enum VirtioNetFeature {
@@ -160,8 +162,16 @@ public struct VirtioNetOptions: Sendable, Equatable {
     public var index: Int
     /// The largest size of each queue: a power of two from 16 to 32768.
     public var queueSize: UInt16
+    /// Rate limiters of reception (frames handed to the guest) and transmission (frames
+    /// the guest sends); `nil`: unlimited. Changed while the device runs with
+    /// ``VirtioNet/updateRateLimiters(receive:transmit:)``.
+    public var receiveRateLimiter: RateLimiterConfiguration?
+    public var transmitRateLimiter: RateLimiterConfiguration?
 
-    public init(mac: MACAddress, index: Int = 0, queueSize: UInt16 = 256) {
+    public init(mac: MACAddress, index: Int = 0, queueSize: UInt16 = 256,
+                receiveRateLimiter: RateLimiterConfiguration? = nil, transmitRateLimiter: RateLimiterConfiguration? = nil) {
+        self.receiveRateLimiter = receiveRateLimiter
+        self.transmitRateLimiter = transmitRateLimiter
         self.mac = mac
         self.index = index
         self.queueSize = queueSize
@@ -222,6 +232,9 @@ public struct VirtioNetStatistics: Sendable, Equatable {
     public var receivePauses: UInt64 = 0
     /// Times the device woke up because the TAP was ready (a busy loop shows here).
     public var backendWakeups: UInt64 = 0
+    /// Times reception and transmission stopped to wait for the rate limiter's tokens.
+    public var receiveRateLimited: UInt64 = 0
+    public var transmitRateLimited: UInt64 = 0
 
     public init() {}
 
@@ -236,6 +249,6 @@ public struct VirtioNetStatistics: Sendable, Equatable {
             + "dropped: tx malformed \(transmitMalformed), tx oversized \(transmitOversized), "
             + "tx refused by the TAP \(transmitBackendErrors), "
             + "rx oversized \(receiveOversized), rx errors \(receiveErrors); rx buffers unusable \(receiveUnusableBuffers), "
-            + "rx paused for buffers \(receivePauses) times"
+            + "rx paused for buffers \(receivePauses) times; rate limited: rx \(receiveRateLimited), tx \(transmitRateLimited) times"
     }
 }

@@ -1,6 +1,7 @@
 import DequeModule
 import EventLoop
 import Memory
+import RateLimit
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -71,6 +72,16 @@ final class NetCounters: Sendable {
 /// the device stops watching the TAP (frames wait in the TAP's queue, which the kernel
 /// bounds) and asks for the RX queue's notification; when it comes, reading resumes.
 ///
+/// **Rate limits.** Each direction has a ``RateLimiter`` (Firecracker's token buckets; ops
+/// count frames, bytes count frame bytes without the header). A transmit chain that cannot
+/// get its tokens goes back to the available ring and the TX queue waits, notifications
+/// off, until the limiter's timer (a timerfd on this loop) fires. Reception needs one op
+/// and one byte in hand before it reads a frame (the size is known only once it is read),
+/// is then charged the rest of the frame, and stops watching the TAP while the limiter
+/// is short: frames wait in the TAP's queue. A limit changed while the device runs is
+/// applied on this thread and a waiting direction looks again at once. Nothing is held
+/// across a wait, so a pause or a reset finds no half-served chain.
+///
 /// A hostile driver's frames are dropped and counted (``VirtioNetStatistics``); a ring it
 /// broke stops the device until a reset (``VirtioActivation/needsReset``).
 final class NetDataPath: Sendable {
@@ -93,6 +104,11 @@ final class NetDataPath: Sendable {
     private let needsReset: @Sendable (String) -> Void
     private let counters: NetCounters
     private let loop: EventLoop
+    private let receiveLimiter: SharedRateLimiter
+    private let transmitLimiter: SharedRateLimiter
+    /// Fire when the limiters have tokens again.
+    private let receiveRefill: TimerFD
+    private let transmitRefill: TimerFD
 
     private struct State {
         /// Receive chains taken from the ring and not yet filled, oldest first.
@@ -107,6 +123,9 @@ final class NetDataPath: Sendable {
         var blockedTransmit: DescriptorChain?
         /// The driver broke a ring or the TAP failed: nothing more is done until the reset.
         var halted = false
+        /// A direction waits for its rate limiter's timer.
+        var receiveLimited = false
+        var transmitLimited = false
     }
 
     private let state = Mutex(State())
@@ -116,7 +135,11 @@ final class NetDataPath: Sendable {
     static let transmitIndex = 1
 
     init(activation: VirtioActivation, negotiation: NetNegotiation, backend: any NetBackend, counters: NetCounters,
-         loop: EventLoop) {
+         limiters: NetRateLimiters, loop: EventLoop) throws(SystemError) {
+        receiveLimiter = limiters.receive
+        transmitLimiter = limiters.transmit
+        receiveRefill = try TimerFD()
+        transmitRefill = try TimerFD()
         memory = activation.memory
         receiveQueue = activation.queues[Self.receiveIndex]
         transmitQueue = activation.queues[Self.transmitIndex]
@@ -140,8 +163,16 @@ final class NetDataPath: Sendable {
             },
             try loop.register(transmitNotification.rawValue, for: .readable, owner: transmitNotification) { [self] _ in
                 transmitNotification.drain()
-                // While a frame waits for room in the TAP, the queue waits with it.
-                state.withLock { if $0.blockedTransmit == nil { transmit(&$0) } }
+                // While a frame waits for room in the TAP or for tokens, the queue waits with it.
+                state.withLock { if $0.blockedTransmit == nil && !$0.transmitLimited { transmit(&$0) } }
+            },
+            try loop.register(receiveRefill.rawValue, for: .readable, owner: receiveRefill) { [self] _ in
+                receiveRefill.expirations()
+                state.withLock { resumeReceive(&$0) }
+            },
+            try loop.register(transmitRefill.rawValue, for: .readable, owner: transmitRefill) { [self] _ in
+                transmitRefill.expirations()
+                state.withLock { resumeTransmit(&$0) }
             },
         ]
         let backendRegistration: EventLoop.Registration
@@ -175,6 +206,42 @@ final class NetDataPath: Sendable {
             state.registrations = []
             state.backendRegistration = nil
         }
+    }
+
+    // MARK: Rate limits
+
+    /// The limiters changed (from any thread): waiting directions look again, on the loop.
+    func rateLimitersChanged() {
+        loop.schedule { [self] in
+            state.withLock { state in
+                if state.receiveLimited { resumeReceive(&state) }
+                if state.transmitLimited { resumeTransmit(&state) }
+            }
+        }
+    }
+
+    /// Waits `nanoseconds` for tokens: arms `timer` (if it cannot be armed, the device stops
+    /// and asks for a reset rather than never looking again).
+    private func waitForTokens(_ state: inout State, _ timer: TimerFD, nanoseconds: UInt64) {
+        do {
+            try timer.arm(after: .nanoseconds(Int64(clamping: max(1, nanoseconds))))
+        } catch {
+            halt(&state, "virtio-net: cannot arm a rate limiter's timer: \(error)")
+        }
+    }
+
+    private func resumeTransmit(_ state: inout State) {
+        guard state.transmitLimited else { return }
+        state.transmitLimited = false
+        transmitRefill.disarm()
+        if state.blockedTransmit == nil { transmit(&state) }
+    }
+
+    private func resumeReceive(_ state: inout State) {
+        guard state.receiveLimited else { return }
+        state.receiveLimited = false
+        receiveRefill.disarm()
+        refillReceiveBuffers(&state)
     }
 
     // MARK: The TAP
@@ -241,6 +308,18 @@ final class NetDataPath: Sendable {
                     if try queue.enableNotifications() { continue }
                     break
                 }
+                if !transmitLimiter.isUnlimited {
+                    let frameBytes = chain.readableLength - min(chain.readableLength, UInt64(VirtioNetHeader.size))
+                    if case let .wait(nanoseconds) = transmitLimiter.consume(bytes: frameBytes) {
+                        // No tokens: the chain goes back to the ring and the queue waits
+                        // for the timer, notifications off.
+                        queue.returnLastAvailable()
+                        state.transmitLimited = true
+                        counters.update { $0.transmitRateLimited += 1 }
+                        waitForTokens(&state, transmitRefill, nanoseconds: nanoseconds)
+                        break
+                    }
+                }
                 let outcome = send(chain)
                 if case .wouldBlock = outcome {
                     // The TAP is full: the chain waits until it is writable.
@@ -251,7 +330,7 @@ final class NetDataPath: Sendable {
                 count(outcome)
                 completed.append((chain.head, 0))
             }
-            if completed.count >= Self.roundLimit && state.blockedTransmit == nil {
+            if completed.count >= Self.roundLimit && state.blockedTransmit == nil && !state.transmitLimited {
                 // More may wait: come back once the loop served the TAP and the RX queue.
                 transmitNotification.signal()
             }
@@ -370,7 +449,7 @@ final class NetDataPath: Sendable {
         var returned: [UsedEntry] = []
         do {
             let ready = try takeReceiveChains(&state, queue: queue, returned: &returned)
-            if ready && !state.watching.contains(.readable) {
+            if ready && !state.watching.contains(.readable) && !state.receiveLimited {
                 try queue.disableNotifications()
                 watch(&state, state.watching.union(.readable))
             }
@@ -400,8 +479,30 @@ final class NetDataPath: Sendable {
                     watch(&state, state.watching.subtracting(.readable))
                     break
                 }
-                guard let entries = try receiveOne(&state, queue: queue) else { break }
-                guard !entries.isEmpty else { continue }
+                let limited = !receiveLimiter.isUnlimited
+                if limited, case let .wait(nanoseconds) = receiveLimiter.consume(bytes: 1) {
+                    // No tokens: leave the frames in the TAP until the timer fires.
+                    state.receiveLimited = true
+                    counters.update { $0.receiveRateLimited += 1 }
+                    watch(&state, state.watching.subtracting(.readable))
+                    waitForTokens(&state, receiveRefill, nanoseconds: nanoseconds)
+                    break
+                }
+                guard let entries = try receiveOne(&state, queue: queue) else {
+                    if limited { receiveLimiter.giveBack(bytes: 1) }
+                    break
+                }
+                guard !entries.isEmpty else {
+                    if limited { receiveLimiter.giveBack(bytes: 1) }
+                    continue
+                }
+                if limited {
+                    // The op and one byte were taken before the read; the rest of the
+                    // frame now, owed if the buckets are short.
+                    let written = entries.reduce(UInt64(0)) { $0 + UInt64($1.writtenLength) }
+                    let frameBytes = written - min(written, UInt64(VirtioNetHeader.size))
+                    receiveLimiter.charge(operations: 0, bytes: frameBytes - min(frameBytes, 1))
+                }
                 // The whole frame is in: its chains go back together, behind one index update.
                 try queue.pushUsed(entries)
                 delivered = true

@@ -156,6 +156,14 @@ public final class Virtqueue: Sendable {
         }
     }
 
+    /// Puts back the chain the last ``popAvailable()`` returned, so that the next call takes
+    /// it again (read from the ring afresh): for a device that cannot serve it now, such as
+    /// one whose rate limiter says wait. Only the thread that pops may call it, right after
+    /// the pop, and never after the chain was returned to the driver.
+    public func returnLastAvailable() {
+        state.withLock { $0.nextAvailable &-= 1 }
+    }
+
     /// Returns the chain `head` to the driver with `writtenLength` bytes written into its
     /// writable buffers.
     public func pushUsed(_ head: UInt16, writtenLength: UInt32) throws(VirtioError) {

@@ -37,13 +37,20 @@ struct RunCommand: ParsableCommand {
             a kernel gets.
 
             DISKS
-              --disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N] gives \
+              --disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N][,bps=RATE]... gives \
             the guest a virtio-blk disk backed by an image file; repeat it for more \
             disks (the first is Linux's /dev/vda). The format is read from the file \
             unless given; qcow2 images with backing files and compressed clusters work. \
             An image opened for writing is locked, as QEMU locks it, so two VMs cannot \
             write one image at once; 'readonly' opens it read-only and the guest cannot \
             change it. A path containing a comma writes it twice (',,').
+              Rate limits (Firecracker's token buckets; an I/O over the limit waits, it \
+            does not fail): bps=RATE caps the bytes per second read and written (K, M, \
+            G are binary: bps=10M is 10 MiB/s), iops=N the requests per second; \
+            bps_max=BYTES and iops_max=N set how much may go at full speed after an idle \
+            time (the bucket; default one second's worth), bps_burst=BYTES and \
+            iops_burst=N an extra one-time burst at the start. Example: --disk \
+            root.img,bps=1M,iops=500,bps_burst=64M. See docs/virtio.md.
               --virtio-transport pci (the default) puts virtio devices on a PCI host \
             bridge (ports 0xCF8-0xCFF, ECAM at 0xE0000000), which every stock kernel \
             enumerates by itself; mmio puts them in virtio-mmio slots from 0xFEB00000 \
@@ -63,7 +70,10 @@ struct RunCommand: ParsableCommand {
             Checksum and segmentation offloads are negotiated with the TAP, so large \
             transfers are not cut up in software. Frames move in Swiftlet itself (no \
             vhost-net). --trace-exits adds each interface's frame counters, dropped \
-            frames among them. See docs/virtio.md.
+            frames among them. Rate limits, as for disks, per direction: rx_bps, \
+            rx_pps (frames per second), rx_bps_max, rx_pps_max, rx_bps_burst, \
+            rx_pps_burst, and the same with tx_ (what the guest sends). Example: --net \
+            tap=tap0,tx_bps=1M,rx_bps=4M. See docs/virtio.md.
 
             MEMORY SLOTS
               --show-memory prints the memory slots (KVM_SET_USER_MEMORY_REGION: \
@@ -108,12 +118,32 @@ struct RunCommand: ParsableCommand {
             name, with one line and status 2. 'swiftlet cpu' lists models and features; \
             'swiftlet cpu --show MODEL' shows what a vCPU gets here. See docs/booting.md.
 
+            MONITOR AND MIGRATION
+              --monitor PATH serves a monitor on the Unix socket PATH while the VM \
+            runs: one command per line, one line back ('socat - UNIX-CONNECT:PATH', or \
+            'swiftlet monitor PATH COMMAND'). Commands, as in QEMU's monitor: status, \
+            stop (pause), cont (resume), snapshot [--diff] DIR (a running VM pauses for it and \
+            goes on), migrate unix:PATH|tcp:HOST:PORT, quit, help.
+              --incoming unix:PATH|tcp:HOST:PORT starts a migration target: it waits \
+            for one source at that address and runs the VM it receives. Give it the \
+            source's machine options (--memory, --cpus, --disk, --virtio-transport); \
+            --kernel and --flat are not read. A target refuses a VM whose RAM, vCPUs or \
+            disks differ, and the source goes on. On the source, 'migrate ADDRESS' on \
+            the monitor copies RAM while the guest runs, pauses it for the last pages \
+            and the vCPU and device state, and ends with status 0 and a line saying \
+            where the VM went once the target runs it. A migration that fails at any \
+            step leaves the source running; a target whose source went away exits with \
+            status 2. A writable disk image is handed over: the source flushes it and \
+            gives up its lock just before the target opens it. Network interfaces \
+            cannot be migrated yet. See docs/migration.md.
+
             EXIT STATUS
               A guest's exit value always gives an odd status; everything Swiftlet \
             decides itself is even, so the two cannot be confused.
               (V << 1) | 1  the guest wrote V to port 0xF4 (V = 0 gives 1, the usual \
             "success" of test guests)
-              0             the guest powered off: ACPI sleep state S5, SLP_EN with \
+              0             the VM migrated to another Swiftlet (the source's status); \
+            the guest powered off: ACPI sleep state S5, SLP_EN with \
             SLP_TYP 0 (0x2000) written to PM1a_CNT at port 0x604; or you quit with Ctrl-A x
               2             Swiftlet could not build or run the VM, or the command line \
             is wrong (one line on stderr says why)
@@ -206,12 +236,18 @@ struct RunCommand: ParsableCommand {
     var kvmDevice: String = "/dev/kvm"
 
     @Option(name: .long, help: ArgumentHelp("A disk image for the guest, as a virtio-blk device; repeatable (see DISKS).",
-                                            valueName: "path[,readonly][,format=raw|qcow2][,serial=text][,queues=n]"))
+                                            valueName: "path[,readonly][,format=raw|qcow2][,serial=text][,queues=n][,bps=rate][,iops=n]..."))
     var disk: [DiskArgument] = []
 
     @Option(name: .long, help: ArgumentHelp("A network interface for the guest, as a virtio-net device over a TAP; repeatable (see NETWORK).",
-                                            valueName: "tap=name[,mac=xx:xx:xx:xx:xx:xx]"))
+                                            valueName: "tap=name[,mac=xx:xx:xx:xx:xx:xx][,rx_bps=rate][,tx_bps=rate]..."))
     var net: [NetArgument] = []
+
+    @Option(name: .long, help: ArgumentHelp("Serve the monitor on this Unix socket (see MONITOR AND MIGRATION).", valueName: "path"))
+    var monitor: String?
+
+    @Option(name: .long, help: ArgumentHelp("Wait at this address for a VM migrated from another Swiftlet and run it.", valueName: "unix:path|tcp:host:port"))
+    var incoming: String?
 
     @Option(name: .customLong("virtio-transport"), help: ArgumentHelp("How virtio devices appear: pci (default) or mmio (see DISKS).", valueName: "transport"))
     var virtioTransport: VMConfiguration.VirtioTransport?
@@ -222,6 +258,7 @@ struct RunCommand: ParsableCommand {
     func validate() throws {
         if let cpus, cpus < 1 { throw ValidationError("--cpus must be at least 1") }
         if kernel != nil && flat != nil { throw ValidationError("--kernel and --flat cannot be used together") }
+        if restore != nil && incoming != nil { throw ValidationError("--restore and --incoming cannot be used together") }
         if restore != nil {
             // The snapshot is the machine: what would build another one contradicts it.
             let machineOptions: [(Bool, String)] = [
@@ -248,7 +285,9 @@ struct RunCommand: ParsableCommand {
 
     func run() throws {
         let boot: VMConfiguration.Boot
-        if let restore {
+        if let incoming {
+            boot = .incoming(address: incoming)
+        } else if let restore {
             var status = stat()
             if stat(restore, &status) == 0, status.st_mode & S_IFMT == S_IFDIR {
                 boot = .snapshot(directory: restore)
@@ -292,6 +331,8 @@ struct RunCommand: ParsableCommand {
             FileHandleOutput.standardError("swiftlet: WARNING: --seccomp \(seccomp.rawValue): \(what). A guest that exploits a "
                 + "bug in a device model gets everything this process may do. Use this only for debugging.")
         }
+        configuration.monitor = monitor
+        configuration.onMigrationEvent = { message in FileHandleOutput.standardError("swiftlet: \(message)") }
         switch serial {
         case .stdio: configuration.console = .standardOutput
         case let .file(path): configuration.console = .file(path)
@@ -311,7 +352,7 @@ struct RunCommand: ParsableCommand {
         if let table = result.exitTable { FileHandleOutput.standardError(table) }
         if let report = result.memoryReport { FileHandleOutput.standardError(report) }
         switch result.exit {
-        case .crash, .timeout, .reset, .powerOff, .signal:
+        case .crash, .timeout, .reset, .powerOff, .signal, .migrated:
             FileHandleOutput.standardError("swiftlet: \(result.exit)")
         default:
             break
@@ -356,7 +397,8 @@ extension VMConfiguration.LinuxEntry: ExpressibleByArgument {}
 extension VMConfiguration.VirtioTransport: ExpressibleByArgument {}
 extension VMConfiguration.Seccomp: ExpressibleByArgument {}
 
-/// `--disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N]`, QEMU-style: options
+/// `--disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N][,bps=R][,iops=N]...`
+/// (rate limits: ``RateLimitOptions``), QEMU-style: options
 /// after the path, separated by commas; a comma inside the path is written twice.
 struct DiskArgument: ExpressibleByArgument {
     let disk: VMConfiguration.Disk
@@ -386,8 +428,10 @@ struct DiskArgument: ExpressibleByArgument {
         }
         guard let path = parts.first, !path.isEmpty else { throw Invalid() }
         var disk = VMConfiguration.Disk(path: path)
+        var limits = RateLimitOptions()
         for option in parts.dropFirst() {
             let pieces = option.split(separator: "=", maxSplits: 1).map(String.init)
+            if pieces.count == 2, try limits.accept(key: pieces[0], value: pieces[1], opsName: "iops") { continue }
             switch (pieces.first ?? "", pieces.count == 2 ? pieces[1] : nil) {
             case ("readonly", nil), ("readonly", "on"): disk.readOnly = true
             case ("readonly", "off"): disk.readOnly = false
@@ -399,12 +443,14 @@ struct DiskArgument: ExpressibleByArgument {
             default: throw Invalid()
             }
         }
+        disk.rateLimiter = try limits.configuration()
         return disk
     }
 
     static var defaultCompletionKind: CompletionKind { .file() }
 }
-/// `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`: options separated by commas, `tap=` required.
+/// `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,rx_bps=R][,tx_pps=N]...`: options separated by
+/// commas, `tap=` required (rate limits: ``RateLimitOptions``).
 struct NetArgument: ExpressibleByArgument {
     let network: VMConfiguration.Network
 
@@ -416,9 +462,17 @@ struct NetArgument: ExpressibleByArgument {
     static func parse(_ text: String) -> VMConfiguration.Network? {
         var tap: String?
         var mac: String?
+        var receive = RateLimitOptions()
+        var transmit = RateLimitOptions()
         for option in text.split(separator: ",", omittingEmptySubsequences: false) {
             let pieces = option.split(separator: "=", maxSplits: 1).map(String.init)
             guard pieces.count == 2 else { return nil }
+            do {
+                if try receive.accept(key: pieces[0], value: pieces[1], prefix: "rx_", opsName: "pps") { continue }
+                if try transmit.accept(key: pieces[0], value: pieces[1], prefix: "tx_", opsName: "pps") { continue }
+            } catch {
+                return nil
+            }
             switch pieces[0] {
             case "tap" where tap == nil && VMConfiguration.Network.isValidInterfaceName(pieces[1]): tap = pieces[1]
             case "mac" where mac == nil && VMConfiguration.Network.isValidMAC(pieces[1]): mac = pieces[1]
@@ -426,7 +480,14 @@ struct NetArgument: ExpressibleByArgument {
             }
         }
         guard let tap else { return nil }
-        return VMConfiguration.Network(tap: tap, mac: mac)
+        var network = VMConfiguration.Network(tap: tap, mac: mac)
+        do {
+            network.rxRateLimiter = try receive.configuration()
+            network.txRateLimiter = try transmit.configuration()
+        } catch {
+            return nil
+        }
+        return network
     }
 }
 

@@ -74,7 +74,7 @@ struct DiscardTests {
         #expect(throws: DiskImageError.self) { try qcow2.discard(at: 0, length: 512) }
     }
 
-    @Test("qcow2 (the defaults): write-zeroes writes zeros where data is, allocates nothing where none is; discard keeps data",
+    @Test("qcow2 (the defaults): write-zeroes writes zeros where data is, allocates nothing where none is; discard of whole clusters deallocates them (zero clusters over a backing file)",
           .enabled(if: Support.hasQemuImg, Comment(rawValue: Support.noQemu)))
     func qcow2() throws {
         let dir = try Support.TempDir()
@@ -87,12 +87,14 @@ struct DiscardTests {
         #expect(try Support.qemuImg("create", "-q", "-f", "qcow2", plain, "2M").status == 0)
         do {
             let disk = try DiskImage.open(path: path, format: .qcow2, readOnly: false)
-            #expect(!disk.canDeallocate)
-            #expect(disk.discardGranularity == 512)
+            #expect(disk.canDeallocate)
+            #expect(disk.discardGranularity == 65536)
             // Over backing data: zeros must be written, across a 1 MiB piece boundary.
             try disk.writeZeroes(at: (1 << 20) - 4096, length: 12288, deallocate: true)
             expected.replaceSubrange(((1 << 20) - 4096)..<((1 << 20) + 8192), with: repeatElement(0, count: 12288))
+            // A whole cluster: it becomes a zero cluster (the backing file must not show through).
             try disk.discard(at: 0, length: 65536)
+            expected.replaceSubrange(0..<65536, with: repeatElement(0, count: 65536))
             try disk.flush()
             #expect(try Support.readAll(disk) == expected)
 

@@ -285,6 +285,39 @@ func guestCRCLine(_ output: String) -> (sectors: Int, crc: UInt32)? {
     return (sectors, crc)
 }
 
+/// A bench job's result line, "bench KIND: depth D, R requests of B bytes, N bytes in T us".
+struct GuestBenchLine {
+    let kind: String
+    let depth: Int
+    let requests: Int
+    let requestBytes: Int
+    let bytes: Int
+    let micros: Int
+    /// ", flush T us" after seqwrite.
+    let flushMicros: Int?
+
+    init?(_ output: String) {
+        let lines = output.split(whereSeparator: { $0 == "\n" || $0 == "\r" }).filter { $0.hasPrefix("bench ") }
+        guard lines.count == 1,
+              let match = lines[0].wholeMatch(of: /bench (\w+): depth (\d+), (\d+) requests of (\d+) bytes, (\d+) bytes in (\d+) us(?:, flush (\d+) us)?/),
+              let depth = Int(match.2), let requests = Int(match.3), let requestBytes = Int(match.4),
+              let bytes = Int(match.5), let micros = Int(match.6) else { return nil }
+        kind = String(match.1)
+        self.depth = depth
+        self.requests = requests
+        self.requestBytes = requestBytes
+        self.bytes = bytes
+        self.micros = micros
+        flushMicros = match.7.flatMap { Int($0) }
+    }
+}
+
+/// The guest's TSC line: its frequency in MHz and where it came from.
+func guestTSCLine(_ output: String) -> (mhz: Double, source: String)? {
+    guard let match = output.firstMatch(of: /TSC at (\d+\.\d+) MHz \(([^)]*)\)/), let mhz = Double(match.1) else { return nil }
+    return (mhz, String(match.2))
+}
+
 // MARK: - Scenarios, shared by the QEMU and Swiftlet suites
 
 enum VirtioBlockScenario {
@@ -417,6 +450,30 @@ enum VirtioBlockScenario {
         #expect(result.status == 3)
         #expect(result.stdout.contains("the device is read-only (VIRTIO_BLK_F_RO)"), "guest output: \(result.stdout)")
         #expect(Array(try Data(contentsOf: URL(fileURLWithPath: image))) == content)
+    }
+
+    /// The bench jobs run for the time asked and report what they did; returns the TSC line
+    /// of the last one.
+    @discardableResult
+    static func bench(_ vmm: GuestVMM, _ transport: VirtioTransport) throws -> (mhz: Double, source: String)? {
+        let images = try ScratchImages()
+        let image = try images.raw("bench.raw", [UInt8](repeating: 0, count: 4 << 20))
+        var tsc: (mhz: Double, source: String)?
+        for (job, depth, size) in [("seqread", 8, 65536), ("randread", 4, 4096), ("seqwrite", 8, 65536)] {
+            let result = try vmm.run(job: "bench \(job) \(depth) 1", image: image, format: .raw, transport: transport)
+            #expect(result.status == 1, "guest output: \(result.stdout)\(result.stderr)")
+            let line = try #require(GuestBenchLine(result.stdout), "guest output: \(result.stdout)")
+            #expect(line.kind == job && line.depth == depth && line.requestBytes == size)
+            #expect(line.requests > depth && line.bytes == line.requests * size)
+            // Time-based: no new request after 1 s, the last ones done soon after.
+            #expect(line.micros >= 1_000_000 && line.micros < 3_000_000, "\(line.micros) us")
+            #expect((line.flushMicros != nil) == (job == "seqwrite"))
+            tsc = guestTSCLine(result.stdout)
+            #expect(tsc != nil, "guest output: \(result.stdout)")
+        }
+        // seqwrite wrote its pattern over the whole 4 MiB disk (it wraps around).
+        #expect(try images.contents(image, format: .raw).allSatisfy { $0 == 0 } == false)
+        return tsc
     }
 
     /// VIRTIO_BLK_T_GET_ID returns the serial, NUL-padded to 20 bytes.
@@ -559,6 +616,22 @@ struct VirtioBlockGuestQEMUTests {
         #expect(guestCRCLine(result.stdout)?.crc == ZlibCRC32.checksum(content))
     }
 
+    @Test("bench jobs; without CPUID 0x40000010 the guest calibrates its TSC against the PIT",
+          arguments: VirtioTransport.allCases)
+    func bench(transport: VirtioTransport) throws {
+        let tsc = try #require(try VirtioBlockScenario.bench(.qemu, transport))
+        #expect(tsc.source == "calibrated against the PIT")
+        // Against the frequency KVM gives Swiftlet's guests (the same host TSC), within 1%.
+        if VirtioBlockGuest.swiftletHasDisk {
+            let images = try ScratchImages()
+            let image = try images.raw("tsc.raw", [UInt8](repeating: 0, count: 1 << 20))
+            let result = try GuestVMM.swiftlet.run(job: "bench randread 1 1", image: image, format: .raw, transport: transport)
+            if let reference = guestTSCLine(result.stdout), reference.source == "CPUID 0x40000010" {
+                #expect(abs(tsc.mhz - reference.mhz) < reference.mhz / 100, "PIT \(tsc.mhz) MHz, CPUID \(reference.mhz) MHz")
+            }
+        }
+    }
+
     @Test("No disk: one error line and status 3")
     func noDevice() throws {
         let result = try runHostTool(VirtioBlockGuest.qemu!, ["-accel", "kvm", "-M", "microvm,acpi=off", "-m", "64M", "-nodefaults",
@@ -605,6 +678,29 @@ struct VirtioBlockGuestSwiftletTests {
 
     @Test("id prints the serial", arguments: VirtioTransport.allCases)
     func serial(transport: VirtioTransport) throws { try VirtioBlockScenario.serial(.swiftlet, transport) }
+
+    @Test("bench jobs, timed with the TSC frequency from CPUID 0x40000010", arguments: VirtioTransport.allCases)
+    func bench(transport: VirtioTransport) throws {
+        let tsc = try #require(try VirtioBlockScenario.bench(.swiftlet, transport))
+        // Swiftlet fills the leaf when KVM knows the TSC rate (KVM_GET_TSC_KHZ), which it
+        // does on any host with a constant TSC.
+        #expect(tsc.source == "CPUID 0x40000010")
+    }
+
+    @Test("bench with a wrong kind, depth or time: one error line and status 3", arguments: [
+        ("bench", "bench needs a KIND"), ("bench copy", "bench needs a KIND"),
+        ("bench randread 33", "DEPTH \"33\" must be a number from 1 to 32"),
+        ("bench randread 0", "DEPTH \"0\" must be"), ("bench seqread 8 0", "SECONDS \"0\" must be"),
+        ("bench seqread 8 1 2", "bench needs a KIND"),
+    ])
+    func benchArguments(cmdline: String, message: String) throws {
+        let images = try ScratchImages()
+        let image = try images.raw("args.raw", [UInt8](repeating: 0, count: 1 << 20))
+        let result = try GuestVMM.swiftlet.run(job: cmdline, image: image, format: .raw, transport: .pci)
+        #expect(result.status == 3)
+        #expect(result.stdout.contains("virtio-blk: error: bench"), "guest output: \(result.stdout)")
+        #expect(result.stdout.contains(message), "guest output: \(result.stdout)")
+    }
 
     /// A kernel entered through PVH may be Linux, which finds virtio-mmio devices in the
     /// ACPI DSDT; with `acpi=off` (QEMU's microvm does the same with its acpi=off) Swiftlet

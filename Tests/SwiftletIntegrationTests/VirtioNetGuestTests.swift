@@ -215,6 +215,8 @@ struct NetGuestOptions: Sendable {
     /// The MAC the guest is told to use instead (mac= on its command line).
     var guestMAC: String? = nil
     var pvh = false
+    /// More `--net` options for Swiftlet (rate limits: `tx_bps=32K`).
+    var swiftletNetOptions: [String] = []
 
     var commandLine: String {
         var words = ["ip=\(VirtioNetGuest.guestAddress)"]
@@ -255,6 +257,7 @@ enum NetGuestVMM: Sendable {
         case .swiftlet:
             var net = "tap=\(namespace.tap)"
             if let mac = options.deviceMAC { net += ",mac=\(mac)" }
+            for option in options.swiftletNetOptions { net += ",\(option)" }
             command = [Swiftlet.binary.path, "run", "--kernel", kernel, "--net", net,
                        "--virtio-transport", transport.rawValue, "--memory", "64M", "--timeout", "600",
                        "--cmdline", options.commandLine]

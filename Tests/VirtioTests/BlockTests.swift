@@ -24,6 +24,22 @@ private func openRaw(_ path: String, readOnly: Bool = false) throws -> any Block
     try DiskImage.open(path: path, format: .raw, readOnly: readOnly)
 }
 
+/// `voluntary_ctxt_switches` of this process's threads whose names start with `prefix`,
+/// by thread id: how often each went to sleep.
+private func voluntarySwitches(ofThreadsNamed prefix: String) -> [String: Int] {
+    var result: [String: Int] = [:]
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+    for task in tasks {
+        guard let name = try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8),
+              name.hasPrefix(prefix),
+              let status = try? String(contentsOfFile: "/proc/self/task/\(task)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("voluntary_ctxt_switches:") }),
+              let count = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) else { continue }
+        result[task] = count
+    }
+    return result
+}
+
 @Suite("virtio-blk: requests on raw and qcow2 images")
 struct BlockTests {
     @Test("The configuration space follows virtio 1.2, 5.2.4, and the features match the disk")
@@ -298,7 +314,7 @@ struct BlockTests {
                                             payload: BlockHarness.range(sector: 120, sectors: 16))
             let unmapped = try harness.submit(type: VirtioBlockRequestType.writeZeroes,
                                               payload: BlockHarness.range(sector: 300, sectors: 8, flags: 1))
-            // Discard is a hint qcow2 does not act on yet: the data stays.
+            // A discard of part of a cluster is a hint qcow2 leaves alone: the data stays.
             let discard = try harness.submit(type: VirtioBlockRequestType.discard,
                                              payload: BlockHarness.range(sector: 200, sectors: 16))
             // Write-zeroes over never-written space allocates nothing.
@@ -333,7 +349,7 @@ struct BlockTests {
         }
     }
 
-    @Test("qcow2 over a backing file: write-zeroes hides the backing data, discard keeps it",
+    @Test("qcow2 over a backing file: write-zeroes hides the backing data, and so does a discard of whole clusters (zero clusters)",
           .enabled(if: ImageFolder.hasQemuImg))
     func qcow2WithBacking() throws {
         let folder = try ImageFolder()
@@ -349,6 +365,8 @@ struct BlockTests {
                                              payload: BlockHarness.range(sector: 1024, sectors: 128))
             #expect(try harness.complete([zeroes, discard]) == [ok, ok])
             expected.replaceSubrange((64 * sector)..<(320 * sector), with: [UInt8](repeating: 0, count: 256 * sector))
+            // 64 KiB clusters: sectors 1024..<1152 are whole clusters, which must not let the backing file show through.
+            expected.replaceSubrange((1024 * sector)..<(1152 * sector), with: [UInt8](repeating: 0, count: 128 * sector))
             #expect(try harness.complete(try harness.submit(type: VirtioBlockRequestType.flush)) == ok)
             let read = try harness.read(sector: 0, count: UInt32(2 << 20))
             #expect(try harness.complete(read) == ok)
@@ -379,6 +397,118 @@ struct BlockTests {
         for (index, read) in reads.enumerated() {
             #expect(try harness.data(of: read) == Array(image[(index * 4096)..<(index * 4096 + 4096)]))
         }
+    }
+
+    @Test("A request wakes one idle worker, not every worker of the queue")
+    func oneWorkerWokenPerRequest() throws {
+        let folder = try ImageFolder()
+        let path = try folder.raw("disk.raw", size: 1 << 20)
+        // A disk index no other test uses: the threads are found by name ("blk77q0w0"...).
+        let harness = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 77, workersPerQueue: 4))
+        #expect(try harness.complete(try harness.read(sector: 0, count: 512)) == ok)
+        usleep(50_000)  // every worker asleep
+        let before = voluntarySwitches(ofThreadsNamed: "blk77q0w")
+        #expect(before.count == 4)
+        let requests = 40
+        for index in 1...requests {
+            // Writes: cached reads of a raw image never reach a worker (next test).
+            #expect(try harness.complete(try harness.write(sector: UInt64(index), ImageFolder.pattern(sector))) == ok)
+        }
+        let after = voluntarySwitches(ofThreadsNamed: "blk77q0w")
+        let sleeps = after.values.reduce(0, +) - before.values.reduce(0, +)
+        // Each request wakes one worker, which serves it and sleeps again: one switch per
+        // request. Waking every worker (one eventfd they all read) would give four.
+        #expect(sleeps >= requests)
+        #expect(sleeps < 2 * requests, "\(sleeps) times a worker went to sleep for \(requests) requests")
+    }
+
+    @Test("Reads of a raw image that the page cache holds are answered without waking a worker")
+    func cachedReadsServedAtOnce() throws {
+        let folder = try ImageFolder()
+        let path = try folder.raw("disk.raw", size: 1 << 20)
+        let harness = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 78, workersPerQueue: 4))
+        #expect(try harness.complete(try harness.write(sector: 0, ImageFolder.pattern(sector))) == ok)
+        usleep(50_000)  // every worker asleep
+        let before = voluntarySwitches(ofThreadsNamed: "blk78q0w")
+        let image = ImageFolder.pattern(1 << 20)
+        // 4 KiB and 16 KiB reads, the largest answered at once, in one batch.
+        var reads: [SubmittedRequest] = []
+        for index in 0..<8 {
+            let count: UInt32 = index % 2 == 0 ? 4096 : 16384
+            reads.append(try harness.read(sector: UInt64(8 + index * 128), count: count))
+        }
+        #expect(try harness.complete(reads) == [UInt8](repeating: ok, count: 8))
+        for (index, read) in reads.enumerated() {
+            let start = (8 + index * 128) * sector
+            #expect(try harness.data(of: read) == Array(image[start..<(start + Int(read.dataLength))]))
+        }
+        let lengths: [UInt32] = try harness.usedEntries().suffix(8).map { $0.1 }.sorted()
+        let expected: [UInt32] = [4097, 4097, 4097, 4097, 16385, 16385, 16385, 16385]
+        #expect(lengths == expected)
+        let after = voluntarySwitches(ofThreadsNamed: "blk78q0w")
+        #expect(after.values.reduce(0, +) == before.values.reduce(0, +), "no worker woke")
+        // Bigger than 16 KiB: a worker's.
+        let large = try harness.read(sector: 0, count: 16384 + 4096)
+        #expect(try harness.complete(large) == ok)
+        #expect(try harness.data(of: large) == Array(image[0..<(16384 + 4096)]))
+        #expect(voluntarySwitches(ofThreadsNamed: "blk78q0w").values.reduce(0, +) > after.values.reduce(0, +))
+    }
+
+    @Test("A read whose data is not in the page cache goes to a worker and returns the right data")
+    func uncachedReadGoesToWorker() throws {
+        let folder = try ImageFolder()
+        let path = try folder.raw("disk.raw", size: 1 << 20)
+        let harness = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 79, workersPerQueue: 2))
+        #expect(try harness.complete(try harness.write(sector: 0, ImageFolder.pattern(sector))) == ok)
+        usleep(50_000)
+        // Drop the file's pages from the page cache (clean once synced).
+        let fd = open(path, O_RDONLY)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        #expect(fsync(fd) == 0)
+        #expect(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0)
+        let before = voluntarySwitches(ofThreadsNamed: "blk79q0w")
+        let read = try harness.read(sector: 256, count: 4096)
+        #expect(try harness.complete(read) == ok)
+        let image = ImageFolder.pattern(1 << 20)
+        #expect(try harness.data(of: read) == Array(image[(256 * sector)..<(256 * sector + 4096)]))
+        #expect(voluntarySwitches(ofThreadsNamed: "blk79q0w").values.reduce(0, +) > before.values.reduce(0, +),
+                "a worker served it")
+    }
+
+    @Test("pause() returns only once no request is being answered, also a cached read the dispatcher answers itself")
+    func pauseWaitsForReadsAnsweredInline() throws {
+        let folder = try ImageFolder()
+        let path = try folder.raw("disk.raw", size: 1 << 20)  // just written: in the page cache
+        let harness = try BlockHarness(disk: try openRaw(path), options: VirtioBlockOptions(diskIndex: 80, workersPerQueue: 1),
+                                         queueSize: 256)
+        // 80 reads of 16 KiB (the most answered inline), 3 descriptors each, fill 240 of the
+        // 256 entries; their buffers are reused every round.
+        let batch = 80, bytes: UInt32 = 16384
+        var buffers: [(header: UInt64, data: UInt64, status: UInt64)] = []
+        for _ in 0..<batch { buffers.append((try harness.allocate(16), try harness.allocate(Int(bytes)), try harness.allocate(1))) }
+        var late = 0, caught = 0
+        for _ in 0..<300 {
+            let start = harness.drivers[0].usedSeen
+            for (index, buffer) in buffers.enumerated() {
+                try harness.memory.write(BlockHarness.header(type: VirtioBlockRequestType.read, sector: UInt64(index * 32)), at: buffer.header)
+                try harness.submitChain([(buffer.header, 16, false), (buffer.data, bytes, true), (buffer.status, 1, true)], notify: false)
+            }
+            harness.notifiers[0].signal()
+            // Pause while the dispatcher is answering the batch: once the first answer shows.
+            while try harness.drivers[0].usedIndex == start {}
+            harness.device.pause()
+            let atPause = try harness.drivers[0].usedIndex
+            if atPause != start &+ UInt16(batch) { caught += 1 }
+            usleep(1000)
+            // Paused: nothing more is answered, not even the chain the dispatcher had in hand.
+            if try harness.drivers[0].usedIndex != atPause { late += 1 }
+            harness.device.resume()
+            #expect(try harness.waitForUsed(start &+ UInt16(batch)))
+            harness.drivers[0].usedSeen = start &+ UInt16(batch)
+        }
+        #expect(late == 0, "in \(late) of \(caught) rounds paused mid-batch, a request was answered after pause() returned")
+        #expect(harness.interrupt.resets.isEmpty)
     }
 
     @Test("Reset while requests are in flight returns only once they are done, and returns none of them")

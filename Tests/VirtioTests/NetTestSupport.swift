@@ -130,10 +130,11 @@ final class NetHarness {
 
     /// - Parameters:
     ///   - features: what the driver accepts (masked to the offer); by default everything offered.
-    init(backend: (any NetBackend)? = nil, features: UInt64? = nil, queueSize: UInt16 = 256, activate: Bool = true) throws {
+    init(backend: (any NetBackend)? = nil, features: UInt64? = nil, queueSize: UInt16 = 256, activate: Bool = true,
+         options: VirtioNetOptions = VirtioNetOptions(mac: MACAddress(bytes: Frames.guestMAC)!, index: 7)) throws {
         memory = try GuestMemory(size: Self.memorySize, transparentHugePages: false)
         netBackend = try backend ?? SocketPairBackend()
-        device = try VirtioNet(backend: netBackend, options: VirtioNetOptions(mac: MACAddress(bytes: Frames.guestMAC)!, index: 7))
+        device = try VirtioNet(backend: netBackend, options: options)
         self.features = (features ?? device.offeredFeatures) & device.offeredFeatures | VirtioFeature.version1
         let eventIndex = self.features & VirtioFeature.ringEventIndex != 0
         drivers = [TestDriver(memory: memory, size: queueSize, base: 0x10000),

@@ -20,14 +20,15 @@
  *   5. The driver, polling used->idx, takes the element, finds the request by its head,
  *      and checks the status byte and the length.
  *
- * Each of the BLK_MAX_REQUESTS slots owns a fixed run of descriptors (head, data...,
- * status) and a data buffer, so several requests are in flight at once and complete in
- * whatever order the device finishes them.
+ * Each of the slots (8 by default, up to BLK_MAX_REQUESTS) owns a fixed run of descriptors
+ * (head, data..., status) and a data buffer, so several requests are in flight at once and
+ * complete in whatever order the device finishes them.
  */
 #include "blk.h"
 
-/* The data buffers, one per slot: 8 x 64 KiB in this ELF's .bss. */
-static uint8_t data_buffers[BLK_MAX_REQUESTS][BLK_REQUEST_BYTES] __attribute__((aligned(4096)));
+/* The data buffers: 512 KiB in this ELF's .bss, shared out among the slots (8 x 64 KiB by
+ * default, 32 x 16 KiB for the deepest queue a bench job asks for). */
+static uint8_t data_pool[BLK_POOL_BYTES] __attribute__((aligned(4096)));
 
 /* Descriptors per slot: a header, the data segments, a status. */
 static uint32_t slot_stride(const struct blk *blk)
@@ -35,7 +36,7 @@ static uint32_t slot_stride(const struct blk *blk)
     return blk->segments + 2;
 }
 
-void blk_init(struct blk *blk, struct virtio_device *dev)
+void blk_init(struct blk *blk, struct virtio_device *dev, uint32_t depth)
 {
     memset(blk, 0, sizeof(*blk));
     blk->dev = dev;
@@ -88,8 +89,13 @@ void blk_init(struct blk *blk, struct virtio_device *dev)
     virtqueue_setup(&blk->vq, dev, 0, 128);
 
     /* How many requests fit in the queue at once: each takes slot_stride descriptors. A
-     * tiny queue gets fewer segments first, then fewer requests. */
-    while (blk->segments > 1 && blk->vq.size / slot_stride(blk) == 0) {
+     * tiny queue gets fewer segments first, then fewer requests; so does a queue that
+     * cannot hold the depth the caller asked for. */
+    uint32_t wanted_slots = depth ? depth : BLK_DEFAULT_REQUESTS;
+    if (wanted_slots > BLK_MAX_REQUESTS)
+        wanted_slots = BLK_MAX_REQUESTS;
+    uint32_t fit = depth ? wanted_slots : 1;
+    while (blk->segments > 1 && blk->vq.size / slot_stride(blk) < fit) {
         blk->segments--;
         blk->request_bytes = blk->segments * blk->segment_bytes;
     }
@@ -98,10 +104,16 @@ void blk_init(struct blk *blk, struct virtio_device *dev)
         virtio_fail_device(dev);
         fail("%s: queue 0 has only %u entries, a request needs 3", dev->where, blk->vq.size);
     }
-    if (blk->slots > BLK_MAX_REQUESTS)
-        blk->slots = BLK_MAX_REQUESTS;
+    if (blk->slots > wanted_slots)
+        blk->slots = wanted_slots;
+    /* Each slot's share of the pool: whole pages, at most one request's worth. */
+    uint32_t buffer_bytes = (BLK_POOL_BYTES / blk->slots) & ~4095u;
+    if (buffer_bytes > BLK_REQUEST_BYTES)
+        buffer_bytes = BLK_REQUEST_BYTES;
+    if (blk->request_bytes > buffer_bytes)
+        blk->request_bytes = buffer_bytes;
     for (uint32_t i = 0; i < blk->slots; i++)
-        blk->requests[i].data = data_buffers[i];
+        blk->requests[i].data = data_pool + i * buffer_bytes;
 
     virtio_driver_ok(dev);
     kprintf("virtio-blk: %lu sectors, block size %u, seg_max %u%s, queue 0 with %u entries: %u requests of up to "
@@ -186,6 +198,17 @@ static void collect_used(struct blk *blk)
     }
 }
 
+/* The device took too long to answer request `slot`: say so and end the VM. */
+__attribute__((noreturn)) static void no_answer(struct blk *blk, uint32_t slot)
+{
+    struct blk_request *r = &blk->requests[slot];
+    fail("%s: no answer to the %s of %u bytes at sector %lu (device status 0x%02x, %u requests in flight)",
+         blk->dev->where, request_name(r->header.type), r->data_bytes, r->header.sector,
+         blk->dev->transport->get_status(blk->dev), blk->vq.in_flight);
+}
+
+static void check_done(struct blk *blk, uint32_t slot);
+
 void blk_wait(struct blk *blk, uint32_t slot)
 {
     struct blk_request *r = &blk->requests[slot];
@@ -196,11 +219,48 @@ void blk_wait(struct blk *blk, uint32_t slot)
         if (r->done)
             break;
         if (deadline_passed(&deadline))
-            fail("%s: no answer to the %s of %u bytes at sector %lu (device status 0x%02x, %u requests in flight)",
-                 blk->dev->where, request_name(r->header.type), r->data_bytes, r->header.sector,
-                 blk->dev->transport->get_status(blk->dev), blk->vq.in_flight);
+            no_answer(blk, slot);
         cpu_relax();
     }
+    check_done(blk, slot);
+}
+
+bool blk_take_done(struct blk *blk, uint32_t *slot)
+{
+    collect_used(blk);
+    for (uint32_t i = 0; i < blk->slots; i++) {
+        if (blk->requests[i].busy && blk->requests[i].done) {
+            check_done(blk, i);
+            *slot = i;
+            return true;
+        }
+    }
+    return false;
+}
+
+uint32_t blk_wait_any(struct blk *blk)
+{
+    uint32_t busy = 0;
+    while (busy < blk->slots && !blk->requests[busy].busy)
+        busy++;
+    if (busy == blk->slots)
+        fail("%s: waiting for a request, but none is in flight", blk->dev->where);
+    uint32_t slot;
+    struct deadline deadline;
+    deadline_start(&deadline);
+    while (!blk_take_done(blk, &slot)) {
+        if (deadline_passed(&deadline))
+            no_answer(blk, busy);
+        cpu_relax();
+    }
+    return slot;
+}
+
+/* Request `slot` is done: frees the slot, and checks the status byte and the used length
+ * (ending the VM with a message when either is wrong). */
+static void check_done(struct blk *blk, uint32_t slot)
+{
+    struct blk_request *r = &blk->requests[slot];
     r->busy = false;
 
     /* 5.2.6: the status byte, written by the device. */

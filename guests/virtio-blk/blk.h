@@ -45,9 +45,11 @@ struct virtio_blk_req_header {
 
 /* ---- the driver (blk.c) ------------------------------------------------------------------------ */
 
-#define BLK_MAX_REQUESTS 8              /* requests in flight at once */
+#define BLK_DEFAULT_REQUESTS 8          /* requests in flight at once, unless asked otherwise */
+#define BLK_MAX_REQUESTS 32             /* requests in flight at once, at most (bench jobs) */
 #define BLK_MAX_SEGMENTS 4              /* data descriptors per request */
 #define BLK_REQUEST_BYTES 65536         /* data bytes per request, at most */
+#define BLK_POOL_BYTES (BLK_DEFAULT_REQUESTS * BLK_REQUEST_BYTES) /* all the slots' data buffers */
 #define SECTOR_BYTES 512
 
 struct blk_request {
@@ -67,13 +69,18 @@ struct blk {
     uint64_t capacity;                  /* sectors of 512 bytes */
     uint32_t segments;                  /* data descriptors per request */
     uint32_t segment_bytes;             /* bytes per data descriptor, at most */
-    uint32_t request_bytes;             /* segments * segment_bytes */
+    uint32_t request_bytes;             /* at most segments * segment_bytes, and the slot's buffer */
     uint32_t slots;                     /* requests in flight at once */
     struct blk_request requests[BLK_MAX_REQUESTS];
 };
 
-/* Initializes the device as a block device: negotiation, configuration, queue 0, DRIVER_OK. */
-void blk_init(struct blk *blk, struct virtio_device *dev);
+/* Initializes the device as a block device: negotiation, configuration, queue 0, DRIVER_OK.
+ * `depth` is how many requests the caller wants in flight at once (1 to BLK_MAX_REQUESTS;
+ * fewer when the queue is too small), or 0 for the default: up to BLK_DEFAULT_REQUESTS
+ * requests of 64 KiB. With a depth, requests get fewer data segments when that lets more
+ * of them fit in the queue, and the slots share the 512 KiB of data buffers (more than 8
+ * slots: smaller requests). */
+void blk_init(struct blk *blk, struct virtio_device *dev, uint32_t depth);
 /* Starts request `slot`: `type` (VIRTIO_BLK_T_*) on `bytes` bytes from `sector` (a multiple
  * of 512, at most request_bytes; 0 for a flush), using the slot's data buffer. Call
  * blk_kick to publish. */
@@ -81,5 +88,10 @@ void blk_submit(struct blk *blk, uint32_t slot, uint32_t type, uint64_t sector, 
 void blk_kick(struct blk *blk);
 /* Polls until request `slot` is done and checks its status and used length. */
 void blk_wait(struct blk *blk, uint32_t slot);
+/* Polls until some request in flight is done, checks it as blk_wait does, and returns its
+ * slot. */
+uint32_t blk_wait_any(struct blk *blk);
+/* Like blk_wait_any without the waiting: false when no request in flight is done yet. */
+bool blk_take_done(struct blk *blk, uint32_t *slot);
 
 #endif

@@ -9,9 +9,16 @@
  *                N in decimal, the CRC-32 of all N*512 bytes in 8 lowercase hex digits,
  *                the CRC zlib's crc32() computes (polynomial 0x04C11DB7 reflected, i.e.
  *                0xEDB88320, initial value and final XOR 0xFFFFFFFF).
- *   write SEED   fill the whole disk with the pattern below, flush (if the device offers
- *                VIRTIO_BLK_F_FLUSH), and print  "written: N sectors"
+ *   write SEED [FLUSH_EVERY]
+ *                fill the whole disk with the pattern below, flush (if the device offers
+ *                VIRTIO_BLK_F_FLUSH), and print  "written: N sectors"; with FLUSH_EVERY,
+ *                also flush after every FLUSH_EVERY requests (each such flush waits for
+ *                the writes before it), so a host sees many flushes during the job
  *   id           ask for the device's serial (VIRTIO_BLK_T_GET_ID), print  serial: "..."
+ *   bench KIND [DEPTH [SECONDS]]
+ *                time the disk: KIND is seqread, seqwrite or randread, with DEPTH requests
+ *                in flight (default 8, at most 32) for SECONDS seconds (default 3); one
+ *                result line "bench KIND: ..." (bench.c says what each does and prints)
  *
  * Options (anywhere on the command line):
  *   virtio_mmio.device=<size>@<base>:<irq>   a virtio-mmio device (virtio-mmio.c)
@@ -36,6 +43,7 @@
  */
 #include "blk.h"
 #include "kernel.h"
+#include "bench.h"
 
 const char program_name[] = "virtio-blk";
 
@@ -168,16 +176,27 @@ static void job_crc(void)
     kprintf("disk: %lu sectors, crc32 %08x\n", blk.capacity, crc);
 }
 
-static void job_write(uint32_t seed)
+/* Sends a flush and waits for it (slot 0 must be free). */
+static void flush_disk(void)
+{
+    blk_submit(&blk, 0, VIRTIO_BLK_T_FLUSH, 0, 0);
+    blk_kick(&blk);
+    blk_wait(&blk, 0);
+}
+
+static void job_write(uint32_t seed, uint64_t flush_every)
 {
     if (blk.features & VIRTIO_BLK_F_RO)
         fail("%s: the device is read-only (VIRTIO_BLK_F_RO): nothing written", blk.dev->where);
     uint32_t chunk_sectors = blk.request_bytes / SECTOR_BYTES;
     uint64_t chunks = (blk.capacity + chunk_sectors - 1) / chunk_sectors;
-    uint64_t submitted = 0, finished = 0;
+    uint64_t submitted = 0, finished = 0, flushes = 0;
+    bool can_flush = (blk.features & VIRTIO_BLK_F_FLUSH) != 0;
+    /* Requests up to here go out before the next intermediate flush. */
+    uint64_t stop = flush_every && can_flush && flush_every < chunks ? flush_every : chunks;
     while (finished < chunks) {
         bool added = false;
-        while (submitted < chunks && submitted - finished < blk.slots) {
+        while (submitted < stop && submitted - finished < blk.slots) {
             uint64_t sector = submitted * chunk_sectors;
             uint64_t left = blk.capacity - sector;
             uint32_t sectors = left < chunk_sectors ? (uint32_t)left : chunk_sectors;
@@ -192,18 +211,22 @@ static void job_write(uint32_t seed)
             blk_kick(&blk);
         blk_wait(&blk, slot_of(finished));
         finished++;
+        if (finished == stop && stop < chunks) {
+            /* Every request before the flush is done, so every slot is free. */
+            flush_disk();
+            flushes++;
+            stop = stop + flush_every < chunks ? stop + flush_every : chunks;
+        }
     }
     /* Every write has completed; a flush makes them durable (5.2.6: "A flush ... commits
      * the writes that have completed"). Without VIRTIO_BLK_F_FLUSH, the device has no flush
      * request, and a write is durable when it completes. */
-    if (blk.features & VIRTIO_BLK_F_FLUSH) {
-        blk_submit(&blk, 0, VIRTIO_BLK_T_FLUSH, 0, 0);
-        blk_kick(&blk);
-        blk_wait(&blk, 0);
+    if (can_flush) {
+        flush_disk();
     } else {
         kprintf("virtio-blk: the device does not offer VIRTIO_BLK_F_FLUSH: no flush sent\n");
     }
-    print_statistics(chunks + ((blk.features & VIRTIO_BLK_F_FLUSH) ? 1 : 0));
+    print_statistics(chunks + flushes + (can_flush ? 1 : 0));
     kprintf("written: %lu sectors\n", blk.capacity);
 }
 
@@ -227,22 +250,36 @@ static void job_id(void)
 void user_main(void)
 {
     const char *cmdline = boot_info.cmdline;
-    char words[3][32];
-    int count = job_words(cmdline, boot_info.protocol == BOOT_MULTIBOOT, words, 3);
+    char words[4][32];
+    int count = job_words(cmdline, boot_info.protocol == BOOT_MULTIBOOT, words, 4);
     if (count == 0)
-        fail("no job on the command line (\"%s\"): expected crc, write SEED or id", cmdline);
+        fail("no job on the command line (\"%s\"): expected crc, write SEED, id or bench KIND", cmdline);
 
     /* Check the job before touching any device. */
-    uint64_t seed = 0;
-    if (equal(words[0], "write")) {
+    uint64_t seed = 0, flush_every = 0;
+    enum bench_kind bench_kind = BENCH_SEQREAD;
+    uint64_t bench_depth = BENCH_DEFAULT_DEPTH, bench_seconds = BENCH_DEFAULT_SECONDS;
+    if (equal(words[0], "bench")) {
+        if (count < 2 || count > 4 || !bench_kind_from_name(words[1], &bench_kind))
+            fail("bench needs a KIND (seqread, seqwrite or randread), then optionally DEPTH and SECONDS");
+        size_t n;
+        if (count >= 3 && ((n = parse_u64(words[2], &bench_depth)) == 0 || words[2][n] != 0 || bench_depth == 0 ||
+                           bench_depth > BLK_MAX_REQUESTS))
+            fail("bench: DEPTH \"%s\" must be a number from 1 to %u", words[2], BLK_MAX_REQUESTS);
+        if (count == 4 && ((n = parse_u64(words[3], &bench_seconds)) == 0 || words[3][n] != 0 ||
+                           bench_seconds == 0 || bench_seconds > BENCH_MAX_SECONDS))
+            fail("bench: SECONDS \"%s\" must be a number from 1 to %u", words[3], BENCH_MAX_SECONDS);
+    } else if (equal(words[0], "write")) {
         size_t n = count >= 2 ? parse_u64(words[1], &seed) : 0;
-        if (count != 2 || n == 0 || words[1][n] != 0 || seed > 0xFFFFFFFFu)
-            fail("write needs one SEED, a 32-bit number (decimal or 0x hexadecimal)");
+        if (count < 2 || count > 3 || n == 0 || words[1][n] != 0 || seed > 0xFFFFFFFFu)
+            fail("write needs one SEED, a 32-bit number (decimal or 0x hexadecimal), then optionally FLUSH_EVERY");
+        if (count == 3 && ((n = parse_u64(words[2], &flush_every)) == 0 || words[2][n] != 0 || flush_every == 0))
+            fail("write: FLUSH_EVERY \"%s\" must be a number of requests, at least 1", words[2]);
     } else if (equal(words[0], "crc") || equal(words[0], "id")) {
         if (count != 1)
             fail("%s takes no argument, but the command line has %d words for the job", words[0], count);
     } else {
-        fail("unknown job \"%s\": expected crc, write SEED or id", words[0]);
+        fail("unknown job \"%s\": expected crc, write SEED, id or bench KIND", words[0]);
     }
     uint16_t cs;
     __asm__("mov %%cs, %0" : "=r"(cs));  /* the low two bits of CS: the privilege level */
@@ -253,12 +290,15 @@ void user_main(void)
     if (!virtio_mmio_find(cmdline, VIRTIO_ID_BLOCK, &device) && !virtio_pci_find(cmdline, VIRTIO_ID_BLOCK, &device))
         fail("no virtio block device found (looked at the virtio_mmio.device= windows of the command line, "
              "then PCI bus 0 for 1af4:1042 and 1af4:1001)");
-    blk_init(&blk, &device);
+    bool bench = equal(words[0], "bench");
+    blk_init(&blk, &device, bench ? (uint32_t)bench_depth : 0);
 
-    if (equal(words[0], "crc"))
+    if (bench)
+        bench_run(&blk, bench_kind, (uint32_t)bench_depth, (uint32_t)bench_seconds);
+    else if (equal(words[0], "crc"))
         job_crc();
     else if (equal(words[0], "write"))
-        job_write((uint32_t)seed);
+        job_write((uint32_t)seed, flush_every);
     else
         job_id();
     exit_vm(0);

@@ -13,8 +13,8 @@
  *   - Pages it may touch: entry.s's page tables map the first 4 GiB to themselves with the
  *     U/S (user) bit set at every level: RAM for the rings and buffers, and the device
  *     registers (virtio-mmio, PCI BARs) in the MMIO hole below 4 GiB.
- *   - Port I/O (the UART, the PCI configuration ports, the exit port, the PIT's channel 2):
- *     RFLAGS.IOPL = 3 allows every port at CPL 3. Some hosts (the nested KVM here) run
+ *   - Port I/O (the UART, the PCI configuration ports, the exit port, the PIT's channels 0
+ *     and 2): RFLAGS.IOPL = 3 allows every port at CPL 3. Some hosts (the nested KVM here) run
  *     ring 3 with IOPL forced to 0; for them the TSS's I/O permission bitmap grants
  *     exactly the ports used.
  *   - A TSS: where the CPU finds the ring 0 stack (RSP0) when an exception or an
@@ -170,7 +170,7 @@ void kernel_main(uint32_t protocol, uint32_t eax, uint32_t info)
     allow_ports(0x0F4, 0x0F4);          /* the exit port */
     allow_ports(0x3F8, 0x3FF);          /* COM1 */
     allow_ports(0xCF8, 0xCFF);          /* PCI configuration mechanism #1: 0xCF8 address, 0xCFC data */
-    allow_ports(0x042, 0x043);          /* PIT channel 2 and the mode register (virtio-net's clock) */
+    allow_ports(0x040, 0x043);          /* the 8254 PIT: channel 0 for virtio-blk's bench calibration (bench.c), channel 2 and the mode register for virtio-net's clock */
     allow_ports(0x061, 0x061);          /* system control port B: channel 2's gate and output */
 
     /* Its descriptor: type 0x9 (available 64-bit TSS), present, DPL 0; then LTR loads the

@@ -205,6 +205,7 @@ void virtqueue_setup(struct virtqueue *vq, struct virtio_device *dev, uint16_t i
     vq->in_flight = 0;
     vq->notifications = 0;
     vq->suppressed = 0;
+    vq->notify_ticks = 0;
     if (!t->queue_enable(dev, index, vq->size, (uint64_t)(uintptr_t)m->desc, (uint64_t)(uintptr_t)&m->avail,
                          (uint64_t)(uintptr_t)&m->used))
         fail("%s: could not enable queue %u", dev->where, index);
@@ -245,7 +246,9 @@ void virtqueue_kick(struct virtqueue *vq)
     }
     /* The notification itself is a write to a device register: an MMIO or port write
      * that leaves the guest. x86 does not let it overtake the earlier stores to RAM. */
+    uint64_t start = rdtsc();
     vq->dev->transport->notify(vq->dev, vq->index);
+    vq->notify_ticks += rdtsc() - start;
     vq->notifications++;
 }
 

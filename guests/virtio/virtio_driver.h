@@ -42,6 +42,7 @@ struct virtqueue {
     uint16_t last_used;                 /* the next used->ring entry we have not read */
     uint16_t in_flight;                 /* chains made available and not yet used */
     uint32_t notifications, suppressed; /* statistics: notifications sent and skipped */
+    uint64_t notify_ticks;              /* statistics: TSC ticks spent in the notifications */
 };
 
 /* Chooses the size (the largest power of two the device allows, at most `max_size`, itself

@@ -103,6 +103,11 @@ static const int CLINUX_FALLOC_ZERO_RANGE = 0x10;
 /// errno set (EOPNOTSUPP when the file system cannot do it).
 int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length);
 
+/// preadv2(fd, {buffer, length}, offset, RWF_NOWAIT): reads only what the page cache
+/// holds, without waiting for the disk. Returns the bytes read, or -1 with errno set
+/// (EAGAIN: the data is not cached; EOPNOTSUPP: the file or kernel cannot say).
+int64_t clinux_pread_nowait(int fd, void *buffer, uint64_t length, int64_t offset);
+
 // --- TAP devices ----------------------------------------------------------------------------
 // The multi-step set-up of a TAP interface for virtio-net stays in C (struct ifreq, the
 // TUN ioctls); each call returns a descriptor or 0 on success, -errno on failure.

@@ -162,7 +162,7 @@ final class LoadedSnapshot {
     }
 
     /// Checks that the parts of the manifest agree with each other.
-    private static func checkShape(_ manifest: SnapshotManifest) throws(SnapshotError) {
+    static func checkShape(_ manifest: SnapshotManifest) throws(SnapshotError) {
         let machine = manifest.machine
         guard machine.memorySize == manifest.memory.size else {
             throw .malformed("the machine has \(machine.memorySize) bytes of RAM, the memory file \(manifest.memory.size)")

@@ -130,7 +130,7 @@ extension Machine {
         return SnapshotManifest(
             format: SnapshotEnvelope.currentVersion, swiftletVersion: SwiftletVersion.current,
             id: Self.randomID(), createdAt: Int64(time(nil)),
-            machine: configuration.saved(testDevice: hasTestDevice), cpuFeatures: features,
+            machine: configuration.saved(testDevice: hasTestDevice, diskRateLimiters: diskRateLimiters), cpuFeatures: features,
             memory: memory,
             vm: try SavedVMDevices.capture(board.vm), vcpus: vcpus, devices: board.saveDeviceState())
     }

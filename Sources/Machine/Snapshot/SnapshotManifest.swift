@@ -1,5 +1,6 @@
 import DiskImage
 import KVM
+import RateLimit
 import Snapshot
 import X86
 
@@ -38,6 +39,8 @@ struct SavedMachineConfiguration: Codable, Sendable, Equatable {
         var format: String?
         var serial: String?
         var queues: Int
+        /// The rate limiter as it was when the snapshot was taken (absent: unlimited).
+        var rateLimiter: RateLimiterConfiguration?
     }
 
     var memorySize: UInt64
@@ -75,11 +78,17 @@ struct SavedMemory: Codable, Sendable, Equatable {
 
 extension MachineConfiguration {
     /// The part of the configuration a snapshot records.
-    func saved(testDevice: Bool) -> SavedMachineConfiguration {
+    /// `diskRateLimiters` are the disks' limiters as they are now (they may have changed
+    /// since the machine was built).
+    func saved(testDevice: Bool, diskRateLimiters: [RateLimiterConfiguration] = []) -> SavedMachineConfiguration {
         SavedMachineConfiguration(
             memorySize: memorySize, cpuCount: cpuCount, cpuModel: cpuModel.description,
             virtioTransport: virtioTransport.rawValue,
-            disks: disks.map { .init(path: $0.path, readOnly: $0.readOnly, format: $0.format?.rawValue, serial: $0.serial, queues: $0.queues) },
+            disks: disks.enumerated().map { index, disk in
+                let limiter = diskRateLimiters.indices.contains(index) ? diskRateLimiters[index] : disk.rateLimiter
+                return .init(path: disk.path, readOnly: disk.readOnly, format: disk.format?.rawValue, serial: disk.serial,
+                             queues: disk.queues, rateLimiter: limiter?.isLimiting == true ? limiter : nil)
+            },
             completeInstructions: completeInstructions, tripleFault: tripleFault.rawValue, testDevice: testDevice)
     }
 
@@ -100,6 +109,7 @@ extension MachineConfiguration {
                 converted.format = known
             }
             converted.queues = disk.queues
+            converted.rateLimiter = disk.rateLimiter
             return converted
         }
         result.completeInstructions = saved.completeInstructions
