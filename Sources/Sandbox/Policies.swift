@@ -84,7 +84,8 @@ extension ThreadKind {
             .allow(.read, "eventfd counters"),
             .allow(.tgkill, when: .argument(0, is: UInt64(UInt32(bitPattern: processID))), .argument(2, is: UInt64(ckvm_kick_signal())),
                    because: "a stop kicks the other vCPUs out of KVM_RUN"),
-            .allow(.eventfd2, "virtio-net activation makes its event loop"),
+            .allow(.eventfd2, "virtio activation: notify and interrupt eventfds, virtio-net's event loop"),
+            .allow(.timerfd_create, "virtio activation: the rate limiters' refill timers (blk queues, net)"),
             .allow(.epoll_create1, "virtio-net activation makes its event loop"),
             .allow(.epoll_ctl, "virtio-net activation registers the TAP and queues"),
             .allow(.close, "virtio reset closes the session's eventfds"),
@@ -121,6 +122,7 @@ extension ThreadKind {
 
     static let blockDispatcherRules: [SeccompRule] = [
         .allow(.poll, "waiting on the queue's notify eventfd and the stop eventfd"),
+        .allow(.timerfd_settime, "the rate limiter's refill timer"),
         .allow(.ppoll, "waiting on the queue's notify eventfd and the stop eventfd"),
         .allow(.read, "eventfd counters"),
         .allow(.write, "waking workers, the interrupt eventfd"),
@@ -154,6 +156,7 @@ extension ThreadKind {
         .allow(.read, "frames from the TAP; eventfd counters"),
         .allow(.write, "frames to the TAP; the interrupt eventfd"),
         .allow(.epoll_ctl, "interest in the TAP's writability"),
+        .allow(.timerfd_settime, "the rate limiters' refill timers"),
         .allow(.close, "the session's descriptors at reset"),
         .allow(.ioctl, when: .argument(1, in: requests(CKVM_IRQ_LINE, CKVM_SIGNAL_MSI)), because: "interrupts without irqfd"),
     ]
