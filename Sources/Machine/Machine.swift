@@ -288,7 +288,9 @@ public final class Machine: Sendable {
             stop.onStop { [pauseControl] in pauseControl.resumeAll() }
             for runner in runners { try runner.start(after: gate) }
             // Every thread exists: the calling thread is confined last (the CLI's).
-            if configuration.confineCallingThread {
+            // With a monitor, the calling thread ends the migration and removes the monitor's
+            // socket: like the event loop, it waits for the migration kind's measured list.
+            if configuration.confineCallingThread && configuration.monitorPath == nil {
                 SandboxedThreads.confine(configuration.sandbox, .control, name: "swiftlet")
             }
             gate.leave()

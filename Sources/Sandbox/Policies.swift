@@ -104,6 +104,7 @@ extension ThreadKind {
         .allow(.setrlimit, "no core dump for SIGQUIT"),
         .allow(.prlimit64, "no core dump for SIGQUIT"),
         .allow(.close, "closing the VM's descriptors"),
+        .allow(.epoll_ctl, "a migrated-away VM's descriptors leave the event loop"),
         .allow(.fsync, "--serial file flushed at the end"),
         .allow(.fdatasync, "disk images flushed at the end"),
     ]
@@ -123,6 +124,8 @@ extension ThreadKind {
     static let blockDispatcherRules: [SeccompRule] = [
         .allow(.poll, "waiting on the queue's notify eventfd and the stop eventfd"),
         .allow(.timerfd_settime, "the rate limiter's refill timer"),
+        .allow(.preadv2, "reads answered inline when the page cache has the data (RWF_NOWAIT)"),
+        .allow(.pwritev2, "writes answered inline (RWF_NOWAIT)"),
         .allow(.ppoll, "waiting on the queue's notify eventfd and the stop eventfd"),
         .allow(.read, "eventfd counters"),
         .allow(.write, "waking workers, the interrupt eventfd"),
@@ -133,6 +136,8 @@ extension ThreadKind {
         .allow(.pread64, "reading the image"),
         .allow(.pwrite64, "writing the image"),
         .allow(.preadv, "reading the image"),
+        .allow(.preadv2, "reading the image"),
+        .allow(.pwritev2, "writing the image"),
         .allow(.pwritev, "writing the image"),
         .allow(.read, "eventfd counters"),
         .allow(.write, "the interrupt eventfd"),
