@@ -62,6 +62,7 @@ bench:
 	python3 bench/virtio-net.py $(RELEASE)
 	python3 bench/lifecycle.py $(RELEASE)
 	python3 bench/api.py $(RELEASE)
+	python3 bench/seccomp.py $(RELEASE)
 	python3 bench/migration.py $(RELEASE)
 	SWIFTLET_BENCH_SCRATCH=$(CURDIR)/.build bash bench/disk-image.sh
 	python3 bench/virtio-blk.py $(RELEASE)

@@ -19,6 +19,8 @@
 //   Virtio     Virtqueues, the virtio device interface, transports and devices. No KVM.
 //   X86        x86 vCPU set-up: the CPU model (CPUID), boot MSRs, entry registers, dumps.
 //   Snapshot   The snapshot state file's envelope: format version, length, checksum. No KVM.
+//   Sandbox    Confines Swiftlet's threads: seccomp-BPF filters per thread kind (written as
+//              data, compiled by our own BPF assembler), no_new_privs, Landlock; the jailer.
 //   Machine    Puts it together: VM, vCPU threads, exit loop, console.
 //   SwiftletKit  The library: configure a VM, run it, get its exit and console (the API
 //              the CLI and test suites use).
@@ -48,6 +50,8 @@ let package = Package(
         .target(name: "Layout"),
         .target(name: "EventLoop", dependencies: ["Basics", "CLinux"]),
         .target(name: "CKVM"),
+        .target(name: "CSandbox"),
+        .target(name: "Sandbox", dependencies: ["CSandbox", "CKVM"]),
         .target(name: "KVM", dependencies: ["Basics", "CKVM"]),
         .target(name: "Memory", dependencies: ["Basics", "CLinux", "Layout"]),
         .target(name: "Devices", dependencies: ["Basics", "Memory", "Layout", .product(name: "DequeModule", package: "swift-collections")]),
@@ -63,10 +67,10 @@ let package = Package(
         .target(name: "Virtio", dependencies: ["Basics", "CLinux", "Memory", "EventLoop", "Devices", "DiskImage", "RateLimit",
                                          .product(name: "DequeModule", package: "swift-collections")]),
         .target(name: "Snapshot", dependencies: ["Basics", "CZlib"]),
-        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot", "RateLimit"]),
-        .target(name: "SwiftletKit", dependencies: ["Basics", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM", "RateLimit"]),
+        .target(name: "Machine", dependencies: ["Basics", "Layout", "EventLoop", "Virtio", "DiskImage", "X86", "KVM", "Memory", "Devices", "Boot", "Snapshot", "RateLimit", "Sandbox", "Compression"]),
+        .target(name: "SwiftletKit", dependencies: ["Basics", "Sandbox", "Machine", "Devices", "DiskImage", "Virtio", "X86", "KVM", "RateLimit"]),
         .target(name: "API", dependencies: ["Basics", "Boot", "CLinux", "SwiftletKit", "RateLimit", .product(name: "Logging", package: "swift-log")]),
-        .target(name: "APIServer", dependencies: ["API", "Basics", "CLinux",
+        .target(name: "APIServer", dependencies: ["API", "Basics", "CLinux", "Sandbox",
                                                  .product(name: "NIOCore", package: "swift-nio"),
                                                  .product(name: "NIOPosix", package: "swift-nio"),
                                                  .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -74,7 +78,7 @@ let package = Package(
         .executableTarget(
             name: "swiftlet",
             dependencies: [
-                "Basics", "SwiftletKit", "DiskImage", "RateLimit", "API", "APIServer",
+                "Basics", "SwiftletKit", "DiskImage", "RateLimit", "API", "APIServer", "Sandbox",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -88,13 +92,14 @@ let package = Package(
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Compression"], exclude: ["Fixtures"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "Layout", "Memory", "Devices", "CZlib", "CZstd", "CLzma", "CLz4"]),
         .testTarget(name: "X86Tests", dependencies: ["X86", "KVM", "Memory"], exclude: ["Fixtures"]),
-        .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet"]),
+        .testTarget(name: "SwiftletIntegrationTests", dependencies: ["swiftlet", "Sandbox"]),
         .testTarget(name: "SwiftletKitTests", dependencies: ["SwiftletKit", "RateLimit"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot"]),
         .testTarget(name: "APITests", dependencies: ["API", "APIServer", "SwiftletKit",
                                                     .product(name: "NIOCore", package: "swift-nio"),
                                                     .product(name: "NIOEmbedded", package: "swift-nio"),
                                                     .product(name: "NIOHTTP1", package: "swift-nio")]),
+        .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "CKVM"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -72,3 +72,13 @@ public final class NamedThread: @unchecked Sendable {
         pthread_join(handle, nil)
     }
 }
+
+/// The process's command line (argv), from the C runtime rather than /proc/self/cmdline:
+/// inside a jail, where /proc is not mounted, Swift's `CommandLine.arguments` is empty.
+public enum ProcessArguments {
+    public static var all: [String] {
+        let count = Int(clinux_argc())
+        guard count > 0, let argv = clinux_argv() else { return CommandLine.arguments }
+        return (0..<count).map { argv[$0].map { String(cString: $0) } ?? "" }
+    }
+}

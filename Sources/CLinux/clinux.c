@@ -149,3 +149,18 @@ int clinux_interface_up(const char *name) {
     close(sock);
     return -error;
 }
+
+// --- The command line, as the process got it ---------------------------------------------------
+// glibc passes argc and argv to the functions of .init_array; Swift's CommandLine.arguments
+// reads /proc/self/cmdline on Linux, which a jail (no /proc) does not have.
+static int captured_argc;
+static char **captured_argv;
+
+__attribute__((constructor)) static void clinux_capture_arguments(int argc, char **argv, char **envp) {
+    (void)envp;
+    captured_argc = argc;
+    captured_argv = argv;
+}
+
+int clinux_argc(void) { return captured_argc; }
+char *const *clinux_argv(void) { return captured_argv; }

@@ -5,6 +5,7 @@ import EventLoop
 import KVM
 import Layout
 import Memory
+import Sandbox
 import Virtio
 
 /// A virtio device model to put on the board, and how it presents itself.
@@ -43,11 +44,13 @@ public enum VirtioTransportKind: String, Sendable, CaseIterable {
 extension Board {
     /// Opens each disk image (an image opened for writing is locked against other
     /// writers, as QEMU locks it) and makes its virtio-blk device.
-    static func openDisks(_ disks: [DiskConfiguration], transport: VirtioTransportKind) throws(MachineError) -> [VirtioAttachment] {
+    static func openDisks(_ disks: [DiskConfiguration], transport: VirtioTransportKind,
+                          sandbox: Sandbox) throws(MachineError) -> [VirtioAttachment] {
         guard disks.count <= virtioCapacity(transport) else {
             throw .invalidConfiguration("\(disks.count) disks are more than the \(virtioCapacity(transport)) slots of the \(transport.rawValue) transport")
         }
         var attachments: [VirtioAttachment] = []
+        if !disks.isEmpty { SandboxedThreads.prepareProcess(sandbox) }
         for (index, disk) in disks.enumerated() {
             let image: any BlockDevice
             do {
@@ -59,7 +62,9 @@ extension Board {
                                              rateLimiter: disk.rateLimiter)
             options.readOnly = disk.readOnly || image.isReadOnly
             do {
-                let device = try VirtioBlock(disk: image, options: options)
+                let names = VirtioBlock.threadNames(options: options)
+                let threads = try SandboxedThreads.starter(sandbox, [(names.dispatchers, .blockDispatcher), (names.workers, .blockWorker)])
+                let device = try VirtioBlock(disk: image, options: options, threads: threads)
                 attachments.append(VirtioAttachment(device: device, name: "virtio-blk (disk \(index), \(disk.path))",
                                                     pciClass: 0x01_80_00))
             } catch {
@@ -71,7 +76,7 @@ extension Board {
 
     /// Opens (or creates) each TAP and makes its virtio-net device; a MAC is generated for
     /// an interface that names none.
-    static func openNetworks(_ networks: [NetworkConfiguration]) throws(MachineError) -> [NetworkInterface] {
+    static func openNetworks(_ networks: [NetworkConfiguration], sandbox: Sandbox) throws(MachineError) -> [NetworkInterface] {
         var interfaces: [NetworkInterface] = []
         for (index, network) in networks.enumerated() {
             let name = "net\(index)"
@@ -85,7 +90,8 @@ extension Board {
             do {
                 let options = VirtioNetOptions(mac: mac, index: index, receiveRateLimiter: network.rxRateLimiter,
                                                transmitRateLimiter: network.txRateLimiter)
-                let device = try VirtioNet(backend: tap, options: options)
+                let threads = try SandboxedThreads.starter(sandbox, [([VirtioNet.threadName(options: options)], .netLoop)])
+                let device = try VirtioNet(backend: tap, options: options, threads: threads)
                 interfaces.append(NetworkInterface(name: name, tap: tap, device: device))
             } catch {
                 throw .invalidConfiguration("\(name): \(error)")

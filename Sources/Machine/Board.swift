@@ -79,8 +79,8 @@ final class Board: Sendable {
             throw .invalidConfiguration("\(configuration.disks.count) disks and \(configuration.networks.count) network interfaces are "
                 + "more than the \(capacity) slots of the \(configuration.virtioTransport.rawValue) transport")
         }
-        let disks = try Self.openDisks(configuration.disks, transport: configuration.virtioTransport)
-        networkInterfaces = try Self.openNetworks(configuration.networks)
+        let disks = try Self.openDisks(configuration.disks, transport: configuration.virtioTransport, sandbox: configuration.sandbox)
+        networkInterfaces = try Self.openNetworks(configuration.networks, sandbox: configuration.sandbox)
         let attachments = disks + networkInterfaces.map(\.attachment)
         let serialLine = InterruptLineActivity(gsi: InterruptMap.com1, name: "serial (COM1)")
         interruptLines = [serialLine]

@@ -3,6 +3,7 @@ import DiskImage
 import Devices
 import KVM
 import RateLimit
+import Sandbox
 import Virtio
 import X86
 
@@ -172,6 +173,12 @@ public struct MachineConfiguration: Sendable {
     public var completeInstructions = true
     /// The KVM device to open.
     public var kvmPath = KVMSystem.defaultPath
+    /// How the machine's threads are confined (seccomp filter per thread kind, Landlock).
+    /// On by default; see docs/security.md.
+    public var sandbox = Sandbox()
+    /// Confine the thread that calls ``Machine/run()`` too (as ``ThreadKind/control``),
+    /// once the other threads exist: for a process that runs one VM and ends (the CLI).
+    public var confineCallingThread = false
     /// A Unix socket to serve the monitor on (``MonitorServer``): `status`, `stop`, `cont`,
     /// `snapshot`, `migrate`, `quit`, one line each.
     public var monitorPath: String?

@@ -3,6 +3,7 @@ import Devices
 import Dispatch
 import Glibc
 import KVM
+import Sandbox
 import Synchronization
 import X86
 
@@ -27,6 +28,8 @@ final class VCPURunner: @unchecked Sendable {
     private let pause: PauseControl
     /// The file the guest came from, for the crash report's disassembly hint.
     private let guestImage: GuestImage?
+    /// How the thread confines itself before it enters the guest.
+    private let sandbox: Sandbox
     private let thread = Mutex<NamedThread?>(nil)
     private let finished = DispatchSemaphore(value: 0)
 
@@ -35,8 +38,10 @@ final class VCPURunner: @unchecked Sendable {
     private(set) var firstRunAt: UInt64?
 
     init(vcpu: VCPU, portBus: IOBus, mmioBus: IOBus, stop: StopController, traceExits: Bool, tripleFault: TripleFaultAction,
-         emulationFailures: EmulationFailureHandler, pause: PauseControl, guestImage: GuestImage? = nil) {
+         emulationFailures: EmulationFailureHandler, pause: PauseControl, guestImage: GuestImage? = nil,
+         sandbox: Sandbox = .off) {
         self.pause = pause
+        self.sandbox = sandbox
         self.vcpu = vcpu
         self.portBus = portBus
         self.mmioBus = mmioBus
@@ -51,8 +56,10 @@ final class VCPURunner: @unchecked Sendable {
     /// waits for `gate` before it enters the guest, so that no vCPU runs until every
     /// thread of the machine exists.
     func start(after gate: DispatchGroup) throws(ThreadStartError) {
-        let started = try NamedThread(name: "vcpu\(vcpu.id)") { [self] in
+        let name = "vcpu\(vcpu.id)"
+        let started = try NamedThread(name: name) { [self] in
             Signals.unblockKick()
+            SandboxedThreads.confine(sandbox, .vcpu, name: name)
             gate.wait()
             runLoop()
             pause.runnerEnded()

@@ -2,6 +2,7 @@ import Devices
 import DiskImage
 import Machine
 import RateLimit
+import Sandbox
 import Virtio
 import X86
 
@@ -177,6 +178,8 @@ public final class VM: Sendable {
         machineConfiguration.forwardStandardInput = configuration.forwardStandardInput
         machineConfiguration.handleTerminationSignals = configuration.handleTerminationSignals
         machineConfiguration.virtioTransport = configuration.virtioTransport == .mmio ? .mmio : .pci
+        machineConfiguration.sandbox = Sandbox(mode: SeccompMode(rawValue: configuration.seccomp.rawValue) ?? .on)
+        machineConfiguration.confineCallingThread = configuration.confineCallingThread
         machineConfiguration.disks = configuration.disks.map { disk in
             var converted = DiskConfiguration(path: disk.path, readOnly: disk.readOnly, format: disk.format.flatMap { ImageFormat(rawValue: $0.rawValue) },
                                               serial: disk.serial)

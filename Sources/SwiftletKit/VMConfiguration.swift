@@ -212,6 +212,17 @@ public struct VMConfiguration: Sendable {
     /// Called once with a one-line message if writing the console output fails (a full
     /// disk, a closed pipe); the guest's further output is dropped.
     public var onConsoleFailure: (@Sendable (String) -> Void)?
+    /// Seccomp filters on the VM's threads (see docs/security.md): `on` (the default), `off`
+    /// for debugging, or `log` (forbidden calls allowed and written to the kernel's audit log).
+    public var seccomp: Seccomp = .on
+    /// Confine the thread that calls ``VM/run()`` too, once the VM's threads exist: only for
+    /// a process that runs one VM and then ends (the CLI). Off by default.
+    public var confineCallingThread = false
+
+    /// Whether the VM's threads run under their seccomp filters.
+    public enum Seccomp: String, Sendable, CaseIterable {
+        case on, off, log
+    }
 
     public init(boot: Boot) { self.boot = boot }
 }

@@ -96,6 +96,7 @@ public final class VirtioBlock: VirtioDevice {
     public let queueMaximumSizes: [UInt16]
     public let disk: any BlockDevice
     public let options: VirtioBlockOptions
+    private let threadStarter: ThreadStarter
     /// The device ID the guest reads (GET_ID).
     public let serial: String
     /// The guest sees a read-only disk (`VIRTIO_BLK_F_RO`): the image is read-only or the
@@ -113,12 +114,29 @@ public final class VirtioBlock: VirtioDevice {
     /// The size of the configuration space (`struct virtio_blk_config` of virtio 1.2).
     public static let configurationSize = BlockConfigurationSpace.size
 
+    /// The threads a session of a device with `options` runs: per queue, the dispatcher
+    /// `blk<D>q<Q>` and the workers `blk<D>q<Q>w<W>`.
+    public static func threadNames(options: VirtioBlockOptions) -> (dispatchers: [String], workers: [String]) {
+        let queues = 0..<options.queueCount
+        return (queues.map { dispatcherName(options: options, queue: $0) },
+                queues.flatMap { queue in (0..<options.workersPerQueue).map { workerName(options: options, queue: queue, worker: $0) } })
+    }
+
+    static func dispatcherName(options: VirtioBlockOptions, queue: Int) -> String { "blk\(options.diskIndex)q\(queue)" }
+    static func workerName(options: VirtioBlockOptions, queue: Int, worker: Int) -> String {
+        dispatcherName(options: options, queue: queue) + "w\(worker)"
+    }
+
     /// The serial of `--disk` number `diskIndex` when it names none.
     public static func defaultSerial(diskIndex: Int) -> String { "swiftlet-\(diskIndex)" }
 
     /// Checks `options` and describes `disk` to the driver. Throws for options out of range
     /// and for a serial that is not at most 20 printable ASCII characters.
-    public init(disk: any BlockDevice, options: VirtioBlockOptions = VirtioBlockOptions()) throws(VirtioError) {
+    ///
+    /// `threads` starts each session's threads (``threadNames(options:)``): on demand, or
+    /// from a reserve started with the VM when the threads are confined.
+    public init(disk: any BlockDevice, options: VirtioBlockOptions = VirtioBlockOptions(),
+                threads: ThreadStarter = .onDemand) throws(VirtioError) {
         let serial = options.serial ?? Self.defaultSerial(diskIndex: options.diskIndex)
         guard serial.utf8.count <= VirtioBlockLayout.idSize, serial.utf8.allSatisfy({ (0x20...0x7E).contains($0) }) else {
             throw VirtioError("disk serial '\(serial)' must be at most \(VirtioBlockLayout.idSize) printable ASCII characters")
@@ -135,6 +153,7 @@ public final class VirtioBlock: VirtioDevice {
         }
         self.disk = disk
         self.options = options
+        self.threadStarter = threads
         self.serial = serial
         rateLimiter = SharedRateLimiter(options.rateLimiter)
         isReadOnly = options.readOnly || disk.isReadOnly
@@ -198,7 +217,7 @@ public final class VirtioBlock: VirtioDevice {
             let control = try BlockSessionControl(handler: handler, interrupt: activation.interrupt,
                                                   rateLimiter: rateLimiter, needsReset: activation.needsReset)
             control.paused.store(paused.load(ordering: .sequentiallyConsistent), ordering: .sequentiallyConsistent)
-            session = try BlockSession(control: control, activation: activation, options: options)
+            session = try BlockSession(control: control, activation: activation, options: options, threads: threadStarter)
         }
     }
 
@@ -283,24 +302,28 @@ public final class VirtioBlock: VirtioDevice {
 final class BlockSession: Sendable {
     let control: BlockSessionControl
     let servers: [BlockQueueServer]
-    private let threads: [NamedThread]
+    private let threads: [any JoinableThread]
 
     /// Starts a dispatcher and the workers for every queue the driver enabled.
-    init(control: BlockSessionControl, activation: VirtioActivation, options: VirtioBlockOptions) throws(VirtioError) {
+    init(control: BlockSessionControl, activation: VirtioActivation, options: VirtioBlockOptions,
+         threads starter: ThreadStarter) throws(VirtioError) {
         var servers: [BlockQueueServer] = []
         for (index, queue) in activation.queues.enumerated() {
             guard let queue else { continue }
             servers.append(try BlockQueueServer(index: index, queue: queue, notification: activation.notifications[index],
                                                 control: control, workers: options.workersPerQueue))
         }
-        var threads: [NamedThread] = []
+        var threads: [any JoinableThread] = []
         do {
             for server in servers {
-                let prefix = "blk\(options.diskIndex)q\(server.index)"
                 for worker in 0..<server.workerCount {
-                    threads.append(try NamedThread(name: "\(prefix)w\(worker)") { server.runWorker(worker) })
+                    threads.append(try starter.start(name: VirtioBlock.workerName(options: options, queue: server.index, worker: worker)) {
+                        server.runWorker(worker)
+                    })
                 }
-                threads.append(try NamedThread(name: prefix) { server.dispatch() })
+                threads.append(try starter.start(name: VirtioBlock.dispatcherName(options: options, queue: server.index)) {
+                    server.dispatch()
+                })
             }
         } catch {
             Self.stop(control: control, servers: servers, threads: threads)
@@ -316,7 +339,7 @@ final class BlockSession: Sendable {
         Self.stop(control: control, servers: servers, threads: threads)
     }
 
-    private static func stop(control: BlockSessionControl, servers: [BlockQueueServer], threads: [NamedThread]) {
+    private static func stop(control: BlockSessionControl, servers: [BlockQueueServer], threads: [any JoinableThread]) {
         control.beginReset()
         for server in servers { server.wakeWorkers() }
         for thread in threads { thread.join() }

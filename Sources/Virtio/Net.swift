@@ -64,13 +64,19 @@ public final class VirtioNet: VirtioDevice {
         var session: NetSession?
         var paused = false
     }
+    private let threadStarter: ThreadStarter
     /// The rate limiters of reception and transmission; they outlive activations.
     private let limiters: NetRateLimiters
+
+    /// The name of a session's event loop thread.
+    public static func threadName(options: VirtioNetOptions) -> String { "net\(options.index)" }
 
     /// The size of the configuration space.
     public static let configurationSize = NetConfigurationSpace.size
 
-    public init(backend: any NetBackend, options: VirtioNetOptions) throws(VirtioError) {
+    /// The event loop thread of a session (named ``threadName(options:)``) comes from
+    /// `threads`: on demand, or from a reserve started with the VM when threads are confined.
+    public init(backend: any NetBackend, options: VirtioNetOptions, threads: ThreadStarter = .onDemand) throws(VirtioError) {
         let size = options.queueSize
         guard size >= 16, size <= Virtqueue.largestSize, size & (size - 1) == 0 else {
             throw VirtioError("virtio-net: queue size \(size) is not a power of two from 16 to \(Virtqueue.largestSize)")
@@ -80,6 +86,7 @@ public final class VirtioNet: VirtioDevice {
         }
         self.backend = backend
         self.options = options
+        self.threadStarter = threads
         limiters = NetRateLimiters(receive: SharedRateLimiter(options.receiveRateLimiter),
                                    transmit: SharedRateLimiter(options.transmitRateLimiter))
         queueMaximumSizes = [size, size]
@@ -126,7 +133,8 @@ public final class VirtioNet: VirtioDevice {
             }
             if !running.paused {
                 running.session = try NetSession(activation: activation, negotiation: negotiation, backend: backend,
-                                                 counters: counters, limiters: limiters, name: "net\(options.index)")
+                                                 counters: counters, limiters: limiters, name: Self.threadName(options: options),
+                                                 threads: threadStarter)
             }
             running.activation = activation
             running.negotiation = negotiation
@@ -165,7 +173,8 @@ public final class VirtioNet: VirtioDevice {
             guard running.session == nil, let activation = running.activation, let negotiation = running.negotiation else { return }
             do throws(VirtioError) {
                 running.session = try NetSession(activation: activation, negotiation: negotiation, backend: backend,
-                                                 counters: counters, limiters: limiters, name: "net\(options.index)")
+                                                 counters: counters, limiters: limiters, name: Self.threadName(options: options),
+                                                 threads: threadStarter)
             } catch {
                 activation.needsReset(error.message)
             }
@@ -228,10 +237,10 @@ struct NetRateLimiters: Sendable {
 final class NetSession: Sendable {
     private let loop: EventLoop
     private let dataPath: NetDataPath
-    private let thread: NamedThread
+    private let thread: any JoinableThread
 
     init(activation: VirtioActivation, negotiation: NetNegotiation, backend: any NetBackend, counters: NetCounters,
-         limiters: NetRateLimiters, name: String) throws(VirtioError) {
+         limiters: NetRateLimiters, name: String, threads: ThreadStarter) throws(VirtioError) {
         do {
             loop = try EventLoop()
         } catch {
@@ -249,7 +258,7 @@ final class NetSession: Sendable {
             throw VirtioError("virtio-net: cannot watch its descriptors: \(error)")
         }
         do {
-            thread = try loop.start(name: name)
+            thread = try threads.start(name: name) { [loop] in loop.run() }
         } catch {
             dataPath.unregisterAll()
             throw VirtioError("virtio-net: \(error)")

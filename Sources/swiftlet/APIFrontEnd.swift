@@ -18,6 +18,8 @@ struct APIFrontEnd {
     var transport: VMConfiguration.VirtioTransport = .pci
     var console: VMConfiguration.Console = .standardOutput
     var timeout: Duration?
+    /// The VM's threads' seccomp filters (the API's own threads are not filtered yet).
+    var seccomp: VMConfiguration.Seccomp = .on
     var paths = PathPolicy()
     /// Lines to log once the logger is set up (accepted flags that do nothing here).
     var notes: [String] = []
@@ -36,10 +38,12 @@ struct APIFrontEnd {
         let transport = self.transport
         let console = self.console
         let timeout = self.timeout
+        let seccomp = self.seccomp
         let controller = APIController(instanceID: instanceID, paths: paths, prepare: { configuration in
             configuration.virtioTransport = transport
             configuration.console = console
             configuration.timeout = timeout
+            configuration.seccomp = seccomp
             configuration.forwardStandardInput = true
             configuration.onWarning = { message in FileHandleOutput.standardError("swiftlet: warning: \(message)") }
             configuration.onConsoleFailure = { message in FileHandleOutput.standardError("swiftlet: \(message)") }
@@ -150,8 +154,11 @@ extension APIFrontEnd {
         frontEnd.metricsPath = parsed.metricsPath
         frontEnd.maxPayload = parsed.maxPayload
         frontEnd.transport = parsed.enablePCI ? .pci : .mmio
-        if parsed.noSeccomp || parsed.seccompFilter != nil {
-            frontEnd.notes.append("--no-seccomp/--seccomp-filter accepted: Swiftlet installs no seccomp filter of its own yet")
+        if parsed.noSeccomp {
+            frontEnd.seccomp = .off
+            frontEnd.notes.append("WARNING: --no-seccomp: the VM's threads run WITHOUT seccomp filters. Use this only for debugging.")
+        } else if parsed.seccompFilter != nil {
+            frontEnd.notes.append("--seccomp-filter accepted and ignored: Swiftlet installs its own per-thread filters (docs/security.md)")
         }
         if parsed.bootTimer {
             frontEnd.notes.append("--boot-timer accepted: Swiftlet has no boot timer device")

@@ -164,6 +164,9 @@ struct RunCommand: ParsableCommand {
             (port 0x64); a byte with bit 2 set to the reset control register (port 0xCF9, \
             which the FADT's RESET_REG names with value 0x06); bit 0 of port 0x92 going \
             from 0 to 1; or a triple fault with --triple-fault reset
+              8             a Swiftlet thread made a system call its seccomp filter \
+            forbids (one line on stderr names the thread and the call); see \
+            docs/security.md
               124           --timeout elapsed
               SIGINT, SIGTERM, SIGHUP or SIGQUIT stop the VM cleanly (the terminal is \
             restored), then Swiftlet ends by that same signal: a shell shows 128 + its \
@@ -267,6 +270,9 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The instance ID the API reports (with --api-sock or --config-file).", valueName: "id"))
     var id: String = "anonymous-instance"
 
+    @Option(name: .long, help: ArgumentHelp("Seccomp filters on every thread: on (default), off (debugging only: no filters), or log (forbidden calls are allowed and logged by the kernel's audit).", valueName: "mode"))
+    var seccomp: VMConfiguration.Seccomp = .on
+
     func validate() throws {
         if apiSocket != nil || configFile != nil {
             for (given, option) in [(kernel != nil, "--kernel"), (flat != nil, "--flat"), (!disk.isEmpty, "--disk"), (!net.isEmpty, "--net"),
@@ -309,6 +315,11 @@ struct RunCommand: ParsableCommand {
             frontEnd.instanceID = id
             frontEnd.transport = virtioTransport ?? .pci
             frontEnd.timeout = timeout.map { .milliseconds(Int64(($0 * 1000).rounded(.up))) }
+            frontEnd.seccomp = seccomp
+            if seccomp != .on {
+                FileHandleOutput.standardError("swiftlet: WARNING: --seccomp \(seccomp.rawValue): the VM's threads run without "
+                    + "their filters enforced. Use this only for debugging.")
+            }
             switch serial {
             case .stdio: frontEnd.console = .standardOutput
             case let .file(path): frontEnd.console = .file(path)
@@ -354,6 +365,14 @@ struct RunCommand: ParsableCommand {
         configuration.forwardStandardInput = true
         configuration.handleTerminationSignals = true
         configuration.onConsoleFailure = { message in FileHandleOutput.standardError("swiftlet: \(message)") }
+        configuration.seccomp = seccomp
+        configuration.confineCallingThread = true
+        if seccomp != .on {
+            let what = seccomp == .off ? "the VM's threads run WITHOUT seccomp filters"
+                : "system calls the filters forbid are ALLOWED and only logged by the kernel"
+            FileHandleOutput.standardError("swiftlet: WARNING: --seccomp \(seccomp.rawValue): \(what). A guest that exploits a "
+                + "bug in a device model gets everything this process may do. Use this only for debugging.")
+        }
         configuration.monitor = monitor
         configuration.onMigrationEvent = { message in FileHandleOutput.standardError("swiftlet: \(message)") }
         switch serial {
@@ -418,6 +437,7 @@ struct MemorySizeArgument: ExpressibleByArgument {
 
 extension VMConfiguration.LinuxEntry: ExpressibleByArgument {}
 extension VMConfiguration.VirtioTransport: ExpressibleByArgument {}
+extension VMConfiguration.Seccomp: ExpressibleByArgument {}
 
 /// `--disk PATH[,readonly][,format=raw|qcow2][,serial=TEXT][,queues=N][,bps=R][,iops=N]...`
 /// (rate limits: ``RateLimitOptions``), QEMU-style: options

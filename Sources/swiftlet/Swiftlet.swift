@@ -1,4 +1,5 @@
 import ArgumentParser
+import Basics
 import Glibc
 import SwiftletKit
 
@@ -13,7 +14,7 @@ struct SwiftletCommand: ParsableCommand {
 
             Run 'swiftlet run' with no arguments to boot the built-in hello guest.
             """,
-        subcommands: [RunCommand.self, ImageCommand.self, CPUCommand.self, MonitorCommand.self],
+        subcommands: [RunCommand.self, ImageCommand.self, CPUCommand.self, MonitorCommand.self, JailCommand.self],
         defaultSubcommand: RunCommand.self
     )
 }
@@ -27,7 +28,11 @@ enum Main {
             APIFrontEnd.runAsFirecracker(Array(CommandLine.arguments.dropFirst()))
         }
         do {
-            let arguments = ImageCommand.Resize.movingNegativeSize(Array(CommandLine.arguments.dropFirst()))
+            // Not CommandLine.arguments: that reads /proc/self/cmdline, which a jail lacks.
+            let commandLine = ProcessArguments.all
+            var arguments = ImageCommand.Resize.movingNegativeSize(Array(commandLine.dropFirst()))
+            // Called as `jailer` (a symlink): Firecracker jailer's command line.
+            if commandLine.first?.split(separator: "/").last == "jailer" { arguments.insert("jail", at: 0) }
             var command = try SwiftletCommand.parseAsRoot(arguments)
             try command.run()
         } catch {

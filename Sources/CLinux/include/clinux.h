@@ -148,3 +148,8 @@ int clinux_tap_set_offload(int fd, unsigned int offloads);
 /// Sets IFF_UP on the interface `name` (SIOCGIFFLAGS, then SIOCSIFFLAGS, on a datagram
 /// socket). Returns 0 or -errno.
 int clinux_interface_up(const char *name);
+
+/// The process's argc and argv as execve gave them (captured before main; they do not need
+/// /proc, unlike Swift's CommandLine.arguments on Linux).
+int clinux_argc(void);
+char *const *clinux_argv(void);
