@@ -97,13 +97,15 @@ extension ThreadKind {
     static let controlRules: [SeccompRule] = [
         .allow(.write, "reports on stderr"),
         .allow(.ioctl, when: .argument(1, in: requests(CSANDBOX_TCGETS, CSANDBOX_TCSETS, CSANDBOX_TCSETSW, CSANDBOX_TCSETSF,
-                                                        CKVM_GET_DIRTY_LOG)),
-               because: "restoring the terminal; --show-memory's written pages at the end"),
+                                                        CKVM_GET_DIRTY_LOG, CKVM_IOEVENTFD, CKVM_IRQFD)),
+               because: "restoring the terminal; --show-memory's written pages at the end; tearing the board down "
+                   + "detaches each virtio transport's ioeventfds and irqfds"),
         .allow(.tgkill, "kicking vCPUs; ending by the signal that stopped the VM"),
         .allow(.rt_sigaction, "ending by the signal that stopped the VM (SIG_DFL)"),
         .allow(.setrlimit, "no core dump for SIGQUIT"),
         .allow(.prlimit64, "no core dump for SIGQUIT"),
         .allow(.close, "closing the VM's descriptors"),
+        .allow(.read, "tearing the board down resets each virtio transport, which drains its eventfds"),
         .allow(.epoll_ctl, "a migrated-away VM's descriptors leave the event loop"),
         .allow(.fsync, "--serial file flushed at the end"),
         .allow(.fdatasync, "disk images flushed at the end"),
