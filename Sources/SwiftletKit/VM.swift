@@ -69,6 +69,8 @@ public enum VMExit: Sendable, Equatable, CustomStringConvertible {
 public typealias SnapshotSummary = MachineSnapshotSummary
 /// Where a snapshot's state file and memory file are.
 public typealias SnapshotPaths = SnapshotFiles
+/// This Swiftlet's version (`swiftlet --version`; recorded in snapshots).
+public let swiftletVersion = SwiftletVersion.current
 
 /// What a migration did: rounds, pages and bytes sent, total time and the guest's downtime.
 public typealias MigrationSummary = MachineMigrationSummary

@@ -14,6 +14,7 @@ struct SwiftletCommand: ParsableCommand {
 
             Run 'swiftlet run' with no arguments to boot the built-in hello guest.
             """,
+        version: "swiftlet \(swiftletVersion)",
         subcommands: [RunCommand.self, ImageCommand.self, CPUCommand.self, MonitorCommand.self, JailCommand.self],
         defaultSubcommand: RunCommand.self
     )
