@@ -113,7 +113,18 @@ final class Board: Sendable {
     /// Stops the virtio devices and breaks the references between each transport and its
     /// device, so they, and the disk images and TAPs they hold (with their locks), go away
     /// with the board: a machine restored in the same process can open them again.
-    deinit {
+    deinit { detachDevices() }
+
+    /// Whether ``detachDevices()`` ran.
+    private let detached = Atomic<Bool>(false)
+
+    /// Resets every virtio device (its threads end) and releases what the devices hold in
+    /// KVM (ioeventfds, irqfds) and in the event loop. ``Machine/run()`` calls it on its
+    /// own thread once the VM stopped, so that the teardown's system calls come from the
+    /// thread whose seccomp filter allows them, not from whichever device thread happens
+    /// to drop the last reference; the call in `deinit` is then a no-op.
+    func detachDevices() {
+        guard !detached.exchange(true, ordering: .sequentiallyConsistent) else { return }
         for transport in virtioTransports { transport.detach() }
         virtioServices.detach()
     }

@@ -300,6 +300,7 @@ public final class Machine: Sendable {
             finishRunners()
             loopThread?.join()
             monitor?.close()
+            board.detachDevices()
             Console.restoreTerminal()
             if let error = error as? ThreadStartError { throw .thread(error) }
             if let error = error as? MachineError { throw error }
@@ -309,6 +310,7 @@ public final class Machine: Sendable {
         finishRunners()
         loopThread?.join()
         monitor?.close()
+        board.detachDevices()
         Console.restoreTerminal()
         return reason
     }
