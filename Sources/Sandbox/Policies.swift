@@ -61,6 +61,8 @@ extension ThreadKind {
         .allow(.exit, "a thread's body returning"),
         .allow(.exit_group, "the process ending (and the SIGSYS handler)"),
         .allow(.restart_syscall, "a futex wait interrupted by a signal"),
+        .allow(.close, "an owned descriptor (eventfd, timerfd, epoll) is closed by whichever thread drops its last "
+               + "reference: a device thread ending its session can be that thread"),
     ]
 
     /// vCPU requests: `KVM_RUN` first, then state reads (crash report, snapshot, the objdump
